@@ -1,0 +1,1 @@
+"""The computations of each stage: extract, (later) cluster, evaluate and report."""
