@@ -1,0 +1,254 @@
+"""Access to the feature store: the only module that talks to zarr.
+
+The layout itself (paths, arrays, dimensions, codecs, attributes) is data in
+``storage_schemas.zarr_layout``; this module creates groups from it, refuses to mix outputs of
+different producers (fingerprints), and writes one image chunk at a time so that several
+processes can fill one store: each chunk is its own set of files, and a chunk's ``done`` flag
+is set only after everything else of it is written.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import zarr
+
+from storage_schemas import zarr_layout as layout
+
+from . import __version__
+from .errors import FingerprintMismatchError, StoreError
+
+
+def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _codecs(spec: layout.ArraySpec) -> dict[str, Any]:
+    return {"compressors": [spec.codec]} if spec.codec else {}
+
+
+def _create(group: zarr.Group, spec: layout.ArraySpec, shape: tuple[int, ...], chunk_images: int) -> zarr.Array:
+    dtype = str if spec.dtype == "str" else spec.dtype
+    return group.create_array(
+        spec.name, shape=shape, dtype=dtype, chunks=spec.chunk_shape(shape, chunk_images),
+        dimension_names=spec.dims, fill_value=None if spec.dtype == "str" else 0,
+        attributes={"doc": spec.doc}, overwrite=True, **_codecs(spec),
+    )
+
+
+def _check_same(kind: str, where: str, stored: Mapping[str, Any], new: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    # JSON round trip so tuples and lists compare equal
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731
+    diffs = [f"{k}: stored {norm(stored.get(k))!r}, now {norm(new.get(k))!r}"
+             for k in keys if norm(stored.get(k)) != norm(new.get(k))]
+    if diffs:
+        raise FingerprintMismatchError(
+            f"{where} was written by another {kind}; refusing to mix outputs.\n  " + "\n  ".join(diffs)
+            + "\nUse a new --store, or --model-key to keep both models side by side."
+        )
+
+
+def chunk_bounds(chunk: int, chunk_images: int, n_images: int) -> tuple[int, int]:
+    start = chunk * chunk_images
+    return start, min(start + chunk_images, n_images)
+
+
+class FeatureStore:
+    """A feature store on disk. ``mode="r"`` reads an existing store; ``"a"`` creates if needed."""
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        self.path = Path(path)
+        if mode == "r" and not self.path.exists():
+            raise StoreError(f"feature store {self.path} does not exist")
+        try:
+            self.root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+        except Exception as exc:
+            raise StoreError(f"{self.path} cannot be opened as a Zarr store: {exc}") from exc
+        meta = dict(self.root.attrs).get("rep_pipeline")
+        if meta is None and mode != "r" and not list(self.root.keys()):
+            meta = {"kind": layout.STORE_KIND, "schema_version": layout.SCHEMA_VERSION,
+                    "package_version": __version__}
+            self.root.attrs["rep_pipeline"] = meta
+        if not meta or meta.get("kind") != layout.STORE_KIND:
+            raise StoreError(f"{self.path} is not a rep-pipeline feature store")
+        if meta.get("schema_version") != layout.SCHEMA_VERSION:
+            raise StoreError(
+                f"feature store {self.path} has schema version {meta.get('schema_version')}; this "
+                f"rep-pipeline ({__version__}) reads version {layout.SCHEMA_VERSION}"
+            )
+
+    # -- listing ---------------------------------------------------------------------------
+    def dataset_splits(self) -> list[tuple[str, str]]:
+        if "datasets" not in self.root:
+            return []
+        return sorted((d, s) for d, g in self.root["datasets"].groups() for s, _ in g.groups())
+
+    def model_splits(self) -> list[tuple[str, str, str]]:
+        if "models" not in self.root:
+            return []
+        return sorted((m, d, s) for m, mg in self.root["models"].groups()
+                      for d, dg in mg.groups() for s, _ in dg.groups())
+
+    # -- groups ------------------------------------------------------------------------------
+    def dataset_split(self, dataset: str, split: str) -> "DatasetSplit":
+        path = layout.dataset_path(dataset, split)
+        if path not in self.root:
+            have = ", ".join(f"{d}/{s}" for d, s in self.dataset_splits()) or "none"
+            raise StoreError(f"feature store {self.path} has no dataset split {dataset}/{split} (has: {have})")
+        return DatasetSplit(self.root[path], path)
+
+    def model_split(self, model: str, dataset: str, split: str) -> "ModelSplit":
+        path = layout.model_path(model, dataset, split)
+        if path not in self.root:
+            have = ", ".join("/".join(t) for t in self.model_splits()) or "none"
+            raise StoreError(f"feature store {self.path} has no model group {path} (has: {have})")
+        return ModelSplit(self.root[path], path)
+
+    def require_dataset_split(self, fingerprint: Mapping[str, Any], image_ids: list[str],
+                              palette: np.ndarray, chunk_images: int) -> "DatasetSplit":
+        """The dataset split group for ``fingerprint``, created on first use."""
+        attrs = dict(fingerprint, palette=np.asarray(palette).tolist(), chunk_images=chunk_images)
+        path = layout.dataset_path(attrs["dataset"], attrs["split"])
+        if path in self.root:
+            group = self.root[path]
+            _check_same("dataset configuration", f"{self.path}/{path}", dict(group.attrs), attrs,
+                        tuple(k for k in layout.DATASET_ATTRS if k != "palette"))
+            return DatasetSplit(group, path)
+        group = self.root.require_group(path)
+        n, S = attrs["n_images"], attrs["image_size"]
+        specs = layout.DATASET_ARRAYS
+        _create(group, specs["image_ids"], (n,), chunk_images)[:] = np.asarray(image_ids, dtype=object)
+        _create(group, specs["labels"], (n, S, S), chunk_images)
+        _create(group, specs["done"], (layout.n_chunks(n, chunk_images),), chunk_images)
+        group.attrs.update(attrs)  # last: a group with attributes is a complete group
+        return DatasetSplit(group, path)
+
+    def require_model_split(self, model: str, data: "DatasetSplit", fingerprint: Mapping[str, Any]) -> "ModelSplit":
+        """The model group for ``fingerprint`` over ``data``, created on first use."""
+        attrs = dict(fingerprint, dataset_fingerprint=fingerprint_hash(data.fingerprint),
+                     chunk_images=data.chunk_images, schema_version=layout.SCHEMA_VERSION,
+                     package_version=__version__, finished=False)
+        path = layout.model_path(model, data.dataset, data.split)
+        if path in self.root and dict(self.root[path].attrs):
+            group = self.root[path]
+            _check_same("model, weights or capture configuration", f"{self.path}/{path}",
+                        dict(group.attrs), attrs, layout.MODEL_FINGERPRINT_KEYS)
+            return ModelSplit(group, path)
+        group = self.root.require_group(path)
+        for name, shape in layout.model_array_shapes(attrs, data.n_images).items():
+            _create(group, layout.MODEL_ARRAYS[name], shape, data.chunk_images)
+        group.attrs.update(attrs)
+        return ModelSplit(group, path)
+
+    # -- summary -------------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """What is inside, how complete, how big: the data behind ``rep-pipeline store info``."""
+        out: dict[str, Any] = {"path": str(self.path), "schema_version": layout.SCHEMA_VERSION,
+                               "datasets": [], "models": []}
+        for d, s in self.dataset_splits():
+            ds = self.dataset_split(d, s)
+            out["datasets"].append({
+                "dataset": d, "split": s, "n_images": ds.n_images, "classes": len(ds.fingerprint["classes"]),
+                "image_size": ds.fingerprint["image_size"], "chunks_done": int(ds.done[:].sum()),
+                "chunks": ds.n_chunks, **_sizes(ds.group)})
+        for m, d, s in self.model_splits():
+            ms = self.model_split(m, d, s)
+            a = ms.attrs
+            out["models"].append({
+                "model": m, "dataset": d, "split": s, "timm_name": a.get("timm_name"),
+                "weights": a.get("weights_source"), "layers": a.get("layers"),
+                "embeddings": a.get("embeddings"), "grid": a.get("grid"), "embed_dim": a.get("embed_dim"),
+                "chunks_done": int(ms.done[:].sum()), "chunks": ms.n_chunks, "finished": a.get("finished"),
+                **_sizes(ms.group)})
+        return out
+
+
+def _sizes(group: zarr.Group) -> dict[str, int]:
+    stored = raw = 0
+    for _, arr in group.arrays():
+        stored += int(arr.nbytes_stored())
+        raw += int(arr.nbytes)
+    return {"bytes_stored": stored, "bytes_raw": raw}
+
+
+@dataclass
+class DatasetSplit:
+    group: zarr.Group
+    path: str
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return {k: v for k, v in self.group.attrs.items() if k not in ("palette", "chunk_images")}
+
+    dataset = property(lambda self: self.group.attrs["dataset"])
+    split = property(lambda self: self.group.attrs["split"])
+    n_images = property(lambda self: int(self.group.attrs["n_images"]))
+    chunk_images = property(lambda self: int(self.group.attrs["chunk_images"]))
+    n_chunks = property(lambda self: layout.n_chunks(self.n_images, self.chunk_images))
+    labels = property(lambda self: self.group["labels"])
+    done = property(lambda self: self.group["done"])
+
+    def image_ids(self) -> list[str]:
+        return [str(v) for v in self.group["image_ids"][:]]
+
+    def bounds(self, chunk: int) -> tuple[int, int]:
+        return chunk_bounds(chunk, self.chunk_images, self.n_images)
+
+    def write_labels(self, chunk: int, labels: np.ndarray) -> None:
+        start, stop = self.bounds(chunk)
+        self.labels[start:stop] = labels
+        self.done[chunk] = True
+
+
+@dataclass
+class ModelSplit:
+    group: zarr.Group
+    path: str
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    n_images = property(lambda self: int(self.group["class_tokens"].shape[1]))
+    chunk_images = property(lambda self: int(self.group.attrs["chunk_images"]))
+    n_chunks = property(lambda self: int(self.group["done"].shape[0]))
+    done = property(lambda self: self.group["done"])
+    layers = property(lambda self: tuple(self.group.attrs["layers"]))
+    embeddings = property(lambda self: tuple(self.group.attrs["embeddings"]))
+    finished = property(lambda self: bool(self.group.attrs.get("finished")))
+
+    def features(self, embedding: str) -> zarr.Array:
+        if embedding not in self.embeddings:
+            raise StoreError(f"{self.path} has no {embedding!r}; captured: {', '.join(self.embeddings)}")
+        return self.group[embedding]
+
+    def pending_chunks(self) -> list[int]:
+        return [int(i) for i in np.flatnonzero(~self.done[:])]
+
+    def write_chunk(self, chunk: int, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write one image chunk of every array, then mark it done."""
+        start, stop = chunk_bounds(chunk, self.chunk_images, self.n_images)
+        for name in (*self.embeddings, "class_tokens", "attention_mi"):
+            self.group[name][:, start:stop] = arrays[name]
+        self.group["attention_sum"][chunk] = arrays["attention_sum"]
+        self.done[chunk] = True
+
+    def finalize(self) -> None:
+        """Once every chunk is done: the mean attention map replaces the per-chunk sums."""
+        if self.finished:
+            return
+        if not self.done[:].all():
+            raise StoreError(f"{self.path}: cannot finalise, chunks {self.pending_chunks()[:10]} are not done")
+        total = self.group["attention_sum"][:].sum(axis=0) / self.n_images
+        _create(self.group, layout.MODEL_ARRAYS["attention_map"], total.shape, self.chunk_images)[:] = total
+        self.group.attrs["finished"] = True
+        del self.group["attention_sum"]
+
+    def attention_map(self) -> np.ndarray:
+        if not self.finished:
+            raise StoreError(f"{self.path} is not finished; run the same extract command to complete it")
+        return self.group["attention_map"][:]

@@ -1,0 +1,174 @@
+"""The feature store's Zarr v3 layout, as data, with a validator.
+
+::
+
+    <store>.zarr/                         attrs: rep_pipeline = {kind, schema_version, ...}
+      datasets/<dataset>/<split>/         attrs: dataset fingerprint (DATASET_ATTRS)
+        image_ids     (image,)                    string
+        labels        (image, y, x)               uint8, 255 = ignore, S x S grid
+        done          (chunk,)                    bool, labels of image chunk i written
+      models/<model>/<dataset>/<split>/   attrs: model fingerprint (MODEL_ATTRS)
+        queries|keys|values|tokens
+                      (layer, image, y, x, channel) float16, one chunk = one layer x one run
+                                                  of ``chunk_images`` images
+        class_tokens  (layer, image, channel)     float16
+        attention_mi  (layer, image, head)        float32, I(K,Q) in nats (PROTOCOL.md s. 5)
+        attention_sum (chunk, layer, query, key)  float32, while extracting: head-averaged
+                                                  patch attention summed over a chunk's images
+        attention_map (layer, query, key)         float32, when finished: its image mean
+        done          (chunk,)                    bool, image chunk i complete for this model
+
+``layer`` indexes the captured layers, whose block numbers are the ``layers`` attribute.
+Every array carries ``dimension_names``, so ``xarray.open_zarr`` names the axes itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+STORE_KIND = "rep-pipeline feature store"
+
+# Chosen by measurement (bench/codecs.py): fp16 activations have noisy mantissas, so no codec
+# gets far; Blosc-LZ4 with bit-shuffle compresses best (~1.15x on ViT features) and encodes at
+# 1-2.5 GB/s, decodes at ~4 GB/s, so writing stays off the critical path. Zstd levels gain
+# nothing on this data and cost 2-3x the time.
+FEATURE_CODEC: dict[str, Any] = {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}}
+LABEL_CODEC: dict[str, Any] = {"name": "zstd", "configuration": {"level": 3, "checksum": False}}
+
+# chunk rules per dimension: "full" = whole extent, "images" = chunk_images, an int = that size
+FULL, IMAGES = "full", "images"
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    name: str
+    dims: tuple[str, ...]
+    dtype: str
+    chunks: tuple[str | int, ...]
+    doc: str
+    codec: dict[str, Any] | None = None
+
+    def chunk_shape(self, shape: tuple[int, ...], chunk_images: int) -> tuple[int, ...]:
+        rule = {FULL: None, IMAGES: chunk_images}
+        out = []
+        for extent, c in zip(shape, self.chunks):
+            size = rule[c] if isinstance(c, str) else c
+            out.append(max(1, extent if size is None else min(size, extent)))
+        return tuple(out)
+
+
+DATASET_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
+    ArraySpec("image_ids", ("image",), "str", (FULL,), "image ids in list order"),
+    ArraySpec("labels", ("image", "y", "x"), "uint8", (IMAGES, FULL, FULL),
+              "class id per pixel on the S x S grid; 255 = ignore", LABEL_CODEC),
+    ArraySpec("done", ("chunk",), "bool", (1,), "labels of image chunk i are written"),
+)}
+
+_FEATURE_DIMS = ("layer", "image", "y", "x", "channel")
+MODEL_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
+    *(ArraySpec(e, _FEATURE_DIMS, "float16", (1, IMAGES, FULL, FULL, FULL),
+                f"patch {e} per captured layer (PROTOCOL.md s. 2)", FEATURE_CODEC)
+      for e in ("queries", "keys", "values", "tokens")),
+    ArraySpec("class_tokens", ("layer", "image", "channel"), "float16", (FULL, IMAGES, FULL),
+              "class token per captured layer", FEATURE_CODEC),
+    ArraySpec("attention_mi", ("layer", "image", "head"), "float32", (FULL, IMAGES, FULL),
+              "attention key-query mutual information I(K,Q), nats"),
+    ArraySpec("attention_sum", ("chunk", "layer", "query", "key"), "float32", (1, FULL, FULL, FULL),
+              "head-averaged patch attention summed over the chunk's images (while extracting)"),
+    ArraySpec("attention_map", ("layer", "query", "key"), "float32", (1, FULL, FULL),
+              "image- and head-averaged patch-to-patch attention (once finished)"),
+    ArraySpec("done", ("chunk",), "bool", (1,), "image chunk i is complete for this model"),
+)}
+
+ROOT_ATTRS = ("kind", "schema_version", "package_version")
+DATASET_ATTRS = ("dataset", "split", "n_images", "image_size", "classes", "palette", "ignore_index",
+                 "image_ids_sha256", "chunk_images", "options")
+MODEL_ATTRS = ("model", "timm_name", "family", "weights_source", "weights_sha256", "image_size",
+               "input_size", "patch_size", "grid", "num_prefix_tokens", "embed_dim", "num_heads",
+               "depth", "mean", "std", "layers", "embeddings", "rope", "last_norm", "chunk_images",
+               "dataset_fingerprint", "schema_version", "package_version", "finished")
+# what must match for a writer to add to an existing model group (package_version may differ)
+MODEL_FINGERPRINT_KEYS = tuple(k for k in MODEL_ATTRS if k not in ("package_version", "finished"))
+
+
+def dataset_path(dataset: str, split: str) -> str:
+    return f"datasets/{dataset}/{split}"
+
+
+def model_path(model: str, dataset: str, split: str) -> str:
+    return f"models/{model}/{dataset}/{split}"
+
+
+def n_chunks(n_images: int, chunk_images: int) -> int:
+    return -(-n_images // chunk_images)
+
+
+def model_array_shapes(attrs: dict[str, Any], n_images: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every array of a model group, from its attributes."""
+    L, G, D, H = len(attrs["layers"]), attrs["grid"], attrs["embed_dim"], attrs["num_heads"]
+    P, C = G * G, n_chunks(n_images, attrs["chunk_images"])
+    shapes = {e: (L, n_images, G, G, D) for e in attrs["embeddings"]}
+    shapes.update(class_tokens=(L, n_images, D), attention_mi=(L, n_images, H), done=(C,))
+    shapes["attention_map" if attrs.get("finished") else "attention_sum"] = (
+        (L, P, P) if attrs.get("finished") else (C, L, P, P))
+    return shapes
+
+
+def validate_store(path: str | Path) -> list[str]:
+    """Every way the store at ``path`` departs from this layout, as readable sentences."""
+    import zarr
+
+    problems: list[str] = []
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # not a zarr group at all
+        return [f"{path} is not a Zarr group: {exc}"]
+    meta = dict(root.attrs).get("rep_pipeline", {})
+    if meta.get("kind") != STORE_KIND:
+        return [f"{path} is not a rep-pipeline feature store (no rep_pipeline.kind attribute)"]
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        return [f"{path} has schema version {meta.get('schema_version')}, this rep-pipeline reads {SCHEMA_VERSION}"]
+
+    def check_arrays(group: Any, where: str, specs: dict[str, ArraySpec], shapes: dict[str, tuple[int, ...]]) -> None:
+        for name, shape in shapes.items():
+            spec = specs[name]
+            if name not in group:
+                problems.append(f"{where}/{name} is missing")
+                continue
+            arr = group[name]
+            if tuple(arr.shape) != shape:
+                problems.append(f"{where}/{name} has shape {tuple(arr.shape)}, expected {shape}")
+            if tuple(arr.metadata.dimension_names or ()) != spec.dims:
+                problems.append(f"{where}/{name} has dimensions {arr.metadata.dimension_names}, expected {spec.dims}")
+            if spec.dtype != "str" and str(arr.dtype) != spec.dtype:
+                problems.append(f"{where}/{name} has dtype {arr.dtype}, expected {spec.dtype}")
+
+    n_by_split: dict[tuple[str, str], int] = {}
+    for ds_name, ds_group in root["datasets"].groups() if "datasets" in root else []:
+        for split, group in ds_group.groups():
+            where = dataset_path(ds_name, split)
+            attrs = dict(group.attrs)
+            missing = [k for k in DATASET_ATTRS if k not in attrs]
+            if missing:
+                problems.append(f"{where} lacks attributes {missing}")
+                continue
+            n, S, c = attrs["n_images"], attrs["image_size"], attrs["chunk_images"]
+            n_by_split[(ds_name, split)] = n
+            check_arrays(group, where, DATASET_ARRAYS,
+                         {"image_ids": (n,), "labels": (n, S, S), "done": (n_chunks(n, c),)})
+    for model, m_group in root["models"].groups() if "models" in root else []:
+        for ds_name, d_group in m_group.groups():
+            for split, group in d_group.groups():
+                where = model_path(model, ds_name, split)
+                attrs = dict(group.attrs)
+                missing = [k for k in MODEL_ATTRS if k not in attrs]
+                if missing:
+                    problems.append(f"{where} lacks attributes {missing}")
+                    continue
+                if (ds_name, split) not in n_by_split:
+                    problems.append(f"{where} has no dataset group {dataset_path(ds_name, split)}")
+                    continue
+                check_arrays(group, where, MODEL_ARRAYS, model_array_shapes(attrs, n_by_split[(ds_name, split)]))
+    return problems
