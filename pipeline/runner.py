@@ -1,0 +1,103 @@
+"""The Ray runner: the only module that talks to Ray.
+
+A pool of actors, each owning the state its class builds once (a model, open stores); the
+driver only hands out small task descriptions and waits. In-flight work is bounded per actor;
+a crashed actor is restarted by Ray and its in-flight tasks are retried on the new process.
+An error that a task raises on purpose (a ``RepPipelineError``: a corrupt image, say) stops
+the run and reaches the caller as itself.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import ray
+from ray.exceptions import RayTaskError
+
+from . import config
+from .errors import RepPipelineError
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (a cluster) or start a local instance, once per process."""
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+
+
+def cluster_gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> int:
+    return int(ray.cluster_resources().get("CPU", 1))
+
+
+class ActorPool:
+    """``n_actors`` instances of ``cls(*args)``, each reserving ``num_cpus``/``num_gpus``."""
+
+    def __init__(self, cls: type, args: Sequence[Any], n_actors: int, *, num_cpus: float = 1,
+                 num_gpus: float = 0, max_restarts: int = config.ACTOR_MAX_RESTARTS,
+                 max_task_retries: int = config.ACTOR_MAX_TASK_RETRIES):
+        remote_cls = ray.remote(cls).options(
+            num_cpus=num_cpus, num_gpus=num_gpus,
+            max_restarts=max_restarts, max_task_retries=max_task_retries,
+        )
+        self.actors = [remote_cls.remote(*args) for _ in range(n_actors)]
+
+    def call_all(self, method: str, *args: Any) -> list[Any]:
+        """``method(*args)`` on every actor, results in actor order."""
+        return _get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def map_unordered(self, method: str, tasks: Iterable[tuple], in_flight_per_actor: int = config.TASKS_IN_FLIGHT_PER_ACTOR,
+                      ) -> Iterator[tuple[tuple, Any]]:
+        """Yield ``(task, method(*task))`` as results arrive, keeping each actor busy."""
+        pending = list(tasks)[::-1]
+        running: dict[ray.ObjectRef, tuple[int, tuple]] = {}
+
+        def submit(actor_index: int) -> None:
+            task = pending.pop()
+            ref = getattr(self.actors[actor_index], method).remote(*task)
+            running[ref] = (actor_index, task)
+
+        for i in range(len(self.actors)):
+            for _ in range(in_flight_per_actor):
+                if pending:
+                    submit(i)
+        try:
+            while running:
+                [ref], _ = ray.wait(list(running), num_returns=1)
+                actor_index, task = running.pop(ref)
+                result = _get(ref)
+                if pending:
+                    submit(actor_index)
+                yield task, result
+        finally:
+            for ref in running:  # an error or an interrupt: stop what is still queued
+                ray.cancel(ref)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        self.actors = []
+
+    def __enter__(self) -> "ActorPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+def _get(refs: Any) -> Any:
+    try:
+        return ray.get(refs)
+    except RayTaskError as exc:
+        cause = exc.cause if hasattr(exc, "cause") else None
+        if isinstance(cause, RepPipelineError):
+            raise cause from None
+        raise
+

@@ -1,0 +1,203 @@
+"""The extract stage: run a model over a dataset and fill the feature store.
+
+``Extractor`` owns one model and writes whole image chunks into the store (a Ray actor in
+production, a plain object in tests and benchmarks). ``run_extract`` is the driver: it checks
+the data, creates or reopens the store groups, hands the chunks that are not done yet to a
+pool of extractors and finalises each split when all of its chunks are in.
+"""
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline import runner
+from pipeline.config import ExtractConfig
+from pipeline.datasets import Item, SegmentationDataset, build_dataset
+from pipeline.errors import DataRootError, NonFiniteFeaturesError
+from pipeline.progress import ImageProgress
+from pipeline.registry import build_model, get_spec
+from pipeline.store import FeatureStore
+
+from .capture import CaptureSpec, FeatureCapture
+
+
+def model_key(cfg: ExtractConfig) -> str:
+    """The store group name of the model: ``--model-key``, else the alias or timm name."""
+    return cfg.model_key or get_spec(cfg.model).alias.replace("/", "_")
+
+
+class Extractor:
+    """Owns one model; turns image chunks into store chunks."""
+
+    def __init__(self, cfg: ExtractConfig, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.cfg = cfg
+        self.device = torch.device(
+            "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+        )
+        self.loaded = build_model(cfg.model, cfg.weights, cfg.image_size, cfg.seed)
+        self.loaded.model.to(self.device)
+        layers = cfg.layers if cfg.layers is not None else tuple(range(self.loaded.depth))
+        self.capture = FeatureCapture(
+            self.loaded, CaptureSpec(layers=layers, embeddings=cfg.embeddings, rope=cfg.rope, last_norm=cfg.last_norm)
+        )
+        self.dataset = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
+        self._items: dict[str, list[Item]] = {}
+        self._store: FeatureStore | None = None
+        self._decoder = ThreadPoolExecutor(max_workers=max(1, min(4, threads or os.cpu_count() or 1)))
+        mean = torch.tensor(self.loaded.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.loaded.std, device=self.device).view(1, 3, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * std), mean / std
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What produced the features: model, weights hash, geometry and capture options."""
+        spec = self.capture.spec
+        return dict(self.loaded.describe(), layers=list(spec.layers), embeddings=list(spec.embeddings),
+                    rope=spec.rope, last_norm=spec.last_norm)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    @property
+    def store(self) -> FeatureStore:
+        if self._store is None:
+            self._store = FeatureStore(self.cfg.store, mode="a")
+        return self._store
+
+    def items(self, split: str) -> list[Item]:
+        if split not in self._items:
+            self._items[split] = self.dataset.items(split, self.cfg.limit)
+        return self._items[split]
+
+    def load_batch(self, items: list[Item]) -> tuple[np.ndarray, np.ndarray]:
+        """Decode images in parallel: (B, S, S, 3) uint8 and (B, S, S) uint8 labels."""
+        pairs = list(self._decoder.map(lambda it: self.dataset.load(it, self.cfg.image_size), items))
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+    def to_model_input(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 crops -> normalised float pixels at the model's input size."""
+        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
+        if x.shape[-1] != self.loaded.input_size:
+            x = F.interpolate(x, size=self.loaded.input_size, mode="bilinear", align_corners=False)
+        return x * self._scale - self._shift
+
+    def features(self, images: np.ndarray, image_ids: list[str]) -> dict[str, np.ndarray]:
+        """Captured arrays of one batch, on the host, finite-checked."""
+        out = self.capture(self.to_model_input(images))
+        for name, tensor in out.items():
+            finite = torch.isfinite(tensor.reshape(tensor.shape[0], tensor.shape[1], -1)).all(-1)
+            if name != "attention_sum" and not bool(finite.all()):
+                bad = sorted({image_ids[i] for i in torch.nonzero(~finite)[:, 1].tolist()})
+                raise NonFiniteFeaturesError(
+                    f"{self.loaded.spec.alias} produced NaN/inf {name} for images {bad[:5]}"
+                    + ("" if name == "attention_mi" else " (float16 overflow or a broken checkpoint)")
+                )
+        return {k: v.cpu().numpy() for k, v in out.items()}
+
+    def process(self, model: str, split: str, chunk: int) -> dict[str, float]:
+        """Compute and write image chunk ``chunk`` of ``split``; returns timing figures."""
+        t0 = time.perf_counter()
+        data = self.store.dataset_split(self.cfg.dataset, split)
+        target = self.store.model_split(model, self.cfg.dataset, split)
+        start, stop = data.bounds(chunk)
+        items = self.items(split)[start:stop]
+        images, labels = self.load_batch(items)
+        t1 = time.perf_counter()
+        arrays = self.features(images, [it.image_id for it in items])
+        t2 = time.perf_counter()
+        if not data.done[chunk]:
+            data.write_labels(chunk, labels)
+        target.write_chunk(chunk, arrays)
+        t3 = time.perf_counter()
+        return {"images": stop - start, "load_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2}
+
+
+@dataclass
+class SplitReport:
+    split: str
+    n_images: int
+    chunks: int
+    chunks_computed: int
+
+
+@dataclass
+class ExtractResult:
+    store: str
+    model: str
+    splits: list[SplitReport] = field(default_factory=list)
+    seconds: float = 0.0
+    images_computed: int = 0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images_computed / self.seconds if self.seconds else 0.0
+
+
+def _check_files(dataset: SegmentationDataset, split: str, items: list[Item]) -> None:
+    missing = [p for it in items for p in (it.image_path, it.label_path) if p is not None and not p.is_file()]
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:5])
+        raise DataRootError(f"{dataset.name}/{split}: {len(missing)} listed files do not exist: {shown}")
+
+
+def _pool_shape(cfg: ExtractConfig) -> tuple[int, float, float, int | None]:
+    """(actors, CPUs per actor, GPUs per actor, torch threads per actor)."""
+    gpus = runner.cluster_gpus() if cfg.device != "cpu" else 0
+    if cfg.device == "cuda" and gpus == 0:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError("--device cuda: the Ray cluster has no GPU")
+    if gpus:
+        return cfg.workers or gpus, 1, 1, None
+    workers = cfg.workers or 1
+    threads = cfg.threads_per_worker or max(1, runner.cluster_cpus() // workers)
+    return workers, threads, 0, threads
+
+
+def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: bool = True,
+                on_chunk_done: Callable[[str, int, dict[str, float]], None] | None = None) -> ExtractResult:
+    """Extract ``cfg`` into its store; resumes whatever an earlier run left unfinished."""
+    dataset = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
+    splits = cfg.splits or dataset.splits()
+    split_items = {s: dataset.items(s, cfg.limit) for s in splits}  # raises on empty/unknown
+    for split, items in split_items.items():
+        _check_files(dataset, split, items)
+
+    runner.ensure_ray(address)
+    key = model_key(cfg)
+    n_actors, cpus, gpus, threads = _pool_shape(cfg)
+    result = ExtractResult(store=str(cfg.store), model=key)
+    t0 = time.perf_counter()
+    with runner.ActorPool(Extractor, (cfg, threads), n_actors, num_cpus=cpus, num_gpus=gpus) as pool:
+        fingerprints = pool.call_all("fingerprint")
+        if any(fp != fingerprints[0] for fp in fingerprints[1:]):
+            raise RuntimeError(f"extractors loaded different weights for {key}: {fingerprints}")
+        store = FeatureStore(cfg.store, mode="a")
+        tasks, targets = [], {}
+        for split, items in split_items.items():
+            data = store.require_dataset_split(
+                dataset.fingerprint(split, items, cfg.image_size), [it.image_id for it in items],
+                dataset.palette, cfg.chunk_images)
+            targets[split] = store.require_model_split(key, data, fingerprints[0])
+            pending = targets[split].pending_chunks()
+            tasks += [(key, split, c) for c in pending]
+            result.splits.append(SplitReport(split, len(items), data.n_chunks, len(pending)))
+        total = sum(min(cfg.chunk_images, len(split_items[s]) - c * cfg.chunk_images) for _, s, c in tasks)
+        with ImageProgress(f"extract {key}", total, enabled=progress) as bar:
+            for (_, split, chunk), stats in pool.map_unordered("process", tasks):
+                bar.advance(int(stats["images"]))
+                result.images_computed += int(stats["images"])
+                if on_chunk_done is not None:
+                    on_chunk_done(split, chunk, stats)
+    for target in targets.values():
+        target.finalize()
+    result.seconds = time.perf_counter() - t0
+    return result
