@@ -172,6 +172,37 @@ def _patch_size(arch: str, overrides: Mapping[str, Any]) -> int:
     return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
 
 
+def check_weights(name: str, weights: str) -> ModelSpec:
+    """Fail fast, before any worker starts, on an unknown model or unavailable weights."""
+    spec = get_spec(name)
+    if weights == "pretrained":
+        if not spec.hub:
+            _raise_no_hub(spec)
+        if not _hub_weights_reachable(spec.timm_name):
+            _raise_offline(spec)
+    elif weights != "random" and not Path(weights).is_file():
+        from .errors import CheckpointError
+
+        raise CheckpointError(f"weights file {weights} does not exist")
+    return spec
+
+
+def _raise_no_hub(spec: ModelSpec) -> None:
+    raise WeightsUnavailableError(
+        f"model {spec.alias!r} has no hub weights in timm; download {spec.weights_hint}"
+        if spec.weights_hint
+        else f"model {spec.alias!r} has no pretrained weights; use --weights random or --weights PATH"
+    )
+
+
+def _raise_offline(spec: ModelSpec) -> None:
+    raise WeightsUnavailableError(
+        f"pretrained weights for {spec.alias!r} ({spec.timm_name}) are not in the local hub "
+        f"cache and the hub cannot be reached (offline). Download them on a machine with "
+        f"network access and pass --weights PATH (.safetensors or .pth)."
+    )
+
+
 def build_model(
     name: str,
     weights: str = "pretrained",
@@ -193,12 +224,9 @@ def build_model(
 
     if weights == "pretrained":
         if not spec.hub:
-            hint = spec.weights_hint or "a local checkpoint"
-            raise WeightsUnavailableError(
-                f"model {spec.alias!r} has no hub weights in timm; download {hint}"
-                if spec.weights_hint
-                else f"model {spec.alias!r} has no pretrained weights; use --weights random or --weights PATH"
-            )
+            _raise_no_hub(spec)
+        if not _hub_weights_reachable(spec.timm_name):
+            _raise_offline(spec)
         try:
             model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
         except Exception as exc:  # hub clients raise OSError, HTTP and offline errors alike
@@ -240,6 +268,32 @@ def build_model(
         mean=tuple(float(v) for v in data_cfg["mean"]),
         std=tuple(float(v) for v in data_cfg["std"]),
     )
+
+
+def _hub_weights_reachable(timm_name: str, timeout: float = 3.0) -> bool:
+    """True if timm's hub weights of ``timm_name`` are cached or the hub answers at all.
+
+    Checked up front because the hub client retries a dead network for about a minute.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(timm_name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if repo:
+        for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(repo, filename), str):
+                return True
+    if constants.HF_HUB_OFFLINE:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _jitter_constant_parameters(model: torch.nn.Module, seed: int) -> None:

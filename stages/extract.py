@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from pipeline import runner
 from pipeline.config import ExtractConfig
 from pipeline.datasets import Item, SegmentationDataset, build_dataset
-from pipeline.errors import DataRootError, NonFiniteFeaturesError
+from pipeline.errors import ConfigError, DataRootError, NonFiniteFeaturesError, RepPipelineError
 from pipeline.progress import ImageProgress
-from pipeline.registry import build_model, get_spec
+from pipeline.registry import build_model, check_weights, get_spec
 from pipeline.store import FeatureStore
 
 from .capture import CaptureSpec, FeatureCapture
@@ -37,6 +37,15 @@ class Extractor:
     """Owns one model; turns image chunks into store chunks."""
 
     def __init__(self, cfg: ExtractConfig, threads: int | None = None):
+        # An error while building (no weights, bad checkpoint) is kept and raised by the first
+        # call, so it reaches the driver as itself rather than as a dead actor.
+        self._init_error: Exception | None = None
+        try:
+            self._build(cfg, threads)
+        except RepPipelineError as exc:
+            self._init_error = exc
+
+    def _build(self, cfg: ExtractConfig, threads: int | None) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.cfg = cfg
@@ -59,6 +68,8 @@ class Extractor:
 
     def fingerprint(self) -> dict[str, Any]:
         """What produced the features: model, weights hash, geometry and capture options."""
+        if self._init_error is not None:
+            raise self._init_error
         spec = self.capture.spec
         return dict(self.loaded.describe(), layers=list(spec.layers), embeddings=list(spec.embeddings),
                     rope=spec.rope, last_norm=spec.last_norm)
@@ -152,8 +163,6 @@ def _pool_shape(cfg: ExtractConfig) -> tuple[int, float, float, int | None]:
     """(actors, CPUs per actor, GPUs per actor, torch threads per actor)."""
     gpus = runner.cluster_gpus() if cfg.device != "cpu" else 0
     if cfg.device == "cuda" and gpus == 0:
-        from pipeline.errors import ConfigError
-
         raise ConfigError("--device cuda: the Ray cluster has no GPU")
     if gpus:
         return cfg.workers or gpus, 1, 1, None
@@ -165,6 +174,7 @@ def _pool_shape(cfg: ExtractConfig) -> tuple[int, float, float, int | None]:
 def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: bool = True,
                 on_chunk_done: Callable[[str, int, dict[str, float]], None] | None = None) -> ExtractResult:
     """Extract ``cfg`` into its store; resumes whatever an earlier run left unfinished."""
+    check_weights(cfg.model, cfg.weights)
     dataset = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
     splits = cfg.splits or dataset.splits()
     split_items = {s: dataset.items(s, cfg.limit) for s in splits}  # raises on empty/unknown

@@ -1,0 +1,148 @@
+"""``rep-pipeline``: the command line. Parses, calls the stage, prints a summary; no logic."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from pipeline import config
+from pipeline.errors import RepPipelineError
+
+app = typer.Typer(help="Probe how self-supervised ViTs organise their embeddings.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+store_app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+# tables stay readable when piped (rich would otherwise assume 80 columns)
+console = Console() if sys.stdout.isatty() else Console(width=160)
+err_console = Console(stderr=True)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Our own errors become one red line and exit code 2, not a traceback."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RepPipelineError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def _parse_options(options: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--option {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@app.command()
+@friendly_errors
+def extract(
+    model: str = typer.Option(..., help="Alias (dino-b16, tiny-dinov3...) or any timm ViT/Eva name."),
+    store: Path = typer.Option(..., help="Feature store to create or complete (Zarr v3 directory)."),
+    weights: str = typer.Option("pretrained", help="pretrained | random | PATH (.safetensors or .pth)."),
+    dataset: str = typer.Option("synthetic", help="cocostuff27 | cityscapes27 | voc | folder | synthetic."),
+    data_root: Optional[Path] = typer.Option(None, help="Dataset root directory."),
+    splits: Optional[str] = typer.Option(None, help="Comma-separated splits; default: the dataset's."),
+    layers: Optional[str] = typer.Option(None, help="Blocks to capture: '0,5,11', '6-11'; default all."),
+    embeddings: str = typer.Option(",".join(config.EMBEDDINGS), help="Any of queries,keys,values,tokens."),
+    limit: Optional[int] = typer.Option(None, help="Take the first N images of each split."),
+    image_size: int = typer.Option(config.IMAGE_SIZE, help="S: label grid and crop size."),
+    rope: str = typer.Option("before", help="RoPE models: q/k 'before' or 'after' rotation."),
+    last_norm: str = typer.Option("after", help="Last-layer tokens 'after' or 'before' the final norm."),
+    chunk_images: int = typer.Option(config.CHUNK_IMAGES, help="Images per store chunk and per batch."),
+    model_key: Optional[str] = typer.Option(None, help="Store group name for the model; default its alias."),
+    seed: int = typer.Option(config.RANDOM_WEIGHTS_SEED, help="Seed of --weights random."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    workers: Optional[int] = typer.Option(None, help="Actors: default one per GPU, else one."),
+    threads: Optional[int] = typer.Option(None, help="Torch threads per CPU actor."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default a local instance."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE (YAML value)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Capture q, k, v, tokens, class tokens and attention statistics into a feature store."""
+    from pipeline.config import ExtractConfig
+    from stages.extract import run_extract
+
+    cfg = ExtractConfig(
+        model=model, store=store, dataset=dataset, data_root=data_root, splits=config.parse_csv(splits),
+        weights=weights, layers=config.parse_layers(layers), embeddings=config.parse_csv(embeddings) or (),
+        limit=limit, image_size=image_size, rope=rope, last_norm=last_norm, chunk_images=chunk_images,
+        model_key=model_key, seed=seed, device=device, workers=workers, threads_per_worker=threads,
+        dataset_options=_parse_options(option),
+    )
+    result = run_extract(cfg, address=address, progress=progress)
+    for s in result.splits:
+        console.print(f"{result.model} / {cfg.dataset}/{s.split}: {s.n_images} images, "
+                      f"{s.chunks_computed} of {s.chunks} chunks computed now")
+    console.print(f"wrote {result.images_computed} images in {result.seconds:.1f} s "
+                  f"({result.images_per_second:.1f} img/s) to {result.store}")
+
+
+@app.command("models")
+def list_models_cmd(pattern: str = typer.Argument("*", help="Glob over aliases and timm names.")) -> None:
+    """List the registered models."""
+    from pipeline.registry import list_models
+
+    table = Table("alias", "timm name", "family", "size", "weights")
+    for spec in list_models(pattern):
+        table.add_row(spec.alias, spec.timm_name, spec.family, spec.size,
+                      "hub" if spec.hub else ("checkpoint file" if spec.weights_hint else "random only"))
+    console.print(table)
+
+
+@store_app.command("info")
+@friendly_errors
+def store_info(path: Path = typer.Argument(..., help="Feature store directory.")) -> None:
+    """What is inside a store, how complete, how big."""
+    from pipeline.store import FeatureStore
+    from storage_schemas import validate_store
+
+    info = FeatureStore(path).info()
+    ds_table = Table("dataset", "split", "images", "classes", "S", "labels done", "stored", title=f"{path}: datasets",
+                     title_justify="left")
+    for d in info["datasets"]:
+        ds_table.add_row(d["dataset"], d["split"], str(d["n_images"]), str(d["classes"]), str(d["image_size"]),
+                         f"{d['chunks_done']}/{d['chunks']}", _size(d["bytes_stored"]))
+    console.print(ds_table)
+    m_table = Table("model", "data", "weights", "layers", "embeddings", "grid x dim", "chunks done", "stored",
+                    "ratio", title=f"{path}: models", title_justify="left")
+    for m in info["models"]:
+        layers = m["layers"]
+        span = f"{len(layers)} ({layers[0]}..{layers[-1]})" if layers else "-"
+        m_table.add_row(m["model"], f"{m['dataset']}/{m['split']}", m["weights"], span, ",".join(m["embeddings"]),
+                        f"{m['grid']}x{m['grid']} x {m['embed_dim']}",
+                        f"{m['chunks_done']}/{m['chunks']}" + ("" if m["finished"] else " (unfinished)"),
+                        _size(m["bytes_stored"]), f"{m['bytes_raw'] / max(m['bytes_stored'], 1):.2f}x")
+    console.print(m_table)
+    problems = validate_store(path)
+    if problems:
+        console.print("[bold red]layout problems:[/]\n  " + "\n  ".join(problems))
+        raise typer.Exit(1)
+    console.print(f"[green]layout valid[/] (schema version {info['schema_version']})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
