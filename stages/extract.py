@@ -74,9 +74,6 @@ class Extractor:
         return dict(self.loaded.describe(), layers=list(spec.layers), embeddings=list(spec.embeddings),
                     rope=spec.rope, last_norm=spec.last_norm)
 
-    def pid(self) -> int:
-        return os.getpid()
-
     @property
     def store(self) -> FeatureStore:
         if self._store is None:
@@ -128,7 +125,8 @@ class Extractor:
             data.write_labels(chunk, labels)
         target.write_chunk(chunk, arrays)
         t3 = time.perf_counter()
-        return {"images": stop - start, "load_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2}
+        return {"images": stop - start, "load_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2,
+                "pid": os.getpid()}
 
 
 @dataclass

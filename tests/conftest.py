@@ -1,0 +1,35 @@
+"""Shared fixtures: a real local Ray instance, tiny real timm models, the shared samples."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+TINY_MODELS = ("tiny-vit", "tiny-dinov2-reg", "tiny-clip", "tiny-dinov3", "tiny-dinov3-qkvb")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """The real-data samples (``../shared/datasets``), found through REP_PIPELINE_DATASETS."""
+    root = os.environ.get("REP_PIPELINE_DATASETS")
+    if not root or not Path(root).is_dir():
+        pytest.skip("REP_PIPELINE_DATASETS does not point at the shared dataset samples")
+    return Path(root)
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The hub client believes it is offline, as it would be with no network."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

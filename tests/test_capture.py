@@ -1,0 +1,144 @@
+"""The captured q/k/v/tokens/attention equal independent recomputations, for every path."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+
+from pipeline.registry import build_model
+from stages.capture import CaptureSpec, FeatureCapture, attention_mutual_information
+
+from .conftest import TINY_MODELS
+
+B = 2
+
+
+def _block_inputs(model, x):
+    """Each block's input, from a plain forward pass with pre-hooks (no capture involved)."""
+    seen = {}
+    hooks = [blk.register_forward_pre_hook(lambda m, a, kw, i=i: seen.__setitem__(i, a[0]), with_kwargs=True)
+             for i, blk in enumerate(model.blocks)]
+    with torch.inference_mode():
+        model.forward_features(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def _manual_qkv(attn, x):
+    """q, k, v (B, N, D) straight from the layer's weights; biases read off the module."""
+    if getattr(attn, "qkv", None) is not None:
+        weight = attn.qkv.weight
+        bias = attn.qkv.bias if hasattr(attn.qkv, "bias") and attn.qkv.bias is not None else None
+        if getattr(attn, "q_bias", None) is not None:
+            bias = torch.cat([attn.q_bias, torch.zeros_like(attn.q_bias), attn.v_bias])
+        return F.linear(x, weight, bias).chunk(3, dim=-1)
+    return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+
+
+def _setup(name, **spec):
+    lm = build_model(name, "random", seed=1)
+    cap = FeatureCapture(lm, CaptureSpec(layers=tuple(range(lm.depth)), **spec))
+    torch.manual_seed(0)
+    x = torch.randn(B, 3, lm.input_size, lm.input_size)
+    return lm, cap, x
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_qkv_equal_recomputation_from_weights(name):
+    lm, cap, x = _setup(name)
+    out = cap(x)
+    inputs = _block_inputs(lm.model, x)
+    npt, G = lm.num_prefix_tokens, lm.grid
+    for layer, blk in enumerate(lm.model.blocks):
+        with torch.inference_mode():
+            q, k, v = _manual_qkv(blk.attn, blk.norm1(inputs[layer]))
+        for emb, ref in (("queries", q), ("keys", k), ("values", v)):
+            got = out[emb][layer].float()
+            want = ref[:, npt:].reshape(B, G, G, -1)
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=f"{name} layer {layer} {emb}")
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_tokens_and_class_tokens_equal_forward_intermediates(name):
+    lm, cap, x = _setup(name)
+    out = cap(x)
+    npt, G, last = lm.num_prefix_tokens, lm.grid, lm.depth - 1
+    with torch.inference_mode():
+        final, inter = lm.model.forward_intermediates(x, indices=list(range(lm.depth)), return_prefix_tokens=True,
+                                                      output_fmt="NLC")
+        features = lm.model.forward_features(x)
+    torch.testing.assert_close(final, features)
+    for layer, (patch, prefix) in enumerate(inter):
+        if layer == last:  # default: after the final norm
+            patch, prefix = features[:, npt:], features[:, :npt]
+        torch.testing.assert_close(out["tokens"][layer].float(), patch.reshape(B, G, G, -1), atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(out["class_tokens"][layer].float(), prefix[:, 0], atol=2e-3, rtol=2e-3)
+    before = FeatureCapture(lm, CaptureSpec(layers=(last,), last_norm="before"))(x)
+    torch.testing.assert_close(before["tokens"][0].float(), inter[last][0].reshape(B, G, G, -1), atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_attention_mi_equals_the_definition(name):
+    """I(K,Q) from q, k recomputed by hand, with RoPE where the model uses it."""
+    lm, cap, x = _setup(name)
+    out = cap(x)
+    model, npt, H = lm.model, lm.num_prefix_tokens, lm.num_heads
+    inputs = _block_inputs(model, x)
+    rope = model._pos_embed(model.patch_embed(x))[1] if hasattr(model, "rope") and model.rope is not None else None
+    for layer in (0, lm.depth - 1):
+        attn = model.blocks[layer].attn
+        with torch.inference_mode():
+            q, k, _ = _manual_qkv(attn, model.blocks[layer].norm1(inputs[layer]))
+        heads = lambda t: t.reshape(B, t.shape[1], H, -1).transpose(1, 2)  # noqa: E731
+        q, k = heads(q), heads(k)
+        if rope is not None:
+            half = attn.rotate_half
+            q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2)
+            k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)[:, :, npt:, npt:].double()
+        a = a / a.sum(-1, keepdim=True)
+        P = a.shape[-1]
+        joint = a / P
+        p_q, p_k = joint.sum(-1, keepdim=True), joint.sum(-2, keepdim=True)
+        mi = (joint * torch.log(joint / (p_q * p_k))).sum((-1, -2))
+        torch.testing.assert_close(out["attention_mi"][layer].double(), mi, atol=1e-4, rtol=1e-3)
+        torch.testing.assert_close(out["attention_sum"][layer].double(), a.mean(1).sum(0), atol=1e-5, rtol=1e-4)
+
+
+def test_rope_after_option_rotates_queries_and_keys():
+    lm, _, x = _setup("tiny-dinov3")
+    before = FeatureCapture(lm, CaptureSpec(layers=(1,)))(x)
+    after = FeatureCapture(lm, CaptureSpec(layers=(1,), rope="after"))(x)
+    rope = lm.model._pos_embed(lm.model.patch_embed(x))[1]
+    H = lm.num_heads
+    for emb in ("queries", "keys"):
+        q = before[emb][0].float().reshape(B, -1, H, lm.embed_dim // H).transpose(1, 2)
+        rotated = apply_rot_embed_cat(q, rope, half=True).transpose(1, 2).reshape(after[emb][0].shape)
+        torch.testing.assert_close(after[emb][0].float(), rotated, atol=3e-3, rtol=3e-3)
+        assert not torch.allclose(after[emb][0].float(), before[emb][0].float(), atol=1e-2)
+    torch.testing.assert_close(after["values"], before["values"])
+
+
+def test_mutual_information_closed_forms():
+    P = 50
+    identity = torch.eye(P, dtype=torch.float64)
+    uniform = torch.full((P, P), 1.0 / P, dtype=torch.float64)
+    assert attention_mutual_information(identity).item() == pytest.approx(math.log(P))
+    assert attention_mutual_information(uniform).item() == pytest.approx(0.0, abs=1e-12)
+    # attending to the left neighbour or itself with equal weight: H(K) = log P, rows log 2
+    shift = (torch.eye(P, dtype=torch.float64) + torch.roll(torch.eye(P, dtype=torch.float64), 1, 1)) / 2
+    assert attention_mutual_information(shift).item() == pytest.approx(math.log(P) - math.log(2))
+
+
+def test_only_requested_layers_and_embeddings_are_captured():
+    lm = build_model("tiny-dinov2-reg", "random")
+    out = FeatureCapture(lm, CaptureSpec(layers=(0, 2), embeddings=("keys", "tokens")))(torch.randn(1, 3, 322, 322))
+    assert set(out) == {"keys", "tokens", "class_tokens", "attention_mi", "attention_sum"}
+    assert out["keys"].shape == (2, 1, 23, 23, 64) and out["keys"].dtype == torch.float16
+    assert out["attention_sum"].shape == (2, 529, 529)
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="blocks 0..3"):
+        FeatureCapture(lm, CaptureSpec(layers=(7,)))
