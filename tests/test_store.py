@@ -1,0 +1,91 @@
+import json
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.errors import FingerprintMismatchError, StoreError
+from pipeline.store import FeatureStore
+from storage_schemas import FEATURE_CODEC, MODEL_ARRAYS, SCHEMA_VERSION, validate_store
+
+N, S, CHUNK, G, D, H, L = 10, 32, 4, 2, 8, 2, 3
+DATASET_FP = {"dataset": "synthetic", "split": "val", "n_images": N, "image_size": S, "classes": ["a", "b"],
+              "ignore_index": 255, "image_ids_sha256": "x", "options": {}}
+MODEL_FP = {"model": "m", "timm_name": "t", "family": "tiny", "weights_source": "random:seed=0",
+            "weights_sha256": "abc", "image_size": S, "input_size": 32, "patch_size": 16, "grid": G,
+            "num_prefix_tokens": 1, "embed_dim": D, "num_heads": H, "depth": L, "mean": [0.5] * 3,
+            "std": [0.5] * 3, "layers": [0, 1, 2], "embeddings": ["keys", "tokens"], "rope": "before",
+            "last_norm": "after"}
+
+
+def _fill(tmp_path):
+    store = FeatureStore(tmp_path / "s.zarr", mode="a")
+    data = store.require_dataset_split(DATASET_FP, [f"id{i}" for i in range(N)], np.zeros((2, 3), np.uint8), CHUNK)
+    target = store.require_model_split("m", data, MODEL_FP)
+    return store, data, target
+
+
+def _chunk_arrays(n, value):
+    return {"keys": np.full((L, n, G, G, D), value, np.float16), "tokens": np.full((L, n, G, G, D), -value, np.float16),
+            "class_tokens": np.full((L, n, D), value, np.float16), "attention_mi": np.full((L, n, H), value, np.float32),
+            "attention_sum": np.full((L, G * G, G * G), n / (G * G), np.float32)}
+
+
+def test_layout_dimensions_codecs_and_finalisation(tmp_path):
+    store, data, target = _fill(tmp_path)
+    assert target.pending_chunks() == [0, 1, 2]
+    keys = target.features("keys")
+    assert keys.shape == (L, N, G, G, D) and keys.chunks == (1, CHUNK, G, G, D)
+    assert keys.metadata.dimension_names == MODEL_ARRAYS["keys"].dims
+    codec = keys.compressors[0].to_dict()
+    assert codec["name"] == FEATURE_CODEC["name"] and codec["configuration"]["shuffle"] == "bitshuffle"
+    for chunk in range(3):
+        n = data.bounds(chunk)[1] - data.bounds(chunk)[0]
+        data.write_labels(chunk, np.full((n, S, S), chunk, np.uint8))
+        target.write_chunk(chunk, _chunk_arrays(n, chunk + 1))
+    assert target.pending_chunks() == [] and data.image_ids()[-1] == "id9"
+    assert validate_store(store.path) == []
+    target.finalize()
+    assert target.finished and "attention_sum" not in target.group
+    np.testing.assert_allclose(target.attention_map(), np.full((L, G * G, G * G), 1 / (G * G)), rtol=1e-6)
+    assert validate_store(store.path) == []
+    assert target.features("keys")[1, 9, 0, 0, 0] == 3 and data.labels[5, 0, 0] == 1
+    with pytest.raises(StoreError, match="captured: keys, tokens"):
+        target.features("queries")
+    info = FeatureStore(store.path).info()
+    assert info["models"][0]["chunks_done"] == 3 and info["models"][0]["bytes_stored"] > 0
+
+
+def test_another_producer_is_refused(tmp_path):
+    store, data, _ = _fill(tmp_path)
+    with pytest.raises(FingerprintMismatchError, match=r"weights_sha256: stored 'abc', now 'zzz'"):
+        store.require_model_split("m", data, dict(MODEL_FP, weights_sha256="zzz"))
+    with pytest.raises(FingerprintMismatchError, match="n_images"):
+        store.require_dataset_split(dict(DATASET_FP, n_images=4), ["a"] * 4, np.zeros((2, 3)), CHUNK)
+    store.require_model_split("m", data, dict(MODEL_FP))  # the same producer is welcome
+    store.require_model_split("m2", data, dict(MODEL_FP, weights_sha256="zzz"))  # and another key
+
+
+def test_foreign_or_outdated_stores_are_refused(tmp_path):
+    with pytest.raises(StoreError, match="does not exist"):
+        FeatureStore(tmp_path / "none.zarr")
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w").create_array("x", shape=(1,), dtype="i4")
+    with pytest.raises(StoreError, match="not a rep-pipeline feature store"):
+        FeatureStore(tmp_path / "plain.zarr", mode="a")
+    store, _, _ = _fill(tmp_path)
+    root = zarr.open_group(str(store.path), mode="a")
+    root.attrs["rep_pipeline"] = dict(root.attrs["rep_pipeline"], schema_version=SCHEMA_VERSION + 1)
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        FeatureStore(store.path)
+    assert "schema version" in validate_store(store.path)[0]
+
+
+def test_validator_reports_missing_and_misshapen_arrays(tmp_path):
+    store, _, target = _fill(tmp_path)
+    del target.group["tokens"]
+    target.group.create_array("class_tokens", shape=(L, N + 1, D), dtype="float16", overwrite=True,
+                              dimension_names=("layer", "image", "channel"))
+    problems = validate_store(store.path)
+    assert any("tokens is missing" in p for p in problems)
+    assert any("class_tokens has shape" in p for p in problems)
+    assert json.dumps(problems)
