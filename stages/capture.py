@@ -67,8 +67,24 @@ def attention_mutual_information(attn: torch.Tensor) -> torch.Tensor:
     """
     p_k = attn.mean(dim=-2)
     h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
-    h_rows = -torch.special.xlogy(attn, attn).sum(-1).mean(-1)
+    h_rows = -torch.special.xlogy(attn, attn).sum((-1, -2)) / attn.shape[-1]
     return h_k - h_rows
+
+
+def patch_attention_statistics(q: torch.Tensor, k: torch.Tensor, scale: float,
+                               mi_out: torch.Tensor, sum_out: torch.Tensor) -> None:
+    """Attention statistics of patch queries over patch keys, written into the outputs.
+
+    ``q``, ``k``: (B, heads, P, d) patch tokens only (after RoPE where the model uses it).
+    Softmax over the patch keys of the patch logits *is* the patch block of the model's
+    attention with renormalised rows. ``mi_out`` (B, heads) gets I(K, Q) per image and head;
+    ``sum_out`` (P, P) gets the head-averaged attention summed over the images. One image at a
+    time, so the (heads, P, P) temporaries stay in cache: that halves the cost on a CPU.
+    """
+    for b in range(q.shape[0]):
+        attn = ((q[b] * scale) @ k[b].transpose(-2, -1)).float().softmax(dim=-1)
+        mi_out[b] = attention_mutual_information(attn)
+        sum_out += attn.mean(dim=0)
 
 
 class FeatureCapture:
@@ -77,7 +93,8 @@ class FeatureCapture:
     Returns, for a batch of B images and L chosen layers (G x G patches, D channels, H heads):
     one ``(L, B, G, G, D)`` float16 tensor per embedding, ``class_tokens`` ``(L, B, D)``,
     ``attention_mi`` ``(L, B, H)`` float32 and ``attention_sum`` ``(L, P, P)`` float32, the
-    head-averaged patch-to-patch attention summed over the batch's images.
+    head-averaged patch-to-patch attention summed over the batch's images. Each output is
+    allocated once per batch and filled in place, each value cast to float16 in one copy.
     """
 
     def __init__(self, loaded: LoadedModel, spec: CaptureSpec):
@@ -95,56 +112,52 @@ class FeatureCapture:
                     f"block {i} of {loaded.spec.alias} uses {type(self.model.blocks[i].attn).__name__}, "
                     f"which has no capture tap (known: {', '.join(t.__name__ for t in ATTENTION_TAPS)})"
                 )
-        self._qkv_wanted = [e for e in ("queries", "keys", "values") if e in spec.embeddings]
+        self._qkv_wanted = tuple(e for e in ("queries", "keys", "values") if e in spec.embeddings)
+
+    def _allocate(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        lm, L = self.loaded, len(self.spec.layers)
+        G, D, H, P = lm.grid, lm.embed_dim, lm.num_heads, lm.grid * lm.grid
+        half = dict(dtype=torch.float16, device=device)
+        out = {e: torch.empty((L, batch, G, G, D), **half) for e in self.spec.embeddings}
+        out["class_tokens"] = torch.empty((L, batch, D), **half)
+        out["attention_mi"] = torch.empty((L, batch, H), dtype=torch.float32, device=device)
+        out["attention_sum"] = torch.zeros((L, P, P), dtype=torch.float32, device=device)
+        return out
 
     @torch.inference_mode()
     def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         spec, lm = self.spec, self.loaded
-        records: dict[int, dict[str, torch.Tensor]] = {i: {} for i in spec.layers}
-        with self._tapped(records):
+        B, npt, last = pixels.shape[0], lm.num_prefix_tokens, lm.depth - 1
+        out = self._allocate(B, pixels.device)
+        with self._tapped(out):
             final, inter = self.model.forward_intermediates(
                 pixels, indices=list(spec.layers), return_prefix_tokens=True, norm=False,
                 stop_early=True, output_fmt="NLC",
             )
-        B, G, npt = pixels.shape[0], lm.grid, lm.num_prefix_tokens
-        last = lm.depth - 1
-        tokens, cls = [], []
-        for layer, (patch, prefix) in zip(spec.layers, inter):
+        for slot, (layer, (patch, prefix)) in enumerate(zip(spec.layers, inter)):
             if layer == last and spec.last_norm == "after":
                 patch, prefix = final[:, npt:], final[:, :npt]
-            tokens.append(patch)
-            cls.append(prefix[:, 0])
-        out: dict[str, torch.Tensor] = {}
-        grid = lambda t: t.reshape(B, G, G, -1)  # noqa: E731
-        for emb in self._qkv_wanted:
-            out[emb] = torch.stack([grid(records[i][emb]) for i in spec.layers]).to(torch.float16)
-        if "tokens" in spec.embeddings:
-            out["tokens"] = torch.stack([grid(t) for t in tokens]).to(torch.float16)
-        out["class_tokens"] = torch.stack(cls).to(torch.float16)
-        out["attention_mi"] = torch.stack([records[i]["attention_mi"] for i in spec.layers])
-        out["attention_sum"] = torch.stack([records[i]["attention_sum"] for i in spec.layers])
+            if "tokens" in out:
+                out["tokens"][slot].view(B, -1, lm.embed_dim).copy_(patch)
+            out["class_tokens"][slot].copy_(prefix[:, 0])
         return out
 
     @contextlib.contextmanager
-    def _tapped(self, records: dict[int, dict[str, torch.Tensor]]) -> Iterator[None]:
+    def _tapped(self, out: dict[str, torch.Tensor]) -> Iterator[None]:
         blocks = self.model.blocks
-        for i, rec in records.items():
+        for slot, i in enumerate(self.spec.layers):
             attn = blocks[i].attn
-            attn.forward = self._make_forward(attn, rec)  # instance attribute shadows the method
+            attn.forward = self._make_forward(attn, out, slot)  # instance attribute shadows the method
         try:
             yield
         finally:
-            for i in records:
+            for i in self.spec.layers:
                 del blocks[i].attn.forward
 
-    def _make_forward(self, attn: torch.nn.Module, rec: dict[str, torch.Tensor]) -> Callable:
+    def _make_forward(self, attn: torch.nn.Module, out: dict[str, torch.Tensor], slot: int) -> Callable:
         project = ATTENTION_TAPS[type(attn)]
         npt, keep_rotated = self.loaded.num_prefix_tokens, self.spec.rope == "after"
         wanted = self._qkv_wanted
-
-        def patches(t: torch.Tensor) -> torch.Tensor:  # (B, h, N, d) -> (B, P, h*d)
-            B, h, _, d = t.shape
-            return t[:, :, npt:].transpose(1, 2).reshape(B, -1, h * d)
 
         def forward(x, rope=None, attn_mask=None, is_causal=False):
             if attn_mask is not None or is_causal:
@@ -160,15 +173,13 @@ class FeatureCapture:
             else:
                 q_rot, k_rot = q, k
             kept = {"queries": q_rot if keep_rotated else q, "keys": k_rot if keep_rotated else k, "values": v}
-            for emb in wanted:
-                rec[emb] = patches(kept[emb])
-            weights = ((q_rot * attn.scale) @ k_rot.transpose(-2, -1)).softmax(dim=-1)
-            patch_attn = weights[:, :, npt:, npt:].float()
-            patch_attn = patch_attn / patch_attn.sum(dim=-1, keepdim=True)
-            rec["attention_mi"] = attention_mutual_information(patch_attn)
-            rec["attention_sum"] = patch_attn.mean(dim=1).sum(dim=0)
-            y = (attn.attn_drop(weights) @ v).transpose(1, 2).reshape(B, N, -1)
-            y = attn.norm(y)
+            for emb in wanted:  # (B, h, N, d) -> (B, P, h, d) patch rows, heads side by side
+                t = kept[emb][:, :, npt:].transpose(1, 2)
+                out[emb][slot].view(t.shape).copy_(t)
+            patch_attention_statistics(q_rot[:, :, npt:], k_rot[:, :, npt:], attn.scale,
+                                       out["attention_mi"][slot], out["attention_sum"][slot])
+            y = F.scaled_dot_product_attention(q_rot, k_rot, v)  # timm's own (fused) path
+            y = attn.norm(y.transpose(1, 2).reshape(B, N, -1))
             if gate is not None:
                 y = y * gate
             return attn.proj_drop(attn.proj(y))

@@ -7,23 +7,25 @@ pool of extractors and finalises each split when all of its chunks are in.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline import runner
+from pipeline import config
 from pipeline.config import ExtractConfig
 from pipeline.datasets import Item, SegmentationDataset, build_dataset
-from pipeline.errors import ConfigError, DataRootError, NonFiniteFeaturesError, RepPipelineError
+from pipeline.errors import ConfigError, DataRootError, NonFiniteFeaturesError, RepPipelineError, StoreError
 from pipeline.progress import ImageProgress
 from pipeline.registry import build_model, check_weights, get_spec
-from pipeline.store import FeatureStore
+from pipeline.store import DatasetSplit, FeatureStore, ModelSplit
 
 from .capture import CaptureSpec, FeatureCapture
 
@@ -62,6 +64,8 @@ class Extractor:
         self._items: dict[str, list[Item]] = {}
         self._store: FeatureStore | None = None
         self._decoder = ThreadPoolExecutor(max_workers=max(1, min(4, threads or os.cpu_count() or 1)))
+        self._writer = ThreadPoolExecutor(max_workers=1)
+        self._pending_write: Future | None = None
         mean = torch.tensor(self.loaded.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.loaded.std, device=self.device).view(1, 3, 1, 1)
         self._scale, self._shift = 1.0 / (255.0 * std), mean / std
@@ -101,8 +105,11 @@ class Extractor:
         """Captured arrays of one batch, on the host, finite-checked."""
         out = self.capture(self.to_model_input(images))
         for name, tensor in out.items():
-            finite = torch.isfinite(tensor.reshape(tensor.shape[0], tensor.shape[1], -1)).all(-1)
-            if name != "attention_sum" and not bool(finite.all()):
+            if name == "attention_sum":
+                continue
+            # a float32 sum per (layer, image) is non-finite iff some element is: one cheap pass
+            finite = torch.isfinite(tensor.reshape(tensor.shape[0], tensor.shape[1], -1).sum(-1, dtype=torch.float32))
+            if not bool(finite.all()):
                 bad = sorted({image_ids[i] for i in torch.nonzero(~finite)[:, 1].tolist()})
                 raise NonFiniteFeaturesError(
                     f"{self.loaded.spec.alias} produced NaN/inf {name} for images {bad[:5]}"
@@ -111,7 +118,12 @@ class Extractor:
         return {k: v.cpu().numpy() for k, v in out.items()}
 
     def process(self, model: str, split: str, chunk: int) -> dict[str, float]:
-        """Compute and write image chunk ``chunk`` of ``split``; returns timing figures."""
+        """Compute image chunk ``chunk`` of ``split`` and queue its write.
+
+        The write runs behind the next chunk's compute; ``flush`` waits for the last one. A
+        chunk counts as done only once its ``done`` flag is on disk, so a crash before that
+        leaves it pending and the driver's final check schedules it again.
+        """
         t0 = time.perf_counter()
         data = self.store.dataset_split(self.cfg.dataset, split)
         target = self.store.model_split(model, self.cfg.dataset, split)
@@ -121,12 +133,28 @@ class Extractor:
         t1 = time.perf_counter()
         arrays = self.features(images, [it.image_id for it in items])
         t2 = time.perf_counter()
-        if not data.done[chunk]:
-            data.write_labels(chunk, labels)
-        target.write_chunk(chunk, arrays)
+        self.write_behind(data, target, chunk, labels, arrays)
         t3 = time.perf_counter()
-        return {"images": stop - start, "load_s": t1 - t0, "compute_s": t2 - t1, "write_s": t3 - t2,
+        return {"images": stop - start, "load_s": t1 - t0, "compute_s": t2 - t1, "write_wait_s": t3 - t2,
                 "pid": os.getpid()}
+
+    def write_behind(self, data: DatasetSplit, target: ModelSplit, chunk: int, labels: np.ndarray,
+                     arrays: dict[str, np.ndarray]) -> None:
+        """Queue one chunk's write after waiting for (and re-raising errors of) the previous."""
+        self.flush()
+
+        def write() -> None:
+            if not data.done[chunk]:
+                data.write_labels(chunk, labels)
+            target.write_chunk(chunk, arrays)
+
+        self._pending_write = self._writer.submit(write)
+
+    def flush(self) -> None:
+        """Wait until every queued write is on disk."""
+        pending, self._pending_write = self._pending_write, None
+        if pending is not None:
+            pending.result()
 
 
 @dataclass
@@ -169,6 +197,18 @@ def _pool_shape(cfg: ExtractConfig) -> tuple[int, float, float, int | None]:
     return workers, threads, 0, threads
 
 
+@contextlib.contextmanager
+def _keep_finished_writes(pool: runner.ActorPool) -> Iterator[None]:
+    """On an error or Ctrl-C, let the actors finish the writes they have queued, so that
+    every chunk already computed is kept; then let the error through."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            pool.call_all("flush")
+        raise
+
+
 def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: bool = True,
                 on_chunk_done: Callable[[str, int, dict[str, float]], None] | None = None) -> ExtractResult:
     """Extract ``cfg`` into its store; resumes whatever an earlier run left unfinished."""
@@ -199,12 +239,21 @@ def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: boo
             tasks += [(key, split, c) for c in pending]
             result.splits.append(SplitReport(split, len(items), data.n_chunks, len(pending)))
         total = sum(min(cfg.chunk_images, len(split_items[s]) - c * cfg.chunk_images) for _, s, c in tasks)
-        with ImageProgress(f"extract {key}", total, enabled=progress) as bar:
-            for (_, split, chunk), stats in pool.map_unordered("process", tasks):
-                bar.advance(int(stats["images"]))
-                result.images_computed += int(stats["images"])
-                if on_chunk_done is not None:
-                    on_chunk_done(split, chunk, stats)
+        with ImageProgress(f"extract {key}", total, enabled=progress) as bar, _keep_finished_writes(pool):
+            for attempt in range(1 + config.ACTOR_MAX_TASK_RETRIES):
+                for (_, split, chunk), stats in pool.map_unordered("process", tasks):
+                    bar.advance(int(stats["images"]))
+                    result.images_computed += int(stats["images"])
+                    if on_chunk_done is not None:
+                        on_chunk_done(split, chunk, stats)
+                pool.call_all("flush")
+                # the store, not the task results, says what is done: a write lost with a
+                # crashed actor after its task returned shows up here and is scheduled again
+                tasks = [(key, split, c) for split, target in targets.items() for c in target.pending_chunks()]
+                if not tasks:
+                    break
+            else:
+                raise StoreError(f"{cfg.store}: chunks {tasks[:5]} still pending after {attempt + 1} attempts")
     for target in targets.values():
         target.finalize()
     result.seconds = time.perf_counter() - t0

@@ -80,9 +80,9 @@ def test_interrupted_run_resumes_to_the_single_run_result(ray_local, tmp_path):
 
 
 def test_half_written_chunk_is_redone(ray_local, tmp_path):
-    reference = _cfg(tmp_path, store="ref.zarr", splits=("train",))
+    reference = _cfg(tmp_path, store="ref.zarr", splits=("train",), chunk_images=2)
     run_extract(reference, progress=False)
-    cfg = _cfg(tmp_path, splits=("train",))
+    cfg = _cfg(tmp_path, splits=("train",), chunk_images=2)
 
     def stop(split, chunk, stats):
         raise KeyboardInterrupt

@@ -1,0 +1,104 @@
+"""Extract path vs bare forward, on the same batches, in the same run.
+
+    python bench/extract.py --models tiny-vit,dino-b16 --images 32
+
+For each model: images/s of ``model.forward_features`` alone (the baseline) and of the full
+extract path (capture of q/k/v/tokens/class tokens/attention statistics for every layer,
+host copy, finite check, compression and the Zarr write), on the same decoded batches, with
+decode excluded from both. Prints the ratio; the target is <= 1.25 on the CPU. Weights are
+random (no network here); the cost does not depend on their values. ``--device cuda
+--dtype bfloat16`` runs it on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import ExtractConfig  # noqa: E402
+from pipeline.datasets import build_dataset  # noqa: E402
+from pipeline.store import FeatureStore  # noqa: E402
+from stages.extract import Extractor  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str, dtype: str) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = ExtractConfig(model=name, weights="random", store=Path(tmp) / "b.zarr", chunk_images=batch,
+                            device=device, dataset_options={"sizes": {"val": n_images}})
+        ex = Extractor(cfg)
+        if dtype != "float32":
+            ex.loaded.model.to(getattr(torch, dtype))
+        dataset = build_dataset("synthetic", **cfg.dataset_options)
+        items = dataset.items("val")
+        store = FeatureStore(cfg.store, mode="a")
+        data = store.require_dataset_split(dataset.fingerprint("val", items, cfg.image_size),
+                                           [i.image_id for i in items], dataset.palette, batch)
+        target = store.require_model_split(name, data, ex.fingerprint())
+        batches = [ex.load_batch(items[s:s + batch]) for s in range(0, n_images, batch)]
+        model, cast = ex.loaded.model, getattr(torch, dtype)
+
+        def bare() -> None:
+            with torch.inference_mode():
+                for images, _ in batches:
+                    model.forward_features(ex.to_model_input(images).to(cast))
+            _sync(ex.device)
+
+        def full() -> None:
+            for chunk, (images, labels) in enumerate(batches):
+                ids = [i.image_id for i in items[chunk * batch:(chunk + 1) * batch]]
+                arrays = ex.features(images, ids) if dtype == "float32" else _features_cast(ex, images, ids, cast)
+                ex.write_behind(data, target, chunk, labels, arrays)  # as Extractor.process does
+            ex.flush()
+
+        timings: dict[str, list[float]] = {"bare": [], "extract": []}
+        bare(), full()  # warm-up: allocator, thread pools, first-touch of the store
+        for _ in range(repeats):  # interleaved, so drift on a noisy machine hits both alike
+            for label, fn in (("bare", bare), ("extract", full)):
+                t0 = time.perf_counter()
+                fn()
+                timings[label].append(time.perf_counter() - t0)
+        bare_s, full_s = statistics.median(timings["bare"]), statistics.median(timings["extract"])
+        mb = sum(a.nbytes_stored() for _, a in target.group.arrays()) / n_images / 2**20
+        return {"bare_img_s": n_images / bare_s, "extract_img_s": n_images / full_s, "ratio": full_s / bare_s,
+                "stored_mb_per_image": mb}
+
+
+def _features_cast(ex: Extractor, images, ids, cast):
+    x = ex.to_model_input(images).to(cast)
+    out = ex.capture(x)
+    return {k: v.float().cpu().numpy() if k in ("attention_mi", "attention_sum") else v.cpu().numpy()
+            for k, v in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="tiny-vit,tiny-dinov3,dino-b16")
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args()
+    print(f"device={args.device} dtype={args.dtype} images={args.images} batch={args.batch} "
+          f"threads={torch.get_num_threads()}")
+    print(f"{'model':18s} {'bare img/s':>11s} {'extract img/s':>14s} {'ratio':>7s} {'MB/img stored':>14s}")
+    for name in args.models.split(","):
+        r = bench_model(name, args.images, args.batch, args.repeats, args.device, args.dtype)
+        print(f"{name:18s} {r['bare_img_s']:11.2f} {r['extract_img_s']:14.2f} {r['ratio']:7.2f} "
+              f"{r['stored_mb_per_image']:14.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
