@@ -1,0 +1,62 @@
+"""Which compressor for the feature arrays? Ratio and speed on real captured features.
+
+    python bench/codecs.py --model vit_base_patch16_224
+
+Captures keys of three layers for 8 synthetic images (random weights: no network here; the
+float16 bit statistics of activations are what matters) and times each candidate codec.
+The choice recorded in ``storage_schemas/zarr_layout.py`` (FEATURE_CODEC) comes from this.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from numcodecs import LZ4, Blosc, Zstd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.datasets import build_dataset  # noqa: E402
+from pipeline.registry import build_model  # noqa: E402
+from stages.capture import CaptureSpec, FeatureCapture  # noqa: E402
+
+CANDIDATES = {
+    "blosc-lz4-bitshuffle": Blosc("lz4", 5, Blosc.BITSHUFFLE),
+    "blosc-lz4-shuffle": Blosc("lz4", 5, Blosc.SHUFFLE),
+    "blosc-zstd1-bitshuffle": Blosc("zstd", 1, Blosc.BITSHUFFLE),
+    "blosc-zstd3-shuffle": Blosc("zstd", 3, Blosc.SHUFFLE),
+    "zstd3": Zstd(3),
+    "lz4": LZ4(),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="vit_base_patch16_224")
+    parser.add_argument("--embedding", default="keys")
+    args = parser.parse_args()
+    lm = build_model(args.model, "random")
+    ds = build_dataset("synthetic")
+    images = np.stack([ds.load(i, 320)[0] for i in ds.items("train")[:8]])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    x = torch.nn.functional.interpolate(x, size=lm.input_size, mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(lm.mean).view(3, 1, 1)) / torch.tensor(lm.std).view(3, 1, 1)
+    spec = CaptureSpec(layers=(0, lm.depth // 2, lm.depth - 1), embeddings=(args.embedding,))
+    data = FeatureCapture(lm, spec)(x)[args.embedding].numpy()
+    print(f"{args.model} {args.embedding} {data.shape} float16, {data.nbytes / 2**20:.1f} MiB")
+    print(f"{'codec':24s} {'ratio':>6s} {'encode MB/s':>12s} {'decode MB/s':>12s}")
+    for name, codec in CANDIDATES.items():
+        t0 = time.perf_counter()
+        encoded = codec.encode(data)
+        t1 = time.perf_counter()
+        codec.decode(encoded)
+        t2 = time.perf_counter()
+        print(f"{name:24s} {data.nbytes / len(encoded):6.3f} {data.nbytes / (t1 - t0) / 1e6:12.0f} "
+              f"{data.nbytes / (t2 - t1) / 1e6:12.0f}")
+
+
+if __name__ == "__main__":
+    main()
