@@ -97,6 +97,49 @@ def extract(
                   f"({result.images_per_second:.1f} img/s) to {result.store}")
 
 
+@app.command()
+@friendly_errors
+def cluster(
+    store: Path = typer.Option(..., help="Feature store written by extract."),
+    model: str = typer.Option(..., help="Model key in the store (alias or timm name)."),
+    train_split: str = typer.Option(..., help="Split to fit the codebooks on."),
+    dataset: Optional[str] = typer.Option(None, help="Dataset, if the model has the split in several."),
+    k: Optional[str] = typer.Option(None, "--k", help="Cluster counts, e.g. '27,97'; default: number of classes."),
+    method: str = typer.Option(config.KMEANS_METHOD, help="online | lloyd | online,lloyd."),
+    layers: Optional[str] = typer.Option(None, help="Blocks, e.g. '6-11'; default every captured one."),
+    embeddings: Optional[str] = typer.Option(None, help="Default every captured one."),
+    seed: int = typer.Option(config.KMEANS_SEED),
+    steps: int = typer.Option(config.ONLINE_STEPS, help="online: Adam steps."),
+    lr: float = typer.Option(config.ONLINE_LR, help="online: Adam learning rate."),
+    batch_images: int = typer.Option(config.ONLINE_BATCH_IMAGES, help="Images per batch (all their patches)."),
+    init_batches: int = typer.Option(config.PCA_INIT_BATCHES, help="Batches for the PCA initialisation."),
+    tol: float = typer.Option(config.LLOYD_TOL, help="lloyd: stop below this fraction of changed assignments."),
+    max_iter: int = typer.Option(config.LLOYD_MAX_ITER, help="lloyd: passes at most."),
+    results: Optional[Path] = typer.Option(None, help="Results folder for training curves; default <store>/../results."),
+    force: bool = typer.Option(False, help="Retrain codebooks that are already finished."),
+    workers: Optional[int] = typer.Option(None, help="Ray workers; default one per GPU, else one."),
+    backend: Optional[str] = typer.Option(None, help="numpy | cupy; default CuPy when a GPU is present."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default a local instance."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Fit cosine k-means codebooks for every (layer, embedding, K, method) in one pass."""
+    from pipeline.config import ClusterConfig
+    from stages.cluster import run_cluster
+
+    cfg = ClusterConfig(
+        store=store, model=model, train_split=train_split, dataset=dataset, ks=config.parse_ks(k),
+        methods=config.parse_csv(method) or (), layers=config.parse_layers(layers),
+        embeddings=config.parse_csv(embeddings), seed=seed, steps=steps, lr=lr, batch_images=batch_images,
+        init_batches=init_batches, tol=tol, max_iter=max_iter, results=results, force=force, workers=workers,
+        backend=backend,
+    )
+    result = run_cluster(cfg, address=address, progress=progress)
+    console.print(f"{result.model} / {result.dataset}/{train_split}: trained {len(result.trained)} codebooks, "
+                  f"reused {result.reused} finished ones, in {result.seconds:.1f} s")
+    console.print(f"centroids in {store} (models/{model}/{result.dataset}/{train_split}/codebooks), "
+                  f"training curves in {cfg.results}/training_curves")
+
+
 @app.command("models")
 def list_models_cmd(pattern: str = typer.Argument("*", help="Glob over aliases and timm names.")) -> None:
     """List the registered models."""

@@ -30,6 +30,21 @@ TASKS_IN_FLIGHT_PER_ACTOR = 2    # keeps each actor busy while the driver schedu
 ACTOR_MAX_RESTARTS = 3           # a crashed actor is restarted this many times...
 ACTOR_MAX_TASK_RETRIES = 3       # ...and its in-flight chunk ranges are retried
 
+# -- cluster stage (PROTOCOL.md section 4) ---------------------------------------------------
+KMEANS_METHODS = ("online", "lloyd")
+KMEANS_METHOD = "online"
+KMEANS_SEED = 0
+ONLINE_LR = 5e-3
+ONLINE_BATCH_IMAGES = 24
+ONLINE_STEPS = 5000
+PCA_INIT_BATCHES = 96
+LLOYD_TOL = 1e-3                 # stop when under 0.1 % of assignments change in a pass
+LLOYD_MAX_ITER = 100
+LOSS_LOG_EVERY = 25              # online: steps between training-curve rows
+SHUFFLE_WINDOW_CHUNKS = 8        # online: images are shuffled within windows of this many chunks
+READ_AHEAD_BATCHES = 4
+HOST_CACHE_BYTES = 4 * 2**30     # keep a (layer, embedding) slice in host memory when all fit
+
 # -- datasets --------------------------------------------------------------------------------
 SYNTHETIC_SPLIT_SIZES = {"train": 64, "val": 32}
 SYNTHETIC_SEED = 0
@@ -114,3 +129,68 @@ class ExtractConfig:
 
     def replace(self, **changes: Any) -> "ExtractConfig":
         return dataclasses.replace(self, **changes)
+
+
+def parse_ks(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    items = parse_csv(value) if isinstance(value, str) else value
+    try:
+        ks = tuple(sorted({int(k) for k in items or ()}))
+    except ValueError as exc:
+        raise ConfigError(f"--k: expected integers like '27,97', got {value!r}") from exc
+    if not ks or min(ks) < 2:
+        raise ConfigError(f"--k: every K must be at least 2, got {value!r}")
+    return ks
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Which codebooks to fit, on which features, and how."""
+
+    store: Path
+    model: str
+    train_split: str
+    dataset: str | None = None                      # None: the only dataset the model has
+    ks: tuple[int, ...] | None = None               # None: the number of classes
+    methods: tuple[str, ...] = (KMEANS_METHOD,)
+    layers: tuple[int, ...] | None = None           # block numbers; None: every captured one
+    embeddings: tuple[str, ...] | None = None       # None: every captured one
+    seed: int = KMEANS_SEED
+    lr: float = ONLINE_LR
+    batch_images: int = ONLINE_BATCH_IMAGES
+    steps: int = ONLINE_STEPS
+    init_batches: int = PCA_INIT_BATCHES
+    tol: float = LLOYD_TOL
+    max_iter: int = LLOYD_MAX_ITER
+    log_every: int = LOSS_LOG_EVERY
+    host_cache_bytes: int = HOST_CACHE_BYTES
+    results: Path | None = None                     # None: <store parent>/results
+    force: bool = False
+    workers: int | None = None
+    backend: str | None = None                      # None: CuPy if a GPU is present, else NumPy
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", Path(self.store))
+        if self.results is None:
+            object.__setattr__(self, "results", self.store.parent / "results")
+        object.__setattr__(self, "results", Path(self.results))
+        if not self.methods:
+            raise ConfigError("--method: choose online, lloyd or both")
+        for m in self.methods:
+            _check_choice("method", m, KMEANS_METHODS)
+        for e in self.embeddings or ():
+            _check_choice("embedding", e, EMBEDDINGS)
+        for name in ("batch_images", "steps", "init_batches", "max_iter", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and 0 <= self.tol < 1):
+            raise ConfigError(f"lr must be > 0 and tol in [0, 1), got lr={self.lr}, tol={self.tol}")
+
+    def hyperparameters(self, method: str) -> dict[str, Any]:
+        """What, besides K, seed and the features, determines a codebook of ``method``."""
+        if method == "online":
+            return {"lr": self.lr, "batch_images": self.batch_images, "steps": self.steps,
+                    "init_batches": self.init_batches, "shuffle_window_chunks": SHUFFLE_WINDOW_CHUNKS}
+        return {"tol": self.tol, "max_iter": self.max_iter, "init_batches": self.init_batches,
+                "batch_images": self.batch_images}

@@ -37,6 +37,10 @@ class ImageProgress:
         if self._progress is not None:
             self._progress.advance(self._task, n)
 
+    def update(self, completed: int) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=completed)
+
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
             self._progress.stop()

@@ -9,7 +9,7 @@ the run and reaches the caller as itself.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
 from ray.exceptions import RayTaskError
@@ -38,16 +38,18 @@ def cluster_cpus() -> int:
 
 
 class ActorPool:
-    """``n_actors`` instances of ``cls(*args)``, each reserving ``num_cpus``/``num_gpus``."""
+    """One actor per entry of ``args_per_actor`` (``cls(*args)``), each reserving
+    ``num_cpus``/``num_gpus``. ``max_concurrency=2`` lets a driver poll a cheap method (such
+    as progress) while a long one runs."""
 
-    def __init__(self, cls: type, args: Sequence[Any], n_actors: int, *, num_cpus: float = 1,
+    def __init__(self, cls: type, args_per_actor: Sequence[Sequence[Any]], *, num_cpus: float = 1,
                  num_gpus: float = 0, max_restarts: int = config.ACTOR_MAX_RESTARTS,
-                 max_task_retries: int = config.ACTOR_MAX_TASK_RETRIES):
+                 max_task_retries: int = config.ACTOR_MAX_TASK_RETRIES, max_concurrency: int = 1):
         remote_cls = ray.remote(cls).options(
-            num_cpus=num_cpus, num_gpus=num_gpus,
+            num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=max_concurrency,
             max_restarts=max_restarts, max_task_retries=max_task_retries,
         )
-        self.actors = [remote_cls.remote(*args) for _ in range(n_actors)]
+        self.actors = [remote_cls.remote(*args) for args in args_per_actor]
 
     def call_all(self, method: str, *args: Any) -> list[Any]:
         """``method(*args)`` on every actor, results in actor order."""
@@ -79,6 +81,19 @@ class ActorPool:
         finally:
             for ref in running:  # an error or an interrupt: stop what is still queued
                 ray.cancel(ref)
+
+    def run_all(self, method: str, poll: Callable[[int], Any] | None = None, poll_method: str = "progress",
+                every: float = 0.5) -> Iterator[Any]:
+        """``method()`` on every actor; yields results as they finish. Meanwhile calls
+        ``poll(sum of poll_method() over the actors)`` every ``every`` seconds."""
+        running = {getattr(a, method).remote(): a for a in self.actors}
+        while running:
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=every)
+            for ref in ready:
+                running.pop(ref)
+                yield _get(ref)
+            if poll is not None:
+                poll(sum(_get([getattr(a, poll_method).remote() for a in self.actors])))
 
     def shutdown(self) -> None:
         for actor in self.actors:

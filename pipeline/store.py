@@ -248,7 +248,92 @@ class ModelSplit:
         self.group.attrs["finished"] = True
         del self.group["attention_sum"]
 
+    @property
+    def fingerprint_hash(self) -> str:
+        """What the features are: every fingerprint key, not the package version."""
+        attrs = self.attrs
+        return fingerprint_hash({k: attrs.get(k) for k in layout.MODEL_FINGERPRINT_KEYS})
+
+    def layer_slot(self, layer: int) -> int:
+        """The index along ``layer`` of block ``layer``."""
+        if layer not in self.layers:
+            raise StoreError(f"{self.path} has no layer {layer}; captured layers: {list(self.layers)}")
+        return self.layers.index(layer)
+
+    def codebook_names(self) -> list[str]:
+        return sorted(name for name, _ in self.group["codebooks"].groups()) if "codebooks" in self.group else []
+
+    def codebook(self, method: str, k: int, seed: int) -> "Codebook":
+        name = layout.codebook_name(method, k, seed)
+        if "codebooks" not in self.group or name not in self.group["codebooks"]:
+            raise StoreError(f"{self.path} has no codebook {name} (has: {', '.join(self.codebook_names()) or 'none'})")
+        return Codebook(self.group["codebooks"][name], f"{self.path}/codebooks/{name}", self)
+
+    def require_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any],
+                         force: bool = False) -> "Codebook":
+        """The codebook group of (method, k, seed), created on first use. A group trained with
+        other hyperparameters or on other features is refused unless ``force`` (then it is
+        emptied and retrained)."""
+        attrs = {"method": method, "k": k, "seed": seed, "hyperparameters": dict(hyperparameters),
+                 "features_fingerprint": self.fingerprint_hash, "schema_version": layout.SCHEMA_VERSION,
+                 "package_version": __version__}
+        name = layout.codebook_name(method, k, seed)
+        path = f"{self.path}/codebooks/{name}"
+        books = self.group.require_group("codebooks")
+        if name in books and dict(books[name].attrs) and not force:
+            _check_same("training configuration", path, dict(books[name].attrs), attrs,
+                        layout.CODEBOOK_FINGERPRINT_KEYS)
+            return Codebook(books[name], path, self)
+        group = books.create_group(name, overwrite=True)
+        group.attrs.update(attrs)
+        return Codebook(group, path, self)
+
     def attention_map(self) -> np.ndarray:
         if not self.finished:
             raise StoreError(f"{self.path} is not finished; run the same extract command to complete it")
         return self.group["attention_map"][:]
+
+
+@dataclass
+class Codebook:
+    """Centroids of one (method, K, seed) for every captured layer of some embeddings."""
+
+    group: zarr.Group
+    path: str
+    features: ModelSplit
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def fingerprint_hash(self) -> str:
+        attrs = self.attrs
+        return fingerprint_hash({k: attrs.get(k) for k in layout.CODEBOOK_FINGERPRINT_KEYS})
+
+    def _require(self, embedding: str) -> tuple[zarr.Array, zarr.Array]:
+        if embedding not in self.group:
+            L, k, D = len(self.features.layers), int(self.group.attrs["k"]), int(self.features.attrs["embed_dim"])
+            spec = layout.CODEBOOK_ARRAYS
+            _create(self.group, layout.ArraySpec(embedding, spec["centroids"].dims, "float32",
+                                                 spec["centroids"].chunks, spec["centroids"].doc), (L, k, D), 1)
+            _create(self.group, layout.ArraySpec(f"{embedding}_done", spec["done"].dims, "bool",
+                                                 spec["done"].chunks, spec["done"].doc), (L,), 1)
+        return self.group[embedding], self.group[f"{embedding}_done"]
+
+    def is_done(self, embedding: str, layer: int) -> bool:
+        if f"{embedding}_done" not in self.group:
+            return False
+        return bool(self.group[f"{embedding}_done"][self.features.layer_slot(layer)])
+
+    def write(self, embedding: str, layer: int, centroids: np.ndarray) -> None:
+        """Store a finished layer's centroids, then mark it done."""
+        arr, done = self._require(embedding)
+        slot = self.features.layer_slot(layer)
+        arr[slot] = centroids
+        done[slot] = True
+
+    def centroids(self, embedding: str, layer: int) -> np.ndarray:
+        if not self.is_done(embedding, layer):
+            raise StoreError(f"{self.path} has no finished {embedding} codebook for layer {layer}")
+        return self.group[embedding][self.features.layer_slot(layer)]

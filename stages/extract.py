@@ -224,7 +224,7 @@ def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: boo
     n_actors, cpus, gpus, threads = _pool_shape(cfg)
     result = ExtractResult(store=str(cfg.store), model=key)
     t0 = time.perf_counter()
-    with runner.ActorPool(Extractor, (cfg, threads), n_actors, num_cpus=cpus, num_gpus=gpus) as pool:
+    with runner.ActorPool(Extractor, [(cfg, threads)] * n_actors, num_cpus=cpus, num_gpus=gpus) as pool:
         fingerprints = pool.call_all("fingerprint")
         if any(fp != fingerprints[0] for fp in fingerprints[1:]):
             raise RuntimeError(f"extractors loaded different weights for {key}: {fingerprints}")

@@ -17,6 +17,9 @@
                                                   patch attention summed over a chunk's images
         attention_map (layer, query, key)         float32, when finished: its image mean
         done          (chunk,)                    bool, image chunk i complete for this model
+        codebooks/<method>-k<K>-s<seed>/  attrs: training fingerprint (CODEBOOK_ATTRS)
+          <embedding>       (layer, cluster, channel) float32, unit centroids
+          <embedding>_done  (layer,)                  bool, layer trained to the end
 
 ``layer`` indexes the captured layers, whose block numbers are the ``layers`` attribute.
 Every array carries ``dimension_names``, so ``xarray.open_zarr`` names the axes itself.
@@ -82,6 +85,12 @@ MODEL_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
     ArraySpec("done", ("chunk",), "bool", (1,), "image chunk i is complete for this model"),
 )}
 
+CODEBOOK_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
+    ArraySpec("centroids", ("layer", "cluster", "channel"), "float32", (1, FULL, FULL),
+              "unit-norm centroids of each captured layer (stored under the embedding's name)"),
+    ArraySpec("done", ("layer",), "bool", (1,), "the layer's codebook is trained to the end"),
+)}
+
 ROOT_ATTRS = ("kind", "schema_version", "package_version")
 DATASET_ATTRS = ("dataset", "split", "n_images", "image_size", "classes", "palette", "ignore_index",
                  "image_ids_sha256", "chunk_images", "options")
@@ -89,6 +98,9 @@ MODEL_ATTRS = ("model", "timm_name", "family", "weights_source", "weights_sha256
                "input_size", "patch_size", "grid", "num_prefix_tokens", "embed_dim", "num_heads",
                "depth", "mean", "std", "layers", "embeddings", "rope", "last_norm", "chunk_images",
                "dataset_fingerprint", "schema_version", "package_version", "finished")
+CODEBOOK_ATTRS = ("method", "k", "seed", "hyperparameters", "features_fingerprint", "schema_version",
+                  "package_version")
+CODEBOOK_FINGERPRINT_KEYS = ("method", "k", "seed", "hyperparameters", "features_fingerprint")
 # what must match for a writer to add to an existing model group (package_version may differ)
 MODEL_FINGERPRINT_KEYS = tuple(k for k in MODEL_ATTRS if k not in ("package_version", "finished"))
 
@@ -99,6 +111,10 @@ def dataset_path(dataset: str, split: str) -> str:
 
 def model_path(model: str, dataset: str, split: str) -> str:
     return f"models/{model}/{dataset}/{split}"
+
+
+def codebook_name(method: str, k: int, seed: int) -> str:
+    return f"{method}-k{k}-s{seed}"
 
 
 def n_chunks(n_images: int, chunk_images: int) -> int:
@@ -171,4 +187,28 @@ def validate_store(path: str | Path) -> list[str]:
                     problems.append(f"{where} has no dataset group {dataset_path(ds_name, split)}")
                     continue
                 check_arrays(group, where, MODEL_ARRAYS, model_array_shapes(attrs, n_by_split[(ds_name, split)]))
+                if "codebooks" in group:
+                    _check_codebooks(group["codebooks"], where, attrs, problems)
     return problems
+
+
+def _check_codebooks(codebooks: Any, where: str, model_attrs: dict[str, Any], problems: list[str]) -> None:
+    L, D = len(model_attrs["layers"]), model_attrs["embed_dim"]
+    for name, book in codebooks.groups():
+        here = f"{where}/codebooks/{name}"
+        attrs = dict(book.attrs)
+        missing = [k for k in CODEBOOK_ATTRS if k not in attrs]
+        if missing:
+            problems.append(f"{here} lacks attributes {missing}")
+            continue
+        for emb in model_attrs["embeddings"]:
+            if emb not in book:
+                continue
+            expect = {emb: ((L, attrs["k"], D), CODEBOOK_ARRAYS["centroids"]),
+                      f"{emb}_done": ((L,), CODEBOOK_ARRAYS["done"])}
+            for arr_name, (shape, spec) in expect.items():
+                if arr_name not in book:
+                    problems.append(f"{here}/{arr_name} is missing")
+                elif tuple(book[arr_name].shape) != shape or str(book[arr_name].dtype) != spec.dtype:
+                    problems.append(f"{here}/{arr_name} is {book[arr_name].dtype}{tuple(book[arr_name].shape)}, "
+                                    f"expected {spec.dtype}{shape}")

@@ -33,3 +33,13 @@ def offline_hub(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def backend(request):
+    """Every engine test runs on NumPy, and on CuPy where a GPU is present."""
+    from pipeline.backend import get_backend, gpu_available
+
+    if request.param == "cupy" and not gpu_available():
+        pytest.skip("no CUDA GPU with CuPy here")
+    return get_backend(request.param)

@@ -1,0 +1,359 @@
+"""The cluster stage: fit cosine k-means codebooks on the feature store.
+
+All requested (layer, embedding, K, method) codebooks of a worker train in one pass over the
+store: each image chunk is read once (on a read-ahead thread) and feeds every codebook that
+needs it; codebooks of one (layer, embedding) share one matrix product per batch. Several
+workers (Ray actors, one per GPU or a chosen number on the CPU) split the (layer, embedding)
+groups between them. A codebook is written, and marked done, only once fully trained.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from pipeline import runner
+from pipeline.backend import Backend, get_backend
+from pipeline.config import READ_AHEAD_BATCHES, SHUFFLE_WINDOW_CHUNKS, ClusterConfig
+from pipeline.errors import ConfigError, NonFiniteFeaturesError, StoreError
+from pipeline.progress import ImageProgress
+from pipeline.store import FeatureStore, ModelSplit
+from storage_schemas import tables
+
+from .kmeans import LloydKMeans, OnlineKMeans, PCAInit, l2_normalize
+
+FeatureKey = tuple[str, int]  # (embedding, block number)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """The codebooks one (embedding, layer) feature set trains: K values per method."""
+
+    embedding: str
+    layer: int
+    ks: dict[str, tuple[int, ...]]   # method -> Ks still to train
+
+    @property
+    def key(self) -> FeatureKey:
+        return (self.embedding, self.layer)
+
+    @property
+    def cost(self) -> int:
+        return sum(sum(k) for k in self.ks.values())
+
+
+class FeatureStream:
+    """Batches of patch vectors of several (embedding, layer) arrays of one model group.
+
+    Reads whole image chunks, on a background thread, ``READ_AHEAD_BATCHES`` ahead. When every
+    requested slice fits ``cache_bytes`` they are read once and kept in host memory (and on
+    the GPU too when it has room), so the many passes of training never touch the disk again.
+    """
+
+    def __init__(self, group: ModelSplit, keys: list[FeatureKey], be: Backend, cache_bytes: int):
+        self.group, self.keys, self.be = group, keys, be
+        attrs = group.attrs
+        self.n_images, self.chunk = group.n_images, group.chunk_images
+        self.patches, self.dim = attrs["grid"] ** 2, attrs["embed_dim"]
+        self.n_chunks = group.n_chunks
+        slice_bytes = self.n_images * self.patches * self.dim * 2
+        self._cache: dict[FeatureKey, Any] | None = None
+        if slice_bytes * len(keys) <= cache_bytes:
+            self._cache = {key: self._read(key, 0, self.n_images) for key in keys}
+            free = be.free_bytes()
+            if free is not None and slice_bytes * len(keys) * 2 < free:  # resident on the GPU
+                self._cache = {key: be.asarray(v) for key, v in self._cache.items()}
+
+    def _read(self, key: FeatureKey, start: int, stop: int) -> np.ndarray:
+        emb, layer = key
+        data = self.group.features(emb)[self.group.layer_slot(layer), start:stop]
+        return data.reshape(stop - start, self.patches, self.dim)
+
+    def _images(self, key: FeatureKey, index: np.ndarray) -> Any:
+        """Images ``index`` (sorted, whole chunks) of one slice: from the cache or the store."""
+        if self._cache is not None:
+            cached = self._cache[key]
+            return cached[self.be.asarray(index) if self.be.name == "cupy" else index]
+        return np.concatenate([self._read(key, a, b + 1) for a, b in _runs(index)])
+
+    def _produce(self, windows: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
+        for index in windows:
+            yield index, {key: self._images(key, index) for key in self.keys}
+
+    def _read_ahead(self, windows: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
+        if self._cache is not None:
+            yield from self._produce(windows)
+            return
+        q: queue.Queue = queue.Queue(maxsize=READ_AHEAD_BATCHES)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for item in self._produce(windows):
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as exc:  # reaches the consumer, which re-raises it
+                q.put(exc)
+
+        thread = threading.Thread(target=work, daemon=True, name="feature-read-ahead")
+        thread.start()
+        try:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+    def shuffled(self, batch_images: int, seed: int) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
+        """Endless batches of ``batch_images`` images: chunk order shuffled every epoch,
+        images shuffled within windows of ``SHUFFLE_WINDOW_CHUNKS`` chunks (seeded). Windows
+        are read as whole chunks in store order and shuffled after reading."""
+        rng = np.random.default_rng(seed)
+
+        def windows() -> Iterator[np.ndarray]:
+            while True:
+                order = rng.permutation(self.n_chunks)
+                for w in range(0, len(order), SHUFFLE_WINDOW_CHUNKS):
+                    chunks = np.sort(order[w:w + SHUFFLE_WINDOW_CHUNKS])
+                    yield np.concatenate([np.arange(c * self.chunk, min((c + 1) * self.chunk, self.n_images))
+                                          for c in chunks])
+
+        shuffle = np.random.default_rng([seed, 1])
+        xp = self.be.xp if self._cache is not None else np
+        carry_index, carry = np.empty(0, dtype=np.int64), None
+        for index, arrays in self._read_ahead(windows()):
+            perm = shuffle.permutation(len(index))
+            dev_perm = xp.asarray(perm)
+            index = np.concatenate([carry_index, index[perm]])
+            arrays = {k: v[dev_perm] if carry is None else xp.concatenate([carry[k], v[dev_perm]])
+                      for k, v in arrays.items()}
+            start = 0
+            while len(index) - start >= batch_images:
+                stop = start + batch_images
+                yield index[start:stop], {k: v[start:stop] for k, v in arrays.items()}
+                start = stop
+            carry_index, carry = index[start:], {k: v[start:] for k, v in arrays.items()}
+
+    def sequential(self) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
+        """One pass in store order, one chunk at a time."""
+        chunks = (np.arange(c * self.chunk, min((c + 1) * self.chunk, self.n_images)) for c in range(self.n_chunks))
+        yield from self._read_ahead(chunks)
+
+
+def _runs(index: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous runs [(first, last), ...] of a sorted index."""
+    if len(index) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(index) != 1) + 1
+    return [(int(r[0]), int(r[-1])) for r in np.split(index, breaks)]
+
+
+class ClusterWorker:
+    """Trains the codebooks of some (embedding, layer) groups in one pass; Ray actor or plain."""
+
+    def __init__(self, cfg: ClusterConfig, model: str, dataset: str, plans: list[GroupPlan]):
+        self.cfg, self.model, self.dataset, self.plans = cfg, model, dataset, plans
+        self.be = get_backend(cfg.backend)
+        self._progress = 0
+
+    def progress(self) -> int:
+        return self._progress
+
+    def total_work(self) -> int:
+        cfg = self.cfg
+        methods = {m for p in self.plans for m, ks in p.ks.items() if ks}
+        return cfg.init_batches + (cfg.steps if "online" in methods else 0) + (cfg.max_iter if "lloyd" in methods else 0)
+
+    def _vectors(self, raw: Any, image_index: np.ndarray, key: FeatureKey, group: ModelSplit) -> Any:
+        """fp16 (images, P, D) -> float32 (images*P, D) on the backend, finite-checked."""
+        xp = self.be.xp
+        x = xp.asarray(raw, dtype=xp.float32)
+        per_image = x.reshape(x.shape[0], -1).sum(1)
+        if not bool(xp.isfinite(per_image).all()):
+            bad = image_index[self.be.to_numpy(~xp.isfinite(per_image))]
+            raise NonFiniteFeaturesError(f"{group.path}/{key[0]} layer {key[1]} holds NaN/inf for images "
+                                         f"{bad[:5].tolist()} (positions in the split)")
+        return x.reshape(-1, x.shape[-1])
+
+    def run(self) -> list[dict[str, Any]]:
+        """Train every planned codebook; write centroids, done flags and training curves."""
+        cfg, be, xp = self.cfg, self.be, self.be.xp
+        group = FeatureStore(cfg.store).model_split(self.model, self.dataset, cfg.train_split)
+        keys = [p.key for p in self.plans]
+        stream = FeatureStream(group, keys, be, cfg.host_cache_bytes)
+        pca = {k: PCAInit(be, stream.dim) for k in keys}
+        for (index, arrays), _ in zip(stream.shuffled(cfg.batch_images, cfg.seed), range(cfg.init_batches)):
+            for key in keys:
+                pca[key].add(self._vectors(arrays[key], index, key, group))
+            self._progress += 1
+        curves: list[dict[str, Any]] = []
+        finished: list[tuple[GroupPlan, str, int, Any]] = []
+        online = {p.key: (p, OnlineKMeans(be, [pca[p.key].centroids(k, cfg.seed) for k in p.ks["online"]], cfg.lr))
+                  for p in self.plans if p.ks.get("online")}
+        if online:
+            losses: list[tuple[int, FeatureKey, Any]] = []
+            for step, (index, arrays) in enumerate(stream.shuffled(cfg.batch_images, cfg.seed), start=1):
+                for key, (plan, trainer) in online.items():
+                    loss = trainer.step(l2_normalize(xp, self._vectors(arrays[key], index, key, group)))
+                    if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
+                        losses.append((step, key, loss))
+                self._progress += 1
+                if step == cfg.steps:
+                    break
+            for step, key, loss in losses:
+                plan = online[key][0]
+                for k, value in zip(plan.ks["online"], be.to_numpy(loss).tolist()):
+                    curves.append(self._row(plan, "online", k, step, value, None))
+            for plan, trainer in online.values():
+                finished += [(plan, "online", k, c) for k, c in zip(plan.ks["online"], trainer.centroids())]
+        lloyd = {p.key: (p, LloydKMeans(be, [pca[p.key].centroids(k, cfg.seed) for k in p.ks["lloyd"]],
+                                        stream.n_images * stream.patches, cfg.tol, cfg.max_iter))
+                 for p in self.plans if p.ks.get("lloyd")}
+        while lloyd and not all(t.done for _, t in lloyd.values()):
+            offset = 0
+            for index, arrays in stream.sequential():
+                for key, (plan, trainer) in lloyd.items():
+                    if not trainer.done:
+                        trainer.accumulate(l2_normalize(xp, self._vectors(arrays[key], index, key, group)), offset)
+                offset += len(index) * stream.patches
+            for key, (plan, trainer) in lloyd.items():
+                if trainer.done:
+                    continue
+                passes = list(trainer.iterations)  # before update() counts this pass
+                for k, done_passes, stats in zip(plan.ks["lloyd"], passes, trainer.update()):
+                    if stats is not None:
+                        curves.append(self._row(plan, "lloyd", k, done_passes + 1, -stats[0], stats[1]))
+            self._progress += 1
+        for plan, trainer in lloyd.values():
+            finished += [(plan, "lloyd", k, c) for k, c in zip(plan.ks["lloyd"], trainer.centroids())]
+
+        store = FeatureStore(cfg.store, mode="a")
+        target = store.model_split(self.model, self.dataset, cfg.train_split)
+        books = {}
+        for plan, method, k, centroids in finished:
+            book = books.setdefault((method, k), target.codebook(method, k, cfg.seed))
+            rows = [r for r in curves if (r["embedding"], r["layer"], r["method"], r["k"]) ==
+                    (plan.embedding, plan.layer, method, k)]
+            for r in rows:
+                r["codebook_fingerprint"], r["store_fingerprint"] = book.fingerprint_hash, target.fingerprint_hash
+            tables.write_table(cfg.results, "training_curves", rows, dataset=self.dataset, model=self.model,
+                               part=f"{cfg.train_split}-{method}-k{k}-s{cfg.seed}-{plan.embedding}-l{plan.layer}")
+            book.write(plan.embedding, plan.layer, be.to_numpy(centroids))  # last: marks it done
+        return [{"embedding": p.embedding, "layer": p.layer, "method": m, "k": k} for p, m, k, _ in finished]
+
+    def _row(self, plan: GroupPlan, method: str, k: int, step: int, loss: float, changed: float | None) -> dict:
+        return {"model": self.model, "dataset": self.dataset, "split": self.cfg.train_split,
+                "embedding": plan.embedding, "layer": plan.layer, "k": k, "method": method,
+                "seed": self.cfg.seed, "step": step, "loss": float(loss), "changed_fraction": changed,
+                "store_fingerprint": "", "codebook_fingerprint": ""}
+
+
+@dataclass
+class ClusterResult:
+    model: str
+    dataset: str
+    trained: list[dict[str, Any]] = field(default_factory=list)
+    reused: int = 0
+    seconds: float = 0.0
+
+
+def _resolve(cfg: ClusterConfig, store: FeatureStore) -> tuple[str, ModelSplit]:
+    """The dataset and finished model group the codebooks train on; clear errors otherwise."""
+    candidates = [d for m, d, s in store.model_splits() if m == cfg.model and s == cfg.train_split]
+    if cfg.dataset is not None:
+        candidates = [d for d in candidates if d == cfg.dataset]
+    if not candidates:
+        have = ", ".join("/".join(t) for t in store.model_splits()) or "none"
+        raise StoreError(f"feature store {store.path} has no features of model {cfg.model!r} on split "
+                         f"{cfg.train_split!r}{' of ' + cfg.dataset if cfg.dataset else ''} (has: {have})")
+    if len(candidates) > 1:
+        raise ConfigError(f"model {cfg.model!r} has split {cfg.train_split!r} in several datasets "
+                          f"({', '.join(candidates)}); choose one with --dataset")
+    group = store.model_split(cfg.model, candidates[0], cfg.train_split)
+    if not group.finished:
+        raise StoreError(f"{store.path}/{group.path} is not finished ({len(group.pending_chunks())} chunks pending); "
+                         f"complete it with the same extract command first")
+    return candidates[0], group
+
+
+def plan_codebooks(cfg: ClusterConfig) -> tuple[str, list[GroupPlan], int]:
+    """(dataset, the groups still to train, how many requested codebooks are already done)."""
+    store = FeatureStore(cfg.store, mode="a")
+    dataset, group = _resolve(cfg, store)
+    layers = cfg.layers if cfg.layers is not None else group.layers
+    for layer in layers:
+        group.layer_slot(layer)  # raises, naming the captured layers
+    embeddings = cfg.embeddings or group.embeddings
+    for emb in embeddings:
+        group.features(emb)      # raises, naming the captured embeddings
+    n_classes = len(store.dataset_split(dataset, cfg.train_split).fingerprint["classes"])
+    ks = cfg.ks or ((n_classes,) if n_classes >= 2 else None)
+    if ks is None:
+        raise ConfigError(f"{dataset} has no class list to take K from; pass --k")
+    n_vectors = group.n_images * group.attrs["grid"] ** 2
+    if max(ks) > n_vectors:
+        raise ConfigError(f"K={max(ks)} is larger than the {n_vectors} patch vectors of "
+                          f"{group.path} ({group.n_images} images)")
+    books = {(m, k): group.require_codebook(m, k, cfg.seed, cfg.hyperparameters(m), force=cfg.force)
+             for m in cfg.methods for k in ks}
+    plans, reused = [], 0
+    for emb in embeddings:
+        for layer in layers:
+            todo = {m: tuple(k for k in ks if not books[(m, k)].is_done(emb, layer)) for m in cfg.methods}
+            reused += sum(len(ks) - len(v) for v in todo.values())
+            if any(todo.values()):
+                plans.append(GroupPlan(emb, layer, todo))
+    return dataset, plans, reused
+
+
+def _split_plans(plans: list[GroupPlan], n: int) -> list[list[GroupPlan]]:
+    """Balance groups over ``n`` workers by cost (largest first onto the least loaded)."""
+    loads = [(0, i, []) for i in range(n)]
+    for plan in sorted(plans, key=lambda p: -p.cost):
+        load, i, bucket = min(loads)
+        bucket.append(plan)
+        loads[i] = (load + plan.cost, i, bucket)
+    return [bucket for _, _, bucket in sorted(loads, key=lambda t: t[1]) if bucket]
+
+
+def run_cluster(cfg: ClusterConfig, *, address: str | None = None, progress: bool = True,
+                on_progress: Callable[[int], None] | None = None) -> ClusterResult:
+    """Train every requested codebook that is not already finished (all of them with force)."""
+    t0 = time.perf_counter()
+    dataset, plans, reused = plan_codebooks(cfg)
+    result = ClusterResult(cfg.model, dataset, reused=reused)
+    if not plans:
+        result.seconds = time.perf_counter() - t0
+        return result
+    runner.ensure_ray(address)
+    gpus = runner.cluster_gpus() if cfg.backend != "numpy" else 0
+    n_workers = min(cfg.workers or max(gpus, 1), len(plans))
+    cpus = 1 if gpus else max(1, runner.cluster_cpus() // n_workers)
+    buckets = _split_plans(plans, n_workers)
+    pool = runner.ActorPool(ClusterWorker, [(cfg, cfg.model, dataset, b) for b in buckets],
+                            num_cpus=cpus, num_gpus=1 if gpus else 0, max_concurrency=2)
+    with pool:
+        total = sum(pool.call_all("total_work"))
+        with ImageProgress(f"cluster {cfg.model}", total, unit="step", enabled=progress) as bar:
+            def poll(done: int) -> None:
+                bar.update(done)
+                if on_progress is not None:
+                    on_progress(done)
+
+            for trained in pool.run_all("run", poll=poll):
+                result.trained += trained
+            bar.update(total)  # Lloyd may converge before its max_iter budget
+    result.seconds = time.perf_counter() - t0
+    return result

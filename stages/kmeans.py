@@ -1,0 +1,205 @@
+"""Our cosine k-means engine (PROTOCOL.md section 4), one code path for NumPy and CuPy.
+
+Every class here trains *several* codebooks of one (layer, embedding) feature set at once:
+their centroids sit in one matrix, so each batch is scored against all of them with a single
+matrix product. ``OnlineKMeans`` is the paper's method (Adam on the batch k-means loss);
+``LloydKMeans`` is exact spherical k-means, one iteration per pass over the data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from pipeline.backend import Backend
+
+
+def l2_normalize(xp: Any, x: Any, eps: float = 1e-12) -> Any:
+    return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class PCAInit:
+    """Streaming covariance of raw (un-normalised) patch embeddings -> top-K directions.
+
+    A principal component is a line; a cosine centroid is a direction. Each component is
+    oriented toward its heavier tail (positive third moment of the centred projections), where
+    a cluster that the component separates from the rest lies. PROTOCOL.md leaves the sign
+    free; on planted data this choice recovers the clusters where an arbitrary sign often
+    leaves two centroids on one cluster.
+    """
+
+    SAMPLE_ROWS_PER_BATCH = 512
+
+    def __init__(self, be: Backend, dim: int):
+        xp = be.xp
+        self.be, self.n = be, 0
+        self.total = xp.zeros(dim, dtype=xp.float64)
+        self.outer = xp.zeros((dim, dim), dtype=xp.float64)
+        self.samples: list[Any] = []  # an even subsample, for the signs and for K beyond the rank
+
+    def add(self, x: Any) -> None:
+        x64 = x.astype(self.be.xp.float64)
+        self.total += x64.sum(0)
+        self.outer += x64.T @ x64
+        self.n += x.shape[0]
+        self.samples.append(x[:: max(1, x.shape[0] // self.SAMPLE_ROWS_PER_BATCH)])
+
+    def centroids(self, k: int, seed: int) -> Any:
+        """Unit centroids: the top-``k`` principal components of the centred data, oriented
+        toward their heavier tails; beyond the rank, random samples of the data."""
+        xp = self.be.xp
+        mean = self.total / self.n
+        cov = self.outer / self.n - xp.outer(mean, mean)
+        _, vecs = xp.linalg.eigh(cov)                     # ascending eigenvalues
+        comps = vecs[:, ::-1].T[: min(k, cov.shape[0])]
+        sample = xp.concatenate(self.samples).astype(xp.float64)
+        skew = (((sample - mean) @ comps.T) ** 3).mean(0)
+        comps = comps * xp.where(skew < 0, -1.0, 1.0)[:, None]
+        if k > comps.shape[0]:
+            rng = np.random.default_rng(seed)
+            extra = k - comps.shape[0]
+            picks = rng.choice(sample.shape[0], size=extra, replace=sample.shape[0] < extra)
+            comps = xp.concatenate([comps, sample[xp.asarray(picks)]])
+        return l2_normalize(xp, comps.astype(xp.float32))
+
+
+@dataclass
+class _Layout:
+    """Where each codebook's rows sit in the stacked centroid matrix."""
+
+    ks: tuple[int, ...]
+    offsets: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.offsets = tuple(int(o) for o in np.cumsum((0,) + self.ks[:-1]))
+
+    def slices(self) -> list[slice]:
+        return [slice(o, o + k) for o, k in zip(self.offsets, self.ks)]
+
+
+def _assign(xp: Any, scores: Any, layout: _Layout) -> tuple[list[Any], list[Any]]:
+    """Per codebook: the best cluster of each row and its cosine similarity."""
+    idx, best = [], []
+    for sl in layout.slices():
+        block = scores[:, sl]
+        a = xp.argmax(block, axis=1)
+        idx.append(a)
+        best.append(xp.take_along_axis(block, a[:, None], axis=1)[:, 0])
+    return idx, best
+
+
+def _cluster_sums(be: Backend, assign: Any, x: Any, k: int) -> tuple[Any, Any]:
+    """(sum of the rows assigned to each cluster (k, d), counts (k,)) via a sparse one-hot."""
+    xp, n = be.xp, x.shape[0]
+    onehot = be.sparse.csr_matrix((xp.ones(n, dtype=x.dtype), (assign, xp.arange(n))), shape=(k, n))
+    return xp.asarray(onehot @ x), xp.bincount(assign, minlength=k)
+
+
+class OnlineKMeans:
+    """Adam on L = -mean_f max_k f . c_k, centroids re-normalised in every forward pass.
+
+    The parameters are unconstrained rows w_k with c_k = w_k / |w_k|; the gradient of L with
+    respect to c_k (minus the mean of the rows assigned to k) is carried through the
+    normalisation by (I - c c^T) / |w|. Adam as ``torch.optim.Adam`` with default betas.
+    """
+
+    def __init__(self, be: Backend, inits: Sequence[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        xp = be.xp
+        self.be, self.lr, self.betas, self.eps = be, lr, betas, eps
+        self.layout = _Layout(tuple(int(c.shape[0]) for c in inits))
+        self.w = xp.concatenate([xp.asarray(c, dtype=xp.float32) for c in inits])
+        self.m, self.v, self.t = xp.zeros_like(self.w), xp.zeros_like(self.w), 0
+
+    def centroids(self) -> list[Any]:
+        c = l2_normalize(self.be.xp, self.w)
+        return [c[sl] for sl in self.layout.slices()]
+
+    def step(self, x: Any) -> Any:
+        """One Adam step on unit rows ``x`` (n, d); returns each codebook's loss (device array)."""
+        xp, n = self.be.xp, x.shape[0]
+        norms = xp.maximum(xp.linalg.norm(self.w, axis=1, keepdims=True), 1e-12)
+        c = self.w / norms
+        idx, best = _assign(xp, x @ c.T, self.layout)
+        grad_c = xp.empty_like(c)
+        for sl, a, k in zip(self.layout.slices(), idx, self.layout.ks):
+            grad_c[sl] = -_cluster_sums(self.be, a, x, k)[0] / n
+        grad = (grad_c - (grad_c * c).sum(1, keepdims=True) * c) / norms
+        b1, b2 = self.betas
+        self.t += 1
+        self.m = b1 * self.m + (1 - b1) * grad
+        self.v = b2 * self.v + (1 - b2) * grad * grad
+        m_hat, v_hat = self.m / (1 - b1**self.t), self.v / (1 - b2**self.t)
+        self.w = self.w - self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
+        return -xp.stack([b.mean() for b in best])
+
+
+class LloydKMeans:
+    """Exact spherical k-means, streamed: ``accumulate`` every batch of a pass, then ``update``.
+
+    A codebook stops when the fraction of vectors whose assignment changed in a pass falls
+    below ``tol`` (or after ``max_iter`` passes); a cluster that loses every vector keeps its
+    previous centroid.
+    """
+
+    def __init__(self, be: Backend, inits: Sequence[Any], n_vectors: int, tol: float, max_iter: int):
+        xp = be.xp
+        self.be, self.tol, self.max_iter, self.n_vectors = be, tol, max_iter, n_vectors
+        self.layout = _Layout(tuple(int(c.shape[0]) for c in inits))
+        self.c = xp.concatenate([l2_normalize(xp, xp.asarray(c, dtype=xp.float32)) for c in inits])
+        n_books = len(inits)
+        self.assignments = xp.full((n_books, n_vectors), -1, dtype=xp.int32)
+        self.active = [True] * n_books
+        self.iterations = [0] * n_books
+        self._begin()
+
+    def _begin(self) -> None:
+        xp = self.be.xp
+        self.sums = xp.zeros_like(self.c)
+        self.counts = xp.zeros(self.c.shape[0], dtype=xp.int64)
+        self.changed = xp.zeros(len(self.layout.ks), dtype=xp.int64)
+        self.objective = xp.zeros(len(self.layout.ks), dtype=xp.float64)
+        self.seen = 0
+
+    @property
+    def done(self) -> bool:
+        return not any(self.active)
+
+    def centroids(self) -> list[Any]:
+        return [self.c[sl] for sl in self.layout.slices()]
+
+    def accumulate(self, x: Any, offset: int) -> None:
+        """Add unit rows ``x``, which are vectors ``offset ..`` of the pass, to the sums."""
+        xp = self.be.xp
+        idx, best = _assign(xp, x @ self.c.T, self.layout)
+        rows = slice(offset, offset + x.shape[0])
+        for b, (sl, a, k) in enumerate(zip(self.layout.slices(), idx, self.layout.ks)):
+            if not self.active[b]:
+                continue
+            sums, counts = _cluster_sums(self.be, a, x, k)
+            self.sums[sl] += sums
+            self.counts[sl] += counts
+            self.changed[b] += int((self.assignments[b, rows] != a).sum())
+            self.assignments[b, rows] = a
+            self.objective[b] += float(best[b].sum())
+        self.seen += x.shape[0]
+
+    def update(self) -> list[tuple[float, float] | None]:
+        """End a pass: new centroids for active codebooks; per codebook (mean cosine, changed
+        fraction) of the pass just finished, None for codebooks that had already stopped."""
+        xp = self.be.xp
+        stats: list[tuple[float, float] | None] = []
+        for b, sl in enumerate(self.layout.slices()):
+            if not self.active[b]:
+                stats.append(None)
+                continue
+            frac = float(self.changed[b]) / max(self.seen, 1)
+            stats.append((float(self.objective[b]) / max(self.seen, 1), frac))
+            filled = (self.counts[sl] > 0)[:, None]
+            self.c[sl] = xp.where(filled, l2_normalize(xp, self.sums[sl]), self.c[sl])
+            self.iterations[b] += 1
+            if frac < self.tol or self.iterations[b] >= self.max_iter:
+                self.active[b] = False
+        self._begin()
+        return stats
