@@ -33,29 +33,42 @@ class PCAInit:
 
     def __init__(self, be: Backend, dim: int):
         xp = be.xp
-        self.be, self.n = be, 0
+        self.be, self.n, self.shift = be, 0, None
         self.total = xp.zeros(dim, dtype=xp.float64)
         self.outer = xp.zeros((dim, dim), dtype=xp.float64)
         self.samples: list[Any] = []  # an even subsample, for the signs and for K beyond the rank
+        self._directions: Any = None
 
     def add(self, x: Any) -> None:
-        x64 = x.astype(self.be.xp.float64)
-        self.total += x64.sum(0)
-        self.outer += x64.T @ x64
+        xp = self.be.xp
+        if self.shift is None:  # centring on a pilot mean keeps E[xx^T] - mm^T well conditioned
+            self.shift = x.mean(0, dtype=xp.float64).astype(xp.float32)
+        xs = x - self.shift
+        self.total += xs.sum(0, dtype=xp.float64)
+        self.outer += (xs.T @ xs).astype(xp.float64)  # float32 product of one batch, float64 sum
         self.n += x.shape[0]
-        self.samples.append(x[:: max(1, x.shape[0] // self.SAMPLE_ROWS_PER_BATCH)])
+        self.samples.append(xs[:: max(1, x.shape[0] // self.SAMPLE_ROWS_PER_BATCH)])
+        self._directions = None
+
+    def _oriented_components(self) -> tuple[Any, Any]:
+        """(all principal directions, largest variance first, oriented; the shifted sample)."""
+        xp = self.be.xp
+        if self._directions is None:
+            mean = self.total / self.n
+            cov = self.outer / self.n - xp.outer(mean, mean)
+            _, vecs = xp.linalg.eigh(cov)                  # ascending eigenvalues
+            comps = vecs[:, ::-1].T
+            sample = xp.concatenate(self.samples).astype(xp.float64) - mean
+            skew = ((sample @ comps.T) ** 3).mean(0)
+            self._directions = (comps * xp.where(skew < 0, -1.0, 1.0)[:, None], sample + mean + self.shift)
+        return self._directions
 
     def centroids(self, k: int, seed: int) -> Any:
         """Unit centroids: the top-``k`` principal components of the centred data, oriented
         toward their heavier tails; beyond the rank, random samples of the data."""
         xp = self.be.xp
-        mean = self.total / self.n
-        cov = self.outer / self.n - xp.outer(mean, mean)
-        _, vecs = xp.linalg.eigh(cov)                     # ascending eigenvalues
-        comps = vecs[:, ::-1].T[: min(k, cov.shape[0])]
-        sample = xp.concatenate(self.samples).astype(xp.float64)
-        skew = (((sample - mean) @ comps.T) ** 3).mean(0)
-        comps = comps * xp.where(skew < 0, -1.0, 1.0)[:, None]
+        comps, sample = self._oriented_components()
+        comps = comps[:k]
         if k > comps.shape[0]:
             rng = np.random.default_rng(seed)
             extra = k - comps.shape[0]
