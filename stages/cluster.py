@@ -60,13 +60,22 @@ class FeatureStream:
         self.n_images, self.chunk = group.n_images, group.chunk_images
         self.patches, self.dim = attrs["grid"] ** 2, attrs["embed_dim"]
         self.n_chunks = group.n_chunks
-        slice_bytes = self.n_images * self.patches * self.dim * 2
+        vectors = self.n_images * self.patches * self.dim * len(keys)
         self._cache: dict[FeatureKey, Any] | None = None
-        if slice_bytes * len(keys) <= cache_bytes:
-            self._cache = {key: self._read(key, 0, self.n_images) for key in keys}
+        if vectors * 2 <= cache_bytes:
+            # float32 when that fits too: the conversion then happens once, not every step
+            dtype = np.float32 if vectors * 4 <= cache_bytes else np.float16
+            self._cache = {key: self._read(key, 0, self.n_images).astype(dtype) for key in keys}
+            for key, data in self._cache.items():
+                check_finite(data, np.arange(self.n_images), f"{group.path}/{key[0]} layer {key[1]}")
             free = be.free_bytes()
-            if free is not None and slice_bytes * len(keys) * 2 < free:  # resident on the GPU
+            if free is not None and vectors * 8 < free:  # resident on the GPU, with room to work
                 self._cache = {key: be.asarray(v) for key, v in self._cache.items()}
+
+    @property
+    def checked(self) -> bool:
+        """True when every vector was checked for NaN/inf once, at load."""
+        return self._cache is not None
 
     def _read(self, key: FeatureKey, start: int, stop: int) -> np.ndarray:
         emb, layer = key
@@ -74,11 +83,14 @@ class FeatureStream:
         return data.reshape(stop - start, self.patches, self.dim)
 
     def _images(self, key: FeatureKey, index: np.ndarray) -> Any:
-        """Images ``index`` (sorted, whole chunks) of one slice: from the cache or the store."""
+        """Images ``index`` of one slice, in that order: from the cache, or from the store
+        as runs of whole chunks in store order."""
         if self._cache is not None:
             cached = self._cache[key]
             return cached[self.be.asarray(index) if self.be.name == "cupy" else index]
-        return np.concatenate([self._read(key, a, b + 1) for a, b in _runs(index)])
+        order = np.argsort(index, kind="stable")
+        data = np.concatenate([self._read(key, a, b + 1) for a, b in _runs(index[order])])
+        return data if np.array_equal(order, np.arange(len(index))) else data[np.argsort(order)]
 
     def _produce(self, windows: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
         for index in windows:
@@ -116,29 +128,37 @@ class FeatureStream:
         finally:
             stop.set()
 
+    def _shuffled_windows(self, seed: int) -> Iterator[np.ndarray]:
+        """Endless windows of image indices: chunk order shuffled every epoch, images
+        shuffled within windows of ``SHUFFLE_WINDOW_CHUNKS`` chunks (seeded)."""
+        chunk_rng, image_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+        while True:
+            order = chunk_rng.permutation(self.n_chunks)
+            for w in range(0, len(order), SHUFFLE_WINDOW_CHUNKS):
+                index = np.concatenate([np.arange(c * self.chunk, min((c + 1) * self.chunk, self.n_images))
+                                        for c in np.sort(order[w:w + SHUFFLE_WINDOW_CHUNKS])])
+                yield index[image_rng.permutation(len(index))]
+
     def shuffled(self, batch_images: int, seed: int) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
-        """Endless batches of ``batch_images`` images: chunk order shuffled every epoch,
-        images shuffled within windows of ``SHUFFLE_WINDOW_CHUNKS`` chunks (seeded). Windows
-        are read as whole chunks in store order and shuffled after reading."""
-        rng = np.random.default_rng(seed)
+        """Endless batches of ``batch_images`` shuffled images (see ``_shuffled_windows``).
 
-        def windows() -> Iterator[np.ndarray]:
-            while True:
-                order = rng.permutation(self.n_chunks)
-                for w in range(0, len(order), SHUFFLE_WINDOW_CHUNKS):
-                    chunks = np.sort(order[w:w + SHUFFLE_WINDOW_CHUNKS])
-                    yield np.concatenate([np.arange(c * self.chunk, min((c + 1) * self.chunk, self.n_images))
-                                          for c in chunks])
-
-        shuffle = np.random.default_rng([seed, 1])
-        xp = self.be.xp if self._cache is not None else np
+        From the cache each batch is gathered directly; from the store each window is read as
+        whole chunks in store order on the read-ahead thread, then put in shuffled order."""
+        if self._cache is not None:
+            carry = np.empty(0, dtype=np.int64)
+            for window in self._shuffled_windows(seed):
+                pending = np.concatenate([carry, window])
+                full = len(pending) // batch_images * batch_images
+                for start in range(0, full, batch_images):
+                    index = pending[start:start + batch_images]
+                    yield index, {key: self._images(key, index) for key in self.keys}
+                carry = pending[full:]
+            return
         carry_index, carry = np.empty(0, dtype=np.int64), None
-        for index, arrays in self._read_ahead(windows()):
-            perm = shuffle.permutation(len(index))
-            dev_perm = xp.asarray(perm)
-            index = np.concatenate([carry_index, index[perm]])
-            arrays = {k: v[dev_perm] if carry is None else xp.concatenate([carry[k], v[dev_perm]])
-                      for k, v in arrays.items()}
+        for window, arrays in self._read_ahead(self._shuffled_windows(seed)):
+            index = np.concatenate([carry_index, window])
+            if carry is not None:
+                arrays = {k: np.concatenate([carry[k], v]) for k, v in arrays.items()}
             start = 0
             while len(index) - start >= batch_images:
                 stop = start + batch_images
@@ -150,6 +170,16 @@ class FeatureStream:
         """One pass in store order, one chunk at a time."""
         chunks = (np.arange(c * self.chunk, min((c + 1) * self.chunk, self.n_images)) for c in range(self.n_chunks))
         yield from self._read_ahead(chunks)
+
+
+def check_finite(x: Any, image_index: np.ndarray, what: str, be: Backend | None = None) -> None:
+    """Raise, naming the array and images, if ``x`` (images, ...) holds NaN or inf."""
+    xp = be.xp if be is not None else np
+    per_image = x.reshape(x.shape[0], -1).sum(1, dtype=xp.float32)
+    bad = ~xp.isfinite(per_image)
+    if bool(bad.any()):
+        where = image_index[be.to_numpy(bad) if be is not None else bad]
+        raise NonFiniteFeaturesError(f"{what} holds NaN/inf for images {where[:5].tolist()} (positions in the split)")
 
 
 def _runs(index: np.ndarray) -> list[tuple[int, int]]:
@@ -176,15 +206,12 @@ class ClusterWorker:
         methods = {m for p in self.plans for m, ks in p.ks.items() if ks}
         return cfg.init_batches + (cfg.steps if "online" in methods else 0) + (cfg.max_iter if "lloyd" in methods else 0)
 
-    def _vectors(self, raw: Any, image_index: np.ndarray, key: FeatureKey, group: ModelSplit) -> Any:
-        """fp16 (images, P, D) -> float32 (images*P, D) on the backend, finite-checked."""
-        xp = self.be.xp
-        x = xp.asarray(raw, dtype=xp.float32)
-        per_image = x.reshape(x.shape[0], -1).sum(1)
-        if not bool(xp.isfinite(per_image).all()):
-            bad = image_index[self.be.to_numpy(~xp.isfinite(per_image))]
-            raise NonFiniteFeaturesError(f"{group.path}/{key[0]} layer {key[1]} holds NaN/inf for images "
-                                         f"{bad[:5].tolist()} (positions in the split)")
+    def _vectors(self, raw: Any, image_index: np.ndarray, key: FeatureKey, group: ModelSplit,
+                 checked: bool) -> Any:
+        """(images, P, D) -> float32 (images*P, D) on the backend, finite-checked."""
+        x = self.be.xp.asarray(raw, dtype=self.be.xp.float32)
+        if not checked:
+            check_finite(x, image_index, f"{group.path}/{key[0]} layer {key[1]}", self.be)
         return x.reshape(-1, x.shape[-1])
 
     def run(self) -> list[dict[str, Any]]:
@@ -196,7 +223,7 @@ class ClusterWorker:
         pca = {k: PCAInit(be, stream.dim) for k in keys}
         for (index, arrays), _ in zip(stream.shuffled(cfg.batch_images, cfg.seed), range(cfg.init_batches)):
             for key in keys:
-                pca[key].add(self._vectors(arrays[key], index, key, group))
+                pca[key].add(self._vectors(arrays[key], index, key, group, stream.checked))
             self._progress += 1
         curves: list[dict[str, Any]] = []
         finished: list[tuple[GroupPlan, str, int, Any]] = []
@@ -206,7 +233,7 @@ class ClusterWorker:
             losses: list[tuple[int, FeatureKey, Any]] = []
             for step, (index, arrays) in enumerate(stream.shuffled(cfg.batch_images, cfg.seed), start=1):
                 for key, (plan, trainer) in online.items():
-                    loss = trainer.step(l2_normalize(xp, self._vectors(arrays[key], index, key, group)))
+                    loss = trainer.step(l2_normalize(xp, self._vectors(arrays[key], index, key, group, stream.checked)))
                     if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
                         losses.append((step, key, loss))
                 self._progress += 1
@@ -226,7 +253,8 @@ class ClusterWorker:
             for index, arrays in stream.sequential():
                 for key, (plan, trainer) in lloyd.items():
                     if not trainer.done:
-                        trainer.accumulate(l2_normalize(xp, self._vectors(arrays[key], index, key, group)), offset)
+                        trainer.accumulate(l2_normalize(xp, self._vectors(arrays[key], index, key, group, stream.checked)),
+                                           offset)
                 offset += len(index) * stream.patches
             for key, (plan, trainer) in lloyd.items():
                 if trainer.done:

@@ -16,7 +16,9 @@ from pipeline.backend import Backend
 
 
 def l2_normalize(xp: Any, x: Any, eps: float = 1e-12) -> Any:
-    return x / xp.maximum(xp.linalg.norm(x, axis=-1, keepdims=True), eps)
+    """Rows of ``x`` scaled to unit length (rows of zeros stay zero)."""
+    sq = xp.einsum("...i,...i->...", x, x)  # one pass, no squared temporary
+    return x * (1.0 / xp.maximum(xp.sqrt(sq), eps))[..., None]
 
 
 class PCAInit:
@@ -59,7 +61,8 @@ class PCAInit:
             _, vecs = xp.linalg.eigh(cov)                  # ascending eigenvalues
             comps = vecs[:, ::-1].T
             sample = xp.concatenate(self.samples).astype(xp.float64) - mean
-            skew = ((sample @ comps.T) ** 3).mean(0)
+            proj = sample @ comps.T
+            skew = (proj * proj * proj).mean(0)
             self._directions = (comps * xp.where(skew < 0, -1.0, 1.0)[:, None], sample + mean + self.shift)
         return self._directions
 

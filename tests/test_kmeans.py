@@ -85,7 +85,7 @@ def test_online_step_equals_torch_adam_on_the_same_loss(backend):
         losses = [-(torch.from_numpy(batch) @ (w / w.norm(dim=1, keepdim=True)).T).max(1).values.mean() for w in params]
         sum(losses).backward()
         opt.step()
-        np.testing.assert_allclose(got, [float(v) for v in losses], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(got, [float(v.detach()) for v in losses], rtol=1e-5, atol=1e-6)
     for mine, w in zip(ours.centroids(), params):
         np.testing.assert_allclose(backend.to_numpy(mine), (w / w.norm(dim=1, keepdim=True)).detach().numpy(),
                                    atol=1e-5)
