@@ -176,6 +176,14 @@ def store_info(path: Path = typer.Argument(..., help="Feature store directory.")
                         f"{m['chunks_done']}/{m['chunks']}" + ("" if m["finished"] else " (unfinished)"),
                         _size(m["bytes_stored"]), f"{m['bytes_raw'] / max(m['bytes_stored'], 1):.2f}x")
     console.print(m_table)
+    books = [(m, name, done) for m in info["models"] for name, done in m["codebooks"].items()]
+    if books:
+        b_table = Table("model", "data", "codebook", "finished layers per embedding", title=f"{path}: codebooks",
+                        title_justify="left")
+        for m, name, done in books:
+            b_table.add_row(m["model"], f"{m['dataset']}/{m['split']}", name,
+                            ", ".join(f"{e} {n}/{len(m['layers'])}" for e, n in done.items()) or "-")
+        console.print(b_table)
     problems = validate_store(path)
     if problems:
         console.print("[bold red]layout problems:[/]\n  " + "\n  ".join(problems))

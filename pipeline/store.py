@@ -163,8 +163,16 @@ class FeatureStore:
                 "weights": a.get("weights_source"), "layers": a.get("layers"),
                 "embeddings": a.get("embeddings"), "grid": a.get("grid"), "embed_dim": a.get("embed_dim"),
                 "chunks_done": int(ms.done[:].sum()), "chunks": ms.n_chunks, "finished": a.get("finished"),
+                "codebooks": {name: {e: int(book.group[f"{e}_done"][:].sum())
+                                     for e in ms.embeddings if f"{e}_done" in book.group}
+                              for name in ms.codebook_names() for book in [ms.codebook(*_parse_book(name))]},
                 **_sizes(ms.group)})
         return out
+
+
+def _parse_book(name: str) -> tuple[str, int, int]:
+    method, k, seed = name.rsplit("-", 2)
+    return method, int(k[1:]), int(seed[1:])
 
 
 def _sizes(group: zarr.Group) -> dict[str, int]:
