@@ -45,6 +45,11 @@ SHUFFLE_WINDOW_CHUNKS = 8        # online: images are shuffled within windows of
 READ_AHEAD_BATCHES = 4
 HOST_CACHE_BYTES = 4 * 2**30     # keep a (layer, embedding) slice in host memory when all fit
 
+# -- evaluate stage (PROTOCOL.md section 5) ---------------------------------------------------
+EXAMPLE_IMAGES = 8               # predicted maps kept per setting for the report's grids
+EVAL_IMAGES_PER_STEP = 4         # images upsampled at once (bounds n x S x S x sum K scores)
+EVAL_SEED = 0                    # seeds the random shifts of the bias-aware MI
+
 # -- datasets --------------------------------------------------------------------------------
 SYNTHETIC_SPLIT_SIZES = {"train": 64, "val": 32}
 SYNTHETIC_SEED = 0
@@ -194,3 +199,24 @@ class ClusterConfig:
                     "init_batches": self.init_batches, "shuffle_window_chunks": SHUFFLE_WINDOW_CHUNKS}
         return {"tol": self.tol, "max_iter": self.max_iter, "init_batches": self.init_batches,
                 "batch_images": self.batch_images}
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Which features to evaluate on which test split, and where results go."""
+
+    store: Path
+    split: str
+    results: Path | None = None                     # None: <store parent>/results
+    models: tuple[str, ...] | None = None           # None: every model with the split
+    dataset: str | None = None
+    n_examples: int = EXAMPLE_IMAGES
+    images_per_step: int = EVAL_IMAGES_PER_STEP
+    seed: int = EVAL_SEED
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "store", Path(self.store))
+        object.__setattr__(self, "results", Path(self.results) if self.results else self.store.parent / "results")
+        if self.n_examples < 0 or self.images_per_step < 1:
+            raise ConfigError("n_examples must be >= 0 and images_per_step >= 1")

@@ -345,3 +345,30 @@ class Codebook:
         if not self.is_done(embedding, layer):
             raise StoreError(f"{self.path} has no finished {embedding} codebook for layer {layer}")
         return self.group[embedding][self.features.layer_slot(layer)]
+
+
+class MapStore:
+    """The Zarr store of evaluation maps beside the Parquet tables: per setting, the
+    position-by-class counts, the aggregate map and a few predicted example maps."""
+
+    DIMS = {"counts": ("y", "x", "class"), "aggregate": ("y", "x", "rgb"), "examples": ("example", "y", "x")}
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.root = zarr.open_group(str(self.path), mode="a")
+        self.root.attrs.setdefault("rep_pipeline", {"kind": "rep-pipeline results maps",
+                                                    "schema_version": layout.SCHEMA_VERSION})
+
+    def write(self, path: str, *, attrs: Mapping[str, Any], **arrays: np.ndarray) -> None:
+        group = self.root.require_group(path)
+        for name, data in arrays.items():
+            arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
+                                     dimension_names=self.DIMS[name], overwrite=True,
+                                     compressors=[layout.LABEL_CODEC])
+            arr[...] = data
+        group.attrs.update(attrs)
+
+    def read(self, path: str, name: str) -> np.ndarray:
+        if path not in self.root or name not in self.root[path]:
+            raise StoreError(f"{self.path} has no {path}/{name}")
+        return self.root[path][name][...]

@@ -44,15 +44,98 @@ TRAINING_CURVES = pa.schema([
     _field("codebook_fingerprint", pa.string(), "hash of the codebook's training fingerprint"),
 ], metadata={"table": "training_curves", "version": str(TABLES_VERSION)})
 
-SCHEMAS: dict[str, pa.Schema] = {"training_curves": TRAINING_CURVES}
+# evaluation rows: a codebook (trained on train_split) applied to the test split ``split``
+_EVAL_SETTING = (*_SETTING[:3],
+                 _field("train_split", pa.string(), "split the codebook was trained on"),
+                 *_SETTING[3:])
+_FINGERPRINTS = (
+    _field("store_fingerprint", pa.string(), "hash of the test split's feature-group fingerprint"),
+    _field("codebook_fingerprint", pa.string(), "hash of the codebook's training fingerprint"),
+)
 
 
-def partition_dir(results: str | Path, table: str, dataset: str, model: str) -> Path:
-    return Path(results) / table / f"dataset={dataset}" / f"model={model}"
+def _nullable(fields: tuple[pa.Field, ...]) -> tuple[pa.Field, ...]:
+    return tuple(f.with_nullable(True) for f in fields)
+
+
+def _table(name: str, *fields: pa.Field) -> pa.Schema:
+    return pa.schema(list(fields), metadata={"table": name, "version": str(TABLES_VERSION)})
+
+
+SEGMENTATION = _table(
+    "segmentation", *_EVAL_SETTING,
+    _field("miou", pa.float64(), "mean IoU over classes with a non-empty union, after matching"),
+    _field("pixel_accuracy", pa.float64(), "correct / labelled pixels, after matching"),
+    _field("mi", pa.float64(), "MI between pixel position and predicted (mapped) class, nats"),
+    _field("nmi", pa.float64(), "mi / H(predicted class)"),
+    _field("mi_null", pa.float64(), "mi of the same maps, each cyclically shifted at random: the "
+                                    "plug-in estimator's bias on this many images"),
+    _field("nmi_bias_aware", pa.float64(), "(mi - mi_null) / H(predicted class)"),
+    _field("n_images", pa.int32(), "test images"),
+    *_FINGERPRINTS)
+PER_CLASS_IOU = _table(
+    "per_class_iou", *_EVAL_SETTING,
+    _field("class_id", pa.int16(), "class index"), _field("class_name", pa.string(), "class name"),
+    _field("iou", pa.float64(), "IoU; null where the class is neither predicted nor present", nullable=True),
+    *_FINGERPRINTS)
+CLASSWISE_MI = _table(
+    "classwise_mi",
+    *_SETTING[:3], *_nullable((_EVAL_SETTING[3],) + _SETTING[3:]),
+    _field("source", pa.string(), "prediction | ground_truth (setting columns null)"),
+    _field("class_id", pa.int16(), "class index"), _field("class_name", pa.string(), "class name"),
+    _field("mi", pa.float64(), "I_c = sum_p P(p,c) log(P(p,c) / (P(p) P(c))), nats"),
+    _field("store_fingerprint", pa.string(), "hash of the test split's feature-group fingerprint"),
+    _field("codebook_fingerprint", pa.string(), "codebook fingerprint; null for ground truth", nullable=True))
+GROUND_TRUTH = _table(
+    "ground_truth", _field("dataset", pa.string(), "dataset name"), _field("split", pa.string(), "test split"),
+    _field("mi", pa.float64(), "MI between pixel position and true class, nats"),
+    _field("nmi", pa.float64(), "mi / H(true class)"),
+    _field("mi_null", pa.float64(), "mi after random cyclic shifts of every label map"),
+    _field("nmi_bias_aware", pa.float64(), "(mi - mi_null) / H(true class)"),
+    _field("n_images", pa.int32(), "test images"),
+    _field("dataset_fingerprint", pa.string(), "hash of the dataset split's fingerprint"))
+CONFUSION = _table(
+    "confusion", *_EVAL_SETTING, _field("cluster", pa.int16(), "cluster index"),
+    _field("class_id", pa.int16(), "true class"), _field("pixels", pa.int64(), "pixels (ignore dropped)"),
+    *_FINGERPRINTS)
+MATCHING = _table(
+    "matching", *_EVAL_SETTING, _field("cluster", pa.int16(), "cluster index"),
+    _field("class_id", pa.int16(), "class the cluster is mapped to"),
+    _field("hungarian", pa.bool_(), "true: one-to-one Hungarian match; false: majority class (K > C)"),
+    *_FINGERPRINTS)
+ATTENTION_MI = _table(
+    "attention_mi", *_SETTING[:3], _field("layer", pa.int16(), "block number"),
+    _field("head", pa.int16(), "attention head"),
+    _field("mean", pa.float64(), "mean over images of I(K,Q), nats"),
+    _field("std", pa.float64(), "standard deviation over images"),
+    _field("n_images", pa.int32(), "images"),
+    _field("store_fingerprint", pa.string(), "hash of the feature-group fingerprint"))
+BEST_LAYERS = _table(
+    "best_layers", *_SETTING[:3], _EVAL_SETTING[3], *_SETTING[3:4], *_SETTING[5:],
+    _field("best_layer", pa.int16(), "block with the highest mIoU"),
+    _field("miou", pa.float64(), "its mIoU"), _field("nmi", pa.float64(), "its NMI"),
+    _field("n_layers", pa.int16(), "layers compared"))
+CORRELATIONS = _table(
+    "correlations", _field("dataset", pa.string(), "dataset name"), _field("split", pa.string(), "test split"),
+    _field("k", pa.int32(), "number of clusters"), _field("method", pa.string(), "online | lloyd"),
+    _field("name", pa.string(), "nmi_vs_log_miou | kq_nmi_vs_attention_mi"),
+    _field("rho", pa.float64(), "Spearman rank correlation", nullable=True),
+    _field("n_pairs", pa.int32(), "(model, layer, embedding) points used"))
+
+SCHEMAS: dict[str, pa.Schema] = {s.metadata[b"table"].decode(): s for s in (
+    TRAINING_CURVES, SEGMENTATION, PER_CLASS_IOU, CLASSWISE_MI, GROUND_TRUTH, CONFUSION, MATCHING,
+    ATTENTION_MI, BEST_LAYERS, CORRELATIONS)}
+# tables that span models are partitioned by dataset only
+DATASET_ONLY = {"ground_truth", "correlations", "best_layers"}
+
+
+def partition_dir(results: str | Path, table: str, dataset: str, model: str | None) -> Path:
+    base = Path(results) / table / f"dataset={dataset}"
+    return base if model is None else base / f"model={model}"
 
 
 def write_table(results: str | Path, table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
-                *, dataset: str, model: str, part: str) -> Path:
+                *, dataset: str, model: str | None, part: str) -> Path:
     """Write rows (a list of dicts or a dict of columns) as one Parquet part, atomically:
     a reader sees either the old part or the whole new one, never a half-written file."""
     schema = SCHEMAS[table]
