@@ -140,6 +140,47 @@ def cluster(
                   f"training curves in {cfg.results}/training_curves")
 
 
+@app.command()
+@friendly_errors
+def evaluate(
+    store: Path = typer.Option(..., help="Feature store with features and codebooks."),
+    split: str = typer.Option(..., help="Test split to segment and score."),
+    results: Optional[Path] = typer.Option(None, help="Results folder; default <store>/../results."),
+    model: Optional[str] = typer.Option(None, help="Comma-separated models; default all with the split."),
+    dataset: Optional[str] = typer.Option(None, help="Only this dataset."),
+    examples: int = typer.Option(config.EXAMPLE_IMAGES, help="Predicted maps kept per setting."),
+    backend: Optional[str] = typer.Option(None, help="numpy | cupy; default CuPy when a GPU is present."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Segment the test split with every finished codebook; write Parquet tables and maps."""
+    from pipeline.config import EvaluateConfig
+    from stages.evaluate import run_evaluate
+
+    cfg = EvaluateConfig(store=store, split=split, results=results, models=config.parse_csv(model),
+                         dataset=dataset, n_examples=examples, backend=backend)
+    result = run_evaluate(cfg, progress=progress)
+    console.print(f"evaluated {result.settings} settings of {', '.join(result.models)} in {result.seconds:.1f} s; "
+                  f"tables in {result.results} (try: rep-pipeline query {result.results} \"SELECT * FROM "
+                  f"segmentation ORDER BY miou DESC LIMIT 5\")")
+
+
+@app.command()
+@friendly_errors
+def query(
+    results: Path = typer.Argument(..., help="Results folder written by evaluate."),
+    sql: str = typer.Argument(..., help="One SELECT; tables are views named after the result tables."),
+    limit: int = typer.Option(50, help="Rows to print at most."),
+) -> None:
+    """Run read-only SQL over the result tables with DuckDB."""
+    from pipeline.query import run_query
+
+    rel = run_query(results, sql)
+    table = Table(*rel.columns)
+    for row in rel.limit(limit).fetchall():
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+
+
 @app.command("models")
 def list_models_cmd(pattern: str = typer.Argument("*", help="Glob over aliases and timm names.")) -> None:
     """List the registered models."""

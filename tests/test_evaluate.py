@@ -1,0 +1,166 @@
+"""The evaluate stage: segmentation exactness, an independent recomputation of the tables,
+the README's queries, and the real COCO-Stuff sample end to end."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.backend import get_backend
+from pipeline.config import ClusterConfig, EvaluateConfig, ExtractConfig
+from pipeline.errors import ConfigError, StoreError
+from pipeline.query import run_query
+from pipeline.store import FeatureStore, MapStore
+from stages import metrics
+from stages.cluster import run_cluster
+from stages.evaluate import bilinear_matrix, run_evaluate, segment, upsample
+from stages.extract import run_extract
+
+
+@pytest.mark.parametrize("src,dst", [(20, 320), (23, 320), (3, 7), (7, 3), (5, 5)])
+def test_bilinear_matrix_equals_torch(src, dst):
+    x = torch.randn(1, 1, src, src)
+    ours = bilinear_matrix(src, dst) @ x[0, 0].numpy() @ bilinear_matrix(src, dst).T
+    want = F.interpolate(x, size=(dst, dst), mode="bilinear", align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(ours, want, atol=1e-5)
+
+
+def test_score_upsampling_equals_upsampling_features_first(backend):
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((2, 6, 6, 32)).astype(np.float32) + 0.5
+    cents = rng.standard_normal((9, 32)).astype(np.float32)
+    cents /= np.linalg.norm(cents, axis=1, keepdims=True)
+    (fast,) = segment(backend, backend.asarray(feats), backend.asarray(cents), (9,), 40)
+    up = torch.nn.functional.interpolate(torch.from_numpy(feats).permute(0, 3, 1, 2), size=40, mode="bilinear",
+                                         align_corners=False).permute(0, 2, 3, 1).double().numpy()
+    cos = (up / np.linalg.norm(up, axis=-1, keepdims=True)) @ cents.T.astype(np.float64)
+    slow = cos.argmax(-1)
+    agree = backend.to_numpy(fast) == slow
+    top2 = np.sort(cos, -1)[..., -2:]
+    assert agree.mean() > 0.999 and (top2[..., 1] - top2[..., 0])[~agree].max(initial=0) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def evaluated(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    store = root / "s.zarr"
+    run_extract(ExtractConfig(model="tiny-dinov2-reg", weights="random", store=store, layers=(1, 3),
+                              embeddings=("keys", "tokens"), chunk_images=4,
+                              dataset_options={"sizes": {"train": 16, "val": 6}}), progress=False)
+    run_cluster(ClusterConfig(store=store, model="tiny-dinov2-reg", train_split="train", ks=(6, 9),
+                              methods=("lloyd",), init_batches=2, batch_images=4), progress=False)
+    cfg = EvaluateConfig(store=store, split="val", results=root / "results", n_examples=3)
+    return cfg, run_evaluate(cfg, progress=False)
+
+
+def test_tables_equal_an_independent_recomputation(evaluated):
+    cfg, result = evaluated
+    assert result.settings == 2 * 2 * 2 and result.models == ["tiny-dinov2-reg"]
+    store = FeatureStore(cfg.store)
+    group = store.model_split("tiny-dinov2-reg", "synthetic", "val")
+    labels = store.dataset_split("synthetic", "val").labels[:]
+    cents = store.model_split("tiny-dinov2-reg", "synthetic", "train").codebook("lloyd", 9, 0).centroids("tokens", 3)
+    feats = torch.from_numpy(group.features("tokens")[1].astype(np.float32)).permute(0, 3, 1, 2)
+    up = F.interpolate(feats, size=320, mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
+    clusters = (up @ cents.T).argmax(-1)                           # cos argmax: the norm does not matter
+    conf = metrics.confusion_matrix(clusters, labels, 9, 6, 255)
+    mapping = metrics.hungarian_mapping(conf)
+    scores = metrics.segmentation_scores(conf, mapping)
+    pe = metrics.positional_effect(metrics.position_class_counts(mapping[clusters], 6, 255))
+    row = run_query(cfg.results, "SELECT miou, pixel_accuracy, mi, nmi, n_images FROM segmentation "
+                                 "WHERE embedding = 'tokens' AND layer = 3 AND k = 9").fetchall()
+    assert len(row) == 1
+    miou, acc, mi, nmi, n = row[0]
+    assert n == 6 and miou == pytest.approx(scores.miou, abs=2e-3) and acc == pytest.approx(scores.pixel_accuracy, abs=2e-3)
+    assert mi == pytest.approx(pe.mi, abs=2e-3) and nmi == pytest.approx(pe.nmi, abs=2e-3)
+    pixels = run_query(cfg.results, "SELECT sum(pixels) FROM confusion WHERE embedding = 'tokens' AND layer = 3 "
+                                    "AND k = 9").fetchall()[0][0]
+    assert pixels == int((labels != 255).sum())
+    assert run_query(cfg.results, "SELECT count(*), sum(hungarian::INT) FROM matching WHERE k = 9 AND layer = 3 "
+                                  "AND embedding = 'tokens'").fetchall()[0] == (9, 6)
+    maps = MapStore(cfg.results / "maps.zarr")
+    path = "synthetic/val/tiny-dinov2-reg/train/lloyd-k9-s0/tokens/layer_3"
+    examples = maps.read(path, "examples")
+    assert examples.shape == (3, 320, 320)
+    assert (np.mean(examples == mapping[clusters[:3]]) > 0.999)
+    assert maps.read(path, "counts").sum() == 6 * 320 * 320
+    gt = maps.read("synthetic/val/ground_truth", "aggregate")
+    assert gt.shape == (320, 320, 3) and gt.dtype == np.uint8
+
+
+def test_every_row_carries_fingerprints_and_ground_truth_is_reported(evaluated):
+    cfg, _ = evaluated
+    for table in ("segmentation", "per_class_iou", "confusion", "matching"):
+        empty = run_query(cfg.results, f"SELECT count(*) FROM {table} WHERE store_fingerprint = '' "
+                                       f"OR codebook_fingerprint IS NULL").fetchall()[0][0]
+        assert empty == 0, table
+    gt = run_query(cfg.results, "SELECT mi, nmi, nmi_bias_aware, n_images FROM ground_truth").fetchall()
+    assert len(gt) == 1 and gt[0][3] == 6 and 0 < gt[0][2] < gt[0][1] <= 1  # layout-biased scenes
+    sources = run_query(cfg.results, "SELECT source, count(*) FROM classwise_mi GROUP BY 1 ORDER BY 1").fetchall()
+    assert sources == [("ground_truth", 6), ("prediction", 8 * 6)]
+    heads = run_query(cfg.results, "SELECT count(*), min(n_images) FROM attention_mi").fetchall()[0]
+    assert heads == (2 * 4, 6)
+    best = run_query(cfg.results, "SELECT count(*) FROM best_layers").fetchall()[0][0]
+    assert best == 2 * 2  # embedding x K
+
+
+def test_readme_queries_run(evaluated):
+    from pathlib import Path
+
+    cfg, _ = evaluated
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- queries -->")[1].split("<!-- /queries -->")[0].split("```sql")[1].split("```")[0]
+    queries = [q.strip() for q in block.split(";") if q.strip()]
+    assert len(queries) == 5
+    for sql in queries:
+        assert run_query(cfg.results, sql).fetchall(), sql
+
+
+def test_query_is_read_only_and_errors_are_clear(evaluated, tmp_path):
+    cfg, _ = evaluated
+    with pytest.raises(ConfigError, match="read-only"):
+        run_query(cfg.results, "COPY (SELECT 1) TO 'x.csv'")
+    with pytest.raises(StoreError, match="does not exist"):
+        run_query(tmp_path / "nothing", "SELECT 1")
+    with pytest.raises(StoreError, match="no model features on split 'test'"):
+        run_evaluate(EvaluateConfig(store=cfg.store, split="test", results=tmp_path), progress=False)
+
+
+def test_evaluate_without_codebooks_says_to_cluster_first(evaluated, tmp_path):
+    cfg, _ = evaluated
+    store = tmp_path / "bare.zarr"
+    shutil.copytree(cfg.store, store)
+    shutil.rmtree(store / "models/tiny-dinov2-reg/synthetic/train/codebooks")
+    with pytest.raises(StoreError, match="rep-pipeline cluster"):
+        run_evaluate(EvaluateConfig(store=store, split="val", results=tmp_path / "r"), progress=False)
+
+
+def test_cli_evaluate_and_query(evaluated, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli.app import app
+
+    cfg, _ = evaluated
+    res = CliRunner().invoke(app, ["evaluate", "--store", str(cfg.store), "--split", "val", "--results",
+                                   str(tmp_path / "r"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    out = CliRunner().invoke(app, ["query", str(tmp_path / "r"), "SELECT count(*) AS n FROM segmentation"])
+    assert out.exit_code == 0 and "8" in out.output
+
+
+@pytest.mark.realdata
+def test_cocostuff_sample_end_to_end(ray_local, shared_datasets, tmp_path):
+    store = tmp_path / "coco.zarr"
+    run_extract(ExtractConfig(model="tiny-vit", weights="random", store=store, dataset="cocostuff27",
+                              data_root=shared_datasets / "cocostuff-sample", limit=16, layers=(3,),
+                              embeddings=("tokens",), chunk_images=8), progress=False)
+    run_cluster(ClusterConfig(store=store, model="tiny-vit", train_split="train2017", methods=("lloyd",),
+                              init_batches=2, batch_images=8), progress=False)
+    cfg = EvaluateConfig(store=store, split="val2017", results=tmp_path / "results")
+    result = run_evaluate(cfg, progress=False)
+    assert result.settings == 1
+    row = run_query(cfg.results, "SELECT k, miou, pixel_accuracy, nmi, n_images FROM segmentation").fetchall()[0]
+    assert row[0] == 27 and 0 < row[1] <= 1 and 0 < row[2] <= 1 and row[4] == 16
+    per_class = run_query(cfg.results, "SELECT count(*) FROM per_class_iou").fetchall()[0][0]
+    assert per_class == 27
