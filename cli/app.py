@@ -181,6 +181,43 @@ def query(
     console.print(table)
 
 
+@app.command()
+@friendly_errors
+def report(
+    results: Path = typer.Option(..., help="Results folder written by evaluate."),
+    out: Path = typer.Option(..., help="Report folder: index.html and figures."),
+    compare: str = typer.Option("models", help="models (paradigms, sizes) | layers."),
+    embedding: str = typer.Option("keys", help="Embedding type to compare."),
+    layer: str = typer.Option("best", help="'best' or a block number (compare=models)."),
+    models: Optional[str] = typer.Option(None, help="Comma-separated models; default all evaluated."),
+    k: Optional[int] = typer.Option(None, "--k", help="Codebook size; default the first evaluated."),
+    method: Optional[str] = typer.Option(None, help="online | lloyd; default the first evaluated."),
+    dataset: Optional[str] = typer.Option(None), split: Optional[str] = typer.Option(None),
+) -> None:
+    """Draw the visual protocol and write a self-contained index.html."""
+    from pipeline.config import Comparison, ReportConfig
+    from stages.report import run_report
+
+    comparison = Comparison(compare={"paradigms": "models", "sizes": "models"}.get(compare, compare),
+                            embedding=embedding, layer=layer, models=config.parse_csv(models), k=k, method=method)
+    result = run_report(ReportConfig(results=results, out=out, comparisons=(comparison,), dataset=dataset, split=split))
+    console.print(f"report: {result.index} ({len(result.figures)} figure files)")
+
+
+@app.command()
+@friendly_errors
+def run(
+    config_file: Path = typer.Argument(..., help="Run config (YAML), e.g. configs/demo.yaml."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster address; default a local instance."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """extract -> cluster -> evaluate -> report from one config, skipping finished work."""
+    from pipeline.orchestrate import RunConfig, run_all
+
+    result = run_all(RunConfig.from_yaml(config_file), address=address, progress=progress, say=console.print)
+    console.print(f"[bold green]done[/] in {result.seconds:.0f} s. Report: {result.report}")
+
+
 @app.command("models")
 def list_models_cmd(pattern: str = typer.Argument("*", help="Glob over aliases and timm names.")) -> None:
     """List the registered models."""

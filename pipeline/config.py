@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from storage_schemas import zarr_layout
+
 from .errors import ConfigError
 
 # -- geometry (PROTOCOL.md section 3) -------------------------------------------------------
@@ -46,7 +48,7 @@ READ_AHEAD_BATCHES = 4
 HOST_CACHE_BYTES = 4 * 2**30     # keep a (layer, embedding) slice in host memory when all fit
 
 # -- evaluate stage (PROTOCOL.md section 5) ---------------------------------------------------
-EXAMPLE_IMAGES = 8               # predicted maps kept per setting for the report's grids
+EXAMPLE_IMAGES = zarr_layout.EXAMPLE_IMAGES  # example maps per setting = crops kept per split
 EVAL_IMAGES_PER_STEP = 4         # images upsampled at once (bounds n x S x S x sum K scores)
 EVAL_SEED = 0                    # seeds the random shifts of the bias-aware MI
 
@@ -220,3 +222,42 @@ class EvaluateConfig:
         object.__setattr__(self, "results", Path(self.results) if self.results else self.store.parent / "results")
         if self.n_examples < 0 or self.images_per_step < 1:
             raise ConfigError("n_examples must be >= 0 and images_per_step >= 1")
+
+
+COMPARE_CHOICES = ("models", "layers")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One comparison of the visual protocol: rows are models (at their best or a fixed layer)
+    or the layers of one model, for one embedding type, K and method."""
+
+    compare: str = "models"
+    embedding: str = "keys"
+    layer: str | int = "best"
+    models: tuple[str, ...] | None = None
+    k: int | None = None
+    method: str | None = None
+    title: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("compare", self.compare, COMPARE_CHOICES)
+        _check_choice("embedding", self.embedding, EMBEDDINGS)
+        if self.layer != "best" and not str(self.layer).lstrip("-").isdigit():
+            raise ConfigError(f"layer must be 'best' or a block number, got {self.layer!r}")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    results: Path
+    out: Path
+    comparisons: tuple[Comparison, ...] = (Comparison(),)
+    dataset: str | None = None
+    split: str | None = None
+    title: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "results", Path(self.results))
+        object.__setattr__(self, "out", Path(self.out))
+        if not self.comparisons:
+            raise ConfigError("a report needs at least one comparison")

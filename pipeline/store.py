@@ -124,6 +124,7 @@ class FeatureStore:
         _create(group, specs["image_ids"], (n,), chunk_images)[:] = np.asarray(image_ids, dtype=object)
         _create(group, specs["labels"], (n, S, S), chunk_images)
         _create(group, specs["done"], (layout.n_chunks(n, chunk_images),), chunk_images)
+        _create(group, specs["example_images"], (min(n, layout.EXAMPLE_IMAGES), S, S, 3), chunk_images)
         group.attrs.update(attrs)  # last: a group with attributes is a complete group
         return DatasetSplit(group, path)
 
@@ -206,10 +207,17 @@ class DatasetSplit:
     def bounds(self, chunk: int) -> tuple[int, int]:
         return chunk_bounds(chunk, self.chunk_images, self.n_images)
 
-    def write_labels(self, chunk: int, labels: np.ndarray) -> None:
+    def write_labels(self, chunk: int, labels: np.ndarray, images: np.ndarray | None = None) -> None:
+        """Labels of one chunk (and, for the first images of the split, their RGB crops)."""
         start, stop = self.bounds(chunk)
         self.labels[start:stop] = labels
+        examples = self.group["example_images"]
+        if images is not None and start < examples.shape[0]:
+            examples[start:min(stop, examples.shape[0])] = images[: examples.shape[0] - start]
         self.done[chunk] = True
+
+    def example_images(self) -> np.ndarray:
+        return self.group["example_images"][:]
 
 
 @dataclass
@@ -351,7 +359,9 @@ class MapStore:
     """The Zarr store of evaluation maps beside the Parquet tables: per setting, the
     position-by-class counts, the aggregate map and a few predicted example maps."""
 
-    DIMS = {"counts": ("y", "x", "class"), "aggregate": ("y", "x", "rgb"), "examples": ("example", "y", "x")}
+    DIMS = {"counts": ("y", "x", "class"), "aggregate": ("y", "x", "rgb"), "examples": ("example", "y", "x"),
+            "images": ("example", "y", "x", "rgb"), "labels": ("example", "y", "x"),
+            "attention": ("layer", "query", "key")}
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -367,6 +377,11 @@ class MapStore:
                                      compressors=[layout.LABEL_CODEC])
             arr[...] = data
         group.attrs.update(attrs)
+
+    def attrs(self, path: str) -> dict[str, Any]:
+        if path not in self.root:
+            raise StoreError(f"{self.path} has no {path}")
+        return dict(self.root[path].attrs)
 
     def read(self, path: str, name: str) -> np.ndarray:
         if path not in self.root or name not in self.root[path]:

@@ -156,7 +156,7 @@ def run_evaluate(cfg: EvaluateConfig, *, progress: bool = True) -> EvaluateResul
             raise StoreError(f"model {model!r} on {dataset} has no codebooks; run `rep-pipeline cluster` first")
         rows = _evaluate_model(cfg, be, store, maps, group, dataset, books, progress)
         _write_model_tables(cfg, rows, dataset, model)
-        _write_attention(cfg, group, dataset, model)
+        _write_attention(cfg, maps, group, dataset, model)
         result.settings += len(rows["segmentation"])
         result.models.append(model)
     for dataset in datasets:
@@ -190,7 +190,10 @@ def _evaluate_ground_truth(cfg: EvaluateConfig, be: Backend, store: FeatureStore
     pe, pe_null = metrics.positional_effect(counts), metrics.positional_effect(null)
     palette = np.asarray(data.group.attrs["palette"], dtype=np.uint8)
     maps.write(f"{dataset}/{cfg.split}/ground_truth", counts=counts,
-               aggregate=metrics.aggregate_map(counts, palette), attrs={"classes": fp["classes"]})
+               aggregate=metrics.aggregate_map(counts, palette), images=data.example_images(),
+               labels=data.labels[: min(cfg.n_examples, data.n_images)],
+               attrs={"classes": fp["classes"], "palette": palette.tolist(), "example_ids":
+                      data.image_ids()[: min(cfg.n_examples, data.n_images)]})
     dfp = fingerprint_hash(fp)
     tables.write_table(cfg.results, "ground_truth", [{
         "dataset": dataset, "split": cfg.split, "mi": pe.mi, "nmi": pe.nmi, "mi_null": pe_null.mi,
@@ -287,7 +290,9 @@ def _write_model_tables(cfg: EvaluateConfig, rows: dict[str, list[dict]], datase
         tables.write_table(cfg.results, table, table_rows, dataset=dataset, model=model, part=cfg.split)
 
 
-def _write_attention(cfg: EvaluateConfig, group: ModelSplit, dataset: str, model: str) -> None:
+def _write_attention(cfg: EvaluateConfig, maps: MapStore, group: ModelSplit, dataset: str, model: str) -> None:
+    maps.write(f"{dataset}/{cfg.split}/{model}/attention", attention=group.attention_map(),
+               attrs={"layers": list(group.layers), "grid": group.attrs["grid"]})
     mi = group.group["attention_mi"][:]  # (layer, image, head)
     rows = [{"model": model, "dataset": dataset, "split": cfg.split, "layer": layer, "head": h,
              "mean": float(mi[i, :, h].mean()), "std": float(mi[i, :, h].std()), "n_images": mi.shape[1],

@@ -133,19 +133,19 @@ class Extractor:
         t1 = time.perf_counter()
         arrays = self.features(images, [it.image_id for it in items])
         t2 = time.perf_counter()
-        self.write_behind(data, target, chunk, labels, arrays)
+        self.write_behind(data, target, chunk, labels, arrays, images)
         t3 = time.perf_counter()
         return {"images": stop - start, "load_s": t1 - t0, "compute_s": t2 - t1, "write_wait_s": t3 - t2,
                 "pid": os.getpid()}
 
     def write_behind(self, data: DatasetSplit, target: ModelSplit, chunk: int, labels: np.ndarray,
-                     arrays: dict[str, np.ndarray]) -> None:
+                     arrays: dict[str, np.ndarray], images: np.ndarray | None = None) -> None:
         """Queue one chunk's write after waiting for (and re-raising errors of) the previous."""
         self.flush()
 
         def write() -> None:
             if not data.done[chunk]:
-                data.write_labels(chunk, labels)
+                data.write_labels(chunk, labels, images)
             target.write_chunk(chunk, arrays)
 
         self._pending_write = self._writer.submit(write)

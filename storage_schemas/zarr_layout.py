@@ -7,6 +7,7 @@
         image_ids     (image,)                    string
         labels        (image, y, x)               uint8, 255 = ignore, S x S grid
         done          (chunk,)                    bool, labels of image chunk i written
+        example_images (example, y, x, rgb)       uint8, the first EXAMPLE_IMAGES crops, for figures
       models/<model>/<dataset>/<split>/   attrs: model fingerprint (MODEL_ATTRS)
         queries|keys|values|tokens
                       (layer, image, y, x, channel) float16, one chunk = one layer x one run
@@ -67,7 +68,11 @@ DATASET_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
     ArraySpec("labels", ("image", "y", "x"), "uint8", (IMAGES, FULL, FULL),
               "class id per pixel on the S x S grid; 255 = ignore", LABEL_CODEC),
     ArraySpec("done", ("chunk",), "bool", (1,), "labels of image chunk i are written"),
+    ArraySpec("example_images", ("example", "y", "x", "rgb"), "uint8", (1, FULL, FULL, FULL),
+              "RGB crops of the first images of the split, as the model saw them, for figures"),
 )}
+
+EXAMPLE_IMAGES = 8  # crops kept per split for the report's image grids
 
 _FEATURE_DIMS = ("layer", "image", "y", "x", "channel")
 MODEL_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
@@ -173,7 +178,8 @@ def validate_store(path: str | Path) -> list[str]:
             n, S, c = attrs["n_images"], attrs["image_size"], attrs["chunk_images"]
             n_by_split[(ds_name, split)] = n
             check_arrays(group, where, DATASET_ARRAYS,
-                         {"image_ids": (n,), "labels": (n, S, S), "done": (n_chunks(n, c),)})
+                         {"image_ids": (n,), "labels": (n, S, S), "done": (n_chunks(n, c),),
+                          "example_images": (min(n, EXAMPLE_IMAGES), S, S, 3)})
     for model, m_group in root["models"].groups() if "models" in root else []:
         for ds_name, d_group in m_group.groups():
             for split, group in d_group.groups():

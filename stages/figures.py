@@ -1,0 +1,179 @@
+"""The figures of the visual protocol (PROTOCOL.md section 6), one function per panel.
+
+Each ``plot_*`` draws on the axes (or figure) it is given and creates them only when none
+is given, as xarray's plot helpers do; none writes files (the report stage does). matplotlib
+is imported lazily, with a non-interactive backend.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+STYLE = {
+    "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "axes.spines.top": False,
+    "axes.spines.right": False, "figure.dpi": 110, "savefig.bbox": "tight", "legend.frameon": False,
+    "axes.prop_cycle": None,  # filled below with a colour-blind-safe cycle
+}
+COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
+GT_COLOUR = "#7f7f7f"
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+@contextmanager
+def style() -> Iterator[None]:
+    plt = _plt()
+    from cycler import cycler
+
+    with plt.rc_context({**STYLE, "axes.prop_cycle": cycler(color=COLOURS)}):
+        yield
+
+
+def _axes(ax: Any, figsize: tuple[float, float] = (4.0, 3.0)) -> Any:
+    if ax is not None:
+        return ax
+    return _plt().subplots(figsize=figsize)[1]
+
+
+def colourise(classes: np.ndarray, palette: np.ndarray, ignore: int = 255) -> np.ndarray:
+    """Class-id maps -> RGB with the dataset palette; ignore pixels white."""
+    pal = np.vstack([palette.astype(np.uint8), np.zeros((256 - len(palette), 3), np.uint8)])
+    rgb = pal[np.asarray(classes, dtype=np.int64).clip(0, 255)]
+    rgb[np.asarray(classes) == ignore] = 255
+    return rgb
+
+
+def class_legend(ax: Any, names: Sequence[str], palette: np.ndarray, present: Sequence[int] | None = None,
+                 ncol: int = 1) -> None:
+    from matplotlib.patches import Patch
+
+    idx = range(len(names)) if present is None else present
+    handles = [Patch(facecolor=np.asarray(palette[i]) / 255, edgecolor="0.6", label=names[i]) for i in idx]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, ncol=ncol)
+
+
+def plot_example_grid(images: np.ndarray, ground_truth: np.ndarray, rows: Sequence[tuple[str, np.ndarray]],
+                      palette: np.ndarray, class_names: Sequence[str], *, fig: Any = None) -> Any:
+    """(a1) columns: the same exemplary test images; rows: image, ground truth, then one row of
+    matched predictions per compared setting, all coloured with the dataset palette."""
+    n = len(images)
+    n_rows = 2 + len(rows)
+    fig = fig or _plt().figure(figsize=(1.3 * n + 1.8, 1.3 * n_rows))
+    axes = fig.subplots(n_rows, n, squeeze=False)
+    labels = ["image", "ground truth"] + [name for name, _ in rows]
+    for r, (row_label, maps) in enumerate([("image", images), ("ground truth", ground_truth), *rows]):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.imshow(maps[c] if r == 0 else colourise(maps[c], palette), interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            for side in ax.spines.values():
+                side.set_visible(False)
+        axes[r, 0].set_ylabel(labels[r], rotation=0, ha="right", va="center", fontsize=8)
+    present = sorted(set(np.unique(ground_truth).tolist()) - {255})
+    class_legend(axes[1, -1], class_names, palette, present)
+    fig.subplots_adjust(wspace=0.03, hspace=0.03)
+    return fig
+
+
+def plot_aggregate_maps(rows: Sequence[tuple[str, np.ndarray]], ground_truth: np.ndarray, *, fig: Any = None) -> Any:
+    """(a2) aggregate maps: per pixel, the palette colours of the predicted classes mixed by
+    their frequency over the test split; the ground truth's first."""
+    panels = [("ground truth", ground_truth), *rows]
+    fig = fig or _plt().figure(figsize=(1.8 * len(panels), 2.1))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (label, rgb) in zip(axes, panels):
+        ax.imshow(rgb, interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+        ax.set_xticks([]), ax.set_yticks([])
+    return fig
+
+
+def plot_bars(labels: Sequence[str], values: Sequence[float], *, ylabel: str, reference: float | None = None,
+              reference_label: str = "ground truth", ax: Any = None) -> Any:
+    """(b1)/(b2) one bar per compared setting, optionally with the ground truth's value."""
+    ax = _axes(ax, (max(3.0, 0.55 * len(labels) + 1.5), 2.8))
+    names, vals = list(labels), list(values)
+    colours = [COLOURS[i % len(COLOURS)] for i in range(len(names))]
+    if reference is not None:
+        names, vals, colours = [reference_label] + names, [reference] + vals, [GT_COLOUR] + colours
+    bars = ax.bar(range(len(names)), vals, color=colours)
+    ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, max([v for v in vals if np.isfinite(v)] + [0.0]) * 1.18 or 1.0)
+    return ax
+
+
+def plot_layer_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], *, ylabel: str = "mIoU",
+                      title: str = "", ax: Any = None) -> Any:
+    """Layer-wise curves, one line per label (embedding type or model)."""
+    ax = _axes(ax, (4.2, 2.8))
+    for label, (layers, values) in curves.items():
+        ax.plot(layers, values, marker="o", markersize=3, label=label)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def plot_classwise_mi(class_names: Sequence[str], ground_truth: np.ndarray, rows: Sequence[tuple[str, np.ndarray]],
+                      *, top: int = 8, ax: Any = None) -> Any:
+    """Class-wise MI I_c of the classes with the highest ground-truth MI, per setting."""
+    order = np.argsort(-np.nan_to_num(ground_truth))[:top]
+    series = [("ground truth", ground_truth), *rows]
+    ax = _axes(ax, (max(4.0, 0.6 * len(order) * max(1, len(series) / 2)), 2.8))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        colour = GT_COLOUR if i == 0 else COLOURS[(i - 1) % len(COLOURS)]
+        ax.bar(np.arange(len(order)) + i * width, np.asarray(values)[order], width, label=label, color=colour)
+    ax.set_xticks(np.arange(len(order)) + 0.4 - width / 2, [class_names[i] for i in order], rotation=30, ha="right")
+    ax.set_ylabel("class-wise MI (nats)")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def binarise(attention: np.ndarray, percentile: float = 95.0) -> np.ndarray:
+    return attention >= np.percentile(attention, percentile)
+
+
+def plot_attention(attention: np.ndarray, *, title: str = "", percentile: float = 95.0, ax: Any = None) -> Any:
+    """Mean patch-to-patch attention binarised at its ``percentile``: a diagonal band means
+    local attention, vertical stripes mean a few patches attended by all."""
+    ax = _axes(ax, (2.6, 2.6))
+    ax.imshow(binarise(attention, percentile), cmap="Greys", interpolation="nearest")
+    ax.set_title(title, fontsize=8)
+    ax.set_xlabel("key patch")
+    ax.set_ylabel("query patch")
+    ax.set_xticks([]), ax.set_yticks([])
+    return ax
+
+
+def plot_scatter(x: Sequence[float], y: Sequence[float], *, xlabel: str, ylabel: str, rho: float | None,
+                 groups: Sequence[str] | None = None, ax: Any = None) -> Any:
+    """A correlation scatter with its Spearman rho in the title."""
+    ax = _axes(ax, (3.4, 2.8))
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    if groups is None:
+        ax.scatter(x, y, s=12)
+    else:
+        for i, g in enumerate(sorted(set(groups))):
+            sel = np.asarray(groups) == g
+            ax.scatter(x[sel], y[sel], s=12, label=g, color=COLOURS[i % len(COLOURS)])
+        ax.legend(fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title("Spearman rho = " + ("n/a" if rho is None or not np.isfinite(rho) else f"{rho:.2f}"))
+    return ax
