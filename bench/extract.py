@@ -33,10 +33,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str, dtype: str) -> dict[str, float]:
+def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str, dtype: str,
+                compile_statistics: bool = False) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = ExtractConfig(model=name, weights="random", store=Path(tmp) / "b.zarr", chunk_images=batch,
-                            device=device, dataset_options={"sizes": {"val": n_images}})
+                            device=device, dataset_options={"sizes": {"val": n_images}},
+                            compile_statistics=compile_statistics)
         ex = Extractor(cfg)
         if dtype != "float32":
             ex.loaded.model.to(getattr(torch, dtype))
@@ -90,12 +92,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--compile-statistics", action="store_true",
+                        help="fuse the attention statistics with torch.compile (compiled during warm-up)")
     args = parser.parse_args()
     print(f"device={args.device} dtype={args.dtype} images={args.images} batch={args.batch} "
-          f"threads={torch.get_num_threads()}")
+          f"threads={torch.get_num_threads()} compile_statistics={args.compile_statistics}")
     print(f"{'model':18s} {'bare img/s':>11s} {'extract img/s':>14s} {'ratio':>7s} {'MB/img stored':>14s}")
     for name in args.models.split(","):
-        r = bench_model(name, args.images, args.batch, args.repeats, args.device, args.dtype)
+        r = bench_model(name, args.images, args.batch, args.repeats, args.device, args.dtype,
+                        args.compile_statistics)
         print(f"{name:18s} {r['bare_img_s']:11.2f} {r['extract_img_s']:14.2f} {r['ratio']:7.2f} "
               f"{r['stored_mb_per_image']:14.2f}", flush=True)
 

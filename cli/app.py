@@ -76,6 +76,8 @@ def extract(
     threads: Optional[int] = typer.Option(None, help="Torch threads per CPU actor."),
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default a local instance."),
     option: list[str] = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE (YAML value)."),
+    compile_statistics: bool = typer.Option(False, help="Fuse the attention statistics with torch.compile "
+                                                        "(~4x faster statistics, ~20 s one-off compile)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Capture q, k, v, tokens, class tokens and attention statistics into a feature store."""
@@ -87,7 +89,7 @@ def extract(
         weights=weights, layers=config.parse_layers(layers), embeddings=config.parse_csv(embeddings) or (),
         limit=limit, image_size=image_size, rope=rope, last_norm=last_norm, chunk_images=chunk_images,
         model_key=model_key, seed=seed, device=device, workers=workers, threads_per_worker=threads,
-        dataset_options=_parse_options(option),
+        dataset_options=_parse_options(option), compile_statistics=compile_statistics,
     )
     result = run_extract(cfg, address=address, progress=progress)
     for s in result.splits:

@@ -112,6 +112,7 @@ class ExtractConfig:
     device: str = "auto"                            # auto | cpu | cuda
     workers: int | None = None                      # actors; default: one per GPU, else 1
     threads_per_worker: int | None = None           # CPU actors: torch threads (= Ray CPUs)
+    compile_statistics: bool = False                # fuse the attention statistics (torch.compile)
     dataset_options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

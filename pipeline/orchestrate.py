@@ -150,9 +150,7 @@ def _evaluation_is_current(cfg: EvaluateConfig) -> bool:
             continue
         group = store.model_split(m, d, s)
         test_fp = store.model_split(m, d, cfg.split).fingerprint_hash if (m, d, cfg.split) in store.model_splits() else None
-        for name in group.codebook_names():
-            method, k, seed = name.rsplit("-", 2)
-            wanted.add((m, group.codebook(method, int(k[1:]), int(seed[1:])).fingerprint_hash, test_fp))
+        wanted |= {(m, book.fingerprint_hash, test_fp) for book in group.codebooks()}
     have = set(connect(cfg.results).sql(
         f"SELECT DISTINCT model, codebook_fingerprint, store_fingerprint FROM segmentation "
         f"WHERE split = '{cfg.split}'").fetchall())

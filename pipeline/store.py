@@ -166,14 +166,9 @@ class FeatureStore:
                 "chunks_done": int(ms.done[:].sum()), "chunks": ms.n_chunks, "finished": a.get("finished"),
                 "codebooks": {name: {e: int(book.group[f"{e}_done"][:].sum())
                                      for e in ms.embeddings if f"{e}_done" in book.group}
-                              for name in ms.codebook_names() for book in [ms.codebook(*_parse_book(name))]},
+                              for name in ms.codebook_names() for book in [ms.codebook(*layout.parse_codebook_name(name))]},
                 **_sizes(ms.group)})
         return out
-
-
-def _parse_book(name: str) -> tuple[str, int, int]:
-    method, k, seed = name.rsplit("-", 2)
-    return method, int(k[1:]), int(seed[1:])
 
 
 def _sizes(group: zarr.Group) -> dict[str, int]:
@@ -275,6 +270,9 @@ class ModelSplit:
         if layer not in self.layers:
             raise StoreError(f"{self.path} has no layer {layer}; captured layers: {list(self.layers)}")
         return self.layers.index(layer)
+
+    def codebooks(self) -> list["Codebook"]:
+        return [self.codebook(*layout.parse_codebook_name(n)) for n in self.codebook_names()]
 
     def codebook_names(self) -> list[str]:
         return sorted(name for name, _ in self.group["codebooks"].groups()) if "codebooks" in self.group else []

@@ -123,13 +123,8 @@ def _codebooks_for(store: FeatureStore, model: str, dataset: str, split: str) ->
     for m, d, s in store.model_splits():
         if (m, d) == (model, dataset) and s != split:
             group = store.model_split(m, d, s)
-            out += [(s, group.codebook(*_parse(name))) for name in group.codebook_names()]
+            out += [(s, book) for book in group.codebooks()]
     return out
-
-
-def _parse(name: str) -> tuple[str, int, int]:
-    method, k, seed = name.rsplit("-", 2)
-    return method, int(k[1:]), int(seed[1:])
 
 
 def run_evaluate(cfg: EvaluateConfig, *, progress: bool = True) -> EvaluateResult:

@@ -58,7 +58,8 @@ class Extractor:
         self.loaded.model.to(self.device)
         layers = cfg.layers if cfg.layers is not None else tuple(range(self.loaded.depth))
         self.capture = FeatureCapture(
-            self.loaded, CaptureSpec(layers=layers, embeddings=cfg.embeddings, rope=cfg.rope, last_norm=cfg.last_norm)
+            self.loaded, CaptureSpec(layers=layers, embeddings=cfg.embeddings, rope=cfg.rope, last_norm=cfg.last_norm,
+                                     compile_statistics=cfg.compile_statistics)
         )
         self.dataset = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
         self._items: dict[str, list[Item]] = {}
@@ -76,7 +77,7 @@ class Extractor:
             raise self._init_error
         spec = self.capture.spec
         return dict(self.loaded.describe(), layers=list(spec.layers), embeddings=list(spec.embeddings),
-                    rope=spec.rope, last_norm=spec.last_norm)
+                    rope=spec.rope, last_norm=spec.last_norm)  # compile_statistics changes speed, not values
 
     @property
     def store(self) -> FeatureStore:

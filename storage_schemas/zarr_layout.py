@@ -122,6 +122,12 @@ def codebook_name(method: str, k: int, seed: int) -> str:
     return f"{method}-k{k}-s{seed}"
 
 
+def parse_codebook_name(name: str) -> tuple[str, int, int]:
+    """``"online-k27-s0"`` -> ``("online", 27, 0)``."""
+    method, k, seed = name.rsplit("-", 2)
+    return method, int(k[1:]), int(seed[1:])
+
+
 def n_chunks(n_images: int, chunk_images: int) -> int:
     return -(-n_images // chunk_images)
 

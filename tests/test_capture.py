@@ -142,3 +142,12 @@ def test_only_requested_layers_and_embeddings_are_captured():
 
     with pytest.raises(ConfigError, match="blocks 0..3"):
         FeatureCapture(lm, CaptureSpec(layers=(7,)))
+
+
+def test_compiled_statistics_equal_the_eager_ones():
+    lm, _, x = _setup("tiny-dinov3")
+    eager = FeatureCapture(lm, CaptureSpec(layers=(0, 3)))(x)
+    fused = FeatureCapture(lm, CaptureSpec(layers=(0, 3), compile_statistics=True))(x)
+    torch.testing.assert_close(fused["attention_mi"], eager["attention_mi"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused["attention_sum"], eager["attention_sum"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused["keys"], eager["keys"])

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.backend import get_backend
 from pipeline.config import ClusterConfig, EvaluateConfig, ExtractConfig
 from pipeline.errors import ConfigError, StoreError
 from pipeline.query import run_query
 from pipeline.store import FeatureStore, MapStore
 from stages import metrics
 from stages.cluster import run_cluster
-from stages.evaluate import bilinear_matrix, run_evaluate, segment, upsample
+from stages.evaluate import bilinear_matrix, run_evaluate, segment
 from stages.extract import run_extract
 
 
