@@ -214,6 +214,7 @@ def _evaluate_model(cfg: EvaluateConfig, be: Backend, store: FeatureStore, maps:
     dy, dx = _shifts(data.n_images, S, cfg.seed)
     rows: dict[str, list[dict]] = {t: [] for t in ("segmentation", "per_class_iou", "classwise_mi", "confusion",
                                                    "matching")}
+    example_ids = data.image_ids()[: cfg.n_examples]
     settings = [(emb, layer) for emb in group.embeddings for layer in group.layers]
     work = [(emb, layer, [(ts, b) for ts, b in books if b.is_done(emb, layer)]) for emb, layer in settings]
     work = [w for w in work if w[2]]
@@ -242,7 +243,7 @@ def _evaluate_model(cfg: EvaluateConfig, be: Backend, store: FeatureStore, maps:
                 _finish(cfg, rows, maps, acc, dict(
                     model=group.path.split("/")[1], dataset=dataset, split=cfg.split, train_split=train_split,
                     embedding=emb, layer=layer, k=acc.k, method=book.attrs["method"], seed=int(book.attrs["seed"])),
-                    classes, palette, data.n_images, store_fp, book.fingerprint_hash, data.image_ids()[: cfg.n_examples])
+                    classes, palette, data.n_images, store_fp, book.fingerprint_hash, example_ids)
     return rows
 
 

@@ -63,6 +63,7 @@ class Extractor:
         )
         self.dataset = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
         self._items: dict[str, list[Item]] = {}
+        self._groups: dict[tuple[str, str], tuple[DatasetSplit, ModelSplit]] = {}
         self._store: FeatureStore | None = None
         self._decoder = ThreadPoolExecutor(max_workers=max(1, min(4, threads or os.cpu_count() or 1)))
         self._writer = ThreadPoolExecutor(max_workers=1)
@@ -84,6 +85,13 @@ class Extractor:
         if self._store is None:
             self._store = FeatureStore(self.cfg.store, mode="a")
         return self._store
+
+    def groups(self, model: str, split: str) -> tuple[DatasetSplit, ModelSplit]:
+        """The store groups a split's chunks go to, opened once per split."""
+        if (model, split) not in self._groups:
+            self._groups[(model, split)] = (self.store.dataset_split(self.cfg.dataset, split),
+                                            self.store.model_split(model, self.cfg.dataset, split))
+        return self._groups[(model, split)]
 
     def items(self, split: str) -> list[Item]:
         if split not in self._items:
@@ -126,8 +134,7 @@ class Extractor:
         leaves it pending and the driver's final check schedules it again.
         """
         t0 = time.perf_counter()
-        data = self.store.dataset_split(self.cfg.dataset, split)
-        target = self.store.model_split(model, self.cfg.dataset, split)
+        data, target = self.groups(model, split)
         start, stop = data.bounds(chunk)
         items = self.items(split)[start:stop]
         images, labels = self.load_batch(items)
