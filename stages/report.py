@@ -171,7 +171,7 @@ def _comparison_section(res: _Results, comp: Comparison, out: Path, written: lis
         models = sorted({r.setting["model"] for r in rows})
         seg = res.rows("SELECT model, embedding, layer, k, method, miou FROM segmentation")
         k, method = rows[0].setting["k"], rows[0].setting["method"]
-        fig = figures._plt().figure(figsize=(4.2 * len(models), 2.8))
+        fig = figures._plt().figure(figsize=(4.2 * len(models), 2.8), layout="constrained")
         for ax, model in zip(fig.subplots(1, len(models), squeeze=False)[0], models):
             curves = {}
             for emb in sorted({r["embedding"] for r in seg if r["model"] == model}):
@@ -185,8 +185,9 @@ def _comparison_section(res: _Results, comp: Comparison, out: Path, written: lis
         panels.append(("classwise", "class-wise MI, top classes", _save(_figure_of(ax), folder, "classwise_mi",
                                                                            written)))
         att = res.rows("SELECT model, layer, avg(mean) AS kq FROM attention_mi GROUP BY ALL ORDER BY ALL")
-        fig = figures._plt().figure(figsize=(2.7 * len(rows) + 3.6, 2.7))
-        axes = fig.subplots(1, len(rows) + 1, squeeze=False)[0]
+        fig = figures._plt().figure(figsize=(2.7 * len(rows) + 4.2, 2.8))
+        axes = fig.subplots(1, len(rows) + 1, squeeze=False, width_ratios=[1] * len(rows) + [1.5],
+                            gridspec_kw={"wspace": 0.45})[0]
         for ax, r in zip(axes, rows):
             maps_path = f"{res.dataset}/{res.split}/{r.setting['model']}/attention"
             layers = res.maps.attrs(maps_path)["layers"]
@@ -217,7 +218,7 @@ def _correlation_section(res: _Results, out: Path, written: list[Path]) -> str:
     k, method = seg[0]["k"], seg[0]["method"]
     pts = [r for r in seg if (r["k"], r["method"]) == (k, method)]
     with figures.style():
-        fig = figures._plt().figure(figsize=(7.4, 2.9))
+        fig = figures._plt().figure(figsize=(7.4, 2.9), layout="constrained")
         a, b = fig.subplots(1, 2)
         figures.plot_scatter([p["nmi"] for p in pts], np.log([max(p["miou"], 1e-9) for p in pts]), xlabel="NMI",
                              ylabel="log mIoU", rho=corr.get((k, method, "nmi_vs_log_miou")),
