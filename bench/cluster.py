@@ -99,8 +99,6 @@ def part_a(args, be) -> None:
 
 
 def part_b(args, be) -> None:
-    import ray
-
     from pipeline.config import ClusterConfig
     from pipeline.store import FeatureStore
     from stages.cluster import ClusterWorker, GroupPlan
@@ -130,7 +128,6 @@ def part_b(args, be) -> None:
     print(f"B. {n_books} codebooks, {args.images} images x {args.grid**2} patches x {args.dim}, "
           f"{args.passes} Lloyd passes each, streamed from disk")
     print(f"   one pass {one:.2f} s, separate passes {separate:.2f} s, speed-up {separate / one:.1f}x")
-    del ray
 
 
 def _fake_store(path: Path, images: int, grid: int, dim: int, embeddings, layers) -> None:

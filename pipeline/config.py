@@ -5,7 +5,6 @@ Values follow ``../shared/PROTOCOL.md``.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,9 +133,6 @@ class ExtractConfig:
             raise ConfigError(f"chunk_images must be at least 1, got {self.chunk_images}")
         if self.workers is not None and self.workers < 1:
             raise ConfigError(f"--workers must be at least 1, got {self.workers}")
-
-    def replace(self, **changes: Any) -> "ExtractConfig":
-        return dataclasses.replace(self, **changes)
 
 
 def parse_ks(value: str | Sequence[int] | None) -> tuple[int, ...] | None:

@@ -144,13 +144,13 @@ def _evaluation_is_current(cfg: EvaluateConfig) -> bool:
     if not (cfg.results / "segmentation").exists():
         return False
     store = FeatureStore(cfg.store)
+    groups = store.model_splits()
     wanted = set()
-    for m, d, s in store.model_splits():
-        if s == cfg.split or (cfg.dataset and d != cfg.dataset):
+    for m, d, s in groups:
+        if s == cfg.split or (cfg.dataset and d != cfg.dataset) or (m, d, cfg.split) not in groups:
             continue
-        group = store.model_split(m, d, s)
-        test_fp = store.model_split(m, d, cfg.split).fingerprint_hash if (m, d, cfg.split) in store.model_splits() else None
-        wanted |= {(m, book.fingerprint_hash, test_fp) for book in group.codebooks()}
+        test_fp = store.model_split(m, d, cfg.split).fingerprint_hash
+        wanted |= {(m, book.fingerprint_hash, test_fp) for book in store.model_split(m, d, s).codebooks()}
     have = set(connect(cfg.results).sql(
         f"SELECT DISTINCT model, codebook_fingerprint, store_fingerprint FROM segmentation "
         f"WHERE split = '{cfg.split}'").fetchall())

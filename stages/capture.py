@@ -9,6 +9,7 @@ class names its q/k/v projection in ``ATTENTION_TAPS``; the rest is shared.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -78,15 +79,10 @@ def _image_attention_statistics(q: torch.Tensor, k: torch.Tensor, scale: float) 
     return attention_mutual_information(attn), attn.mean(dim=0)
 
 
-_compiled_statistics = None
-
-
+@functools.cache
 def _compiled() -> Callable:
     """The statistics as one fused kernel (torch.compile); built on first use, cached on disk."""
-    global _compiled_statistics
-    if _compiled_statistics is None:
-        _compiled_statistics = torch.compile(_image_attention_statistics, dynamic=False)
-    return _compiled_statistics
+    return torch.compile(_image_attention_statistics, dynamic=False)
 
 
 def patch_attention_statistics(q: torch.Tensor, k: torch.Tensor, scale: float, mi_out: torch.Tensor,

@@ -69,36 +69,27 @@ class _Accumulator:
     size: int
     be: Backend
     confusion: Any = None
-    counts: Any = None          # (S*S, k) images whose pixel p fell in cluster k
+    counts: Any = None          # (S, S, k) images whose pixel p fell in cluster k
     null_counts: Any = None     # the same after per-image random cyclic shifts
     examples: list[np.ndarray] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         xp = self.be.xp
         self.confusion = xp.zeros(self.k * self.n_classes, dtype=xp.int64)
-        self.counts = xp.zeros(self.size * self.size * self.k, dtype=xp.int64)
+        self.counts = xp.zeros((self.size, self.size, self.k), dtype=xp.int64)
         self.null_counts = xp.zeros_like(self.counts)
 
     def add(self, clusters: Any, labels: Any, shifts: tuple[Any, Any], ignore: int) -> None:
-        xp, S, k = self.be.xp, self.size, self.k
+        xp = self.be.xp
         c = clusters.astype(xp.int64)
         keep = labels != ignore
         self.confusion += xp.bincount((c[keep] * self.n_classes + labels[keep]), minlength=self.confusion.size)
-        pos = xp.arange(S * S).reshape(1, S, S)
-        self.counts += xp.bincount((pos * k + c).ravel(), minlength=self.counts.size)
-        self.null_counts += xp.bincount((pos * k + _roll(xp, c, *shifts)).ravel(), minlength=self.counts.size)
-
-
-def _roll(xp: Any, maps: Any, dy: Any, dx: Any) -> Any:
-    """Every map (n, S, S) cyclically shifted by its own (dy, dx)."""
-    n, S, _ = maps.shape
-    rows = (xp.arange(S)[None, :] + dy[:, None]) % S
-    cols = (xp.arange(S)[None, :] + dx[:, None]) % S
-    return maps[xp.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        self.counts += metrics.position_class_counts(c, self.k, xp=xp)
+        self.null_counts += metrics.position_class_counts(metrics.roll_maps(c, *shifts, xp=xp), self.k, xp=xp)
 
 
 def _map_counts(counts: np.ndarray, mapping: np.ndarray, n_classes: int, size: int) -> np.ndarray:
-    """(S*S, k) cluster counts -> (S, S, classes) counts of the mapped classes."""
+    """(S, S, k) cluster counts -> (S, S, classes) counts of the mapped classes."""
     onehot = np.zeros((len(mapping), n_classes), dtype=np.int64)
     onehot[np.arange(len(mapping)), mapping] = 1
     return (counts.reshape(size * size, -1) @ onehot).reshape(size, size, n_classes)
@@ -180,7 +171,7 @@ def _evaluate_ground_truth(cfg: EvaluateConfig, be: Backend, store: FeatureStore
         if ((labels >= C) & (labels != ignore)).any():
             raise StoreError(f"{data.path}/labels holds values outside 0..{C - 1} near image {start}")
         counts += metrics.position_class_counts(labels, C, ignore)
-        shifted = _roll(np, labels, dy[start:start + len(labels)], dx[start:start + len(labels)])
+        shifted = metrics.roll_maps(labels, dy[start:start + len(labels)], dx[start:start + len(labels)])
         null += metrics.position_class_counts(shifted, C, ignore)
     pe, pe_null = metrics.positional_effect(counts), metrics.positional_effect(null)
     palette = np.asarray(data.group.attrs["palette"], dtype=np.uint8)

@@ -22,7 +22,8 @@ from pipeline import runner
 from pipeline import config
 from pipeline.config import ExtractConfig
 from pipeline.datasets import Item, SegmentationDataset, build_dataset
-from pipeline.errors import ConfigError, DataRootError, NonFiniteFeaturesError, RepPipelineError, StoreError
+from pipeline.errors import (ConfigError, DataRootError, FingerprintMismatchError, NonFiniteFeaturesError,
+                             RepPipelineError, StoreError)
 from pipeline.progress import ImageProgress
 from pipeline.registry import build_model, check_weights, get_spec
 from pipeline.store import DatasetSplit, FeatureStore, ModelSplit
@@ -235,7 +236,8 @@ def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: boo
     with runner.ActorPool(Extractor, [(cfg, threads)] * n_actors, num_cpus=cpus, num_gpus=gpus) as pool:
         fingerprints = pool.call_all("fingerprint")
         if any(fp != fingerprints[0] for fp in fingerprints[1:]):
-            raise RuntimeError(f"extractors loaded different weights for {key}: {fingerprints}")
+            raise FingerprintMismatchError(f"the extractors of {key} loaded different weights or geometry; "
+                                           f"is the weights file changing? {fingerprints}")
         store = FeatureStore(cfg.store, mode="a")
         tasks, targets = [], {}
         for split, items in split_items.items():

@@ -7,6 +7,7 @@ Natural logarithms throughout; 0 log 0 = 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -42,7 +43,6 @@ class SegmentationScores:
     miou: float
     pixel_accuracy: float
     iou: np.ndarray            # (classes,), NaN where the union is empty
-    confusion_mapped: np.ndarray
 
 
 def segmentation_scores(confusion: np.ndarray, mapping: np.ndarray) -> SegmentationScores:
@@ -57,7 +57,7 @@ def segmentation_scores(confusion: np.ndarray, mapping: np.ndarray) -> Segmentat
     total = mapped.sum()
     return SegmentationScores(miou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
                               pixel_accuracy=float(tp.sum() / total) if total else float("nan"),
-                              iou=iou, confusion_mapped=mapped)
+                              iou=iou)
 
 
 @dataclass
@@ -87,25 +87,31 @@ def positional_effect(counts: np.ndarray) -> PositionalEffect:
     return PositionalEffect(classwise, mi, h, mi / h if h > 0 else float("nan"))
 
 
+def roll_maps(maps: Any, dy: Any, dx: Any, xp: Any = np) -> Any:
+    """Every map (images, S, S) cyclically shifted by its own offset (dy[i], dx[i])."""
+    n_img, S, _ = maps.shape
+    rows = (xp.arange(S)[None, :] + dy[:, None]) % S
+    cols = (xp.arange(S)[None, :] + dx[:, None]) % S
+    return maps[xp.arange(n_img)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
 def shifted_counts(maps: np.ndarray, n_classes: int, ignore: int, rng: np.random.Generator) -> np.ndarray:
     """Position-by-class counts of ``maps`` (images, S, S) after shifting every map by its own
     random cyclic offset: what the counts look like when position carries no information."""
     n_img, S, _ = maps.shape
-    dy, dx = rng.integers(0, S, n_img), rng.integers(0, S, n_img)
-    rows = (np.arange(S)[None, :] + dy[:, None]) % S
-    cols = (np.arange(S)[None, :] + dx[:, None]) % S
-    shifted = maps[np.arange(n_img)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return position_class_counts(shifted, n_classes, ignore)
+    return position_class_counts(roll_maps(maps, rng.integers(0, S, n_img), rng.integers(0, S, n_img)),
+                                 n_classes, ignore)
 
 
-def position_class_counts(maps: np.ndarray, n_classes: int, ignore: int) -> np.ndarray:
-    """(S, S, classes) counts n(p, c) of ``maps`` (images, S, S); ignore pixels dropped."""
+def position_class_counts(maps: Any, n_classes: int, ignore: int | None = None, xp: Any = np) -> Any:
+    """(S, S, classes) counts n(p, c) of ``maps`` (images, S, S); ignore pixels dropped.
+    ``xp`` is NumPy or CuPy, whichever holds ``maps``."""
     n_img, S, _ = maps.shape
-    flat = maps.reshape(n_img, -1).astype(np.int64)
-    pos = np.broadcast_to(np.arange(S * S), flat.shape)
-    keep = flat != ignore
-    idx = pos[keep] * n_classes + flat[keep]
-    return np.bincount(idx, minlength=S * S * n_classes).reshape(S, S, n_classes)
+    flat = maps.reshape(n_img, -1).astype(xp.int64)
+    idx = xp.arange(S * S)[None, :] * n_classes + flat
+    if ignore is not None:
+        idx = idx[flat != ignore]
+    return xp.bincount(idx.ravel(), minlength=S * S * n_classes).reshape(S, S, n_classes)
 
 
 def aggregate_map(counts: np.ndarray, palette: np.ndarray) -> np.ndarray:

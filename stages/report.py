@@ -72,6 +72,13 @@ class _Results:
             raise ConfigError(f"the results hold {len(pairs)} (dataset, split) pairs matching the request "
                               f"({pairs[:6]}); choose one with --dataset and --split")
         self.dataset, self.split = pairs[0]
+        # from here on every table name means that table's rows for this dataset and split
+        self.con.execute("CREATE SCHEMA selected")
+        literal = lambda v: "'" + str(v).replace("'", "''") + "'"  # noqa: E731
+        for (table,) in self.con.sql("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall():
+            self.con.execute(f"CREATE VIEW selected.{table} AS SELECT * FROM main.{table} "
+                             f"WHERE dataset = {literal(self.dataset)} AND split = {literal(self.split)}")
+        self.con.execute("SET search_path = 'selected'")
         gt_path = f"{self.dataset}/{self.split}/ground_truth"
         gt_attrs = self.maps.attrs(gt_path)
         self.classes = list(gt_attrs["classes"])
@@ -83,14 +90,11 @@ class _Results:
         self.gt_classwise = self.classwise("source = 'ground_truth'")
 
     def rows(self, sql: str) -> list[dict[str, Any]]:
-        where = f" WHERE dataset = '{self.dataset}' AND split = '{self.split}'"
-        rel = self.con.sql(sql.replace("FROM segmentation", "FROM segmentation" + where, 1)
-                           if "FROM segmentation" in sql else _with_where(sql, where))
+        rel = self.con.sql(sql)
         return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
 
     def classwise(self, condition: str) -> np.ndarray:
-        rel = self.con.sql(f"SELECT class_id, mi FROM classwise_mi WHERE dataset = '{self.dataset}' "
-                           f"AND split = '{self.split}' AND {condition} ORDER BY class_id")
+        rel = self.con.sql(f"SELECT class_id, mi FROM classwise_mi WHERE {condition} ORDER BY class_id")
         values = np.full(len(self.classes), np.nan)
         for class_id, mi in rel.fetchall():
             values[class_id] = mi
@@ -99,11 +103,6 @@ class _Results:
     def map_path(self, s: dict[str, Any]) -> str:
         return "/".join([self.dataset, self.split, s["model"], s["train_split"],
                          f"{s['method']}-k{s['k']}-s{s['seed']}", s["embedding"], f"layer_{s['layer']}"])
-
-
-def _with_where(sql: str, where: str) -> str:
-    match = re.search(r"FROM (\w+)", sql)
-    return sql[: match.end()] + where + sql[match.end():] if match else sql
 
 
 def _select_rows(res: _Results, comp: Comparison) -> list[Row]:
@@ -144,10 +143,6 @@ def _save(fig: Any, out: Path, name: str, written: list[Path]) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _figure_of(ax: Any) -> Any:
-    return ax.figure
-
-
 def _comparison_section(res: _Results, comp: Comparison, out: Path, written: list[Path]) -> str:
     rows = _select_rows(res, comp)
     title = comp.title or (f"{comp.compare}: {comp.embedding}, layer {comp.layer}" if comp.compare != "layers"
@@ -165,9 +160,9 @@ def _comparison_section(res: _Results, comp: Comparison, out: Path, written: lis
         labels = [r.label for r in rows]
         ax = figures.plot_bars(labels, [r.setting["nmi"] for r in rows], ylabel="NMI (position; class)",
                                reference=res.gt["nmi"])
-        panels.append(("b1", "(b1) positional effect, NMI", _save(_figure_of(ax), folder, "b1_nmi", written)))
+        panels.append(("b1", "(b1) positional effect, NMI", _save(ax.figure, folder, "b1_nmi", written)))
         ax = figures.plot_bars(labels, [r.setting["miou"] for r in rows], ylabel="mIoU")
-        panels.append(("b2", "(b2) mIoU", _save(_figure_of(ax), folder, "b2_miou", written)))
+        panels.append(("b2", "(b2) mIoU", _save(ax.figure, folder, "b2_miou", written)))
         models = sorted({r.setting["model"] for r in rows})
         seg = res.rows("SELECT model, embedding, layer, k, method, miou FROM segmentation")
         k, method = rows[0].setting["k"], rows[0].setting["method"]
@@ -182,7 +177,7 @@ def _comparison_section(res: _Results, comp: Comparison, out: Path, written: lis
         panels.append(("curves", "layer-wise mIoU", _save(fig, folder, "layer_curves", written)))
         cw = [(r.label, res.classwise(_setting_condition(r.setting))) for r in rows]
         ax = figures.plot_classwise_mi(res.classes, res.gt_classwise, cw)
-        panels.append(("classwise", "class-wise MI, top classes", _save(_figure_of(ax), folder, "classwise_mi",
+        panels.append(("classwise", "class-wise MI, top classes", _save(ax.figure, folder, "classwise_mi",
                                                                            written)))
         att = res.rows("SELECT model, layer, avg(mean) AS kq FROM attention_mi GROUP BY ALL ORDER BY ALL")
         fig = figures._plt().figure(figsize=(2.7 * len(rows) + 4.2, 2.8))

@@ -125,8 +125,6 @@ CORRELATIONS = _table(
 SCHEMAS: dict[str, pa.Schema] = {s.metadata[b"table"].decode(): s for s in (
     TRAINING_CURVES, SEGMENTATION, PER_CLASS_IOU, CLASSWISE_MI, GROUND_TRUTH, CONFUSION, MATCHING,
     ATTENTION_MI, BEST_LAYERS, CORRELATIONS)}
-# tables that span models are partitioned by dataset only
-DATASET_ONLY = {"ground_truth", "correlations", "best_layers"}
 
 
 def partition_dir(results: str | Path, table: str, dataset: str, model: str | None) -> Path:

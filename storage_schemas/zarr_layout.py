@@ -96,7 +96,6 @@ CODEBOOK_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
     ArraySpec("done", ("layer",), "bool", (1,), "the layer's codebook is trained to the end"),
 )}
 
-ROOT_ATTRS = ("kind", "schema_version", "package_version")
 DATASET_ATTRS = ("dataset", "split", "n_images", "image_size", "classes", "palette", "ignore_index",
                  "image_ids_sha256", "chunk_images", "options")
 MODEL_ATTRS = ("model", "timm_name", "family", "weights_source", "weights_sha256", "image_size",

@@ -9,10 +9,10 @@ from stages.metrics import (aggregate_map, confusion_matrix, hungarian_mapping, 
 
 
 def test_hungarian_on_a_confusion_matrix_with_a_known_answer():
-    # clusters 0,1,2 x classes 0,1,2: the best one-to-one is 0->2, 1->0, 2->1 (not greedy)
+    # clusters 0,1,2 x classes 0,1,2: the best one-to-one is 0->2, 1->0, 2->1 (22 pixels)
     conf = np.array([[5, 0, 6], [9, 1, 0], [0, 7, 5]])
     assert hungarian_mapping(conf).tolist() == [2, 0, 1]
-    # greedy by rows would take 0->2 (6), then 1->0 (9), 2->1 (7): same here; this one differs:
+    # where taking the largest cell first (0->0, 10 pixels) would lose:
     conf = np.array([[10, 9], [9, 0]])
     assert hungarian_mapping(conf).tolist() == [1, 0]  # 9 + 9 beats 10 + 0
 
