@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 
 from pipeline.registry import build_model
-from stages.capture import CaptureSpec, FeatureCapture, attention_mutual_information
+from stages.capture import CaptureSpec, FeatureCapture, attention_statistics
 
 from .conftest import TINY_MODELS
 
@@ -122,14 +122,26 @@ def test_rope_after_option_rotates_queries_and_keys():
 
 
 def test_mutual_information_closed_forms():
-    P = 50
-    identity = torch.eye(P, dtype=torch.float64)
-    uniform = torch.full((P, P), 1.0 / P, dtype=torch.float64)
-    assert attention_mutual_information(identity).item() == pytest.approx(math.log(P))
-    assert attention_mutual_information(uniform).item() == pytest.approx(0.0, abs=1e-12)
+    """Through the logits, as the capture computes it: a gap of 1e4 makes softmax exact zeros."""
+    P, far = 50, -1e4
+    eye = torch.eye(P, dtype=torch.float64)
+    identity = ((1 - eye) * far)[None]
+    uniform = torch.zeros((1, P, P), dtype=torch.float64)
     # attending to the left neighbour or itself with equal weight: H(K) = log P, rows log 2
-    shift = (torch.eye(P, dtype=torch.float64) + torch.roll(torch.eye(P, dtype=torch.float64), 1, 1)) / 2
-    assert attention_mutual_information(shift).item() == pytest.approx(math.log(P) - math.log(2))
+    shift = ((1 - eye - torch.roll(eye, 1, 1)) * far)[None]
+    for logits, expected in ((identity, math.log(P)), (uniform, 0.0), (shift, math.log(P) - math.log(2))):
+        mi, mean = attention_statistics(logits)
+        assert mi.item() == pytest.approx(expected, abs=1e-12)
+        torch.testing.assert_close(mean, logits[0].softmax(-1))
+
+
+def test_mutual_information_equals_its_definition_on_random_logits():
+    logits = torch.randn(3, 40, 40, dtype=torch.float64) * 4
+    a = logits.softmax(-1)
+    joint = a / a.shape[-1]
+    p_q, p_k = joint.sum(-1, keepdim=True), joint.sum(-2, keepdim=True)
+    definition = (joint * torch.log(joint / (p_q * p_k))).sum((-1, -2))
+    torch.testing.assert_close(attention_statistics(logits)[0], definition, atol=1e-10, rtol=1e-10)
 
 
 def test_only_requested_layers_and_embeddings_are_captured():
