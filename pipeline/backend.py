@@ -25,6 +25,13 @@ class Backend:
     def asarray(self, a: Any, dtype: Any = None) -> Any:
         return self.xp.asarray(a, dtype=dtype)
 
+    def float32(self, a: Any) -> Any:
+        """A host or device array as float32 on this backend. float16 crosses to the GPU as
+        it is (half the bytes) and is widened there."""
+        if self.name == "cupy":
+            return self.xp.asarray(a).astype(self.xp.float32, copy=False)
+        return host_float32(a)
+
     def to_numpy(self, a: Any) -> np.ndarray:
         return a.get() if self.name == "cupy" else np.asarray(a)
 
@@ -38,6 +45,19 @@ class Backend:
     def synchronize(self) -> None:
         if self.name == "cupy":
             self.xp.cuda.Stream.null.synchronize()
+
+
+def host_float32(a: np.ndarray) -> np.ndarray:
+    """``a`` as a float32 NumPy array. NumPy widens float16 in scalar code; torch's vectorised
+    cast is about 5x faster, and the cluster and evaluate stages widen every feature they read."""
+    a = np.asarray(a)
+    if a.dtype != np.float16:
+        return a.astype(np.float32, copy=False)
+    import torch
+
+    out = np.empty(a.shape, dtype=np.float32)
+    torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(a)))
+    return out
 
 
 def _numpy() -> Backend:

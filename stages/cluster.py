@@ -8,16 +8,20 @@ groups between them. A codebook is written, and marked done, only once fully tra
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline import runner
-from pipeline.backend import Backend, get_backend
+from pipeline.backend import Backend, get_backend, host_float32
 from pipeline.config import READ_AHEAD_BATCHES, SHUFFLE_WINDOW_CHUNKS, ClusterConfig
 from pipeline.errors import ConfigError, NonFiniteFeaturesError, StoreError
 from pipeline.progress import ImageProgress
@@ -64,8 +68,8 @@ class FeatureStream:
         self._cache: dict[FeatureKey, Any] | None = None
         if vectors * 2 <= cache_bytes:
             # float32 when that fits too: the conversion then happens once, not every step
-            dtype = np.float32 if vectors * 4 <= cache_bytes else np.float16
-            self._cache = {key: self._read(key, 0, self.n_images).astype(dtype) for key in keys}
+            widen = host_float32 if vectors * 4 <= cache_bytes else np.asarray
+            self._cache = {key: widen(self._read(key, 0, self.n_images)) for key in keys}
             for key, data in self._cache.items():
                 check_finite(data, np.arange(self.n_images), f"{group.path}/{key[0]} layer {key[1]}")
             free = be.free_bytes()
@@ -154,17 +158,25 @@ class FeatureStream:
                     yield index, {key: self._images(key, index) for key in self.keys}
                 carry = pending[full:]
             return
-        carry_index, carry = np.empty(0, dtype=np.int64), None
+        # batches are views of a window; only one that straddles two windows is copied together
+        carry: list[tuple[np.ndarray, dict[FeatureKey, Any]]] = []
         for window, arrays in self._read_ahead(self._shuffled_windows(seed)):
-            index = np.concatenate([carry_index, window])
-            if carry is not None:
-                arrays = {k: np.concatenate([carry[k], v]) for k, v in arrays.items()}
             start = 0
-            while len(index) - start >= batch_images:
+            if carry:
+                need = batch_images - sum(len(i) for i, _ in carry)
+                carry.append((window[:need], {k: v[:need] for k, v in arrays.items()}))
+                if len(window) < need:
+                    continue
+                start = need
+                yield (np.concatenate([i for i, _ in carry]),
+                       {k: np.concatenate([a[k] for _, a in carry]) for k in arrays})
+                carry = []
+            while len(window) - start >= batch_images:
                 stop = start + batch_images
-                yield index[start:stop], {k: v[start:stop] for k, v in arrays.items()}
+                yield window[start:stop], {k: v[start:stop] for k, v in arrays.items()}
                 start = stop
-            carry_index, carry = index[start:], {k: v[start:] for k, v in arrays.items()}
+            if start < len(window):
+                carry = [(window[start:], {k: v[start:] for k, v in arrays.items()})]
 
     def sequential(self) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
         """One pass in store order, one chunk at a time."""
@@ -193,10 +205,38 @@ def _runs(index: np.ndarray) -> list[tuple[int, int]]:
 class ClusterWorker:
     """Trains the codebooks of some (embedding, layer) groups in one pass; Ray actor or plain."""
 
-    def __init__(self, cfg: ClusterConfig, model: str, dataset: str, plans: list[GroupPlan]):
+    def __init__(self, cfg: ClusterConfig, model: str, dataset: str, plans: list[GroupPlan],
+                 threads: int | None = None):
         self.cfg, self.model, self.dataset, self.plans = cfg, model, dataset, plans
         self.be = get_backend(cfg.backend)
         self._progress = 0
+        # On the CPU the (embedding, layer) groups of a batch are independent: one thread each
+        # keeps every core busy where NumPy runs single-threaded (casts, argmax, sparse sums).
+        # A GPU runs them one after another on its stream.
+        threads = threads or len(os.sched_getaffinity(0))
+        self._threads = 1 if self.be.name == "cupy" else max(1, min(threads, len(plans)))
+        self._executor: ThreadPoolExecutor | None = None
+
+    @contextlib.contextmanager
+    def _parallel(self) -> Iterator[None]:
+        """Threads over groups, each with a single-threaded BLAS (threads inside threads would
+        oversubscribe the cores: measured 1.6x slower on two)."""
+        if self._threads < 2:
+            yield
+            return
+        with ThreadPoolExecutor(self._threads, thread_name_prefix="codebooks") as pool, \
+                threadpool_limits(1, user_api="blas"):
+            self._executor = pool
+            try:
+                yield
+            finally:
+                self._executor = None
+
+    def _each(self, fn: Callable[[FeatureKey], Any], keys: list[FeatureKey]) -> list[Any]:
+        """``fn`` of every key, on the worker's threads; results in order."""
+        if self._executor is None or len(keys) < 2:
+            return [fn(key) for key in keys]
+        return list(self._executor.map(fn, keys))
 
     def progress(self) -> int:
         return self._progress
@@ -209,22 +249,30 @@ class ClusterWorker:
     def _vectors(self, raw: Any, image_index: np.ndarray, key: FeatureKey, group: ModelSplit,
                  checked: bool) -> Any:
         """(images, P, D) -> float32 (images*P, D) on the backend, finite-checked."""
-        x = self.be.xp.asarray(raw, dtype=self.be.xp.float32)
+        x = self.be.float32(raw)
         if not checked:
             check_finite(x, image_index, f"{group.path}/{key[0]} layer {key[1]}", self.be)
         return x.reshape(-1, x.shape[-1])
 
     def run(self) -> list[dict[str, Any]]:
         """Train every planned codebook; write centroids, done flags and training curves."""
+        with self._parallel():
+            return self._train()
+
+    def _train(self) -> list[dict[str, Any]]:
         cfg, be, xp = self.cfg, self.be, self.be.xp
         group = FeatureStore(cfg.store).model_split(self.model, self.dataset, cfg.train_split)
         keys = [p.key for p in self.plans]
         stream = FeatureStream(group, keys, be, cfg.host_cache_bytes)
+
+        def vectors(key: FeatureKey, index: np.ndarray, arrays: dict[FeatureKey, Any]) -> Any:
+            return self._vectors(arrays[key], index, key, group, stream.checked)
+
         pca = {k: PCAInit(be, stream.dim) for k in keys}
         for (index, arrays), _ in zip(stream.shuffled(cfg.batch_images, cfg.seed), range(cfg.init_batches)):
-            for key in keys:
-                pca[key].add(self._vectors(arrays[key], index, key, group, stream.checked))
+            self._each(lambda key: pca[key].add(vectors(key, index, arrays)), keys)
             self._progress += 1
+        self._each(lambda key: pca[key].components(), keys)  # the eigendecompositions
         curves: list[dict[str, Any]] = []
         finished: list[tuple[GroupPlan, str, int, Any]] = []
         online = {p.key: (p, OnlineKMeans(be, [pca[p.key].centroids(k, cfg.seed) for k in p.ks["online"]], cfg.lr))
@@ -232,10 +280,10 @@ class ClusterWorker:
         if online:
             losses: list[tuple[int, FeatureKey, Any]] = []
             for step, (index, arrays) in enumerate(stream.shuffled(cfg.batch_images, cfg.seed), start=1):
-                for key, (plan, trainer) in online.items():
-                    loss = trainer.step(l2_normalize(xp, self._vectors(arrays[key], index, key, group, stream.checked)))
-                    if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
-                        losses.append((step, key, loss))
+                step_losses = self._each(
+                    lambda key: online[key][1].step(l2_normalize(xp, vectors(key, index, arrays))), list(online))
+                if step % cfg.log_every == 0 or step == 1 or step == cfg.steps:
+                    losses += [(step, key, loss) for key, loss in zip(online, step_losses)]
                 self._progress += 1
                 if step == cfg.steps:
                     break
@@ -251,10 +299,8 @@ class ClusterWorker:
         while lloyd and not all(t.done for _, t in lloyd.values()):
             offset = 0
             for index, arrays in stream.sequential():
-                for key, (plan, trainer) in lloyd.items():
-                    if not trainer.done:
-                        trainer.accumulate(l2_normalize(xp, self._vectors(arrays[key], index, key, group, stream.checked)),
-                                           offset)
+                self._each(lambda key: lloyd[key][1].accumulate(l2_normalize(xp, vectors(key, index, arrays)), offset),
+                           [key for key, (_, trainer) in lloyd.items() if not trainer.done])
                 offset += len(index) * stream.patches
             for key, (plan, trainer) in lloyd.items():
                 if trainer.done:
@@ -370,7 +416,7 @@ def run_cluster(cfg: ClusterConfig, *, address: str | None = None, progress: boo
     n_workers = min(cfg.workers or max(gpus, 1), len(plans))
     cpus = 1 if gpus else max(1, runner.cluster_cpus() // n_workers)
     buckets = _split_plans(plans, n_workers)
-    pool = runner.ActorPool(ClusterWorker, [(cfg, cfg.model, dataset, b) for b in buckets],
+    pool = runner.ActorPool(ClusterWorker, [(cfg, cfg.model, dataset, b, cpus) for b in buckets],
                             num_cpus=cpus, num_gpus=1 if gpus else 0, max_concurrency=2)
     with pool:
         total = sum(pool.call_all("total_work"))

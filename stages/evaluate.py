@@ -220,7 +220,7 @@ def _evaluate_model(cfg: EvaluateConfig, be: Backend, store: FeatureStore, maps:
                 stop = start + len(labels)
                 raw = feats[slot, start:stop]
                 check_finite(raw, np.arange(start, stop), f"{group.path}/{emb} layer {layer}")
-                x = be.asarray(raw, dtype=xp.float32)
+                x = be.float32(raw)
                 lab = be.asarray(labels).astype(xp.int64)
                 shifts = (be.asarray(dy[start:stop]), be.asarray(dx[start:stop]))
                 for i in range(0, stop - start, cfg.images_per_step):  # bounds the (n, S, S, sum K) scores

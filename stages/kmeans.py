@@ -52,7 +52,7 @@ class PCAInit:
         self.samples.append(xs[:: max(1, x.shape[0] // self.SAMPLE_ROWS_PER_BATCH)])
         self._directions = None
 
-    def _oriented_components(self) -> tuple[Any, Any]:
+    def components(self) -> tuple[Any, Any]:
         """(all principal directions, largest variance first, oriented; the shifted sample)."""
         xp = self.be.xp
         if self._directions is None:
@@ -70,7 +70,7 @@ class PCAInit:
         """Unit centroids: the top-``k`` principal components of the centred data, oriented
         toward their heavier tails; beyond the rank, random samples of the data."""
         xp = self.be.xp
-        comps, sample = self._oriented_components()
+        comps, sample = self.components()
         comps = comps[:k]
         if k > comps.shape[0]:
             rng = np.random.default_rng(seed)
@@ -95,21 +95,30 @@ class _Layout:
 
 
 def _assign(xp: Any, scores: Any, layout: _Layout) -> tuple[list[Any], list[Any]]:
-    """Per codebook: the best cluster of each row and its cosine similarity."""
+    """Per codebook: the best centroid of each row (as a row of the stacked matrix) and its
+    cosine similarity."""
     idx, best = [], []
     for sl in layout.slices():
         block = scores[:, sl]
         a = xp.argmax(block, axis=1)
-        idx.append(a)
         best.append(xp.take_along_axis(block, a[:, None], axis=1)[:, 0])
+        idx.append(a + sl.start)
     return idx, best
 
 
-def _cluster_sums(be: Backend, assign: Any, x: Any, k: int) -> tuple[Any, Any]:
-    """(sum of the rows assigned to each cluster (k, d), counts (k,)) via a sparse one-hot."""
-    xp, n = be.xp, x.shape[0]
-    onehot = be.sparse.csr_matrix((xp.ones(n, dtype=x.dtype), (assign, xp.arange(n))), shape=(k, n))
-    return xp.asarray(onehot @ x), xp.bincount(assign, minlength=k)
+def _cluster_sums(be: Backend, labels: Sequence[Any], x: Any, n_rows: int) -> tuple[Any, Any]:
+    """(sum of the rows of ``x`` assigned to each stacked centroid (n_rows, d), counts).
+
+    ``labels`` holds one stacked-row index per vector for each codebook. They form one sparse
+    one-hot in CSC layout, a column per vector with one entry per codebook, so the product
+    reads every vector once and adds it into each of its centroids' sums (which stay in
+    cache), instead of reading the batch once per codebook.
+    """
+    xp, n, m = be.xp, x.shape[0], len(labels)
+    rows = xp.stack(labels, axis=1).reshape(-1)
+    onehot = be.sparse.csc_matrix((xp.ones(n * m, dtype=x.dtype), rows, xp.arange(0, n * m + 1, m)),
+                                  shape=(n_rows, n))
+    return xp.asarray(onehot @ x), xp.bincount(rows, minlength=n_rows)
 
 
 class OnlineKMeans:
@@ -138,9 +147,7 @@ class OnlineKMeans:
         norms = xp.maximum(xp.linalg.norm(self.w, axis=1, keepdims=True), 1e-12)
         c = self.w / norms
         idx, best = _assign(xp, x @ c.T, self.layout)
-        grad_c = xp.empty_like(c)
-        for sl, a, k in zip(self.layout.slices(), idx, self.layout.ks):
-            grad_c[sl] = -_cluster_sums(self.be, a, x, k)[0] / n
+        grad_c = -_cluster_sums(self.be, idx, x, c.shape[0])[0] / n
         grad = (grad_c - (grad_c * c).sum(1, keepdims=True) * c) / norms
         b1, b2 = self.betas
         self.t += 1
@@ -190,15 +197,15 @@ class LloydKMeans:
         xp = self.be.xp
         idx, best = _assign(xp, x @ self.c.T, self.layout)
         rows = slice(offset, offset + x.shape[0])
-        for b, (sl, a, k) in enumerate(zip(self.layout.slices(), idx, self.layout.ks)):
-            if not self.active[b]:
-                continue
-            sums, counts = _cluster_sums(self.be, a, x, k)
-            self.sums[sl] += sums
-            self.counts[sl] += counts
-            self.changed[b] += int((self.assignments[b, rows] != a).sum())
-            self.assignments[b, rows] = a
-            self.objective[b] += float(best[b].sum())
+        active = [b for b, on in enumerate(self.active) if on]
+        sums, counts = _cluster_sums(self.be, [idx[b] for b in active], x, self.c.shape[0])
+        self.sums += sums
+        self.counts += counts
+        for b in active:
+            # device-side sums: no host round trip per batch on a GPU
+            self.changed[b] += (self.assignments[b, rows] != idx[b]).sum()
+            self.assignments[b, rows] = idx[b]
+            self.objective[b] += best[b].sum()
         self.seen += x.shape[0]
 
     def update(self) -> list[tuple[float, float] | None]:

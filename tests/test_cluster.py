@@ -99,14 +99,37 @@ def test_streaming_from_disk_equals_training_from_the_memory_cache(store):
     from_disk = FeatureStream(group, keys, be, cache_bytes=0)
     in_memory = FeatureStream(group, keys, be, cache_bytes=2**30)
     assert from_disk._cache is None and in_memory._cache is not None
-    for (i1, a1), (i2, a2), _ in zip(from_disk.shuffled(4, 0), in_memory.shuffled(4, 0), range(7)):
-        np.testing.assert_array_equal(i1, i2)
-        for key in keys:
-            np.testing.assert_array_equal(a1[key], a2[key])
+    for batch in (4, 5):  # 5: batches that straddle two read windows
+        for (i1, a1), (i2, a2), _ in zip(from_disk.shuffled(batch, 0), in_memory.shuffled(batch, 0), range(7)):
+            assert len(i1) == batch
+            np.testing.assert_array_equal(i1, i2)
+            for key in keys:
+                np.testing.assert_array_equal(a1[key], a2[key])
     seen = np.concatenate([i for (i, _), _ in zip(from_disk.shuffled(4, 0), range(3))])
     assert sorted(seen.tolist()) == list(range(12))  # an epoch visits every image once
     trained = cached.run()
     assert len(trained) == 16
+
+
+def test_groups_trained_on_threads_equal_one_thread(store, tmp_path):
+    """The worker's threads (one per (embedding, layer) group, one BLAS thread each) change
+    the speed, not the codebooks."""
+    other = tmp_path / "other.zarr"
+    shutil.copytree(store, other)
+    books = []
+    for path, threads in ((store, 1), (other, 2)):
+        cfg = _cfg(path, ks=(3, 5), methods=("online", "lloyd"), results=path.parent / f"results-{threads}")
+        dataset, plans, _ = plan_codebooks(cfg)
+        worker = ClusterWorker(cfg, "tiny-vit", dataset, plans, threads=threads)
+        assert worker._threads == threads
+        worker.run()
+        books.append(FeatureStore(path).model_split("tiny-vit", "synthetic", "train"))
+    for method in ("online", "lloyd"):
+        for k in (3, 5):
+            for emb in ("keys", "tokens"):
+                for layer in (1, 3):
+                    np.testing.assert_allclose(books[1].codebook(method, k, 0).centroids(emb, layer),
+                                               books[0].codebook(method, k, 0).centroids(emb, layer), atol=1e-5)
 
 
 def test_bad_requests_get_clear_errors(store):
