@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -180,9 +180,23 @@ def _sizes(group: zarr.Group) -> dict[str, int]:
 
 
 @dataclass
-class DatasetSplit:
+class _Group:
+    """A store group and its arrays, each opened once: opening reads and parses the array's
+    metadata from disk, which per chunk written cost more than compressing small chunks."""
+
     group: zarr.Group
     path: str
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def array(self, name: str) -> zarr.Array:
+        if name not in self._arrays:
+            # every chunk is written as it is: no scan for chunks that equal the fill value
+            self._arrays[name] = self.group[name].with_config({"write_empty_chunks": True})
+        return self._arrays[name]
+
+
+@dataclass
+class DatasetSplit(_Group):
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -193,11 +207,11 @@ class DatasetSplit:
     n_images = property(lambda self: int(self.group.attrs["n_images"]))
     chunk_images = property(lambda self: int(self.group.attrs["chunk_images"]))
     n_chunks = property(lambda self: layout.n_chunks(self.n_images, self.chunk_images))
-    labels = property(lambda self: self.group["labels"])
-    done = property(lambda self: self.group["done"])
+    labels = property(lambda self: self.array("labels"))
+    done = property(lambda self: self.array("done"))
 
     def image_ids(self) -> list[str]:
-        return [str(v) for v in self.group["image_ids"][:]]
+        return [str(v) for v in self.array("image_ids")[:]]
 
     def bounds(self, chunk: int) -> tuple[int, int]:
         return chunk_bounds(chunk, self.chunk_images, self.n_images)
@@ -206,28 +220,26 @@ class DatasetSplit:
         """Labels of one chunk (and, for the first images of the split, their RGB crops)."""
         start, stop = self.bounds(chunk)
         self.labels[start:stop] = labels
-        examples = self.group["example_images"]
+        examples = self.array("example_images")
         if images is not None and start < examples.shape[0]:
             examples[start:min(stop, examples.shape[0])] = images[: examples.shape[0] - start]
         self.done[chunk] = True
 
     def example_images(self) -> np.ndarray:
-        return self.group["example_images"][:]
+        return self.array("example_images")[:]
 
 
 @dataclass
-class ModelSplit:
-    group: zarr.Group
-    path: str
+class ModelSplit(_Group):
 
     @property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
 
-    n_images = property(lambda self: int(self.group["class_tokens"].shape[1]))
+    n_images = property(lambda self: int(self.array("class_tokens").shape[1]))
     chunk_images = property(lambda self: int(self.group.attrs["chunk_images"]))
-    n_chunks = property(lambda self: int(self.group["done"].shape[0]))
-    done = property(lambda self: self.group["done"])
+    n_chunks = property(lambda self: int(self.array("done").shape[0]))
+    done = property(lambda self: self.array("done"))
     layers = property(lambda self: tuple(self.group.attrs["layers"]))
     embeddings = property(lambda self: tuple(self.group.attrs["embeddings"]))
     finished = property(lambda self: bool(self.group.attrs.get("finished")))
@@ -235,7 +247,7 @@ class ModelSplit:
     def features(self, embedding: str) -> zarr.Array:
         if embedding not in self.embeddings:
             raise StoreError(f"{self.path} has no {embedding!r}; captured: {', '.join(self.embeddings)}")
-        return self.group[embedding]
+        return self.array(embedding)
 
     def pending_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done[:])]
@@ -244,8 +256,8 @@ class ModelSplit:
         """Write one image chunk of every array, then mark it done."""
         start, stop = chunk_bounds(chunk, self.chunk_images, self.n_images)
         for name in (*self.embeddings, "class_tokens", "attention_mi"):
-            self.group[name][:, start:stop] = arrays[name]
-        self.group["attention_sum"][chunk] = arrays["attention_sum"]
+            self.array(name)[:, start:stop] = arrays[name]
+        self.array("attention_sum")[chunk] = arrays["attention_sum"]
         self.done[chunk] = True
 
     def finalize(self) -> None:
@@ -254,10 +266,11 @@ class ModelSplit:
             return
         if not self.done[:].all():
             raise StoreError(f"{self.path}: cannot finalise, chunks {self.pending_chunks()[:10]} are not done")
-        total = self.group["attention_sum"][:].sum(axis=0) / self.n_images
+        total = self.array("attention_sum")[:].sum(axis=0) / self.n_images
         _create(self.group, layout.MODEL_ARRAYS["attention_map"], total.shape, self.chunk_images)[:] = total
         self.group.attrs["finished"] = True
         del self.group["attention_sum"]
+        self._arrays.pop("attention_sum", None)
 
     @property
     def fingerprint_hash(self) -> str:
@@ -305,7 +318,7 @@ class ModelSplit:
     def attention_map(self) -> np.ndarray:
         if not self.finished:
             raise StoreError(f"{self.path} is not finished; run the same extract command to complete it")
-        return self.group["attention_map"][:]
+        return self.array("attention_map")[:]
 
 
 @dataclass

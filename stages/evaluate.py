@@ -280,7 +280,7 @@ def _write_model_tables(cfg: EvaluateConfig, rows: dict[str, list[dict]], datase
 def _write_attention(cfg: EvaluateConfig, maps: MapStore, group: ModelSplit, dataset: str, model: str) -> None:
     maps.write(f"{dataset}/{cfg.split}/{model}/attention", attention=group.attention_map(),
                attrs={"layers": list(group.layers), "grid": group.attrs["grid"]})
-    mi = group.group["attention_mi"][:]  # (layer, image, head)
+    mi = group.array("attention_mi")[:]  # (layer, image, head)
     rows = [{"model": model, "dataset": dataset, "split": cfg.split, "layer": layer, "head": h,
              "mean": float(mi[i, :, h].mean()), "std": float(mi[i, :, h].std()), "n_images": mi.shape[1],
              "store_fingerprint": group.fingerprint_hash}
