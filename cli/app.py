@@ -77,7 +77,7 @@ def extract(
     address: Optional[str] = typer.Option(None, help="Ray cluster address; default a local instance."),
     option: list[str] = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE (YAML value)."),
     compile_statistics: bool = typer.Option(False, help="Fuse the attention statistics with torch.compile "
-                                                        "(~20 s one-off compile; see docs/benchmarks.md for when it pays).")),
+                                                        "(~20 s one-off compile; see docs/benchmarks.md for when it pays)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Capture q, k, v, tokens, class tokens and attention statistics into a feature store."""
