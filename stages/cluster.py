@@ -213,7 +213,7 @@ class ClusterWorker:
         # On the CPU the (embedding, layer) groups of a batch are independent: one thread each
         # keeps every core busy where NumPy runs single-threaded (casts, argmax, sparse sums).
         # A GPU runs them one after another on its stream.
-        threads = threads or len(os.sched_getaffinity(0))
+        threads = threads or os.cpu_count() or 1
         self._threads = 1 if self.be.name == "cupy" else max(1, min(threads, len(plans)))
         self._executor: ThreadPoolExecutor | None = None
 
