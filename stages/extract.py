@@ -115,14 +115,10 @@ class Extractor:
         """Captured arrays of one batch, on the host, finite-checked."""
         out = self.capture(self.to_model_input(images))
         for name, tensor in out.items():
-            if name == "attention_sum":
-                continue
-            # a float32 sum per (layer, image) is non-finite iff some element is: one cheap pass
-            finite = torch.isfinite(tensor.reshape(tensor.shape[0], tensor.shape[1], -1).sum(-1, dtype=torch.float32))
-            if not bool(finite.all()):
-                bad = sorted({image_ids[i] for i in torch.nonzero(~finite)[:, 1].tolist()})
+            if name != "attention_sum" and not all_finite(tensor):
                 raise NonFiniteFeaturesError(
-                    f"{self.loaded.spec.alias} produced NaN/inf {name} for images {bad[:5]}"
+                    f"{self.loaded.spec.alias} produced NaN/inf {name} for images "
+                    f"{non_finite_images(tensor, image_ids)[:5]}"
                     + ("" if name == "attention_mi" else " (float16 overflow or a broken checkpoint)")
                 )
         return {k: v.cpu().numpy() for k, v in out.items()}
@@ -164,6 +160,23 @@ class Extractor:
         pending, self._pending_write = self._pending_write, None
         if pending is not None:
             pending.result()
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf anywhere: min and max propagate NaN, so two reductions decide it.
+
+    ``aminmax`` reads float16 at memory speed (30x faster on a CPU than a float32 sum or
+    ``isfinite``, which copy); the slower per-image search runs only when this fails.
+    """
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def non_finite_images(tensor: torch.Tensor, image_ids: list[str]) -> list[str]:
+    """The ids of the images with a NaN/inf anywhere in ``tensor`` (layer, image, ...)."""
+    rows = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+    finite = torch.isfinite(rows.amin(-1)) & torch.isfinite(rows.amax(-1))
+    return sorted({image_ids[i] for i in torch.nonzero(~finite)[:, 1].tolist()})
 
 
 @dataclass

@@ -4,6 +4,7 @@ import signal
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -11,7 +12,7 @@ from pipeline.config import ExtractConfig
 from pipeline.errors import FingerprintMismatchError, ImageReadError, NonFiniteFeaturesError
 from pipeline.registry import build_model
 from pipeline.store import FeatureStore
-from stages.extract import Extractor, run_extract
+from stages.extract import Extractor, all_finite, non_finite_images, run_extract
 from storage_schemas import validate_store
 
 from .conftest import TINY_MODELS
@@ -151,6 +152,18 @@ def test_non_finite_features_name_the_images(ray_local, tmp_path):
     with pytest.raises(NonFiniteFeaturesError, match="val-00000"):
         run_extract(_cfg(tmp_path, weights=str(path), splits=("val",)), progress=False)
     assert not FeatureStore(tmp_path / "s.zarr").model_split("tiny-vit", "synthetic", "val").done[:].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_finite_check_finds_one_bad_value_and_its_image(dtype, bad):
+    features = torch.randn(3, 4, 5, 5, 8).to(dtype)  # (layer, image, y, x, channel)
+    assert all_finite(features) and non_finite_images(features, list("abcd")) == []
+    for where in [(0, 0, 0, 0, 0), (2, 1, 4, 4, 7), (1, 3, 2, 0, 5)]:
+        broken = features.clone()
+        broken[where] = bad
+        assert not all_finite(broken)
+        assert non_finite_images(broken, list("abcd")) == ["abcd"[where[1]]]
 
 
 def test_cli_extract_and_store_info(ray_local, tmp_path):
