@@ -39,6 +39,11 @@ STORE_KIND = "rep-pipeline feature store"
 # 1-2.5 GB/s, decodes at ~4 GB/s, so writing stays off the critical path. Zstd levels gain
 # nothing on this data and cost 2-3x the time.
 FEATURE_CODEC: dict[str, Any] = {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}}
+# Attention probabilities are float32 with smooth exponents: byte-shuffled LZ4 compresses them
+# 1.5-1.7x at ~3 GB/s; bit-shuffle gains 5 % for 4x the time, and zarr's default (Zstd) gets
+# 1.3x at 150-500 MB/s, which made these writes the slowest of a tiny model's chunk
+# (bench/codecs.py --array attention_sum).
+ATTENTION_CODEC: dict[str, Any] = {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}}
 LABEL_CODEC: dict[str, Any] = {"name": "zstd", "configuration": {"level": 3, "checksum": False}}
 
 # chunk rules per dimension: "full" = whole extent, "images" = chunk_images, an int = that size
@@ -82,11 +87,11 @@ MODEL_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
     ArraySpec("class_tokens", ("layer", "image", "channel"), "float16", (FULL, IMAGES, FULL),
               "class token per captured layer", FEATURE_CODEC),
     ArraySpec("attention_mi", ("layer", "image", "head"), "float32", (FULL, IMAGES, FULL),
-              "attention key-query mutual information I(K,Q), nats"),
+              "attention key-query mutual information I(K,Q), nats", ATTENTION_CODEC),
     ArraySpec("attention_sum", ("chunk", "layer", "query", "key"), "float32", (1, FULL, FULL, FULL),
-              "head-averaged patch attention summed over the chunk's images (while extracting)"),
+              "head-averaged patch attention summed over the chunk's images (while extracting)", ATTENTION_CODEC),
     ArraySpec("attention_map", ("layer", "query", "key"), "float32", (1, FULL, FULL),
-              "image- and head-averaged patch-to-patch attention (once finished)"),
+              "image- and head-averaged patch-to-patch attention (once finished)", ATTENTION_CODEC),
     ArraySpec("done", ("chunk",), "bool", (1,), "image chunk i is complete for this model"),
 )}
 
