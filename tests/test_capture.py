@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 
 from pipeline.registry import build_model
-from stages.capture import CaptureSpec, FeatureCapture, attention_statistics
+from stages.capture import CaptureSpec, FeatureCapture, attention_statistics, patch_attention
 
 from .conftest import TINY_MODELS
 
@@ -142,6 +142,23 @@ def test_mutual_information_equals_its_definition_on_random_logits():
     p_q, p_k = joint.sum(-1, keepdim=True), joint.sum(-2, keepdim=True)
     definition = (joint * torch.log(joint / (p_q * p_k))).sum((-1, -2))
     torch.testing.assert_close(attention_statistics(logits)[0], definition, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("npt", [1, 5])
+@pytest.mark.parametrize("sink", [0.0, 80.0])
+def test_patch_attention_equals_the_models_attention(npt, sink):
+    """The merged patch/prefix softmax is the model's attention, even when the prefix keys take
+    nearly all of it (registers as attention sinks: logits 80 above the patch keys')."""
+    torch.manual_seed(0)
+    h, n, d = 3, npt + 36, 8
+    q, k, v = (torch.randn(2, h, n, d, dtype=torch.float64) for _ in range(3))
+    k[:, :, :npt] = q[:, :, npt:].mean(2, keepdim=True) * sink / d  # prefix logits ~ +sink
+    scale = d ** -0.5
+    y, mi, mean = patch_attention(q, k, v, scale, npt)
+    want = F.scaled_dot_product_attention(q, k, v, scale=scale)[:, :, npt:]
+    torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-10)
+    logits = (q[:, :, npt:] * scale) @ k[:, :, npt:].transpose(-1, -2)
+    torch.testing.assert_close((mi, mean), attention_statistics(logits))
 
 
 def test_only_requested_layers_and_embeddings_are_captured():
