@@ -66,7 +66,7 @@ def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str,
             for chunk, (images, labels) in enumerate(batches):
                 ids = [i.image_id for i in items[chunk * batch:(chunk + 1) * batch]]
                 arrays = ex.features(images, ids) if dtype == "float32" else _features_cast(ex, images, ids, cast)
-                ex.write_behind(data, target, chunk, labels, arrays, images)  # as Extractor.process does
+                ex.write(data, target, chunk, labels, arrays, images)  # as Extractor.process does
             ex.flush()
 
         captured: list[dict] = []
