@@ -3,9 +3,9 @@
 For each chosen block the attention module's ``forward`` is swapped, for the duration of one
 pass, for a tapped twin that computes what timm's attention computes (to float rounding) and
 records q, k, v (heads concatenated along channels, patch tokens only) and the attention
-statistics of section 5, which share the patch softmax with the model's own attention output
-(``patch_attention``). Block outputs come from timm's own ``forward_intermediates``. Each attention
-class names its q/k/v projection in ``ATTENTION_TAPS``; the rest is shared.
+statistics of section 5, which share the patch softmax with the model's own attention
+output (``patch_attention``). Block outputs come from timm's own ``forward_intermediates``.
+Each attention class names its q/k/v projection in ``ATTENTION_TAPS``; the rest is shared.
 """
 from __future__ import annotations
 
@@ -133,7 +133,8 @@ def attention_with_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     step = 1 if q.device.type == "cpu" else B
     attend = _compiled() if compiled else patch_attention
     for b in range(0, B, step):
-        y[b:b + step, :, npt:], mi_out[b:b + step], mean = attend(q[b:b + step], k[b:b + step], v[b:b + step], scale, npt)
+        images = slice(b, b + step)
+        y[images, :, npt:], mi_out[images], mean = attend(q[images], k[images], v[images], scale, npt)
         sum_out += mean.sum(0)
     return y
 
