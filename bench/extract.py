@@ -62,21 +62,19 @@ def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str,
                     model.forward_features(ex.to_model_input(images).to(cast))
             _sync(ex.device)
 
+        def arrays_of(chunk: int, images) -> dict:
+            ids = [i.image_id for i in items[chunk * batch:(chunk + 1) * batch]]
+            return ex.features(images, ids) if dtype == "float32" else _features_cast(ex, images, ids, cast)
+
         def full() -> None:
             for chunk, (images, labels) in enumerate(batches):
-                ids = [i.image_id for i in items[chunk * batch:(chunk + 1) * batch]]
-                arrays = ex.features(images, ids) if dtype == "float32" else _features_cast(ex, images, ids, cast)
-                ex.write(data, target, chunk, labels, arrays, images)  # as Extractor.process does
+                ex.write(data, target, chunk, labels, arrays_of(chunk, images), images)  # as Extractor.process does
             ex.flush()
 
         captured: list[dict] = []
 
         def capture() -> None:
-            captured.clear()
-            for chunk, (images, _) in enumerate(batches):
-                ids = [i.image_id for i in items[chunk * batch:(chunk + 1) * batch]]
-                captured.append(ex.features(images, ids) if dtype == "float32"
-                                else _features_cast(ex, images, ids, cast))
+            captured[:] = [arrays_of(chunk, images) for chunk, (images, _) in enumerate(batches)]
 
         def write() -> None:
             for chunk, arrays in enumerate(captured):
