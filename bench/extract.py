@@ -17,6 +17,7 @@ the one tapped forward pass with the statistics, finite check and host copy, no 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -49,14 +50,19 @@ def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str,
             ex.loaded.model.to(getattr(torch, dtype))
         dataset = build_dataset("synthetic", **cfg.dataset_options)
         items = dataset.items("val")
-        store = FeatureStore(cfg.store, mode="a")
-        data = store.require_dataset_split(dataset.fingerprint("val", items, cfg.image_size),
-                                           [i.image_id for i in items], dataset.palette, batch)
-        target = store.require_model_split(name, data, ex.fingerprint())
+
+        def new_store(path: Path):
+            """A fresh store, as a real run writes: every chunk a new file (rewriting the same
+            files each round would time the file system freeing the old ones as well)."""
+            store = FeatureStore(path, mode="a")
+            data = store.require_dataset_split(dataset.fingerprint("val", items, cfg.image_size),
+                                               [i.image_id for i in items], dataset.palette, batch)
+            return data, store.require_model_split(name, data, ex.fingerprint())
+
         batches = [ex.load_batch(items[s:s + batch]) for s in range(0, n_images, batch)]
         model, cast = ex.loaded.model, getattr(torch, dtype)
 
-        def bare() -> None:
+        def bare(_) -> None:
             with torch.inference_mode():
                 for images, _ in batches:
                     model.forward_features(ex.to_model_input(images).to(cast))
@@ -66,33 +72,38 @@ def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str,
             ids = [i.image_id for i in items[chunk * batch:(chunk + 1) * batch]]
             return ex.features(images, ids) if dtype == "float32" else _features_cast(ex, images, ids, cast)
 
-        def full() -> None:
+        def full(store) -> None:
+            data, target = store
             for chunk, (images, labels) in enumerate(batches):
                 ex.write(data, target, chunk, labels, arrays_of(chunk, images), images)  # as Extractor.process does
             ex.flush()
 
         captured: list[dict] = []
 
-        def capture() -> None:
+        def capture(_) -> None:
             captured[:] = [arrays_of(chunk, images) for chunk, (images, _) in enumerate(batches)]
 
-        def write() -> None:
+        def write(store) -> None:
             for chunk, arrays in enumerate(captured):
-                target.write_chunk(chunk, arrays)
+                store[1].write_chunk(chunk, arrays)
 
         runs = {"bare": bare, "extract": full, "capture": capture, "write": write}
         timings: dict[str, list[float]] = {label: [] for label in runs}
-        for fn in runs.values():  # warm-up: allocator, thread pools, first-touch of the store
-            fn()
-        for _ in range(repeats):  # interleaved, so drift on a noisy machine hits all alike
-            for label, fn in runs.items():
+        writes = ("extract", "write")
+        for i in range(repeats + 1):  # a warm-up round (allocator, thread pools), then interleaved
+            for label, fn in runs.items():  # rounds, so drift on a noisy machine hits all alike
+                path = Path(tmp) / f"{label}{i}.zarr"
+                store = new_store(path) if label in writes else None
                 t0 = time.perf_counter()
-                fn()
+                fn(store)
                 timings[label].append(time.perf_counter() - t0)
+                if store is not None:
+                    mb = sum(a.nbytes_stored() for _, a in store[1].group.arrays()) / n_images / 2**20
+                    shutil.rmtree(path)
+        timings = {label: t[1:] for label, t in timings.items()}
         # each ratio against the bare forward of the same round, then the median over rounds
         ratio = {label: statistics.median(t / b for t, b in zip(timings[label], timings["bare"])) for label in runs}
         bare_s, full_s = statistics.median(timings["bare"]), statistics.median(timings["extract"])
-        mb = sum(a.nbytes_stored() for _, a in target.group.arrays()) / n_images / 2**20
         return {"bare_img_s": n_images / bare_s, "extract_img_s": n_images / full_s, "ratio": ratio["extract"],
                 "capture": ratio["capture"], "write": ratio["write"], "stored_mb_per_image": mb}
 

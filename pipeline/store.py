@@ -38,7 +38,8 @@ def _create(group: zarr.Group, spec: layout.ArraySpec, shape: tuple[int, ...], c
     return group.create_array(
         spec.name, shape=shape, dtype=dtype, chunks=spec.chunk_shape(shape, chunk_images),
         dimension_names=spec.dims, fill_value=None if spec.dtype == "str" else 0,
-        attributes={"doc": spec.doc}, overwrite=True, **_codecs(spec),
+        attributes={"doc": spec.doc}, chunk_key_encoding=layout.CHUNK_KEY_ENCODING, overwrite=True,
+        **_codecs(spec),
     )
 
 
