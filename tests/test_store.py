@@ -45,6 +45,9 @@ def test_layout_dimensions_codecs_and_finalisation(tmp_path):
         target.write_chunk(chunk, _chunk_arrays(n, chunk + 1))
     assert target.pending_chunks() == [] and data.image_ids()[-1] == "id9"
     assert validate_store(store.path) == []
+    # one flat file per chunk, named as docs/feature-store.md says: layer slot 1, image chunk 2
+    keys_dir = store.path / "models/m/synthetic/val/keys"
+    assert (keys_dir / "c.1.2.0.0.0").is_file() and not (keys_dir / "c").exists()
     target.finalize()
     assert target.finished and "attention_sum" not in target.group
     np.testing.assert_allclose(target.attention_map(), np.full((L, G * G, G * G), 1 / (G * G)), rtol=1e-6)
