@@ -97,8 +97,9 @@ def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str,
                 t0 = time.perf_counter()
                 fn(store)
                 timings[label].append(time.perf_counter() - t0)
-                if store is not None:
+                if label == "write":
                     mb = sum(a.nbytes_stored() for _, a in store[1].group.arrays()) / n_images / 2**20
+                if store is not None:
                     shutil.rmtree(path)
         timings = {label: t[1:] for label, t in timings.items()}
         # each ratio against the bare forward of the same round, then the median over rounds
