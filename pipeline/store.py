@@ -8,6 +8,7 @@ is set only after everything else of it is written.
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from storage_schemas import zarr_layout as layout
 
@@ -53,6 +55,23 @@ def _check_same(kind: str, where: str, stored: Mapping[str, Any], new: Mapping[s
             f"{where} was written by another {kind}; refusing to mix outputs.\n  " + "\n  ".join(diffs)
             + "\nUse a new --store, or --model-key to keep both models side by side."
         )
+
+
+def _write_together(writes: list[tuple[zarr.Array, Any, np.ndarray]]) -> None:
+    """``array[selection] = value`` for every triple, in one pass of zarr's event loop.
+
+    Their chunks are encoded and stored concurrently instead of one array after another (two
+    image chunks of a 64-d model: 48 ms against 65 ms, each array's write waiting on the file
+    system in turn). Every write is let finish before the first error is raised, so none is
+    still running when the caller retries.
+    """
+    async def write_all() -> list[Any]:
+        return await asyncio.gather(*(array.async_array.setitem(selection, value) for array, selection, value in writes),
+                                    return_exceptions=True)
+
+    errors = [r for r in sync(write_all()) if isinstance(r, BaseException)]
+    if errors:
+        raise errors[0]
 
 
 def chunk_bounds(chunk: int, chunk_images: int, n_images: int) -> tuple[int, int]:
@@ -222,10 +241,11 @@ class DatasetSplit(_Group):
     def write_labels(self, chunk: int, labels: np.ndarray, images: np.ndarray | None = None) -> None:
         """Labels of one chunk (and, for the first images of the split, their RGB crops)."""
         start, stop = self.bounds(chunk)
-        self.labels[start:stop] = labels
+        writes = [(self.labels, slice(start, stop), labels)]
         examples = self.array("example_images")
         if images is not None and start < examples.shape[0]:
-            examples[start:min(stop, examples.shape[0])] = images[: examples.shape[0] - start]
+            writes.append((examples, slice(start, min(stop, examples.shape[0])), images[: examples.shape[0] - start]))
+        _write_together(writes)
         self.done[chunk] = True
 
     def example_images(self) -> np.ndarray:
@@ -258,9 +278,10 @@ class ModelSplit(_Group):
     def write_chunk(self, chunk: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write one image chunk of every array, then mark it done."""
         start, stop = chunk_bounds(chunk, self.chunk_images, self.n_images)
-        for name in (*self.embeddings, "class_tokens", "attention_mi"):
-            self.array(name)[:, start:stop] = arrays[name]
-        self.array("attention_sum")[chunk] = arrays["attention_sum"]
+        per_image = (slice(None), slice(start, stop))
+        _write_together([(self.array(name), per_image, arrays[name])
+                         for name in (*self.embeddings, "class_tokens", "attention_mi")]
+                        + [(self.array("attention_sum"), chunk, arrays["attention_sum"])])
         self.done[chunk] = True
 
     def finalize(self) -> None:
