@@ -62,16 +62,17 @@ def _write_together(writes: list[tuple[zarr.Array, Any, np.ndarray]]) -> None:
 
     Their chunks are encoded and stored concurrently instead of one array after another (two
     image chunks of a 64-d model: 48 ms against 65 ms, each array's write waiting on the file
-    system in turn). Every write is let finish before the first error is raised, so none is
-    still running when the caller retries.
+    system in turn). Every write is let finish before the first error is raised (naming its
+    array), so none is still running when the caller retries.
     """
     async def write_all() -> list[Any]:
         return await asyncio.gather(*(array.async_array.setitem(selection, value) for array, selection, value in writes),
                                     return_exceptions=True)
 
-    errors = [r for r in sync(write_all()) if isinstance(r, BaseException)]
-    if errors:
-        raise errors[0]
+    for (array, _, value), result in zip(writes, sync(write_all())):
+        if isinstance(result, BaseException):
+            raise StoreError(f"writing {array.path} (shape {array.shape}) from an array of shape "
+                             f"{np.shape(value)} failed: {result}") from result
 
 
 def chunk_bounds(chunk: int, chunk_images: int, n_images: int) -> tuple[int, int]:

@@ -92,3 +92,17 @@ def test_validator_reports_missing_and_misshapen_arrays(tmp_path):
     assert any("tokens is missing" in p for p in problems)
     assert any("class_tokens has shape" in p for p in problems)
     assert json.dumps(problems)
+
+
+def test_a_failed_chunk_write_finishes_the_others_and_stays_pending(tmp_path):
+    """The arrays of a chunk are written together; one bad array fails the chunk as a whole:
+    the error is raised after the other writes are done, and the chunk's done flag stays off."""
+    _, _, target = _fill(tmp_path)
+    arrays = _chunk_arrays(CHUNK, 7)
+    arrays["tokens"] = arrays["tokens"][:, :-1]  # one image short
+    with pytest.raises(StoreError, match="models/m/synthetic/val/tokens"):
+        target.write_chunk(0, arrays)
+    assert target.pending_chunks() == [0, 1, 2]
+    assert target.features("keys")[2, CHUNK - 1, 0, 0, 0] == 7  # the good writes were not cut short
+    target.write_chunk(0, _chunk_arrays(CHUNK, 8))  # the retry writes the chunk whole
+    assert target.pending_chunks() == [1, 2] and target.features("tokens")[0, 0, 0, 0, 0] == -8
