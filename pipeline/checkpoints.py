@@ -3,7 +3,8 @@
 Files are read with safetensors or ``torch.load(weights_only=True)``; never with plain pickle.
 Each family whose official checkpoints are not timm's own names an adapter here; the adapter
 renames keys, and timm's own ``checkpoint_filter_fn`` of the architecture then resamples
-position embeddings to the input size, so loading can stay strict.
+position embeddings to the input size, so loading can stay strict. A classification head,
+which the headless models here have no use for, is dropped as timm drops it.
 """
 from __future__ import annotations
 
@@ -104,7 +105,22 @@ def adapt_state_dict(state: StateDict, adapter: str, model: torch.nn.Module) -> 
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
-    return state
+    return _without_unused_classifier(state, model)
+
+
+def _without_unused_classifier(state: StateDict, model: torch.nn.Module) -> StateDict:
+    """Drop the classification head's weight and bias when ``model`` is built without one.
+
+    rep-pipeline builds every model with ``num_classes=0``; a checkpoint saved with its head
+    (supervised ViT, OpenCLIP's projection) then carries keys the model has no place for.
+    timm's own pretrained loading drops exactly these; every other key stays strict.
+    """
+    if getattr(model, "num_classes", None) != 0:
+        return state
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    unused = {f"{name}.{param}" for name in names for param in ("weight", "bias")}
+    return {key: value for key, value in state.items() if key not in unused}
 
 
 def load_weights_file(model: torch.nn.Module, path: str | Path, adapter: str) -> None:

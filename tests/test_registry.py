@@ -60,6 +60,26 @@ def test_safetensors_round_trip_and_pos_embed_resampling(tmp_path):
     torch.testing.assert_close(loaded.model.blocks[2].attn.qkv.weight, src.blocks[2].attn.qkv.weight)
 
 
+@pytest.mark.parametrize("name,arch", [("tiny-vit", "vit_base_patch16_224"), ("tiny-dinov3", "vit_base_patch16_dinov3")])
+def test_checkpoint_with_classification_head_loads(tmp_path, name, arch):
+    # a timm checkpoint saved with its classifier (as the hub's supervised ViT weights are):
+    # the head is dropped, every other tensor must still fit
+    headless = build_model(name, "random", seed=7)
+    overrides = dict(get_spec(name).overrides, img_size=headless.input_size)
+    src = timm.create_model(arch, pretrained=False, num_classes=10, **overrides)
+    src.load_state_dict(headless.model.state_dict(), strict=False)
+    state = src.state_dict()
+    assert {"head.weight", "head.bias"} <= set(state)
+    path = tmp_path / "with_head.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    loaded = build_model(name, str(path))
+    assert loaded.weights_sha256 == headless.weights_sha256
+    state["blocks.0.extra"] = torch.ones(1)  # anything else unknown is still refused
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.extra"):
+        build_model(name, str(path))
+
+
 @pytest.mark.parametrize("adapter,prefix,extra", [
     ("mocov3", "module.base_encoder.", {"module.base_encoder.head.0.weight": torch.ones(3),
                                        "module.momentum_encoder.cls_token": torch.ones(1)}),
