@@ -250,7 +250,9 @@ def store_info(path: Path = typer.Argument(..., help="Feature store directory.")
                     "ratio", title=f"{path}: models", title_justify="left")
     for m in info["models"]:
         layers = m["layers"]
-        span = f"{len(layers)} ({layers[0]}..{layers[-1]})" if layers else "-"
+        contiguous = layers == list(range(layers[0], layers[-1] + 1)) if layers else False
+        span = (f"{len(layers)} ({layers[0]}..{layers[-1]})" if contiguous else
+                f"{len(layers)} ({','.join(map(str, layers))})" if layers else "-")
         m_table.add_row(m["model"], f"{m['dataset']}/{m['split']}", m["weights"], span, ",".join(m["embeddings"]),
                         f"{m['grid']}x{m['grid']} x {m['embed_dim']}",
                         f"{m['chunks_done']}/{m['chunks']}" + ("" if m["finished"] else " (unfinished)"),

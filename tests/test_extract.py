@@ -180,6 +180,7 @@ def test_cli_extract_and_store_info(ray_local, tmp_path):
     assert "3 of 1 chunks" not in res.output and "wrote 6 images" in res.output
     info = runner.invoke(app, ["store", "info", str(store)])
     assert info.exit_code == 0 and "tiny-dinov3" in info.output and "layout valid" in info.output
+    assert "2 (1..2)" in info.output, info.output  # the chosen layers, as a range when they are one
     bad = runner.invoke(app, ["extract", "--model", "tiny-vit", "--weights", "random", "--dataset", "voc",
                               "--data-root", str(tmp_path / "nowhere"), "--store", str(store)])
     assert bad.exit_code == 2 and "nowhere" in bad.output
