@@ -45,6 +45,15 @@ def _parse_options(options: list[str]) -> dict[str, Any]:
     return out
 
 
+def _layer_span(layers: list[int]) -> str:
+    """``4 (0..3)`` for a range of blocks, ``3 (0,5,11)`` for any other choice."""
+    if not layers:
+        return "-"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"{len(layers)} ({layers[0]}..{layers[-1]})"
+    return f"{len(layers)} ({','.join(map(str, layers))})"
+
+
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
@@ -249,11 +258,7 @@ def store_info(path: Path = typer.Argument(..., help="Feature store directory.")
     m_table = Table("model", "data", "weights", "layers", "embeddings", "grid x dim", "chunks done", "stored",
                     "ratio", title=f"{path}: models", title_justify="left")
     for m in info["models"]:
-        layers = m["layers"]
-        contiguous = layers == list(range(layers[0], layers[-1] + 1)) if layers else False
-        span = (f"{len(layers)} ({layers[0]}..{layers[-1]})" if contiguous else
-                f"{len(layers)} ({','.join(map(str, layers))})" if layers else "-")
-        m_table.add_row(m["model"], f"{m['dataset']}/{m['split']}", m["weights"], span, ",".join(m["embeddings"]),
+        m_table.add_row(m["model"], f"{m['dataset']}/{m['split']}", m["weights"], _layer_span(m["layers"]), ",".join(m["embeddings"]),
                         f"{m['grid']}x{m['grid']} x {m['embed_dim']}",
                         f"{m['chunks_done']}/{m['chunks']}" + ("" if m["finished"] else " (unfinished)"),
                         _size(m["bytes_stored"]), f"{m['bytes_raw'] / max(m['bytes_stored'], 1):.2f}x")
