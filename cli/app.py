@@ -183,11 +183,11 @@ def query(
     limit: int = typer.Option(50, help="Rows to print at most."),
 ) -> None:
     """Run read-only SQL over the result tables with DuckDB."""
-    from pipeline.query import run_query
+    from pipeline.query import fetch_rows
 
-    rel = run_query(results, sql)
-    table = Table(*rel.columns)
-    for row in rel.limit(limit).fetchall():
+    columns, rows = fetch_rows(results, sql, limit)
+    table = Table(*columns)
+    for row in rows:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
     console.print(table)
 

@@ -14,6 +14,10 @@ class ConfigError(RepPipelineError, ValueError):
     """An option or config value is invalid; the message lists what is allowed."""
 
 
+class QueryError(ConfigError):
+    """SQL given to ``rep-pipeline query`` does not parse, bind or run."""
+
+
 class UnknownModelError(ConfigError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])

@@ -7,7 +7,7 @@ import duckdb
 
 from storage_schemas.tables import SCHEMAS
 
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, QueryError, StoreError
 
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
@@ -32,8 +32,24 @@ def connect(results: str | Path) -> duckdb.DuckDBPyConnection:
 def run_query(results: str | Path, sql: str) -> duckdb.DuckDBPyRelation:
     """Run one read-only statement (SELECT, WITH ... SELECT, EXPLAIN) against the views."""
     con = connect(results)
-    statements = con.extract_statements(sql)
-    if len(statements) != 1 or statements[0].type not in ALLOWED:
-        raise ConfigError("rep-pipeline query runs one read-only statement (SELECT or EXPLAIN); "
-                          f"tables: {', '.join(SCHEMAS)}")
-    return con.sql(sql)
+    try:
+        statements = con.extract_statements(sql)
+        if len(statements) != 1 or statements[0].type not in ALLOWED:
+            raise ConfigError("rep-pipeline query runs one read-only statement (SELECT or EXPLAIN); "
+                              f"tables: {', '.join(SCHEMAS)}")
+        return con.sql(sql)
+    except duckdb.Error as exc:
+        raise _query_error(exc) from exc
+
+
+def fetch_rows(results: str | Path, sql: str, limit: int) -> tuple[list[str], list[tuple]]:
+    """The column names and at most ``limit`` rows of ``run_query``; errors while running too."""
+    relation = run_query(results, sql)
+    try:
+        return relation.columns, relation.limit(limit).fetchall()
+    except duckdb.Error as exc:  # some only show when the rows are computed (casts, overflow)
+        raise _query_error(exc) from exc
+
+
+def _query_error(exc: duckdb.Error) -> QueryError:
+    return QueryError(f"query failed: {exc} (tables: {', '.join(SCHEMAS)})")

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ClusterConfig, EvaluateConfig, ExtractConfig
-from pipeline.errors import ConfigError, StoreError
-from pipeline.query import run_query
+from pipeline.errors import ConfigError, QueryError, StoreError
+from pipeline.query import fetch_rows, run_query
 from pipeline.store import FeatureStore, MapStore
 from stages import metrics
 from stages.cluster import run_cluster
@@ -122,6 +122,12 @@ def test_query_is_read_only_and_errors_are_clear(evaluated, tmp_path):
         run_query(cfg.results, "COPY (SELECT 1) TO 'x.csv'")
     with pytest.raises(StoreError, match="does not exist"):
         run_query(tmp_path / "nothing", "SELECT 1")
+    with pytest.raises(QueryError, match=r"(?s)nope.*tables: .*segmentation"):  # binding
+        run_query(cfg.results, "SELECT nope FROM segmentation")
+    with pytest.raises(QueryError, match="syntax"):  # parsing
+        run_query(cfg.results, "SELEC miou FROM segmentation")
+    with pytest.raises(QueryError, match="Could not convert"):  # only when the rows are computed
+        fetch_rows(cfg.results, "SELECT embedding::INTEGER FROM segmentation", 5)
     with pytest.raises(StoreError, match="no model features on split 'test'"):
         run_evaluate(EvaluateConfig(store=cfg.store, split="test", results=tmp_path), progress=False)
 
