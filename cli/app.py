@@ -258,7 +258,8 @@ def store_info(path: Path = typer.Argument(..., help="Feature store directory.")
     m_table = Table("model", "data", "weights", "layers", "embeddings", "grid x dim", "chunks done", "stored",
                     "ratio", title=f"{path}: models", title_justify="left")
     for m in info["models"]:
-        m_table.add_row(m["model"], f"{m['dataset']}/{m['split']}", m["weights"], _layer_span(m["layers"]), ",".join(m["embeddings"]),
+        m_table.add_row(m["model"], f"{m['dataset']}/{m['split']}", m["weights"], _layer_span(m["layers"]),
+                        ",".join(m["embeddings"]),
                         f"{m['grid']}x{m['grid']} x {m['embed_dim']}",
                         f"{m['chunks_done']}/{m['chunks']}" + ("" if m["finished"] else " (unfinished)"),
                         _size(m["bytes_stored"]), f"{m['bytes_raw'] / max(m['bytes_stored'], 1):.2f}x")

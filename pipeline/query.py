@@ -7,9 +7,10 @@ import duckdb
 
 from storage_schemas.tables import SCHEMAS
 
-from .errors import ConfigError, QueryError, StoreError
+from .errors import QueryError, StoreError
 
 ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+_TABLES = f"tables: {', '.join(SCHEMAS)}"
 
 
 def connect(results: str | Path) -> duckdb.DuckDBPyConnection:
@@ -35,8 +36,7 @@ def run_query(results: str | Path, sql: str) -> duckdb.DuckDBPyRelation:
     try:
         statements = con.extract_statements(sql)
         if len(statements) != 1 or statements[0].type not in ALLOWED:
-            raise ConfigError("rep-pipeline query runs one read-only statement (SELECT or EXPLAIN); "
-                              f"tables: {', '.join(SCHEMAS)}")
+            raise QueryError(f"rep-pipeline query runs one read-only statement (SELECT or EXPLAIN); {_TABLES}")
         return con.sql(sql)
     except duckdb.Error as exc:
         raise _query_error(exc) from exc
@@ -52,4 +52,4 @@ def fetch_rows(results: str | Path, sql: str, limit: int) -> tuple[list[str], li
 
 
 def _query_error(exc: duckdb.Error) -> QueryError:
-    return QueryError(f"query failed: {exc} (tables: {', '.join(SCHEMAS)})")
+    return QueryError(f"query failed: {exc} ({_TABLES})")

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import ClusterConfig, EvaluateConfig, ExtractConfig
-from pipeline.errors import ConfigError, QueryError, StoreError
+from pipeline.errors import QueryError, StoreError
 from pipeline.query import fetch_rows, run_query
 from pipeline.store import FeatureStore, MapStore
 from stages import metrics
@@ -118,7 +118,7 @@ def test_readme_queries_run(evaluated):
 
 def test_query_is_read_only_and_errors_are_clear(evaluated, tmp_path):
     cfg, _ = evaluated
-    with pytest.raises(ConfigError, match="read-only"):
+    with pytest.raises(QueryError, match="read-only"):
         run_query(cfg.results, "COPY (SELECT 1) TO 'x.csv'")
     with pytest.raises(StoreError, match="does not exist"):
         run_query(tmp_path / "nothing", "SELECT 1")

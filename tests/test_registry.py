@@ -60,7 +60,8 @@ def test_safetensors_round_trip_and_pos_embed_resampling(tmp_path):
     torch.testing.assert_close(loaded.model.blocks[2].attn.qkv.weight, src.blocks[2].attn.qkv.weight)
 
 
-@pytest.mark.parametrize("name,arch", [("tiny-vit", "vit_base_patch16_224"), ("tiny-dinov3", "vit_base_patch16_dinov3")])
+@pytest.mark.parametrize("name,arch", [("tiny-vit", "vit_base_patch16_224"),
+                                       ("tiny-dinov3", "vit_base_patch16_dinov3")])
 def test_checkpoint_with_classification_head_loads(tmp_path, name, arch):
     # a timm checkpoint saved with its classifier (as the hub's supervised ViT weights are):
     # the head is dropped, every other tensor must still fit
