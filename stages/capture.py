@@ -62,31 +62,57 @@ class CaptureSpec:
     compile_statistics: bool = False  # fuse the attention statistics with torch.compile
 
 
-def _softmax_statistics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(softmax, its log-sum-exp, I(K, Q) per head, head mean) of logits (..., heads, P, P).
+def _mutual_information(logits: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(I(K, Q) per head, log-sum-exp per row) of logits (..., heads, P, P), attn their softmax.
 
     With A = softmax(logits), P(q, k) = A[q, k] / P, P(q) = 1/P and P(k) = mean_q A[q, k], the
     mutual information (natural log) is H(K) - mean_q H(A[q, :]): log P for identity attention,
     0 for uniform attention. Since log A[q, k] = logits[q, k] - lse_q, each row entropy is
     lse_q - sum_k A[q, k] logits[q, k], and lse_q = max_k logits[q, k] - log max_k A[q, k]: no
-    logarithm of the (heads, P, P) matrix is taken (that alone was half the cost).
+    logarithm of the (heads, P, P) matrix is taken (that alone was half the cost). The
+    product A * logits is formed in the logits' own memory: ``logits`` is overwritten.
     """
-    attn = logits.softmax(dim=-1)
     lse = logits.amax(dim=-1) - attn.amax(dim=-1).log()
-    h_rows = lse - torch.linalg.vecdot(attn, logits)
+    h_rows = lse - logits.mul_(attn).sum(-1)
     p_k = attn.mean(dim=-2)
-    h_k = -torch.special.xlogy(p_k, p_k).sum(-1)
-    return attn, lse, h_k - h_rows.mean(-1), attn.mean(dim=-3)
+    return -torch.special.xlogy(p_k, p_k).sum(-1) - h_rows.mean(-1), lse
 
 
 def attention_statistics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(I(K, Q) per head, head-averaged attention) of patch attention logits (..., heads, P, P)."""
-    _, _, mi, mean = _softmax_statistics(logits)
-    return mi, mean
+    attn = logits.softmax(dim=-1)
+    mi, _ = _mutual_information(logits.clone(), attn)
+    return mi, attn.mean(dim=-3)
 
 
-def patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                    npt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class Scratch:
+    """Scratch tensors kept by name and handed out again on the next call.
+
+    The statistics' (heads, P, P) temporaries are megabytes per image and layer (2.5 MB for a
+    64-d model's 4 x 400 x 400). Allocated afresh each time, malloc gave them back to the OS
+    and the next one was faulted in page by page, which cost more than the arithmetic: on a
+    64-d model the softmax ran at 0.55 ms instead of 0.2 and the entropies' product at 0.5
+    instead of 0.05. ``Scratch(reuse=False)`` hands out ``None``: the op allocates (what
+    torch.compile wants).
+    """
+
+    def __init__(self, reuse: bool = True):
+        self.reuse = reuse
+        self._tensors: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, shape: tuple[int, ...], like: torch.Tensor,
+                 dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        if not self.reuse:
+            return None
+        dtype = dtype or like.dtype
+        t = self._tensors.get(name)
+        if t is None or t.shape != shape or t.dtype != dtype or t.device != like.device:
+            t = self._tensors[name] = torch.empty(shape, dtype=dtype, device=like.device)
+        return t
+
+
+def patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, npt: int,
+                    sum_out: torch.Tensor, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's attention output for the patch queries, and the statistics on the way.
 
     ``q``, ``k``, ``v``: (..., heads, N, d), the first ``npt`` tokens the prefix. The softmax
@@ -94,14 +120,25 @@ def patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     with renormalised rows (PROTOCOL.md s. 5), so it is computed once and serves both: the
     statistics read it, and the model's output merges it with the prefix keys' part by their
     log-sum-exps, as flash attention merges key blocks. Returns (y (..., heads, P, d), I(K, Q)
-    (..., heads), head-averaged attention (..., P, P)). This replaces the model's own fused
-    attention: on ViT-B shapes the statistics came to about a quarter of their cost as a
-    second, separate attention; on 64-d models, memory-bound, it gains little (bench/extract.py).
+    (..., heads)) and adds the head-averaged attention, summed over the images, to
+    ``sum_out`` (P, P). This replaces the model's own fused attention: on ViT-B shapes the
+    statistics came to about a quarter of their cost as a second, separate attention; on 64-d
+    models, memory-bound, it gains little (bench/extract.py).
+
+    The entropies use the logits' memory once the softmax has been read from them, and the
+    head average goes into ``sum_out`` as one matrix product, so each pass over the (heads,
+    P, P) attention reads or writes memory that ``scratch`` keeps from one call to the next.
     """
+    scratch = scratch or Scratch(reuse=False)
     q_patch = q[..., npt:, :] * scale
+    P = q_patch.shape[-2]
+    shape = (*q_patch.shape[:-1], P)
     wide = torch.promote_types(q.dtype, torch.float32)  # statistics in float32 at least
-    logits = (q_patch @ k[..., npt:, :].transpose(-2, -1)).to(wide)
-    attn, lse, mi, mean = _softmax_statistics(logits)
+    logits = torch.matmul(q_patch, k[..., npt:, :].transpose(-2, -1), out=scratch("logits", shape, q)).to(wide)
+    attn = torch.softmax(logits, -1, out=scratch("attn", shape, q, wide))
+    mi, lse = _mutual_information(logits, attn)  # the logits are not read again
+    heads = attn.reshape(-1, P * P)  # (images x heads, P * P)
+    sum_out.view(1, -1).addmm_(heads.new_full((1, heads.shape[0]), 1.0 / attn.shape[-3]), heads)
     prefix_logits = (q_patch @ k[..., :npt, :].transpose(-2, -1)).to(wide)  # (..., heads, P, npt)
     top = torch.maximum(lse, prefix_logits.amax(dim=-1))
     patch_weight = (lse - top).exp()  # the patch keys' share, up to the common normaliser
@@ -109,7 +146,7 @@ def patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     norm = patch_weight + prefix_weight.sum(-1)
     y = (attn.to(v.dtype) @ v[..., npt:, :]) * (patch_weight / norm).unsqueeze(-1).to(v.dtype)
     y += (prefix_weight / norm.unsqueeze(-1)).to(v.dtype) @ v[..., :npt, :]
-    return y, mi, mean
+    return y, mi
 
 
 @functools.cache
@@ -119,7 +156,8 @@ def _compiled() -> Callable:
 
 
 def attention_with_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, npt: int,
-                              mi_out: torch.Tensor, sum_out: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+                              mi_out: torch.Tensor, sum_out: torch.Tensor, compiled: bool = False,
+                              scratch: Scratch | None = None) -> torch.Tensor:
     """The model's attention (B, heads, N, d) of q, k, v, with the statistics written on the way.
 
     ``mi_out`` (B, heads) gets I(K, Q) per image and head, ``sum_out`` (P, P) the head-averaged
@@ -131,11 +169,10 @@ def attention_with_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     y = torch.empty_like(v)
     y[:, :, :npt] = F.scaled_dot_product_attention(q[:, :, :npt], k, v, scale=scale)
     step = 1 if q.device.type == "cpu" else B
-    attend = _compiled() if compiled else patch_attention
+    attend = _compiled() if compiled else functools.partial(patch_attention, scratch=scratch)
     for b in range(0, B, step):
         images = slice(b, b + step)
-        y[images, :, npt:], mi_out[images], mean = attend(q[images], k[images], v[images], scale, npt)
-        sum_out += mean.sum(0)
+        y[images, :, npt:], mi_out[images] = attend(q[images], k[images], v[images], scale, npt, sum_out)
     return y
 
 
@@ -165,6 +202,7 @@ class FeatureCapture:
                     f"which has no capture tap (known: {', '.join(t.__name__ for t in ATTENTION_TAPS)})"
                 )
         self._qkv_wanted = tuple(e for e in ("queries", "keys", "values") if e in spec.embeddings)
+        self._scratch = Scratch()  # the statistics' temporaries, reused by every layer and batch
 
     def _allocate(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
         lm, L = self.loaded, len(self.spec.layers)
@@ -229,7 +267,7 @@ class FeatureCapture:
                 t = kept[emb][:, :, npt:].transpose(1, 2)
                 out[emb][slot].view(t.shape).copy_(t)
             y = attention_with_statistics(q_rot, k_rot, v, attn.scale, npt, out["attention_mi"][slot],
-                                          out["attention_sum"][slot], compiled)
+                                          out["attention_sum"][slot], compiled, self._scratch)
             y = attn.norm(y.transpose(1, 2).reshape(B, N, -1))
             if gate is not None:
                 y = y * gate

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 
 from pipeline.registry import build_model
-from stages.capture import CaptureSpec, FeatureCapture, attention_statistics, patch_attention
+from stages.capture import CaptureSpec, FeatureCapture, Scratch, attention_statistics, patch_attention
 
 from .conftest import TINY_MODELS
 
@@ -154,11 +154,15 @@ def test_patch_attention_equals_the_models_attention(npt, sink):
     q, k, v = (torch.randn(2, h, n, d, dtype=torch.float64) for _ in range(3))
     k[:, :, :npt] = q[:, :, npt:].mean(2, keepdim=True) * sink / d  # prefix logits ~ +sink
     scale = d ** -0.5
-    y, mi, mean = patch_attention(q, k, v, scale, npt)
     want = F.scaled_dot_product_attention(q, k, v, scale=scale)[:, :, npt:]
-    torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-10)
     logits = (q[:, :, npt:] * scale) @ k[:, :, npt:].transpose(-1, -2)
-    torch.testing.assert_close((mi, mean), attention_statistics(logits))
+    want_mi, want_mean = attention_statistics(logits)
+    scratch = Scratch()
+    for kept in (None, scratch, scratch):  # fresh temporaries, then the same memory twice
+        sum_out = torch.zeros(36, 36, dtype=torch.float64)
+        y, mi = patch_attention(q, k, v, scale, npt, sum_out, kept)
+        torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close((mi, sum_out), (want_mi, want_mean.sum(0)))
 
 
 def test_only_requested_layers_and_embeddings_are_captured():
