@@ -158,11 +158,12 @@ def test_patch_attention_equals_the_models_attention(npt, sink):
     logits = (q[:, :, npt:] * scale) @ k[:, :, npt:].transpose(-1, -2)
     want_mi, want_mean = attention_statistics(logits)
     scratch = Scratch()
-    for kept in (None, scratch, scratch):  # fresh temporaries, then the same memory twice
+    # fresh temporaries, then the same memory twice, then a smaller batch (new shapes)
+    for kept, b in ((None, 2), (scratch, 2), (scratch, 2), (scratch, 1)):
         sum_out = torch.zeros(36, 36, dtype=torch.float64)
-        y, mi = patch_attention(q, k, v, scale, npt, sum_out, kept)
-        torch.testing.assert_close(y, want, atol=1e-12, rtol=1e-10)
-        torch.testing.assert_close((mi, sum_out), (want_mi, want_mean.sum(0)))
+        y, mi = patch_attention(q[:b], k[:b], v[:b], scale, npt, sum_out, kept)
+        torch.testing.assert_close(y, want[:b], atol=1e-12, rtol=1e-10)
+        torch.testing.assert_close((mi, sum_out), (want_mi[:b], want_mean[:b].sum(0)))
 
 
 def test_only_requested_layers_and_embeddings_are_captured():
