@@ -108,7 +108,8 @@ def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str,
         ratio = {label: statistics.median(r) for label, r in per_round.items()}
         bare_s, full_s = statistics.median(timings["bare"]), statistics.median(timings["extract"])
         return {"bare_img_s": n_images / bare_s, "extract_img_s": n_images / full_s, "ratio": ratio["extract"],
-                "ratio_range": (min(per_round["extract"]), max(per_round["extract"])), "capture": ratio["capture"], "write": ratio["write"], "stored_mb_per_image": mb}
+                "ratio_range": (min(per_round["extract"]), max(per_round["extract"])),
+                "capture": ratio["capture"], "write": ratio["write"], "stored_mb_per_image": mb}
 
 
 def _features_cast(ex: Extractor, images, ids, cast):
@@ -131,13 +132,14 @@ def main() -> None:
     args = parser.parse_args()
     print(f"device={args.device} dtype={args.dtype} images={args.images} batch={args.batch} "
           f"threads={torch.get_num_threads()} compile_statistics={args.compile_statistics}")
-    print(f"{'model':18s} {'bare img/s':>11s} {'extract img/s':>14s} {'ratio':>7s} {'rounds':>11s} {'capture':>8s} {'write':>6s} "
-          f"{'MB/img stored':>14s}")
+    print(f"{'model':18s} {'bare img/s':>11s} {'extract img/s':>14s} {'ratio':>7s} {'rounds':>11s} {'capture':>8s} "
+          f"{'write':>6s} {'MB/img stored':>14s}")
     for name in args.models.split(","):
         r = bench_model(name, args.images, args.batch, args.repeats, args.device, args.dtype,
                         args.compile_statistics)
-        print(f"{name:18s} {r['bare_img_s']:11.2f} {r['extract_img_s']:14.2f} {r['ratio']:7.2f} {'%.2f-%.2f' % r['ratio_range']:>11s} {r['capture']:8.2f} "
-              f"{r['write']:6.2f} {r['stored_mb_per_image']:14.2f}", flush=True)
+        rounds = "%.2f-%.2f" % r["ratio_range"]
+        print(f"{name:18s} {r['bare_img_s']:11.2f} {r['extract_img_s']:14.2f} {r['ratio']:7.2f} {rounds:>11s} "
+              f"{r['capture']:8.2f} {r['write']:6.2f} {r['stored_mb_per_image']:14.2f}", flush=True)
 
 
 if __name__ == "__main__":
