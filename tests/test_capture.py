@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 
 from pipeline.registry import build_model
-from stages.capture import CaptureSpec, FeatureCapture, Scratch, attention_statistics, patch_attention
+from stages.capture import (CaptureSpec, FeatureCapture, Scratch, _log_normaliser, attention_statistics,
+                            patch_attention)
 
 from .conftest import TINY_MODELS
 
@@ -142,6 +143,21 @@ def test_mutual_information_equals_its_definition_on_random_logits():
     p_q, p_k = joint.sum(-1, keepdim=True), joint.sum(-2, keepdim=True)
     definition = (joint * torch.log(joint / (p_q * p_k))).sum((-1, -2))
     torch.testing.assert_close(attention_statistics(logits)[0], definition, atol=1e-10, rtol=1e-10)
+
+
+def test_log_normaliser_holds_where_the_first_key_underflows():
+    """lse read off key 0, and off the row maxima where A[q, 0] is zero or subnormal in float32."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 40, 40) * 4
+    logits[0, :, ::3, 0] = -300.0  # A[q, 0] = 0
+    logits[1, :, 1::3, 0] = logits[1, :, 1::3].amax(-1) - 95.0  # A[q, 0] ~ 5e-42, subnormal
+    attn = logits.softmax(-1)
+    lse = _log_normaliser(logits, attn)
+    torch.testing.assert_close(lse, logits.double().logsumexp(-1).float(), atol=2e-5, rtol=1e-6)
+    a = logits.double().softmax(-1)
+    joint = a / a.shape[-1]
+    definition = (joint * torch.log(joint / (joint.sum(-1, keepdim=True) * joint.sum(-2, keepdim=True)))).nan_to_num()
+    torch.testing.assert_close(attention_statistics(logits)[0].double(), definition.sum((-1, -2)), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("npt", [1, 5])
