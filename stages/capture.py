@@ -84,26 +84,22 @@ def _log_normaliser(logits: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     return lse
 
 
-def _mutual_information(logits: torch.Tensor, attn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(I(K, Q) per head, log-sum-exp per row) of logits (..., heads, P, P), attn their softmax.
+def _mutual_information(lse: torch.Tensor, weighted: torch.Tensor, p_k: torch.Tensor) -> torch.Tensor:
+    """I(K, Q) per head from three reductions (..., heads, P) of the attention A = softmax(logits).
 
-    With A = softmax(logits), P(q, k) = A[q, k] / P, P(q) = 1/P and P(k) = mean_q A[q, k], the
-    mutual information (natural log) is H(K) - mean_q H(A[q, :]): log P for identity attention,
-    0 for uniform attention. Since log A[q, k] = logits[q, k] - lse_q, each row entropy is
-    lse_q - sum_k A[q, k] logits[q, k] (``_log_normaliser`` gives lse_q): no logarithm of the
-    (heads, P, P) matrix is taken (that alone was half the cost). The product A * logits is
-    formed in the logits' own memory: ``logits`` is overwritten.
+    With P(q, k) = A[q, k] / P, P(q) = 1/P and P(k) = mean_q A[q, k] (``p_k``), the mutual
+    information (natural log) is H(K) - mean_q H(A[q, :]): log P for identity attention, 0 for
+    uniform attention. Since log A[q, k] = logits[q, k] - lse_q, each row entropy is lse_q -
+    sum_k A[q, k] logits[q, k] (``lse`` from ``_log_normaliser``, ``weighted`` the sum): no
+    logarithm of the (heads, P, P) matrix is taken (that alone was half the cost).
     """
-    lse = _log_normaliser(logits, attn)
-    h_rows = lse - logits.mul_(attn).sum(-1)
-    p_k = attn.mean(dim=-2)
-    return -torch.special.xlogy(p_k, p_k).sum(-1) - h_rows.mean(-1), lse
+    return -torch.special.xlogy(p_k, p_k).sum(-1) - (lse - weighted).mean(-1)
 
 
 def attention_statistics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(I(K, Q) per head, head-averaged attention) of patch attention logits (..., heads, P, P)."""
     attn = logits.softmax(dim=-1)
-    mi, _ = _mutual_information(logits.clone(), attn)
+    mi = _mutual_information(_log_normaliser(logits, attn), (attn * logits).sum(-1), attn.mean(dim=-2))
     return mi, attn.mean(dim=-3)
 
 
@@ -135,39 +131,54 @@ def _fresh(*_args, **_kwargs) -> None:
 
 
 def patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, npt: int,
-                    sum_out: torch.Tensor, scratch: Scratch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    sum_out: torch.Tensor, scratch: Scratch | None = None,
+                    images_per_step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's attention output for the patch queries, and the statistics on the way.
 
-    ``q``, ``k``, ``v``: (..., heads, N, d), the first ``npt`` tokens the prefix. The softmax
+    ``q``, ``k``, ``v``: (B, heads, N, d), the first ``npt`` tokens the prefix. The softmax
     of the patch queries over the patch keys *is* the patch block of the model's attention
     with renormalised rows (PROTOCOL.md s. 5), so it is computed once and serves both: the
     statistics read it, and the model's output merges it with the prefix keys' part by their
-    log-sum-exps, as flash attention merges key blocks. Returns (y (..., heads, P, d), I(K, Q)
-    (..., heads)) and adds the head-averaged attention, summed over the images, to
-    ``sum_out`` (P, P). This replaces the model's own fused attention: on ViT-B shapes the
-    statistics came to about a quarter of their cost as a second, separate attention; on 64-d
-    models, memory-bound, it gains little (bench/extract.py).
+    log-sum-exps, as flash attention merges key blocks. Returns (y (B, heads, P, d), I(K, Q)
+    (B, heads)) and adds the head-averaged attention, summed over the images, to ``sum_out``
+    (P, P). This replaces the model's own fused attention: on ViT-B shapes the statistics
+    came to about a quarter of their cost as a second, separate attention; on 64-d models,
+    memory-bound, it gains little (bench/extract.py).
 
-    The entropies use the logits' memory once the softmax has been read from them, and the
-    head average goes into ``sum_out`` as one matrix product, so each pass over the (heads,
-    P, P) attention reads or writes memory that ``scratch`` keeps from one call to the next.
+    Only what reads the (heads, P, P) attention runs ``images_per_step`` images at a time
+    (default all): one image on a CPU keeps it in cache. Everything else (the row entropies
+    and column means reduced to I(K, Q), the prefix merge) runs once on the whole batch; as
+    steps of their own per image their dispatch cost about a tenth of the sweep on a 64-d
+    model. The entropies use the logits' memory once the softmax has been read from them,
+    and the head average goes into ``sum_out`` as one matrix product, so each pass over the
+    attention reads or writes memory that ``scratch`` keeps from one call to the next.
     """
     scratch = scratch or _fresh
     q_patch = q[..., npt:, :] * scale
-    P = q_patch.shape[-2]
-    shape = (*q_patch.shape[:-1], P)
+    keys_t, values = k[..., npt:, :].transpose(-2, -1), v[..., npt:, :]
+    B, H, P, _ = q_patch.shape
+    step = images_per_step or B
     wide = torch.promote_types(q.dtype, torch.float32)  # statistics in float32 at least
-    logits = torch.matmul(q_patch, k[..., npt:, :].transpose(-2, -1), out=scratch("logits", shape, q)).to(wide)
-    attn = torch.softmax(logits, -1, out=scratch("attn", shape, q, wide))
-    mi, lse = _mutual_information(logits, attn)  # the logits are not read again
-    heads = attn.reshape(-1, P * P)  # (images x heads, P * P)
-    sum_out.view(1, -1).addmm_(heads.new_full((1, heads.shape[0]), 1.0 / attn.shape[-3]), heads)
+    lse, weighted, p_k = q.new_empty((3, B, H, P), dtype=wide).unbind(0)
+    y = torch.empty_like(values)
+    head_mean = q.new_full((1, step * H), 1.0 / H, dtype=wide)
+    for b in range(0, B, step):
+        images = slice(b, b + step)
+        shape = (min(step, B - b), H, P, P)
+        logits = torch.matmul(q_patch[images], keys_t[images], out=scratch("logits", shape, q)).to(wide)
+        attn = torch.softmax(logits, -1, out=scratch("attn", shape, q, wide))
+        lse[images] = _log_normaliser(logits, attn)
+        torch.sum(logits.mul_(attn), -1, out=weighted[images])  # the logits are not read again
+        torch.mean(attn, -2, out=p_k[images])
+        sum_out.view(1, -1).addmm_(head_mean[:, :shape[0] * H], attn.view(-1, P * P))
+        torch.matmul(attn.to(v.dtype), values[images], out=y[images])
+    mi = _mutual_information(lse, weighted, p_k)
     # To the model's softmax the patch keys are one key with logit lse (their log-sum-exp): a
     # softmax over [prefix logits; lse] weighs each prefix key and the patch block as a whole.
     # Laid out (npt + 1, P), as a softmax over a short last axis is ten times slower.
-    prefix_logits = (k[..., :npt, :] @ q_patch.transpose(-2, -1)).to(wide)  # (..., heads, npt, P)
+    prefix_logits = (k[..., :npt, :] @ q_patch.transpose(-2, -1)).to(wide)  # (B, heads, npt, P)
     share = torch.cat((prefix_logits, lse.unsqueeze(-2)), -2).softmax(-2).to(v.dtype)
-    y = (attn.to(v.dtype) @ v[..., npt:, :]).mul_(share[..., npt, :].unsqueeze(-1))
+    y.mul_(share[..., npt, :].unsqueeze(-1))
     y += share[..., :npt, :].transpose(-2, -1) @ v[..., :npt, :]
     return y, mi
 
@@ -184,18 +195,21 @@ def attention_with_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """The model's attention (B, heads, N, d) of q, k, v, with the statistics written on the way.
 
     ``mi_out`` (B, heads) gets I(K, Q) per image and head, ``sum_out`` (P, P) the head-averaged
-    patch attention summed over the images. On a CPU one image at a time, so the (heads, P, P)
-    temporaries stay in cache (half the time of the whole batch at once); on a GPU the batch.
+    patch attention summed over the images. On a CPU the attention is formed one image at a
+    time, so the (heads, P, P) temporaries stay in cache (half the time of the whole batch at
+    once); on a GPU for the batch. Compiled, each such step is one call of the fused kernels.
     The prefix queries' rows are the model's own fused attention over all keys.
     """
     B = q.shape[0]
     y = torch.empty_like(v)
     y[:, :, :npt] = F.scaled_dot_product_attention(q[:, :, :npt], k, v, scale=scale)
     step = 1 if q.device.type == "cpu" else B
-    attend = _compiled() if compiled else functools.partial(patch_attention, scratch=scratch)
+    if not compiled:
+        y[:, :, npt:], mi_out[:] = patch_attention(q, k, v, scale, npt, sum_out, scratch, images_per_step=step)
+        return y
     for b in range(0, B, step):
         images = slice(b, b + step)
-        y[images, :, npt:], mi_out[images] = attend(q[images], k[images], v[images], scale, npt, sum_out)
+        y[images, :, npt:], mi_out[images] = _compiled()(q[images], k[images], v[images], scale, npt, sum_out)
     return y
 
 

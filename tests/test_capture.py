@@ -162,12 +162,14 @@ def test_log_normaliser_holds_where_the_first_key_underflows():
 
 @pytest.mark.parametrize("npt", [1, 5])
 @pytest.mark.parametrize("sink", [0.0, 80.0])
-def test_patch_attention_equals_the_models_attention(npt, sink):
+@pytest.mark.parametrize("images_per_step", [None, 2])
+def test_patch_attention_equals_the_models_attention(npt, sink, images_per_step):
     """The merged patch/prefix softmax is the model's attention, even when the prefix keys take
-    nearly all of it (registers as attention sinks: logits 80 above the patch keys')."""
+    nearly all of it (registers as attention sinks: logits 80 above the patch keys'), for the
+    batch at once and in steps of 2 images (the last step 1)."""
     torch.manual_seed(0)
     h, n, d = 3, npt + 36, 8
-    q, k, v = (torch.randn(2, h, n, d, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(3, h, n, d, dtype=torch.float64) for _ in range(3))
     k[:, :, :npt] = q[:, :, npt:].mean(2, keepdim=True) * sink / d  # prefix logits ~ +sink
     scale = d ** -0.5
     want = F.scaled_dot_product_attention(q, k, v, scale=scale)[:, :, npt:]
@@ -175,9 +177,9 @@ def test_patch_attention_equals_the_models_attention(npt, sink):
     want_mi, want_mean = attention_statistics(logits)
     scratch = Scratch()
     # fresh temporaries, then the same memory twice, then a smaller batch (new shapes)
-    for kept, b in ((None, 2), (scratch, 2), (scratch, 2), (scratch, 1)):
+    for kept, b in ((None, 3), (scratch, 3), (scratch, 3), (scratch, 1)):
         sum_out = torch.zeros(36, 36, dtype=torch.float64)
-        y, mi = patch_attention(q[:b], k[:b], v[:b], scale, npt, sum_out, kept)
+        y, mi = patch_attention(q[:b], k[:b], v[:b], scale, npt, sum_out, kept, images_per_step)
         torch.testing.assert_close(y, want[:b], atol=1e-12, rtol=1e-10)
         torch.testing.assert_close((mi, sum_out), (want_mi[:b], want_mean[:b].sum(0)))
 
