@@ -14,6 +14,8 @@ Two more columns split the cost, each as a fraction of the same bare forward: ``
 the one tapped forward pass with the statistics, finite check and host copy, no write; and
 ``write``, the store write of already captured arrays alone (compression and file system).
 ``write`` is a floor: what the stored bytes cost on this machine, whatever the capture does.
+Under it, ``files``: the same chunk files' bytes (as zarr stored them, compressed) written
+into fresh files with plain ``open``/``write``, what the file system alone takes for them.
 """
 from __future__ import annotations
 
@@ -88,7 +90,15 @@ def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str,
             for chunk, arrays in enumerate(captured):
                 store[1].write_chunk(chunk, arrays)
 
-        runs = {"bare": bare, "extract": full, "capture": capture, "write": write}
+        stored_files: list[bytes] = []  # every chunk file of the model group, from the first write
+
+        def files(path: Path) -> None:
+            path.mkdir()
+            for i, blob in enumerate(stored_files):
+                with open(path / f"c.{i}", "wb") as f:
+                    f.write(blob)
+
+        runs = {"bare": bare, "extract": full, "capture": capture, "write": write, "files": files}
         timings: dict[str, list[float]] = {label: [] for label in runs}
         writes = ("extract", "write")
         for i in range(repeats + 1):  # a warm-up round (allocator, thread pools), then interleaved
@@ -96,11 +106,14 @@ def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str,
                 path = Path(tmp) / f"{label}{i}.zarr"
                 store = new_store(path) if label in writes else None
                 t0 = time.perf_counter()
-                fn(store)
+                fn(path if label == "files" else store)
                 timings[label].append(time.perf_counter() - t0)
                 if label == "write":
                     mb = sum(a.nbytes_stored() for _, a in store[1].group.arrays()) / n_images / 2**20
-                if store is not None:
+                    if not stored_files:
+                        group_dir = path / store[1].group.path
+                        stored_files[:] = [f.read_bytes() for f in sorted(group_dir.rglob("c.*"))]
+                if path.exists():
                     shutil.rmtree(path)
         timings = {label: t[1:] for label, t in timings.items()}
         # each ratio against the bare forward of the same round, then the median over rounds
@@ -109,7 +122,8 @@ def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str,
         bare_s, full_s = statistics.median(timings["bare"]), statistics.median(timings["extract"])
         return {"bare_img_s": n_images / bare_s, "extract_img_s": n_images / full_s, "ratio": ratio["extract"],
                 "ratio_range": (min(per_round["extract"]), max(per_round["extract"])),
-                "capture": ratio["capture"], "write": ratio["write"], "stored_mb_per_image": mb}
+                "capture": ratio["capture"], "write": ratio["write"], "files": ratio["files"],
+                "stored_mb_per_image": mb}
 
 
 def _features_cast(ex: Extractor, images, ids, cast):
@@ -133,13 +147,13 @@ def main() -> None:
     print(f"device={args.device} dtype={args.dtype} images={args.images} batch={args.batch} "
           f"threads={torch.get_num_threads()} compile_statistics={args.compile_statistics}")
     print(f"{'model':18s} {'bare img/s':>11s} {'extract img/s':>14s} {'ratio':>7s} {'rounds':>11s} {'capture':>8s} "
-          f"{'write':>6s} {'MB/img stored':>14s}")
+          f"{'write':>6s} {'files':>6s} {'MB/img stored':>14s}")
     for name in args.models.split(","):
         r = bench_model(name, args.images, args.batch, args.repeats, args.device, args.dtype,
                         args.compile_statistics)
         rounds = "%.2f-%.2f" % r["ratio_range"]
         print(f"{name:18s} {r['bare_img_s']:11.2f} {r['extract_img_s']:14.2f} {r['ratio']:7.2f} {rounds:>11s} "
-              f"{r['capture']:8.2f} {r['write']:6.2f} {r['stored_mb_per_image']:14.2f}", flush=True)
+              f"{r['capture']:8.2f} {r['write']:6.2f} {r['files']:6.2f} {r['stored_mb_per_image']:14.2f}", flush=True)
 
 
 if __name__ == "__main__":
