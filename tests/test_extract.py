@@ -1,6 +1,9 @@
 """The extract stage end to end on a real local Ray instance, real stores and tiny models."""
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -116,6 +119,60 @@ def test_killed_actor_is_restarted_and_its_range_retried(ray_local, tmp_path):
     result = run_extract(cfg, progress=False, on_chunk_done=kill_once)
     assert killed and result.splits[0].chunks_computed == 5
     got, want = _arrays(cfg.store, "tiny-vit", "train"), _arrays(reference.store, "tiny-vit", "train")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+_HANGING_DRIVER = """
+import sys, time
+from pathlib import Path
+from pipeline.config import ExtractConfig
+from stages.extract import run_extract
+
+store, marker, address = sys.argv[1:4]
+seen = []
+
+def hang(split, chunk, stats):
+    seen.append(chunk)
+    if len(seen) == 2:  # stop here until killed, chunks still in flight on the actors
+        Path(marker).touch()
+        time.sleep(600)
+
+cfg = ExtractConfig(model="tiny-vit", weights="random", store=Path(store), chunk_images=2, splits=("train",),
+                    dataset_options={"sizes": {"train": 10, "val": 6}})
+run_extract(cfg, address=address, progress=False, on_chunk_done=hang)
+"""
+
+
+def test_killed_driver_resumes_to_the_single_run_result(ray_local, tmp_path):
+    reference = _cfg(tmp_path, store="ref.zarr", splits=("train",), chunk_images=2)
+    run_extract(reference, progress=False)
+    cfg = _cfg(tmp_path, splits=("train",), chunk_images=2)
+    marker = tmp_path / "hanging"
+    driver = subprocess.Popen([sys.executable, "-c", _HANGING_DRIVER, str(cfg.store), str(marker),
+                               ray_local.get_runtime_context().gcs_address])
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert driver.poll() is None, "the driver exited before it was killed"
+            assert time.monotonic() < deadline, "the driver never got two chunks done"
+            time.sleep(0.1)
+    finally:
+        driver.send_signal(signal.SIGKILL)  # no handler, no cleanup: as the OOM killer or a lost node
+        driver.wait()
+    deadline = time.monotonic() + 60  # Ray ends the dead driver's actors and frees their CPUs
+    while ray_local.available_resources().get("CPU", 0) < 2:
+        assert time.monotonic() < deadline, "the killed driver's actors were not ended"
+        time.sleep(0.2)
+    target = FeatureStore(cfg.store).model_split("tiny-vit", "synthetic", "train")
+    done_before = set(np.flatnonzero(target.done[:]).tolist())
+    assert 2 <= len(done_before) < 5 and not target.finished
+    redone = []
+    result = run_extract(cfg, progress=False, on_chunk_done=lambda s, c, _: redone.append(c))
+    assert sorted(redone) == sorted(set(range(5)) - done_before)
+    assert result.splits[0].chunks_computed == 5 - len(done_before)
+    got, want = _arrays(cfg.store, "tiny-vit", "train"), _arrays(reference.store, "tiny-vit", "train")
+    assert got.keys() == want.keys()
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
