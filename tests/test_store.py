@@ -59,6 +59,29 @@ def test_layout_dimensions_codecs_and_finalisation(tmp_path):
     assert info["models"][0]["chunks_done"] == 3 and info["models"][0]["bytes_stored"] > 0
 
 
+def test_a_finished_store_opens_in_zarr_and_xarray_as_documented(tmp_path):
+    """The reading examples of docs/feature-store.md, on a finished store."""
+    import xarray as xr  # the test extra installs it; users add it themselves
+    store, data, target = _fill(tmp_path)
+    for chunk in range(3):
+        n = data.bounds(chunk)[1] - data.bounds(chunk)[0]
+        data.write_labels(chunk, np.full((n, S, S), chunk, np.uint8))
+        target.write_chunk(chunk, _chunk_arrays(n, chunk + 1))
+    target.finalize()
+    root = zarr.open_group(store.path, mode="r")
+    layers = root["models/m/synthetic/val"].attrs["layers"]
+    assert root["models/m/synthetic/val/keys"][layers.index(1), :5].shape == (5, G, G, D)
+    ds = xr.open_zarr(store.path, group="models/m/synthetic/val", consolidated=False)
+    assert dict(ds.sizes) == {"layer": L, "image": N, "y": G, "x": G, "channel": D, "head": H,
+                              "query": G * G, "key": G * G, "chunk": 3}
+    mean_keys = ds["keys"].sel(layer=layers.index(1)).mean("image")
+    assert mean_keys.dims == ("y", "x", "channel")
+    np.testing.assert_allclose(mean_keys.values, target.features("keys")[1].astype(np.float32).mean(0), rtol=1e-3)
+    assert ds.attrs["weights_sha256"] == "abc" and ds["attention_map"].dims == ("layer", "query", "key")
+    labels = xr.open_zarr(store.path, group="datasets/synthetic/val", consolidated=False)["labels"]
+    assert labels.dims == ("image", "y", "x") and int(labels[5, 0, 0]) == 1
+
+
 def test_another_producer_is_refused(tmp_path):
     store, data, _ = _fill(tmp_path)
     with pytest.raises(FingerprintMismatchError, match=r"weights_sha256: stored 'abc', now 'zzz'"):
