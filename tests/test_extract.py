@@ -1,4 +1,5 @@
 """The extract stage end to end on a real local Ray instance, real stores and tiny models."""
+import json
 import os
 import signal
 import subprocess
@@ -124,12 +125,12 @@ def test_killed_actor_is_restarted_and_its_range_retried(ray_local, tmp_path):
 
 
 _HANGING_DRIVER = """
-import sys, time
+import json, sys, time
 from pathlib import Path
 from pipeline.config import ExtractConfig
 from stages.extract import run_extract
 
-store, marker, address = sys.argv[1:4]
+store, marker, address, options = sys.argv[1:5]
 seen = []
 
 def hang(split, chunk, stats):
@@ -139,7 +140,7 @@ def hang(split, chunk, stats):
         time.sleep(600)
 
 cfg = ExtractConfig(model="tiny-vit", weights="random", store=Path(store), chunk_images=2, splits=("train",),
-                    dataset_options={"sizes": {"train": 10, "val": 6}})
+                    dataset_options=json.loads(options))
 run_extract(cfg, address=address, progress=False, on_chunk_done=hang)
 """
 
@@ -150,7 +151,7 @@ def test_killed_driver_resumes_to_the_single_run_result(ray_local, tmp_path):
     cfg = _cfg(tmp_path, splits=("train",), chunk_images=2)
     marker = tmp_path / "hanging"
     driver = subprocess.Popen([sys.executable, "-c", _HANGING_DRIVER, str(cfg.store), str(marker),
-                               ray_local.get_runtime_context().gcs_address])
+                               ray_local.get_runtime_context().gcs_address, json.dumps(SYNTH)])
     try:
         deadline = time.monotonic() + 180
         while not marker.exists():
