@@ -31,6 +31,14 @@ def _chunk_arrays(n, value):
             "attention_sum": np.full((L, G * G, G * G), n / (G * G), np.float32)}
 
 
+def _write_every_chunk(data, target):
+    """Chunk c: labels c, keys and the rest c + 1 (tokens the negative)."""
+    for chunk in range(3):
+        n = data.bounds(chunk)[1] - data.bounds(chunk)[0]
+        data.write_labels(chunk, np.full((n, S, S), chunk, np.uint8))
+        target.write_chunk(chunk, _chunk_arrays(n, chunk + 1))
+
+
 def test_layout_dimensions_codecs_and_finalisation(tmp_path):
     store, data, target = _fill(tmp_path)
     assert target.pending_chunks() == [0, 1, 2]
@@ -39,10 +47,7 @@ def test_layout_dimensions_codecs_and_finalisation(tmp_path):
     assert keys.metadata.dimension_names == MODEL_ARRAYS["keys"].dims
     codec = keys.compressors[0].to_dict()
     assert codec["name"] == FEATURE_CODEC["name"] and codec["configuration"]["shuffle"] == "bitshuffle"
-    for chunk in range(3):
-        n = data.bounds(chunk)[1] - data.bounds(chunk)[0]
-        data.write_labels(chunk, np.full((n, S, S), chunk, np.uint8))
-        target.write_chunk(chunk, _chunk_arrays(n, chunk + 1))
+    _write_every_chunk(data, target)
     assert target.pending_chunks() == [] and data.image_ids()[-1] == "id9"
     assert validate_store(store.path) == []
     # one flat file per chunk, named as docs/feature-store.md says: layer slot 1, image chunk 2
@@ -63,10 +68,7 @@ def test_a_finished_store_opens_in_zarr_and_xarray_as_documented(tmp_path):
     """The reading examples of docs/feature-store.md, on a finished store."""
     import xarray as xr  # the test extra installs it; users add it themselves
     store, data, target = _fill(tmp_path)
-    for chunk in range(3):
-        n = data.bounds(chunk)[1] - data.bounds(chunk)[0]
-        data.write_labels(chunk, np.full((n, S, S), chunk, np.uint8))
-        target.write_chunk(chunk, _chunk_arrays(n, chunk + 1))
+    _write_every_chunk(data, target)
     target.finalize()
     root = zarr.open_group(store.path, mode="r")
     layers = root["models/m/synthetic/val"].attrs["layers"]
