@@ -1,1 +1,2 @@
-"""The ``rep-pipeline`` command line (typer): parses options, calls a stage, prints a summary."""
+"""The top layer: the ``rep-pipeline`` command line (``app``) and the ``run`` orchestration
+over the stages (``run``)."""

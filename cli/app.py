@@ -1,18 +1,27 @@
-"""``rep-pipeline``: the command line. Parses, calls the stage, prints a summary; no logic."""
+"""``rep-pipeline``: the command line. Parses, calls a stage, prints its summary; no logic.
+
+Each stage command is built from its config class (``stages.STAGES``): one ``--flag`` per
+option field, with the field's help, its default shown and its allowed values, so an
+option exists once, in ``pipeline/config.py``. Flags left out keep the config's default.
+"""
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
+import types
+import typing
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
 
 import typer
-import yaml
+from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
 
-from pipeline import config
-from pipeline.errors import RepPipelineError
+from rep_pipeline.pipeline.config import Comparison, Options, ReportConfig
+from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
+from rep_pipeline.stages import STAGES
 
 app = typer.Typer(help="Probe how self-supervised ViTs organise their embeddings.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -21,6 +30,12 @@ app.add_typer(store_app, name="store")
 # tables stay readable when piped (rich would otherwise assume 80 columns)
 console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True)
+
+# options of how a command runs, not of what it computes: never part of a config
+RUN_OPTIONS = {
+    "address": (Optional[str], typer.Option(None, help="Ray cluster address; default a local instance.")),
+    "progress": (bool, typer.Option(True, help="Show progress bars.")),
+}
 
 
 def friendly_errors(fn: Callable) -> Callable:
@@ -35,14 +50,135 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _parse_options(options: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in options:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--option {item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+# -- options from config fields ---------------------------------------------------------------
+def _flag(name: str, info: FieldInfo) -> str:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    return "--" + str(extra.get("flag") or name).replace("_", "-")
+
+
+def _cli_type(info: FieldInfo) -> tuple[Any, str]:
+    """The type typer parses a field's flag as, and a note of the allowed values. Composite
+    values (tuples, layer ranges) are taken as the string the config's validators read."""
+    ann = info.annotation
+    optional = typing.get_origin(ann) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(ann) if a is not type(None)] if optional else [ann]
+    inner = args[0] if len(args) == 1 else str
+    if typing.get_origin(inner) is typing.Annotated:
+        inner = typing.get_args(inner)[0]
+    if typing.get_origin(inner) is Literal:
+        return str, " One of: " + ", ".join(map(str, typing.get_args(inner))) + "."
+    if typing.get_origin(inner) is dict:
+        return list[str], ""
+    if inner in (int, float, bool, Path):
+        return inner, ""
+    return str, ""
+
+
+def _default_text(info: FieldInfo) -> str | None:
+    if info.is_required():
+        return None
+    d = info.default
+    if d is None or d == {}:
+        return None
+    return ",".join(map(str, d)) if isinstance(d, tuple) else str(d)
+
+
+def _parameters(model: type[Options], exclude: set[str] = frozenset()) -> list[inspect.Parameter]:
+    params = []
+    for name, info in model.model_fields.items():
+        if name in exclude:
+            continue
+        type_, choices = _cli_type(info)
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        names = [_flag(name, info)] + ([f"-{extra['short']}"] if extra.get("short") else [])
+        if type_ is bool:
+            names = [f"{names[0]}/--no-{names[0][2:]}"]
+        option = typer.Option(... if info.is_required() else None, *names, help=(info.description or "") + choices,
+                              show_default=_default_text(info) or False)
+        annotation = type_ if info.is_required() else Optional[type_]
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation))
+    return params
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """The options the user gave (typer passes None, or [] for lists, for the others)."""
+    return {k: v for k, v in values.items() if v is not None and v != []}
+
+
+def stage_command(name: str, build: Callable[[dict[str, Any]], Options],
+                  models: list[tuple[type[Options], set[str]]]) -> None:
+    """Register ``rep-pipeline <name>``: flags from ``models``' fields, ``build`` makes the config."""
+    stage = STAGES[name]
+    params = [p for model, exclude in models for p in _parameters(model, exclude)]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=t)
+               for k, (t, opt) in RUN_OPTIONS.items()]
+
+    def command(**values: Any) -> None:
+        run_options = {k: values.pop(k) for k in RUN_OPTIONS}
+        result = stage.run(build(_given(values)), **run_options)
+        for line in result.summary():
+            console.print(line)
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__doc__ = stage.help
+    app.command(name)(friendly_errors(command))
+
+
+def _build_report(values: dict[str, Any]) -> Options:
+    comparison = Comparison.parse({k: v for k, v in values.items() if k in Comparison.model_fields}, "report")
+    rest = {k: v for k, v in values.items() if k not in Comparison.model_fields}
+    return ReportConfig.parse({**rest, "comparisons": (comparison,)}, "report")
+
+
+for _name in ("extract", "cluster", "evaluate"):
+    stage_command(_name, functools.partial(STAGES[_name].config.parse, where=f"rep-pipeline {_name}"),
+                  [(STAGES[_name].config, set())])
+stage_command("report", _build_report, [(ReportConfig, {"comparisons", "title"}), (Comparison, set())])
+
+
+# -- commands that are not stages ---------------------------------------------------------------
+@app.command()
+@friendly_errors
+def run(
+    config_file: Path = typer.Argument(..., help="Run config (YAML), e.g. configs/demo.yaml."),
+    address: Optional[str] = RUN_OPTIONS["address"][1],
+    progress: bool = RUN_OPTIONS["progress"][1],
+) -> None:
+    """extract -> cluster -> evaluate -> report from one config, skipping finished work."""
+    from rep_pipeline.cli.run import RunConfig, run_all
+
+    result = run_all(RunConfig.from_yaml(config_file), address=address, progress=progress, say=console.print)
+    console.print(f"[bold green]done[/] in {result.seconds:.0f} s. Report: {result.report}")
+
+
+@app.command()
+@friendly_errors
+def query(
+    results: Path = typer.Argument(..., help="Results folder written by evaluate."),
+    sql: str = typer.Argument(..., help="One SELECT; tables are views named after the result tables."),
+    limit: int = typer.Option(50, help="Rows to print at most."),
+) -> None:
+    """Run read-only SQL over the result tables with DuckDB."""
+    from rep_pipeline.pipeline.results import Results
+
+    columns, rows = Results(results).fetch_rows(sql, limit)
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+    console.print(table)
+
+
+@app.command("models")
+def list_models_cmd(pattern: str = typer.Argument("*", help="Glob over aliases and timm names.")) -> None:
+    """List the registered models."""
+    from rep_pipeline.pipeline.registry import list_models
+
+    table = Table("alias", "timm name", "family", "size", "weights")
+    for spec in list_models(pattern):
+        table.add_row(spec.alias, spec.timm_name, spec.family, spec.size,
+                      "hub" if spec.hub else ("checkpoint file" if spec.weights_hint else "random only"))
+    console.print(table)
 
 
 def _layer_span(layers: list[int]) -> str:
@@ -54,7 +190,7 @@ def _layer_span(layers: list[int]) -> str:
     return f"{len(layers)} ({','.join(map(str, layers))})"
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
@@ -62,191 +198,11 @@ def _size(n: int) -> str:
     return str(n)
 
 
-@app.command()
-@friendly_errors
-def extract(
-    model: str = typer.Option(..., help="Alias (dino-b16, tiny-dinov3...) or any timm ViT/Eva name."),
-    store: Path = typer.Option(..., help="Feature store to create or complete (Zarr v3 directory)."),
-    weights: str = typer.Option("pretrained", help="pretrained | random | PATH (.safetensors or .pth)."),
-    dataset: str = typer.Option("synthetic", help="cocostuff27 | cityscapes27 | voc | folder | synthetic."),
-    data_root: Optional[Path] = typer.Option(None, help="Dataset root directory."),
-    splits: Optional[str] = typer.Option(None, help="Comma-separated splits; default: the dataset's."),
-    layers: Optional[str] = typer.Option(None, help="Blocks to capture: '0,5,11', '6-11'; default all."),
-    embeddings: str = typer.Option(",".join(config.EMBEDDINGS), help="Any of queries,keys,values,tokens."),
-    limit: Optional[int] = typer.Option(None, help="Take the first N images of each split."),
-    image_size: int = typer.Option(config.IMAGE_SIZE, help="S: label grid and crop size."),
-    rope: str = typer.Option("before", help="RoPE models: q/k 'before' or 'after' rotation."),
-    last_norm: str = typer.Option("after", help="Last-layer tokens 'after' or 'before' the final norm."),
-    chunk_images: int = typer.Option(config.CHUNK_IMAGES, help="Images per store chunk and per batch."),
-    model_key: Optional[str] = typer.Option(None, help="Store group name for the model; default its alias."),
-    seed: int = typer.Option(config.RANDOM_WEIGHTS_SEED, help="Seed of --weights random."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda."),
-    workers: Optional[int] = typer.Option(None, help="Actors: default one per GPU, else one."),
-    threads: Optional[int] = typer.Option(None, help="Torch threads per CPU actor."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address; default a local instance."),
-    option: list[str] = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE (YAML value)."),
-    compile_statistics: bool = typer.Option(False, help="Fuse the attention statistics with torch.compile "
-                                                        "(~20 s one-off compile; see docs/benchmarks.md for when it pays)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
-    """Capture q, k, v, tokens, class tokens and attention statistics into a feature store."""
-    from pipeline.config import ExtractConfig
-    from stages.extract import run_extract
-
-    cfg = ExtractConfig(
-        model=model, store=store, dataset=dataset, data_root=data_root, splits=config.parse_csv(splits),
-        weights=weights, layers=config.parse_layers(layers), embeddings=config.parse_csv(embeddings) or (),
-        limit=limit, image_size=image_size, rope=rope, last_norm=last_norm, chunk_images=chunk_images,
-        model_key=model_key, seed=seed, device=device, workers=workers, threads_per_worker=threads,
-        dataset_options=_parse_options(option), compile_statistics=compile_statistics,
-    )
-    result = run_extract(cfg, address=address, progress=progress)
-    for s in result.splits:
-        console.print(f"{result.model} / {cfg.dataset}/{s.split}: {s.n_images} images, "
-                      f"{s.chunks_computed} of {s.chunks} chunks computed now")
-    console.print(f"wrote {result.images_computed} images in {result.seconds:.1f} s "
-                  f"({result.images_per_second:.1f} img/s) to {result.store}")
-
-
-@app.command()
-@friendly_errors
-def cluster(
-    store: Path = typer.Option(..., help="Feature store written by extract."),
-    model: str = typer.Option(..., help="Model key in the store (alias or timm name)."),
-    train_split: str = typer.Option(..., help="Split to fit the codebooks on."),
-    dataset: Optional[str] = typer.Option(None, help="Dataset, if the model has the split in several."),
-    k: Optional[str] = typer.Option(None, "--k", help="Cluster counts, e.g. '27,97'; default: number of classes."),
-    method: str = typer.Option(config.KMEANS_METHOD, help="online | lloyd | online,lloyd."),
-    layers: Optional[str] = typer.Option(None, help="Blocks, e.g. '6-11'; default every captured one."),
-    embeddings: Optional[str] = typer.Option(None, help="Default every captured one."),
-    seed: int = typer.Option(config.KMEANS_SEED),
-    steps: int = typer.Option(config.ONLINE_STEPS, help="online: Adam steps."),
-    lr: float = typer.Option(config.ONLINE_LR, help="online: Adam learning rate."),
-    batch_images: int = typer.Option(config.ONLINE_BATCH_IMAGES, help="Images per batch (all their patches)."),
-    init_batches: int = typer.Option(config.PCA_INIT_BATCHES, help="Batches for the PCA initialisation."),
-    tol: float = typer.Option(config.LLOYD_TOL, help="lloyd: stop below this fraction of changed assignments."),
-    max_iter: int = typer.Option(config.LLOYD_MAX_ITER, help="lloyd: passes at most."),
-    results: Optional[Path] = typer.Option(None, help="Results folder for training curves; default <store>/../results."),
-    force: bool = typer.Option(False, help="Retrain codebooks that are already finished."),
-    workers: Optional[int] = typer.Option(None, help="Ray workers; default one per GPU, else one."),
-    backend: Optional[str] = typer.Option(None, help="numpy | cupy; default CuPy when a GPU is present."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address; default a local instance."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
-    """Fit cosine k-means codebooks for every (layer, embedding, K, method) in one pass."""
-    from pipeline.config import ClusterConfig
-    from stages.cluster import run_cluster
-
-    cfg = ClusterConfig(
-        store=store, model=model, train_split=train_split, dataset=dataset, ks=config.parse_ks(k),
-        methods=config.parse_csv(method) or (), layers=config.parse_layers(layers),
-        embeddings=config.parse_csv(embeddings), seed=seed, steps=steps, lr=lr, batch_images=batch_images,
-        init_batches=init_batches, tol=tol, max_iter=max_iter, results=results, force=force, workers=workers,
-        backend=backend,
-    )
-    result = run_cluster(cfg, address=address, progress=progress)
-    console.print(f"{result.model} / {result.dataset}/{train_split}: trained {len(result.trained)} codebooks, "
-                  f"reused {result.reused} finished ones, in {result.seconds:.1f} s")
-    console.print(f"centroids in {store} (models/{model}/{result.dataset}/{train_split}/codebooks), "
-                  f"training curves in {cfg.results}/training_curves")
-
-
-@app.command()
-@friendly_errors
-def evaluate(
-    store: Path = typer.Option(..., help="Feature store with features and codebooks."),
-    split: str = typer.Option(..., help="Test split to segment and score."),
-    results: Optional[Path] = typer.Option(None, help="Results folder; default <store>/../results."),
-    model: Optional[str] = typer.Option(None, help="Comma-separated models; default all with the split."),
-    dataset: Optional[str] = typer.Option(None, help="Only this dataset."),
-    examples: int = typer.Option(config.EXAMPLE_IMAGES, help="Predicted maps kept per setting."),
-    backend: Optional[str] = typer.Option(None, help="numpy | cupy; default CuPy when a GPU is present."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-) -> None:
-    """Segment the test split with every finished codebook; write Parquet tables and maps."""
-    from pipeline.config import EvaluateConfig
-    from stages.evaluate import run_evaluate
-
-    cfg = EvaluateConfig(store=store, split=split, results=results, models=config.parse_csv(model),
-                         dataset=dataset, n_examples=examples, backend=backend)
-    result = run_evaluate(cfg, progress=progress)
-    console.print(f"evaluated {result.settings} settings of {', '.join(result.models)} in {result.seconds:.1f} s; "
-                  f"tables in {result.results} (try: rep-pipeline query {result.results} \"SELECT * FROM "
-                  f"segmentation ORDER BY miou DESC LIMIT 5\")")
-
-
-@app.command()
-@friendly_errors
-def query(
-    results: Path = typer.Argument(..., help="Results folder written by evaluate."),
-    sql: str = typer.Argument(..., help="One SELECT; tables are views named after the result tables."),
-    limit: int = typer.Option(50, help="Rows to print at most."),
-) -> None:
-    """Run read-only SQL over the result tables with DuckDB."""
-    from pipeline.query import fetch_rows
-
-    columns, rows = fetch_rows(results, sql, limit)
-    table = Table(*columns)
-    for row in rows:
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-    console.print(table)
-
-
-@app.command()
-@friendly_errors
-def report(
-    results: Path = typer.Option(..., help="Results folder written by evaluate."),
-    out: Path = typer.Option(..., help="Report folder: index.html and figures."),
-    compare: str = typer.Option("models", help="models (paradigms, sizes) | layers."),
-    embedding: str = typer.Option("keys", help="Embedding type to compare."),
-    layer: str = typer.Option("best", help="'best' or a block number (compare=models)."),
-    models: Optional[str] = typer.Option(None, help="Comma-separated models; default all evaluated."),
-    k: Optional[int] = typer.Option(None, "--k", help="Codebook size; default the first evaluated."),
-    method: Optional[str] = typer.Option(None, help="online | lloyd; default the first evaluated."),
-    dataset: Optional[str] = typer.Option(None), split: Optional[str] = typer.Option(None),
-) -> None:
-    """Draw the visual protocol and write a self-contained index.html."""
-    from pipeline.config import Comparison, ReportConfig
-    from stages.report import run_report
-
-    comparison = Comparison(compare={"paradigms": "models", "sizes": "models"}.get(compare, compare),
-                            embedding=embedding, layer=layer, models=config.parse_csv(models), k=k, method=method)
-    result = run_report(ReportConfig(results=results, out=out, comparisons=(comparison,), dataset=dataset, split=split))
-    console.print(f"report: {result.index} ({len(result.figures)} figure files)")
-
-
-@app.command()
-@friendly_errors
-def run(
-    config_file: Path = typer.Argument(..., help="Run config (YAML), e.g. configs/demo.yaml."),
-    address: Optional[str] = typer.Option(None, help="Ray cluster address; default a local instance."),
-    progress: bool = typer.Option(True, help="Show progress bars."),
-) -> None:
-    """extract -> cluster -> evaluate -> report from one config, skipping finished work."""
-    from pipeline.orchestrate import RunConfig, run_all
-
-    result = run_all(RunConfig.from_yaml(config_file), address=address, progress=progress, say=console.print)
-    console.print(f"[bold green]done[/] in {result.seconds:.0f} s. Report: {result.report}")
-
-
-@app.command("models")
-def list_models_cmd(pattern: str = typer.Argument("*", help="Glob over aliases and timm names.")) -> None:
-    """List the registered models."""
-    from pipeline.registry import list_models
-
-    table = Table("alias", "timm name", "family", "size", "weights")
-    for spec in list_models(pattern):
-        table.add_row(spec.alias, spec.timm_name, spec.family, spec.size,
-                      "hub" if spec.hub else ("checkpoint file" if spec.weights_hint else "random only"))
-    console.print(table)
-
-
 @store_app.command("info")
 @friendly_errors
 def store_info(path: Path = typer.Argument(..., help="Feature store directory.")) -> None:
-    """What is inside a store, how complete, how big."""
-    from pipeline.store import FeatureStore
-    from storage_schemas import validate_store
+    """What is inside a store, how complete, how big; exit code 1 if its layout is invalid."""
+    from rep_pipeline.pipeline.store import FeatureStore, validate_store
 
     info = FeatureStore(path).info()
     ds_table = Table("dataset", "split", "images", "classes", "S", "labels done", "stored", title=f"{path}: datasets",
@@ -259,8 +215,7 @@ def store_info(path: Path = typer.Argument(..., help="Feature store directory.")
                     "ratio", title=f"{path}: models", title_justify="left")
     for m in info["models"]:
         m_table.add_row(m["model"], f"{m['dataset']}/{m['split']}", m["weights"], _layer_span(m["layers"]),
-                        ",".join(m["embeddings"]),
-                        f"{m['grid']}x{m['grid']} x {m['embed_dim']}",
+                        ",".join(m["embeddings"]), f"{m['grid']}x{m['grid']} x {m['embed_dim']}",
                         f"{m['chunks_done']}/{m['chunks']}" + ("" if m["finished"] else " (unfinished)"),
                         _size(m["bytes_stored"]), f"{m['bytes_raw'] / max(m['bytes_stored'], 1):.2f}x")
     console.print(m_table)
@@ -280,7 +235,11 @@ def store_info(path: Path = typer.Argument(..., help="Feature store directory.")
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except ConfigError as exc:  # raised while typer builds a value, before a command's own handler
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

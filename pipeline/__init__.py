@@ -1,7 +1,3 @@
-"""rep-pipeline: orchestration, configuration, model registry, datasets and store access."""
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("rep-pipeline")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
+"""Infrastructure below the stages: configuration, errors, the model registry, datasets, the
+store and results I/O (the only zarr and the only pyarrow/DuckDB code), the Ray runner, the
+array backend and the feature streams the stages share. Nothing here knows a stage."""

@@ -1,195 +1,208 @@
-"""Every default of rep-pipeline, in one place, and the frozen config of each stage.
+"""Every option of rep-pipeline, declared once, and the frozen config of each stage.
 
-The CLI and YAML configs only override these; stages never hard-code a default of their own.
+Each option is one pydantic field: its type (``Literal`` for allowed values), default and help
+text. The CLI (``cli/app.py``) builds its flags from these fields, the ``run`` YAML loader
+(``cli/run.py``) validates its sections against them, and a stage receives the validated
+object: adding an option is one edit here. pydantic does the validation and type coercion
+(YAML's ``[0, 5]`` and the CLI's ``"0,5"`` pass the same validators) and reports every bad
+key at once; errors become ``ConfigError`` naming where the value came from and the key.
 Values follow ``../shared/PROTOCOL.md``.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Annotated, Any, Literal, Mapping, Sequence, get_args
 
-from storage_schemas import zarr_layout
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from ..storage_schemas import feature_store
 from .errors import ConfigError
 
-# -- geometry (PROTOCOL.md section 3) -------------------------------------------------------
-IMAGE_SIZE = 320                 # S: shorter side resized to S, then centre crop S x S
+# -- constants that are not options ---------------------------------------------------------
 IGNORE_INDEX = 255               # label value of unlabelled / void pixels
-
-# -- capture (PROTOCOL.md section 2) ---------------------------------------------------------
-EMBEDDINGS: tuple[str, ...] = ("queries", "keys", "values", "tokens")
-ROPE_CHOICES = ("before", "after")          # q/k of RoPE models: before rotation by default
-LAST_NORM_CHOICES = ("after", "before")     # last-layer tokens: after the final LayerNorm
 FEATURE_DTYPE = "float16"
-
-# -- store and execution ---------------------------------------------------------------------
-CHUNK_IMAGES = 16                # images per Zarr chunk == images per forward batch
-RANDOM_WEIGHTS_SEED = 0
 TASKS_IN_FLIGHT_PER_ACTOR = 2    # keeps each actor busy while the driver schedules the next
 ACTOR_MAX_RESTARTS = 3           # a crashed actor is restarted this many times...
 ACTOR_MAX_TASK_RETRIES = 3       # ...and its in-flight chunk ranges are retried
-
-# -- cluster stage (PROTOCOL.md section 4) ---------------------------------------------------
-KMEANS_METHODS = ("online", "lloyd")
-KMEANS_METHOD = "online"
-KMEANS_SEED = 0
-ONLINE_LR = 5e-3
-ONLINE_BATCH_IMAGES = 24
-ONLINE_STEPS = 5000
-PCA_INIT_BATCHES = 96
-LLOYD_TOL = 1e-3                 # stop when under 0.1 % of assignments change in a pass
-LLOYD_MAX_ITER = 100
-LOSS_LOG_EVERY = 25              # online: steps between training-curve rows
-SHUFFLE_WINDOW_CHUNKS = 8        # online: images are shuffled within windows of this many chunks
-READ_AHEAD_BATCHES = 4
-HOST_CACHE_BYTES = 4 * 2**30     # keep a (layer, embedding) slice in host memory when all fit
-
-# -- evaluate stage (PROTOCOL.md section 5) ---------------------------------------------------
-EXAMPLE_IMAGES = zarr_layout.EXAMPLE_IMAGES  # example maps per setting = crops kept per split
-EVAL_IMAGES_PER_STEP = 4         # images upsampled at once (bounds n x S x S x sum K scores)
-EVAL_SEED = 0                    # seeds the random shifts of the bias-aware MI
-
-# -- datasets --------------------------------------------------------------------------------
+SHUFFLE_WINDOW_CHUNKS = 8        # online k-means: images shuffled within windows of this many chunks
+READ_AHEAD_BATCHES = 4           # feature streams read this many batches ahead
 SYNTHETIC_SPLIT_SIZES = {"train": 64, "val": 32}
 SYNTHETIC_SEED = 0
 
+# -- defaults that other modules use as well (each still declared once, below) ---------------
+IMAGE_SIZE = 320                 # S (PROTOCOL.md section 3)
+RANDOM_WEIGHTS_SEED = 0
 
-def parse_csv(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+Embedding = Literal["queries", "keys", "values", "tokens"]
+EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
+KMeansMethod = Literal["online", "lloyd"]
+BackendName = Literal["numpy", "cupy"]
+
+
+# -- parsers shared by the CLI's strings and YAML's lists ------------------------------------
+def parse_csv(value: Any) -> Any:
     """``"a,b"`` or ``["a", "b"]`` -> ``("a", "b")``; ``None`` stays ``None``."""
     if value is None:
         return None
-    if isinstance(value, str):
-        items = [v.strip() for v in value.split(",")]
-    else:
-        items = [str(v).strip() for v in value]
-    items = [v for v in items if v]
-    return tuple(items) or None
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, Sequence):
+        return value  # let the field's type report it
+    return tuple(s for s in (str(v).strip() for v in items) if s)
 
 
-def parse_layers(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
-    """``"0,5,11"``, ``"6-11"``, ``"all"`` or ``[0, 5]`` -> sorted unique layer indices."""
+def parse_layers(value: Any) -> Any:
+    """``"0,5,11"``, ``"6-11"``, ``"all"`` or ``[0, 5]`` -> sorted unique block numbers; ``"all"``
+    and ``None`` -> ``None`` (every block). A reversed range is an error, not an empty one."""
     if value is None or value == "all":
         return None
-    if isinstance(value, str):
-        out: set[int] = set()
-        for part in parse_csv(value) or ():
-            m = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
-            if not m:
-                raise ConfigError(f"--layers: cannot read {part!r}; use e.g. '0,5,11', '6-11' or 'all'")
-            lo, hi = int(m.group(1)), m.group(2)
-            out.update(range(lo, int(hi) + 1) if hi is not None else [lo])
-        return tuple(sorted(out))
-    return tuple(sorted({int(v) for v in value}))
+    if isinstance(value, int):
+        return (value,)
+    out: set[int] = set()
+    for part in parse_csv(value) or ():
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", str(part))
+        if not m:
+            raise ValueError(f"cannot read {part!r}; use e.g. '0,5,11', '6-11' or 'all'")
+        lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
+        if hi < lo:
+            raise ValueError(f"the range {part!r} runs backwards; write '{hi}-{lo}'")
+        out.update(range(lo, hi + 1))
+    if not out:
+        raise ValueError("names no layer; use e.g. '0,5,11', '6-11' or 'all'")
+    return tuple(sorted(out))
 
 
-def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+def parse_key_values(value: Any) -> Any:
+    """``["a=1", "b=[2, 3]"]`` (values read as YAML) or a mapping -> a dict."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return dict(value)
+    out = {}
+    for item in parse_csv([value] if isinstance(value, str) else value) or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
+Csv = Annotated[tuple[str, ...], BeforeValidator(parse_csv)]
+Embeddings = Annotated[tuple[Embedding, ...], BeforeValidator(parse_csv)]
+Layers = Annotated[tuple[int, ...] | None, BeforeValidator(parse_layers)]
+Ks = Annotated[tuple[Annotated[int, Field(ge=2)], ...] | None, BeforeValidator(parse_csv)]
+Methods = Annotated[tuple[KMeansMethod, ...], BeforeValidator(parse_csv)]
+KeyValues = Annotated[dict[str, Any], BeforeValidator(parse_key_values)]
+
+
+def option(default: Any = ..., help: str = "", *, flag: str | None = None, short: str | None = None,
+           **constraints: Any) -> Any:
+    """One option: its default (``...`` = required), its help, and, where the command-line flag
+    is not the field name in kebab case, the flag (and a one-letter alias)."""
+    extra = {k: v for k, v in (("flag", flag), ("short", short)) if v}
+    return Field(default, description=help, json_schema_extra=extra or None, **constraints)
+
+
+class Options(BaseModel):
+    """A validated, frozen set of options; unknown keys are refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any], where: str = "") -> "Options":
+        """``cls(**values)``, with every invalid key reported in one ``ConfigError``."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            raise ConfigError(describe_errors(exc, where)) from None
+
+    def replace(self, **changes: Any) -> "Options":
+        """A copy with ``changes``, validated again."""
+        return type(self).parse({**self.model_dump(), **changes})
+
+
+def describe_errors(exc: ValidationError, where: str = "") -> str:
+    """``where: key: what is wrong (got value)``, one line per error."""
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tuple[")))
+        got = err.get("input")
+        shown = "" if isinstance(got, Mapping) or err["type"] == "missing" else f" (got {got!r})"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{key or 'value'}: {msg}{shown}")
+    prefix = f"{where}: " if where else ""
+    return prefix + ("\n  ".join(lines) if len(lines) == 1 else "invalid options\n  " + "\n  ".join(lines))
+
+
+def _default_results(data: Any) -> Any:
+    """``results`` left out: ``<store parent>/results``."""
+    if isinstance(data, dict) and data.get("results") is None and data.get("store") is not None:
+        data = {**data, "results": Path(data["store"]).parent / "results"}
+    return data
+
+
+# -- the stages ------------------------------------------------------------------------------
+class ExtractConfig(Options):
     """What the extract stage captures, from which data, into which store."""
 
-    model: str
-    store: Path
-    dataset: str = "synthetic"
-    data_root: Path | None = None
-    splits: tuple[str, ...] | None = None          # None: the dataset's default splits
-    weights: str = "pretrained"                     # pretrained | random | PATH
-    layers: tuple[int, ...] | None = None           # None: every block
-    embeddings: tuple[str, ...] = EMBEDDINGS
-    limit: int | None = None                        # first N images of each split
-    image_size: int = IMAGE_SIZE
-    rope: str = "before"
-    last_norm: str = "after"
-    chunk_images: int = CHUNK_IMAGES
-    model_key: str | None = None                    # store group name; default: alias or timm name
-    seed: int = RANDOM_WEIGHTS_SEED                 # for --weights random
-    device: str = "auto"                            # auto | cpu | cuda
-    workers: int | None = None                      # actors; default: one per GPU, else 1
-    threads_per_worker: int | None = None           # CPU actors: torch threads (= Ray CPUs)
-    compile_statistics: bool = False                # fuse the attention statistics (torch.compile)
-    dataset_options: Mapping[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "store", Path(self.store))
-        if self.data_root is not None:
-            object.__setattr__(self, "data_root", Path(self.data_root))
-        for emb in self.embeddings:
-            _check_choice("embedding", emb, EMBEDDINGS)
-        if not self.embeddings:
-            raise ConfigError("--embeddings: choose at least one of " + ", ".join(EMBEDDINGS))
-        _check_choice("rope", self.rope, ROPE_CHOICES)
-        _check_choice("last_norm", self.last_norm, LAST_NORM_CHOICES)
-        _check_choice("device", self.device, ("auto", "cpu", "cuda"))
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1, got {self.limit}")
-        if self.image_size < 16:
-            raise ConfigError(f"image_size must be at least 16 pixels, got {self.image_size}")
-        if self.chunk_images < 1:
-            raise ConfigError(f"chunk_images must be at least 1, got {self.chunk_images}")
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+    model: str = option(help="Alias (dino-b16, tiny-dinov3...) or any timm ViT/Eva name.")
+    store: Path = option(help="Feature store to create or complete (Zarr v3 directory).")
+    weights: str = option("pretrained", help="pretrained | random | PATH (.safetensors or .pth).", min_length=1)
+    dataset: str = option("synthetic", help="cocostuff27 | cityscapes27 | voc | folder | synthetic.")
+    data_root: Path | None = option(None, help="Dataset root directory.")
+    splits: Csv | None = option(None, help="Comma-separated splits; default: the dataset's.")
+    layers: Layers = option(None, help="Blocks to capture: '0,5,11', '6-11' or 'all' (default).")
+    embeddings: Embeddings = option(EMBEDDINGS, help="Any of queries,keys,values,tokens.", min_length=1)
+    limit: int | None = option(None, help="Take the first N images of each split.", ge=1)
+    image_size: int = option(IMAGE_SIZE, help="S: label grid and crop size.", ge=16)
+    rope: Literal["before", "after"] = option("before", help="RoPE models: q and k before or after the rotation.")
+    last_norm: Literal["after", "before"] = option("after", help="Last-layer tokens relative to the final norm.")
+    chunk_images: int = option(16, help="Images per store chunk and per forward batch.", ge=1)
+    model_key: str | None = option(None, help="Store group name for the model; default its alias.")
+    seed: int = option(RANDOM_WEIGHTS_SEED, help="Seed of --weights random.")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", help="Where the model runs; auto: a GPU if present.")
+    workers: int | None = option(None, help="Actors: default one per GPU, else one.", ge=1)
+    threads_per_worker: int | None = option(None, help="Torch threads per CPU actor.", flag="threads", ge=1)
+    compile_statistics: bool = option(False, help="Fuse the attention statistics with torch.compile "
+                                                  "(a one-off compile of 10 to 20 s).")
+    dataset_options: KeyValues = option({}, help="Dataset option KEY=VALUE (value read as YAML); repeatable.",
+                                        flag="option", short="o")
 
 
-def parse_ks(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
-    if value is None:
-        return None
-    items = parse_csv(value) if isinstance(value, str) else value
-    try:
-        ks = tuple(sorted({int(k) for k in items or ()}))
-    except ValueError as exc:
-        raise ConfigError(f"--k: expected integers like '27,97', got {value!r}") from exc
-    if not ks or min(ks) < 2:
-        raise ConfigError(f"--k: every K must be at least 2, got {value!r}")
-    return ks
+class ClusterConfig(Options):
+    """Which codebooks to fit, on which features, and how (PROTOCOL.md section 4)."""
 
+    store: Path = option(help="Feature store written by extract.")
+    model: str = option(help="Model key in the store (alias or timm name).")
+    train_split: str = option(help="Split to fit the codebooks on.")
+    dataset: str | None = option(None, help="Dataset, if the model has the split in several.")
+    k: Ks = option(None, help="Cluster counts, e.g. '27,97'; default: the number of classes.")
+    methods: Methods = option(("online",), help="online | lloyd | online,lloyd.", flag="method", min_length=1)
+    layers: Layers = option(None, help="Blocks, e.g. '6-11'; default every captured one.")
+    embeddings: Annotated[tuple[Embedding, ...] | None, BeforeValidator(parse_csv)] = option(
+        None, help="Default every captured one.")
+    seed: int = option(0, help="k-means seed.")
+    lr: float = option(5e-3, help="online: Adam learning rate.", gt=0)
+    batch_images: int = option(24, help="Images per batch (all their patches).", ge=1)
+    steps: int = option(5000, help="online: Adam steps.", ge=1)
+    init_batches: int = option(96, help="Batches for the PCA initialisation.", ge=1)
+    tol: float = option(1e-3, help="lloyd: stop below this fraction of changed assignments.", ge=0, lt=1)
+    max_iter: int = option(100, help="lloyd: passes at most.", ge=1)
+    log_every: int = option(25, help="online: steps between training-curve rows.", ge=1)
+    host_cache_bytes: int = option(4 * 2**30, help="Keep the features in host memory when they fit in this.",
+                                   ge=0)
+    results: Path | None = option(None, help="Results folder for training curves; default <store>/../results.")
+    force: bool = option(False, help="Retrain codebooks that are already finished.")
+    workers: int | None = option(None, help="Ray workers; default one per GPU, else one.", ge=1)
+    backend: BackendName | None = option(None, help="Array backend; default CuPy when a GPU is present.")
 
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Which codebooks to fit, on which features, and how."""
-
-    store: Path
-    model: str
-    train_split: str
-    dataset: str | None = None                      # None: the only dataset the model has
-    ks: tuple[int, ...] | None = None               # None: the number of classes
-    methods: tuple[str, ...] = (KMEANS_METHOD,)
-    layers: tuple[int, ...] | None = None           # block numbers; None: every captured one
-    embeddings: tuple[str, ...] | None = None       # None: every captured one
-    seed: int = KMEANS_SEED
-    lr: float = ONLINE_LR
-    batch_images: int = ONLINE_BATCH_IMAGES
-    steps: int = ONLINE_STEPS
-    init_batches: int = PCA_INIT_BATCHES
-    tol: float = LLOYD_TOL
-    max_iter: int = LLOYD_MAX_ITER
-    log_every: int = LOSS_LOG_EVERY
-    host_cache_bytes: int = HOST_CACHE_BYTES
-    results: Path | None = None                     # None: <store parent>/results
-    force: bool = False
-    workers: int | None = None
-    backend: str | None = None                      # None: CuPy if a GPU is present, else NumPy
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "store", Path(self.store))
-        if self.results is None:
-            object.__setattr__(self, "results", self.store.parent / "results")
-        object.__setattr__(self, "results", Path(self.results))
-        if not self.methods:
-            raise ConfigError("--method: choose online, lloyd or both")
-        for m in self.methods:
-            _check_choice("method", m, KMEANS_METHODS)
-        for e in self.embeddings or ():
-            _check_choice("embedding", e, EMBEDDINGS)
-        for name in ("batch_images", "steps", "init_batches", "max_iter", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and 0 <= self.tol < 1):
-            raise ConfigError(f"lr must be > 0 and tol in [0, 1), got lr={self.lr}, tol={self.tol}")
+    @model_validator(mode="before")
+    @classmethod
+    def default_results(cls, data: Any) -> Any:
+        return _default_results(data)
 
     def hyperparameters(self, method: str) -> dict[str, Any]:
         """What, besides K, seed and the features, determines a codebook of ``method``."""
@@ -200,61 +213,60 @@ class ClusterConfig:
                 "batch_images": self.batch_images}
 
 
-@dataclass(frozen=True)
-class EvaluateConfig:
-    """Which features to evaluate on which test split, and where results go."""
+class EvaluateConfig(Options):
+    """Which features to evaluate on which test split, and where results go (section 5)."""
 
-    store: Path
-    split: str
-    results: Path | None = None                     # None: <store parent>/results
-    models: tuple[str, ...] | None = None           # None: every model with the split
-    dataset: str | None = None
-    n_examples: int = EXAMPLE_IMAGES
-    images_per_step: int = EVAL_IMAGES_PER_STEP
-    seed: int = EVAL_SEED
-    backend: str | None = None
+    store: Path = option(help="Feature store with features and codebooks.")
+    split: str = option(help="Test split to segment and score.")
+    results: Path | None = option(None, help="Results folder; default <store>/../results.")
+    models: Csv | None = option(None, help="Comma-separated models; default all with the split.", flag="model")
+    dataset: str | None = option(None, help="Only this dataset.")
+    n_examples: int = option(feature_store.EXAMPLE_IMAGES, help="Predicted maps kept per setting.",
+                             flag="examples", ge=0, le=feature_store.EXAMPLE_IMAGES)
+    images_per_step: int = option(4, help="Images upsampled at once (bounds the n x S x S x sum K scores).", ge=1)
+    seed: int = option(0, help="Seed of the random shifts of the bias-aware MI.")
+    backend: BackendName | None = option(None, help="Array backend; default CuPy when a GPU is present.")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "store", Path(self.store))
-        object.__setattr__(self, "results", Path(self.results) if self.results else self.store.parent / "results")
-        if self.n_examples < 0 or self.images_per_step < 1:
-            raise ConfigError("n_examples must be >= 0 and images_per_step >= 1")
-
-
-COMPARE_CHOICES = ("models", "layers")
+    @model_validator(mode="before")
+    @classmethod
+    def default_results(cls, data: Any) -> Any:
+        return _default_results(data)
 
 
-@dataclass(frozen=True)
-class Comparison:
+def _compare_alias(value: Any) -> Any:
+    return {"paradigms": "models", "sizes": "models"}.get(value, value)
+
+
+def _layer_choice(value: Any) -> Any:
+    if value == "best" or isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    raise ValueError(f"must be 'best' or a block number, got {value!r}")
+
+
+class Comparison(Options):
     """One comparison of the visual protocol: rows are models (at their best or a fixed layer)
     or the layers of one model, for one embedding type, K and method."""
 
-    compare: str = "models"
-    embedding: str = "keys"
-    layer: str | int = "best"
-    models: tuple[str, ...] | None = None
-    k: int | None = None
-    method: str | None = None
-    title: str | None = None
-
-    def __post_init__(self) -> None:
-        _check_choice("compare", self.compare, COMPARE_CHOICES)
-        _check_choice("embedding", self.embedding, EMBEDDINGS)
-        if self.layer != "best" and not str(self.layer).lstrip("-").isdigit():
-            raise ConfigError(f"layer must be 'best' or a block number, got {self.layer!r}")
+    compare: Annotated[Literal["models", "layers"], BeforeValidator(_compare_alias)] = option(
+        "models", help="Rows: models (also 'paradigms', 'sizes') or the layers of one model.")
+    embedding: Embedding = option("keys", help="Embedding type to compare.")
+    layer: Annotated[Literal["best"] | int, BeforeValidator(_layer_choice)] = option(
+        "best", help="'best' or a block number (compare=models).")
+    models: Csv | None = option(None, help="Comma-separated models; default all evaluated.")
+    k: int | None = option(None, help="Codebook size; default the first evaluated.", ge=2)
+    method: KMeansMethod | None = option(None, help="k-means method; default the first evaluated.")
+    title: str | None = option(None, help="Section title; default from the comparison.")
 
 
-@dataclass(frozen=True)
-class ReportConfig:
-    results: Path
-    out: Path
-    comparisons: tuple[Comparison, ...] = (Comparison(),)
-    dataset: str | None = None
-    split: str | None = None
-    title: str | None = None
+class ReportConfig(Options):
+    """Which results to draw, how, and where the page goes."""
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "results", Path(self.results))
-        object.__setattr__(self, "out", Path(self.out))
-        if not self.comparisons:
-            raise ConfigError("a report needs at least one comparison")
+    results: Path = option(help="Results folder written by evaluate.")
+    out: Path = option(help="Report folder: index.html and figures.")
+    comparisons: tuple[Comparison, ...] = Field((Comparison(),), min_length=1,
+                                                description="The report's sections, one per comparison.")
+    dataset: str | None = option(None, help="Dataset, if the results hold several.")
+    split: str | None = option(None, help="Test split, if the results hold several.")
+    title: str | None = option(None, help="Page title; default dataset / split.")

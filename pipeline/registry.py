@@ -16,7 +16,7 @@ import torch
 
 from . import config
 from .checkpoints import load_weights_file
-from .errors import ConfigError, UnknownModelError, WeightsUnavailableError
+from .errors import CheckpointError, ConfigError, UnknownModelError, WeightsUnavailableError
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,33 @@ def get_spec(name: str) -> ModelSpec:
     raise UnknownModelError(f"unknown model {name!r}; registered: {known}; or any timm ViT/Eva name")
 
 
+def store_key(name: str, model_key: str | None = None) -> str:
+    """The store group name of a model: ``model_key`` if given, else its alias or timm name."""
+    return model_key or get_spec(name).alias.replace("/", "_")
+
+
+def file_sha256(path: str | Path, block: int = 2**22) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_identity(spec: ModelSpec, weights: str, seed: int) -> str:
+    """Which weights ``--weights`` names, without loading them: the hub tag, the random seed, or
+    a file's content hash (two files with the same bytes are the same weights)."""
+    if weights == "pretrained":
+        return f"pretrained:{spec.timm_name}"
+    if weights == "random":
+        return f"random:seed={seed}"
+    path = Path(weights)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {weights} does not exist")
+    return f"file:sha256={file_sha256(path)}"
+
+
 def _model_class_name(arch: str) -> str:
     with torch.device("meta"):
         return type(timm.create_model(arch, pretrained=False)).__name__
@@ -181,8 +208,6 @@ def check_weights(name: str, weights: str) -> ModelSpec:
         if not _hub_weights_reachable(spec.timm_name):
             _raise_offline(spec)
     elif weights != "random" and not Path(weights).is_file():
-        from .errors import CheckpointError
-
         raise CheckpointError(f"weights file {weights} does not exist")
     return spec
 

@@ -1,10 +1,10 @@
-"""Access to the feature store: the only module that talks to zarr.
+"""Zarr I/O: the feature store and the results' ``maps.zarr``. The only module that talks to zarr.
 
-The layout itself (paths, arrays, dimensions, codecs, attributes) is data in
-``storage_schemas.zarr_layout``; this module creates groups from it, refuses to mix outputs of
-different producers (fingerprints), and writes one image chunk at a time so that several
-processes can fill one store: each chunk is its own set of files, and a chunk's ``done`` flag
-is set only after everything else of it is written.
+The layouts themselves (paths, arrays, dimensions, codecs, attributes) are data in
+``storage_schemas``; this module creates groups from them, validates stores against them,
+refuses to mix outputs of different producers (fingerprints), and writes one image chunk at a
+time so that several processes can fill one store: each chunk is its own set of files, and a
+chunk's ``done`` flag is set only after everything else of it is written.
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from storage_schemas import zarr_layout as layout
+from rep_pipeline import __version__
+from rep_pipeline.storage_schemas import feature_store as layout
+from rep_pipeline.storage_schemas import results as results_layout
 
-from . import __version__
 from .errors import FingerprintMismatchError, StoreError
 
 
@@ -30,8 +31,7 @@ def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
 
 
 def _codecs(spec: layout.ArraySpec) -> dict[str, Any]:
-    # no codec in the layout means none: zarr's own default (Zstd) would cost 4x a Blosc-LZ4
-    # write on the float32 attention sums and nothing is gained on the small arrays
+    # no codec in the layout means none, not zarr's default (Zstandard)
     return {"compressors": [spec.codec] if spec.codec else None}
 
 
@@ -58,12 +58,10 @@ def _check_same(kind: str, where: str, stored: Mapping[str, Any], new: Mapping[s
 
 
 def _write_together(writes: list[tuple[zarr.Array, Any, np.ndarray]]) -> None:
-    """``array[selection] = value`` for every triple, in one pass of zarr's event loop.
-
-    Their chunks are encoded and stored concurrently instead of one array after another (two
-    image chunks of a 64-d model: 48 ms against 65 ms, each array's write waiting on the file
-    system in turn). Every write is let finish before the first error is raised (naming its
-    array), so none is still running when the caller retries.
+    """``array[selection] = value`` for every triple, in one pass of zarr's event loop, so their
+    chunks are encoded and stored concurrently rather than one array after another. Every
+    write is let finish before the first error is raised (naming its array), so none is still
+    running when the caller retries.
     """
     async def write_all() -> list[Any]:
         return await asyncio.gather(*(array.async_array.setitem(selection, value) for array, selection, value in writes),
@@ -73,11 +71,6 @@ def _write_together(writes: list[tuple[zarr.Array, Any, np.ndarray]]) -> None:
         if isinstance(result, BaseException):
             raise StoreError(f"writing {array.path} (shape {array.shape}) from an array of shape "
                              f"{np.shape(value)} failed: {result}") from result
-
-
-def chunk_bounds(chunk: int, chunk_images: int, n_images: int) -> tuple[int, int]:
-    start = chunk * chunk_images
-    return start, min(start + chunk_images, n_images)
 
 
 class FeatureStore:
@@ -204,8 +197,8 @@ def _sizes(group: zarr.Group) -> dict[str, int]:
 
 @dataclass
 class _Group:
-    """A store group and its arrays, each opened once: opening reads and parses the array's
-    metadata from disk, which per chunk written cost more than compressing small chunks."""
+    """A store group and its arrays, each opened once (opening reads and parses the array's
+    metadata from disk, which is not free per chunk written)."""
 
     group: zarr.Group
     path: str
@@ -237,7 +230,7 @@ class DatasetSplit(_Group):
         return [str(v) for v in self.array("image_ids")[:]]
 
     def bounds(self, chunk: int) -> tuple[int, int]:
-        return chunk_bounds(chunk, self.chunk_images, self.n_images)
+        return layout.chunk_bounds(chunk, self.chunk_images, self.n_images)
 
     def write_labels(self, chunk: int, labels: np.ndarray, images: np.ndarray | None = None) -> None:
         """Labels of one chunk (and, for the first images of the split, their RGB crops)."""
@@ -278,7 +271,7 @@ class ModelSplit(_Group):
 
     def write_chunk(self, chunk: int, arrays: Mapping[str, np.ndarray]) -> None:
         """Write one image chunk of every array, then mark it done."""
-        start, stop = chunk_bounds(chunk, self.chunk_images, self.n_images)
+        start, stop = layout.chunk_bounds(chunk, self.chunk_images, self.n_images)
         per_image = (slice(None), slice(start, stop))
         _write_together([(self.array(name), per_image, arrays[name])
                          for name in (*self.embeddings, "class_tokens", "attention_mi")]
@@ -303,6 +296,17 @@ class ModelSplit(_Group):
         attrs = self.attrs
         return fingerprint_hash({k: attrs.get(k) for k in layout.MODEL_FINGERPRINT_KEYS})
 
+    @property
+    def request_sha256(self) -> str | None:
+        """The hash of the extract request this group was completed for (None before that)."""
+        return self.group.attrs.get("request_sha256")
+
+    def record_request(self, request: Mapping[str, Any]) -> None:
+        """Note, on a finished group, the request it answers (see ``REQUEST_ATTRS``)."""
+        if not self.finished:
+            raise StoreError(f"{self.path} is not finished; only a finished group answers a request")
+        self.group.attrs.update({"request": dict(request), "request_sha256": fingerprint_hash(request)})
+
     def layer_slot(self, layer: int) -> int:
         """The index along ``layer`` of block ``layer``."""
         if layer not in self.layers:
@@ -321,14 +325,28 @@ class ModelSplit(_Group):
             raise StoreError(f"{self.path} has no codebook {name} (has: {', '.join(self.codebook_names()) or 'none'})")
         return Codebook(self.group["codebooks"][name], f"{self.path}/codebooks/{name}", self)
 
+    def _codebook_attrs(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+        return {"method": method, "k": k, "seed": seed, "hyperparameters": dict(hyperparameters),
+                "features_fingerprint": self.fingerprint_hash, "schema_version": layout.SCHEMA_VERSION,
+                "package_version": __version__}
+
+    def trained_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any]) -> "Codebook | None":
+        """The codebook of (method, k, seed) if one exists that was trained with these
+        hyperparameters on these features, else None. Reads only."""
+        name = layout.codebook_name(method, k, seed)
+        if name not in self.codebook_names():
+            return None
+        book = self.codebook(method, k, seed)
+        wanted = self._codebook_attrs(method, k, seed, hyperparameters)
+        same = fingerprint_hash({k: wanted[k] for k in layout.CODEBOOK_FINGERPRINT_KEYS}) == book.fingerprint_hash
+        return book if same else None
+
     def require_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any],
                          force: bool = False) -> "Codebook":
         """The codebook group of (method, k, seed), created on first use. A group trained with
         other hyperparameters or on other features is refused unless ``force`` (then it is
         emptied and retrained)."""
-        attrs = {"method": method, "k": k, "seed": seed, "hyperparameters": dict(hyperparameters),
-                 "features_fingerprint": self.fingerprint_hash, "schema_version": layout.SCHEMA_VERSION,
-                 "package_version": __version__}
+        attrs = self._codebook_attrs(method, k, seed, hyperparameters)
         name = layout.codebook_name(method, k, seed)
         path = f"{self.path}/codebooks/{name}"
         books = self.group.require_group("codebooks")
@@ -392,24 +410,33 @@ class Codebook:
 
 
 class MapStore:
-    """The Zarr store of evaluation maps beside the Parquet tables: per setting, the
-    position-by-class counts, the aggregate map and a few predicted example maps."""
+    """The Zarr store of evaluation maps beside the Parquet tables (``maps.zarr``): per setting,
+    the position-by-class counts, the aggregate map and a few predicted example maps. Paths
+    come from ``storage_schemas.results``; a store of another results version is refused."""
 
-    DIMS = {"counts": ("y", "x", "class"), "aggregate": ("y", "x", "rgb"), "examples": ("example", "y", "x"),
-            "images": ("example", "y", "x", "rgb"), "labels": ("example", "y", "x"),
-            "attention": ("layer", "query", "key")}
-
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, mode: str = "r"):
         self.path = Path(path)
-        self.root = zarr.open_group(str(self.path), mode="a")
-        self.root.attrs.setdefault("rep_pipeline", {"kind": "rep-pipeline results maps",
-                                                    "schema_version": layout.SCHEMA_VERSION})
+        if mode == "r" and not self.path.exists():
+            raise StoreError(f"results maps {self.path} do not exist; run `rep-pipeline evaluate` first")
+        try:
+            self.root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
+        except Exception as exc:
+            raise StoreError(f"{self.path} cannot be opened as a Zarr store: {exc}") from exc
+        meta = dict(self.root.attrs).get("rep_pipeline")
+        if meta is None and mode != "r" and not list(self.root.keys()):
+            meta = {"kind": results_layout.MAPS_KIND, "tables_version": results_layout.TABLES_VERSION}
+            self.root.attrs["rep_pipeline"] = meta
+        meta = meta or {}
+        found = meta.get("tables_version", meta.get("schema_version"))  # the key's name before 0.2
+        if found != results_layout.TABLES_VERSION:
+            raise StoreError(f"results maps {self.path} have results version {found}; this rep-pipeline "
+                             f"({__version__}) reads and writes version {results_layout.TABLES_VERSION}")
 
     def write(self, path: str, *, attrs: Mapping[str, Any], **arrays: np.ndarray) -> None:
         group = self.root.require_group(path)
         for name, data in arrays.items():
             arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
-                                     dimension_names=self.DIMS[name], overwrite=True,
+                                     dimension_names=results_layout.MAP_ARRAYS[name].dims, overwrite=True,
                                      compressors=[layout.LABEL_CODEC])
             arr[...] = data
         group.attrs.update(attrs)
@@ -423,3 +450,86 @@ class MapStore:
         if path not in self.root or name not in self.root[path]:
             raise StoreError(f"{self.path} has no {path}/{name}")
         return self.root[path][name][...]
+
+
+def validate_store(path: str | Path) -> list[str]:
+    """Every way the store at ``path`` departs from the layout, as readable sentences."""
+    problems: list[str] = []
+    try:
+        root = zarr.open_group(str(path), mode="r")
+    except Exception as exc:  # not a zarr group at all
+        return [f"{path} is not a Zarr group: {exc}"]
+    meta = dict(root.attrs).get("rep_pipeline", {})
+    if meta.get("kind") != layout.STORE_KIND:
+        return [f"{path} is not a rep-pipeline feature store (no rep_pipeline.kind attribute)"]
+    if meta.get("schema_version") != layout.SCHEMA_VERSION:
+        return [f"{path} has schema version {meta.get('schema_version')}, this rep-pipeline reads {layout.SCHEMA_VERSION}"]
+
+    def check_arrays(group: Any, where: str, specs: dict[str, layout.ArraySpec],
+                     shapes: dict[str, tuple[int, ...]]) -> None:
+        for name, shape in shapes.items():
+            spec = specs[name]
+            if name not in group:
+                problems.append(f"{where}/{name} is missing")
+                continue
+            arr = group[name]
+            if tuple(arr.shape) != shape:
+                problems.append(f"{where}/{name} has shape {tuple(arr.shape)}, expected {shape}")
+            if tuple(arr.metadata.dimension_names or ()) != spec.dims:
+                problems.append(f"{where}/{name} has dimensions {arr.metadata.dimension_names}, expected {spec.dims}")
+            if spec.dtype != "str" and str(arr.dtype) != spec.dtype:
+                problems.append(f"{where}/{name} has dtype {arr.dtype}, expected {spec.dtype}")
+
+    n_by_split: dict[tuple[str, str], int] = {}
+    for ds_name, ds_group in root["datasets"].groups() if "datasets" in root else []:
+        for split, group in ds_group.groups():
+            where = layout.dataset_path(ds_name, split)
+            attrs = dict(group.attrs)
+            missing = [k for k in layout.DATASET_ATTRS if k not in attrs]
+            if missing:
+                problems.append(f"{where} lacks attributes {missing}")
+                continue
+            n, S, c = attrs["n_images"], attrs["image_size"], attrs["chunk_images"]
+            n_by_split[(ds_name, split)] = n
+            check_arrays(group, where, layout.DATASET_ARRAYS,
+                         {"image_ids": (n,), "labels": (n, S, S), "done": (layout.n_chunks(n, c),),
+                          "example_images": (min(n, layout.EXAMPLE_IMAGES), S, S, 3)})
+    for model, m_group in root["models"].groups() if "models" in root else []:
+        for ds_name, d_group in m_group.groups():
+            for split, group in d_group.groups():
+                where = layout.model_path(model, ds_name, split)
+                attrs = dict(group.attrs)
+                missing = [k for k in layout.MODEL_ATTRS if k not in attrs]
+                if missing:
+                    problems.append(f"{where} lacks attributes {missing}")
+                    continue
+                if (ds_name, split) not in n_by_split:
+                    problems.append(f"{where} has no dataset group {layout.dataset_path(ds_name, split)}")
+                    continue
+                check_arrays(group, where, layout.MODEL_ARRAYS,
+                             layout.model_array_shapes(attrs, n_by_split[(ds_name, split)]))
+                if "codebooks" in group:
+                    _check_codebooks(group["codebooks"], where, attrs, problems)
+    return problems
+
+
+def _check_codebooks(codebooks: Any, where: str, model_attrs: dict[str, Any], problems: list[str]) -> None:
+    L, D = len(model_attrs["layers"]), model_attrs["embed_dim"]
+    for name, book in codebooks.groups():
+        here = f"{where}/codebooks/{name}"
+        attrs = dict(book.attrs)
+        missing = [k for k in layout.CODEBOOK_ATTRS if k not in attrs]
+        if missing:
+            problems.append(f"{here} lacks attributes {missing}")
+            continue
+        for emb in model_attrs["embeddings"]:
+            if emb not in book:
+                continue
+            expect = {emb: ((L, attrs["k"], D), layout.CODEBOOK_ARRAYS["centroids"]),
+                      f"{emb}_done": ((L,), layout.CODEBOOK_ARRAYS["done"])}
+            for arr_name, (shape, spec) in expect.items():
+                if arr_name not in book:
+                    problems.append(f"{here}/{arr_name} is missing")
+                elif tuple(book[arr_name].shape) != shape or str(book[arr_name].dtype) != spec.dtype:
+                    problems.append(f"{here}/{arr_name} is {book[arr_name].dtype}{tuple(book[arr_name].shape)}, "
+                                    f"expected {spec.dtype}{shape}")

@@ -1,19 +1,12 @@
 """Parquet tables rep-pipeline writes, as pyarrow schemas with column docs.
 
 Writers cast to these schemas (a missing or mistyped column fails loudly); readers, DuckDB
-included, see the docs in each field's metadata. Files are Hive-partitioned by dataset and
-model, so several runs and models share one results folder:
-``<results>/<table>/dataset=<d>/model=<m>/<part>.parquet``.
+included, see the docs in each field's metadata. Where each table's parts lie is
+``storage_schemas.results``; ``TABLES_VERSION`` is the version of the whole results folder.
 """
 from __future__ import annotations
 
-import os
-import uuid
-from pathlib import Path
-from typing import Any, Mapping, Sequence
-
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 TABLES_VERSION = 1
 
@@ -125,26 +118,3 @@ CORRELATIONS = _table(
 SCHEMAS: dict[str, pa.Schema] = {s.metadata[b"table"].decode(): s for s in (
     TRAINING_CURVES, SEGMENTATION, PER_CLASS_IOU, CLASSWISE_MI, GROUND_TRUTH, CONFUSION, MATCHING,
     ATTENTION_MI, BEST_LAYERS, CORRELATIONS)}
-
-
-def partition_dir(results: str | Path, table: str, dataset: str, model: str | None) -> Path:
-    base = Path(results) / table / f"dataset={dataset}"
-    return base if model is None else base / f"model={model}"
-
-
-def write_table(results: str | Path, table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]],
-                *, dataset: str, model: str | None, part: str) -> Path:
-    """Write rows (a list of dicts or a dict of columns) as one Parquet part, atomically:
-    a reader sees either the old part or the whole new one, never a half-written file."""
-    schema = SCHEMAS[table]
-    if isinstance(rows, Mapping):
-        data = pa.table({name: rows[name] for name in schema.names}, schema=schema)
-    else:
-        data = pa.Table.from_pylist(list(rows), schema=schema)
-    directory = partition_dir(results, table, dataset, model)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{part}.parquet"
-    tmp = directory / f".{part}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(data, tmp)
-    os.replace(tmp, path)
-    return path

@@ -6,7 +6,10 @@ from pathlib import Path
 
 import pytest
 
-TINY_MODELS = ("tiny-vit", "tiny-dinov2-reg", "tiny-clip", "tiny-dinov3", "tiny-dinov3-qkvb")
+from rep_pipeline.pipeline.registry import list_models
+
+# one tiny, randomly initialised model per architecture path (the registry's "tiny-*" entries)
+TINY_MODELS = tuple(spec.alias for spec in list_models("tiny-*"))
 
 
 @pytest.fixture(scope="session")
@@ -38,7 +41,7 @@ def offline_hub(monkeypatch):
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
 def backend(request):
     """Every engine test runs on NumPy, and on CuPy where a GPU is present."""
-    from pipeline.backend import get_backend, gpu_available
+    from rep_pipeline.pipeline.backend import get_backend, gpu_available
 
     if request.param == "cupy" and not gpu_available():
         pytest.skip("no CUDA GPU with CuPy here")

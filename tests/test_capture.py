@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 
-from pipeline.registry import build_model
-from stages.capture import (CaptureSpec, FeatureCapture, Scratch, _log_normaliser, attention_statistics,
-                            patch_attention)
+from rep_pipeline.pipeline.errors import ConfigError
+from rep_pipeline.pipeline.registry import build_model
+from rep_pipeline.stages.extract.capture import CaptureSpec, FeatureCapture, Scratch, log_normaliser, patch_attention
 
-from .conftest import TINY_MODELS
+from conftest import TINY_MODELS
 
 B = 2
 
@@ -122,8 +122,29 @@ def test_rope_after_option_rotates_queries_and_keys():
     torch.testing.assert_close(after["values"], before["values"])
 
 
+def _statistics(logits):
+    """(I(K, Q) per head, head-averaged attention) of patch logits (heads, P, P), as the capture
+    computes them: through ``patch_attention``, with q = the logits' rows and k = the identity
+    (scale 1), behind one prefix token."""
+    H, P, _ = logits.shape
+    q = torch.zeros(1, H, P + 1, P, dtype=logits.dtype)
+    k = torch.zeros_like(q)
+    q[0, :, 1:], k[0, :, 1:] = logits, torch.eye(P, dtype=logits.dtype)
+    sum_out = torch.zeros(P, P, dtype=logits.dtype)
+    _, mi = patch_attention(q, k, torch.randn_like(q), 1.0, 1, sum_out)
+    return mi[0], sum_out
+
+
+def _mi_definition(logits):
+    """I(K, Q) = sum P(q, k) log(P(q, k) / (P(q) P(k))) with P(q, k) = A[q, k] / P, in float64."""
+    a = logits.double().softmax(-1)
+    joint = a / a.shape[-1]
+    p_q, p_k = joint.sum(-1, keepdim=True), joint.sum(-2, keepdim=True)
+    return (joint * torch.log(joint / (p_q * p_k))).nan_to_num().sum((-1, -2))
+
+
 def test_mutual_information_closed_forms():
-    """Through the logits, as the capture computes it: a gap of 1e4 makes softmax exact zeros."""
+    """A gap of 1e4 in the logits makes softmax exact zeros."""
     P, far = 50, -1e4
     eye = torch.eye(P, dtype=torch.float64)
     identity = ((1 - eye) * far)[None]
@@ -131,18 +152,16 @@ def test_mutual_information_closed_forms():
     # attending to the left neighbour or itself with equal weight: H(K) = log P, rows log 2
     shift = ((1 - eye - torch.roll(eye, 1, 1)) * far)[None]
     for logits, expected in ((identity, math.log(P)), (uniform, 0.0), (shift, math.log(P) - math.log(2))):
-        mi, mean = attention_statistics(logits)
+        mi, mean = _statistics(logits)
         assert mi.item() == pytest.approx(expected, abs=1e-12)
         torch.testing.assert_close(mean, logits[0].softmax(-1))
 
 
 def test_mutual_information_equals_its_definition_on_random_logits():
     logits = torch.randn(3, 40, 40, dtype=torch.float64) * 4
-    a = logits.softmax(-1)
-    joint = a / a.shape[-1]
-    p_q, p_k = joint.sum(-1, keepdim=True), joint.sum(-2, keepdim=True)
-    definition = (joint * torch.log(joint / (p_q * p_k))).sum((-1, -2))
-    torch.testing.assert_close(attention_statistics(logits)[0], definition, atol=1e-10, rtol=1e-10)
+    mi, mean = _statistics(logits)
+    torch.testing.assert_close(mi, _mi_definition(logits), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(mean, logits.softmax(-1).mean(0))
 
 
 def test_log_normaliser_holds_where_the_first_key_underflows():
@@ -152,12 +171,11 @@ def test_log_normaliser_holds_where_the_first_key_underflows():
     logits[0, :, ::3, 0] = -300.0  # A[q, 0] = 0
     logits[1, :, 1::3, 0] = logits[1, :, 1::3].amax(-1) - 95.0  # A[q, 0] ~ 5e-42, subnormal
     attn = logits.softmax(-1)
-    lse = _log_normaliser(logits, attn)
+    lse = log_normaliser(logits, attn)
     torch.testing.assert_close(lse, logits.double().logsumexp(-1).float(), atol=2e-5, rtol=1e-6)
-    a = logits.double().softmax(-1)
-    joint = a / a.shape[-1]
-    definition = (joint * torch.log(joint / (joint.sum(-1, keepdim=True) * joint.sum(-2, keepdim=True)))).nan_to_num()
-    torch.testing.assert_close(attention_statistics(logits)[0].double(), definition.sum((-1, -2)), atol=1e-4, rtol=1e-4)
+    for image in range(2):
+        torch.testing.assert_close(_statistics(logits[image])[0].double(), _mi_definition(logits[image]),
+                                   atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("npt", [1, 5])
@@ -174,14 +192,15 @@ def test_patch_attention_equals_the_models_attention(npt, sink, images_per_step)
     scale = d ** -0.5
     want = F.scaled_dot_product_attention(q, k, v, scale=scale)[:, :, npt:]
     logits = (q[:, :, npt:] * scale) @ k[:, :, npt:].transpose(-1, -2)
-    want_mi, want_mean = attention_statistics(logits)
+    want_mi, want_mean = _mi_definition(logits), logits.softmax(-1).mean(1)
     scratch = Scratch()
     # fresh temporaries, then the same memory twice, then a smaller batch (new shapes)
     for kept, b in ((None, 3), (scratch, 3), (scratch, 3), (scratch, 1)):
         sum_out = torch.zeros(36, 36, dtype=torch.float64)
         y, mi = patch_attention(q[:b], k[:b], v[:b], scale, npt, sum_out, kept, images_per_step)
         torch.testing.assert_close(y, want[:b], atol=1e-12, rtol=1e-10)
-        torch.testing.assert_close((mi, sum_out), (want_mi[:b], want_mean[:b].sum(0)))
+        torch.testing.assert_close(mi, want_mi[:b], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(sum_out, want_mean[:b].sum(0))
 
 
 def test_only_requested_layers_and_embeddings_are_captured():
@@ -190,8 +209,6 @@ def test_only_requested_layers_and_embeddings_are_captured():
     assert set(out) == {"keys", "tokens", "class_tokens", "attention_mi", "attention_sum"}
     assert out["keys"].shape == (2, 1, 23, 23, 64) and out["keys"].dtype == torch.float16
     assert out["attention_sum"].shape == (2, 529, 529)
-    from pipeline.errors import ConfigError
-
     with pytest.raises(ConfigError, match="blocks 0..3"):
         FeatureCapture(lm, CaptureSpec(layers=(7,)))
 

@@ -5,13 +5,13 @@ import duckdb
 import numpy as np
 import pytest
 
-from pipeline.config import ClusterConfig, ExtractConfig
-from pipeline.errors import ConfigError, FingerprintMismatchError, NonFiniteFeaturesError, StoreError
-from pipeline.store import FeatureStore
-from stages.cluster import ClusterWorker, FeatureStream, plan_codebooks, run_cluster
-from stages.extract import run_extract
-from storage_schemas import validate_store
-from pipeline.backend import get_backend
+from rep_pipeline.pipeline.config import ClusterConfig, ExtractConfig
+from rep_pipeline.pipeline.errors import ConfigError, FingerprintMismatchError, NonFiniteFeaturesError, StoreError
+from rep_pipeline.pipeline.store import FeatureStore
+from rep_pipeline.stages.cluster import ClusterWorker, FeatureStream, plan_codebooks, run_cluster
+from rep_pipeline.stages.extract import run_extract
+from rep_pipeline.pipeline.store import validate_store
+from rep_pipeline.pipeline.backend import get_backend
 
 FAST = dict(steps=30, init_batches=3, batch_images=4, log_every=10, max_iter=20)
 
@@ -38,7 +38,7 @@ def _cfg(store, **kw):
 
 
 def test_trains_every_codebook_writes_centroids_and_curves(store):
-    cfg = _cfg(store, ks=(3, 5), methods=("online", "lloyd"))
+    cfg = _cfg(store, k=(3, 5), methods=("online", "lloyd"))
     result = run_cluster(cfg, progress=False)
     assert len(result.trained) == 2 * 2 * 2 * 2 and result.reused == 0  # emb x layer x K x method
     group = FeatureStore(store).model_split("tiny-vit", "synthetic", "train")
@@ -62,17 +62,17 @@ def test_trains_every_codebook_writes_centroids_and_curves(store):
 
 
 def test_finished_codebooks_are_reused_and_force_retrains(store):
-    cfg = _cfg(store, ks=(3,), embeddings=("keys",))
+    cfg = _cfg(store, k=(3,), embeddings=("keys",))
     first = run_cluster(cfg, progress=False)
     before = FeatureStore(store).model_split("tiny-vit", "synthetic", "train").codebook("online", 3, 0).centroids("keys", 1)
     again = run_cluster(cfg, progress=False)
     assert len(first.trained) == 2 and (len(again.trained), again.reused) == (0, 2)
-    forced = run_cluster(_cfg(store, ks=(3,), embeddings=("keys",), force=True), progress=False)
+    forced = run_cluster(_cfg(store, k=(3,), embeddings=("keys",), force=True), progress=False)
     assert len(forced.trained) == 2
     after = FeatureStore(store).model_split("tiny-vit", "synthetic", "train").codebook("online", 3, 0).centroids("keys", 1)
     np.testing.assert_array_equal(before, after)  # seeded: the retrained codebook is the same
     with pytest.raises(FingerprintMismatchError, match="hyperparameters"):
-        run_cluster(_cfg(store, ks=(3,), embeddings=("keys",), lr=1e-2), progress=False)
+        run_cluster(_cfg(store, k=(3,), embeddings=("keys",), lr=1e-2), progress=False)
 
 
 def test_interrupted_run_writes_nothing_half_trained_and_resumes(store):
@@ -80,7 +80,7 @@ def test_interrupted_run_writes_nothing_half_trained_and_resumes(store):
         if done > 0:
             raise KeyboardInterrupt
 
-    cfg = _cfg(store, ks=(4,), steps=1500)  # long enough for the driver's first progress poll
+    cfg = _cfg(store, k=(4,), steps=1500)  # long enough for the driver's first progress poll
     with pytest.raises(KeyboardInterrupt):
         run_cluster(cfg, progress=False, on_progress=interrupt)
     book = FeatureStore(store).model_split("tiny-vit", "synthetic", "train").codebook("online", 4, 0)
@@ -90,7 +90,7 @@ def test_interrupted_run_writes_nothing_half_trained_and_resumes(store):
 
 
 def test_streaming_from_disk_equals_training_from_the_memory_cache(store):
-    plan_cfg = _cfg(store, ks=(3, 4), methods=("online", "lloyd"))
+    plan_cfg = _cfg(store, k=(3, 4), methods=("online", "lloyd"))
     dataset, plans, _ = plan_codebooks(plan_cfg)
     cached = ClusterWorker(plan_cfg, "tiny-vit", dataset, plans)
     group = FeatureStore(store).model_split("tiny-vit", "synthetic", "train")
@@ -118,7 +118,7 @@ def test_groups_trained_on_threads_equal_one_thread(store, tmp_path):
     shutil.copytree(store, other)
     books = []
     for path, threads in ((store, 1), (other, 2)):
-        cfg = _cfg(path, ks=(3, 5), methods=("online", "lloyd"), results=path.parent / f"results-{threads}")
+        cfg = _cfg(path, k=(3, 5), methods=("online", "lloyd"), results=path.parent / f"results-{threads}")
         dataset, plans, _ = plan_codebooks(cfg)
         worker = ClusterWorker(cfg, "tiny-vit", dataset, plans, threads=threads)
         assert worker._threads == threads
@@ -134,7 +134,7 @@ def test_groups_trained_on_threads_equal_one_thread(store, tmp_path):
 
 def test_bad_requests_get_clear_errors(store):
     with pytest.raises(ConfigError, match="larger than the 4800 patch vectors"):
-        run_cluster(_cfg(store, ks=(5000,)), progress=False)
+        run_cluster(_cfg(store, k=(5000,)), progress=False)
     with pytest.raises(StoreError, match="no features of model 'tiny-vit' on split 'test'"):
         run_cluster(ClusterConfig(store=store, model="tiny-vit", train_split="test"), progress=False)
     with pytest.raises(StoreError, match=r"captured layers: \[1, 3\]"):
@@ -147,14 +147,14 @@ def test_non_finite_features_are_named(store):
     group = FeatureStore(store, mode="a").model_split("tiny-vit", "synthetic", "train")
     group.group["keys"][1, 6, 0, 0, 0] = np.nan
     with pytest.raises(NonFiniteFeaturesError, match=r"keys layer 3 .*\[6\]"):
-        run_cluster(_cfg(store, ks=(3,), embeddings=("keys",), layers=(3,)), progress=False)
+        run_cluster(_cfg(store, k=(3,), embeddings=("keys",), layers=(3,)), progress=False)
 
 
 def test_unfinished_extract_is_refused(store):
     group = FeatureStore(store, mode="a").model_split("tiny-vit", "synthetic", "train")
     group.group.attrs["finished"] = False
     with pytest.raises(StoreError, match="not finished"):
-        run_cluster(_cfg(store, ks=(3,)), progress=False)
+        run_cluster(_cfg(store, k=(3,)), progress=False)
 
 
 def test_cli_cluster(store):

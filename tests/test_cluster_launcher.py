@@ -1,5 +1,6 @@
 """ray_cluster.yaml is a file `ray up` accepts, and the batch job it documents is a real command."""
 import json
+import tomllib
 import re
 import shlex
 from importlib import resources
@@ -10,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.app import app
+from rep_pipeline.cli.app import app
 
 LAUNCHER = Path(__file__).resolve().parents[1] / "ray_cluster.yaml"
 
@@ -34,11 +35,16 @@ def test_launcher_file_passes_rays_schema_and_keeps_work_off_the_head():
 
 
 def test_documented_job_command_names_real_options(tmp_path):
-    """The `ray job submit ... -- python -m cli.app extract ...` of the file's header parses."""
+    """The `ray job submit ... -- python -m rep_pipeline.cli.app extract ...` of the file's header
+    parses, and the wheel it ships is the one `pip wheel` builds from pyproject.toml."""
     header = "".join(re.sub(r"^#\s?", "", line).rstrip("\\\n") for line in LAUNCHER.read_text().splitlines(True)
                      if line.startswith("#   ") or line.startswith("#       "))
-    job = shlex.split(header.split(" -- ", 1)[1])
-    assert job[:3] == ["python", "-m", "cli.app"]
+    submit, job = header.split(" -- ", 1)
+    job = shlex.split(job)
+    assert job[:3] == ["python", "-m", "rep_pipeline.cli.app"]
+    runtime_env = json.loads(shlex.split(submit)[shlex.split(submit).index("--runtime-env-json") + 1])
+    version = tomllib.loads((LAUNCHER.parent / "pyproject.toml").read_text())["project"]["version"]
+    assert runtime_env["py_modules"] == [f"dist/rep_pipeline-{version}-py3-none-any.whl"]
     args = job[3:] + ["--weights", "random"]  # the documented pretrained ones: no hub here
     args[args.index("--data-root") + 1] = str(tmp_path / "cocostuff")  # not there: stops at the data check
     args[args.index("--store") + 1] = str(tmp_path / "coco.zarr")

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets import build_dataset, voc_palette
-from pipeline.datasets.base import resize_shorter_and_crop
-from pipeline.datasets.cocostuff import COARSE_NAMES, FINE_TO_COARSE
-from pipeline.errors import (ConfigError, DataRootError, EmptySplitError, ImageReadError, LabelValueError,
+from rep_pipeline.pipeline.datasets import build_dataset, voc_palette
+from rep_pipeline.pipeline.datasets.base import resize_shorter_and_crop
+from rep_pipeline.pipeline.datasets.cocostuff import COARSE_NAMES, FINE_TO_COARSE
+from rep_pipeline.pipeline.errors import (ConfigError, DataRootError, EmptySplitError, ImageReadError, LabelValueError,
                              SizeMismatchError)
 
 

@@ -7,7 +7,7 @@ import pytest
 import typer
 import typer.main
 
-from cli.app import app
+from rep_pipeline.cli.app import app
 
 ROOT = Path(__file__).resolve().parents[1]
 

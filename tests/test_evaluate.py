@@ -7,14 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import ClusterConfig, EvaluateConfig, ExtractConfig
-from pipeline.errors import QueryError, StoreError
-from pipeline.query import fetch_rows, run_query
-from pipeline.store import FeatureStore, MapStore
-from stages import metrics
-from stages.cluster import run_cluster
-from stages.evaluate import bilinear_matrix, run_evaluate, segment
-from stages.extract import run_extract
+from rep_pipeline.pipeline.config import ClusterConfig, EvaluateConfig, ExtractConfig
+from rep_pipeline.pipeline.errors import QueryError, StoreError
+from rep_pipeline.pipeline.results import fetch_rows, run_query
+from rep_pipeline.pipeline.store import FeatureStore, MapStore
+from rep_pipeline.stages.evaluate import metrics
+from rep_pipeline.stages.cluster import run_cluster
+from rep_pipeline.stages.evaluate import bilinear_matrix, run_evaluate, segment
+from rep_pipeline.stages.extract import run_extract
 
 
 @pytest.mark.parametrize("src,dst", [(20, 320), (23, 320), (3, 7), (7, 3), (5, 5)])
@@ -47,7 +47,7 @@ def evaluated(ray_local, tmp_path_factory):
     run_extract(ExtractConfig(model="tiny-dinov2-reg", weights="random", store=store, layers=(1, 3),
                               embeddings=("keys", "tokens"), chunk_images=4,
                               dataset_options={"sizes": {"train": 16, "val": 6}}), progress=False)
-    run_cluster(ClusterConfig(store=store, model="tiny-dinov2-reg", train_split="train", ks=(6, 9),
+    run_cluster(ClusterConfig(store=store, model="tiny-dinov2-reg", train_split="train", k=(6, 9),
                               methods=("lloyd",), init_batches=2, batch_images=4), progress=False)
     cfg = EvaluateConfig(store=store, split="val", results=root / "results", n_examples=3)
     return cfg, run_evaluate(cfg, progress=False)

@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline.config import ExtractConfig
-from pipeline.errors import FingerprintMismatchError, ImageReadError, NonFiniteFeaturesError
-from pipeline.registry import build_model
-from pipeline.store import FeatureStore
-from stages.extract import Extractor, all_finite, non_finite_images, run_extract
-from storage_schemas import validate_store
+from rep_pipeline.pipeline.config import ExtractConfig
+from rep_pipeline.pipeline.errors import FingerprintMismatchError, ImageReadError, NonFiniteFeaturesError
+from rep_pipeline.pipeline.registry import build_model
+from rep_pipeline.pipeline.store import FeatureStore
+from rep_pipeline.stages.extract import Extractor, all_finite, non_finite_images, run_extract
+from rep_pipeline.pipeline.store import validate_store
 
-from .conftest import TINY_MODELS
+from conftest import TINY_MODELS
 
 SYNTH = {"sizes": {"train": 10, "val": 6}}
 
@@ -127,8 +127,8 @@ def test_killed_actor_is_restarted_and_its_range_retried(ray_local, tmp_path):
 _HANGING_DRIVER = """
 import json, sys, time
 from pathlib import Path
-from pipeline.config import ExtractConfig
-from stages.extract import run_extract
+from rep_pipeline.pipeline.config import ExtractConfig
+from rep_pipeline.stages.extract import run_extract
 
 store, marker, address, options = sys.argv[1:5]
 seen = []

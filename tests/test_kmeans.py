@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from stages.kmeans import LloydKMeans, OnlineKMeans, PCAInit, l2_normalize
+from rep_pipeline.stages.cluster.kmeans import LloydKMeans, OnlineKMeans, PCAInit, l2_normalize
 
 
 def _planted(k=6, d=32, n=6000, noise=0.15, seed=0, shared=0.0):
@@ -113,9 +113,20 @@ def test_codebooks_trained_together_equal_codebooks_trained_alone(backend):
             assert _match(joint, alone)[1] > 0.995
 
 
-@pytest.mark.parametrize("k", [2, 40])
-def test_empty_clusters_keep_their_centroid(backend, k):
-    x, _, _ = _planted(k=2, n=500)
-    (cents,), _ = _lloyd(backend, x, (k,))
-    assert np.isfinite(cents).all()
+def test_a_cluster_that_loses_every_vector_keeps_its_centroid(backend):
+    """Every vector lies near +e1; a centroid at -e1 wins none of them in the first pass and must
+    stay exactly where it was, while the others move to their means."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 8)).astype(np.float32) * 0.1
+    x[:, 0] += 1.0
+    x = l2_normalize(np, x)
+    far = np.zeros(8, dtype=np.float32)
+    far[0] = -1.0
+    inits = np.stack([x[0], x[1], far])
+    km = LloydKMeans(backend, [backend.asarray(inits)], n_vectors=len(x), tol=0.0, max_iter=5)
+    km.accumulate(backend.asarray(x), 0)
+    km.update()
+    cents = backend.to_numpy(km.centroids()[0])
+    np.testing.assert_array_equal(cents[2], far)
+    assert np.isfinite(cents).all() and not np.allclose(cents[:2], inits[:2])
     np.testing.assert_allclose(np.linalg.norm(cents, axis=1), 1.0, atol=1e-5)

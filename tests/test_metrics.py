@@ -4,8 +4,15 @@ import math
 import numpy as np
 import pytest
 
-from stages.metrics import (aggregate_map, confusion_matrix, hungarian_mapping, position_class_counts,
-                            positional_effect, segmentation_scores, shifted_counts, spearman)
+from rep_pipeline.stages.evaluate.metrics import (aggregate_map, confusion_matrix, hungarian_match, position_class_counts,
+                                                  positional_effect, positional_scores, random_shifts,
+                                                  segmentation_scores, shifted_counts, spearman)
+
+
+def hungarian_mapping(confusion):
+    mapping, matched = hungarian_match(confusion)
+    assert matched.sum() == min(confusion.shape)  # one-to-one for as many clusters as classes allow
+    return mapping
 
 
 def test_hungarian_on_a_confusion_matrix_with_a_known_answer():
@@ -74,8 +81,36 @@ def test_ignore_pixels_are_dropped_and_shift_null_removes_layout():
     maps[:, :, 0] = 255
     counts = position_class_counts(maps, 2, 255)
     assert counts[:, 0].sum() == 0 and counts.sum() == 200 * 8 * 7
-    null = positional_effect(shifted_counts(maps, 2, 255, np.random.default_rng(0)))
+    null = positional_effect(shifted_counts(maps, 2, 255, *random_shifts(len(maps), 8, seed=0)))
     assert null.mi < 0.05 * positional_effect(counts).mi
+
+
+def test_shifts_roll_each_map_by_its_own_offset():
+    maps = np.arange(2 * 3 * 3).reshape(2, 3, 3)
+    dy, dx = np.array([1, 0]), np.array([0, 2])
+    counts = shifted_counts(maps, 18, None, dy, dx)
+    want = position_class_counts(np.stack([np.roll(maps[0], -1, 0), np.roll(maps[1], -2, 1)]), 18)
+    assert (counts == want).all()
+
+
+def test_bias_aware_nmi_of_a_single_class_is_nan_not_an_error():
+    """A test split with one class: H(C) = 0, so the NMIs are undefined (NaN), not a crash."""
+    maps = np.zeros((4, 6, 6), dtype=np.uint8)
+    counts = position_class_counts(maps, 1, 255)
+    null = shifted_counts(maps, 1, 255, *random_shifts(4, 6, seed=0))
+    scores = positional_scores(counts, null)
+    assert scores.mi == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(scores.nmi) and math.isnan(scores.nmi_bias_aware)
+
+
+def test_bias_aware_nmi_subtracts_the_null():
+    maps = np.zeros((50, 8, 8), dtype=np.uint8)
+    maps[:, 4:] = 1
+    s = positional_scores(position_class_counts(maps, 2, 255),
+                          shifted_counts(maps, 2, 255, *random_shifts(50, 8, seed=3)))
+    assert s.nmi == pytest.approx(1.0)
+    assert s.nmi_bias_aware == pytest.approx((s.mi - s.mi_null) / math.log(2))
+    assert 0 < s.mi_null < s.mi
 
 
 def test_aggregate_map_of_constant_maps_is_the_palette_colour():

@@ -5,11 +5,11 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from pipeline.checkpoints import load_weights_file, read_state_dict
-from pipeline.errors import CheckpointError, UnknownModelError, WeightsUnavailableError
-from pipeline.registry import build_model, check_weights, get_spec, input_size_for, list_models, state_dict_sha256
+from rep_pipeline.pipeline.checkpoints import load_weights_file, read_state_dict
+from rep_pipeline.pipeline.errors import CheckpointError, UnknownModelError, WeightsUnavailableError
+from rep_pipeline.pipeline.registry import build_model, check_weights, get_spec, input_size_for, list_models, state_dict_sha256
 
-from .conftest import TINY_MODELS
+from conftest import TINY_MODELS
 
 
 def test_every_registered_model_names_a_real_timm_model():

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.config import Comparison, ReportConfig
-from pipeline.errors import ConfigError
-from pipeline.orchestrate import RunConfig, run_all
-from stages import figures
-from stages.report import run_report
+from rep_pipeline.pipeline.config import Comparison, ReportConfig
+from rep_pipeline.pipeline.errors import ConfigError
+from rep_pipeline.cli.run import RunConfig, run_all
+from rep_pipeline.stages.report import figures
+from rep_pipeline.stages.report import run_report
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -1,12 +1,11 @@
-import json
-
 import numpy as np
 import pytest
 import zarr
 
-from pipeline.errors import FingerprintMismatchError, StoreError
-from pipeline.store import FeatureStore
-from storage_schemas import FEATURE_CODEC, MODEL_ARRAYS, SCHEMA_VERSION, validate_store
+from rep_pipeline.pipeline.errors import FingerprintMismatchError, StoreError
+from rep_pipeline.pipeline.store import FeatureStore, MapStore, fingerprint_hash, validate_store
+from rep_pipeline.storage_schemas.feature_store import FEATURE_CODEC, MODEL_ARRAYS, SCHEMA_VERSION
+from rep_pipeline.storage_schemas.tables import TABLES_VERSION
 
 N, S, CHUNK, G, D, H, L = 10, 32, 4, 2, 8, 2, 3
 DATASET_FP = {"dataset": "synthetic", "split": "val", "n_images": N, "image_size": S, "classes": ["a", "b"],
@@ -113,10 +112,10 @@ def test_validator_reports_missing_and_misshapen_arrays(tmp_path):
     del target.group["tokens"]
     target.group.create_array("class_tokens", shape=(L, N + 1, D), dtype="float16", overwrite=True,
                               dimension_names=("layer", "image", "channel"))
-    problems = validate_store(store.path)
-    assert any("tokens is missing" in p for p in problems)
-    assert any("class_tokens has shape" in p for p in problems)
-    assert json.dumps(problems)
+    assert validate_store(store.path) == [
+        f"models/m/synthetic/val/tokens is missing",
+        f"models/m/synthetic/val/class_tokens has shape {(L, N + 1, D)}, expected {(L, N, D)}",
+    ]
 
 
 def test_a_failed_chunk_write_finishes_the_others_and_stays_pending(tmp_path):
@@ -131,3 +130,42 @@ def test_a_failed_chunk_write_finishes_the_others_and_stays_pending(tmp_path):
     assert target.features("keys")[2, CHUNK - 1, 0, 0, 0] == 7  # the good writes were not cut short
     target.write_chunk(0, _chunk_arrays(CHUNK, 8))  # the retry writes the chunk whole
     assert target.pending_chunks() == [1, 2] and target.features("tokens")[0, 0, 0, 0, 0] == -8
+
+
+def test_a_finished_group_records_the_request_it_answers(tmp_path):
+    _, data, target = _fill(tmp_path)
+    request = {"model": "m", "weights": "random:seed=0", "limit": None}
+    with pytest.raises(StoreError, match="not finished"):
+        target.record_request(request)
+    _write_every_chunk(data, target)
+    target.finalize()
+    assert target.request_sha256 is None
+    target.record_request(request)
+    reopened = FeatureStore(tmp_path / "s.zarr").model_split("m", "synthetic", "val")
+    assert reopened.request_sha256 == fingerprint_hash(request) and reopened.attrs["request"] == request
+
+
+def test_a_trained_codebook_is_found_only_with_its_hyperparameters(tmp_path):
+    _, data, target = _fill(tmp_path)
+    _write_every_chunk(data, target)
+    target.finalize()
+    assert target.trained_codebook("online", 2, 0, {"lr": 0.1}) is None
+    book = target.require_codebook("online", 2, 0, {"lr": 0.1})
+    book.write("keys", 1, np.eye(2, D, dtype=np.float32))
+    found = target.trained_codebook("online", 2, 0, {"lr": 0.1})
+    assert found is not None and found.is_done("keys", 1) and not found.is_done("keys", 0)
+    assert target.trained_codebook("online", 2, 0, {"lr": 0.2}) is None
+    assert target.trained_codebook("online", 2, 1, {"lr": 0.1}) is None
+    with pytest.raises(FingerprintMismatchError, match="lr"):
+        target.require_codebook("online", 2, 0, {"lr": 0.2})
+
+
+def test_maps_of_another_results_version_are_refused(tmp_path):
+    maps = MapStore(tmp_path / "maps.zarr", mode="a")
+    maps.write("d/s/ground_truth", attrs={"classes": ["a"]}, counts=np.ones((2, 2, 1), np.int64))
+    assert MapStore(tmp_path / "maps.zarr").read("d/s/ground_truth", "counts").sum() == 4
+    root = zarr.open_group(str(tmp_path / "maps.zarr"), mode="a")
+    root.attrs["rep_pipeline"] = dict(root.attrs["rep_pipeline"], tables_version=TABLES_VERSION + 1)
+    for mode in ("r", "a"):
+        with pytest.raises(StoreError, match=f"version {TABLES_VERSION + 1}.*reads and writes version {TABLES_VERSION}"):
+            MapStore(tmp_path / "maps.zarr", mode=mode)

@@ -14,18 +14,12 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 
 
-def confusion_matrix(clusters: np.ndarray, labels: np.ndarray, k: int, n_classes: int, ignore: int) -> np.ndarray:
-    """(k, n_classes) pixel counts of cluster x class; ignore pixels dropped."""
+def confusion_matrix(clusters: Any, labels: Any, k: int, n_classes: int, ignore: int, xp: Any = np) -> Any:
+    """(k, n_classes) pixel counts of cluster x class; ignore pixels dropped. ``xp`` is NumPy
+    or CuPy, whichever holds the maps."""
     keep = labels != ignore
-    flat = clusters[keep].astype(np.int64) * n_classes + labels[keep].astype(np.int64)
-    return np.bincount(flat, minlength=k * n_classes).reshape(k, n_classes)
-
-
-def hungarian_mapping(confusion: np.ndarray) -> np.ndarray:
-    """cluster -> class. One-to-one by Hungarian assignment (maximising matched pixels);
-    with more clusters than classes the unmatched clusters map to the class they overlap
-    most."""
-    return hungarian_match(confusion)[0]
+    flat = clusters[keep].astype(xp.int64) * n_classes + labels[keep].astype(xp.int64)
+    return xp.bincount(flat, minlength=k * n_classes).reshape(k, n_classes)
 
 
 def hungarian_match(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -87,6 +81,23 @@ def positional_effect(counts: np.ndarray) -> PositionalEffect:
     return PositionalEffect(classwise, mi, h, mi / h if h > 0 else float("nan"))
 
 
+@dataclass
+class PositionalScores:
+    mi: float
+    nmi: float
+    mi_null: float
+    nmi_bias_aware: float      # (mi - mi_null) / H(C); NaN where H(C) = 0 (a single class)
+    classwise_mi: np.ndarray
+
+
+def positional_scores(counts: np.ndarray, null_counts: np.ndarray) -> PositionalScores:
+    """MI, NMI and the bias-aware NMI of position and class, from the counts of the maps and of
+    the same maps randomly shifted (``shifted_counts``)."""
+    pe, null = positional_effect(counts), positional_effect(null_counts)
+    bias_aware = (pe.mi - null.mi) / pe.entropy if pe.entropy > 0 else float("nan")
+    return PositionalScores(pe.mi, pe.nmi, null.mi, bias_aware, pe.classwise_mi)
+
+
 def roll_maps(maps: Any, dy: Any, dx: Any, xp: Any = np) -> Any:
     """Every map (images, S, S) cyclically shifted by its own offset (dy[i], dx[i])."""
     n_img, S, _ = maps.shape
@@ -95,12 +106,17 @@ def roll_maps(maps: Any, dy: Any, dx: Any, xp: Any = np) -> Any:
     return maps[xp.arange(n_img)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
-def shifted_counts(maps: np.ndarray, n_classes: int, ignore: int, rng: np.random.Generator) -> np.ndarray:
+def random_shifts(n_images: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One random cyclic offset (dy, dx) per image, the same for every map of that image."""
+    rng = np.random.default_rng([seed, 7])
+    return rng.integers(0, size, n_images), rng.integers(0, size, n_images)
+
+
+def shifted_counts(maps: Any, n_classes: int, ignore: int | None, dy: Any, dx: Any, xp: Any = np) -> Any:
     """Position-by-class counts of ``maps`` (images, S, S) after shifting every map by its own
-    random cyclic offset: what the counts look like when position carries no information."""
-    n_img, S, _ = maps.shape
-    return position_class_counts(roll_maps(maps, rng.integers(0, S, n_img), rng.integers(0, S, n_img)),
-                                 n_classes, ignore)
+    cyclic offset (``random_shifts``): what the counts look like when position carries no
+    information, for the bias-aware NMI."""
+    return position_class_counts(roll_maps(maps, dy, dx, xp=xp), n_classes, ignore, xp=xp)
 
 
 def position_class_counts(maps: Any, n_classes: int, ignore: int | None = None, xp: Any = np) -> Any:

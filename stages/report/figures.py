@@ -20,7 +20,7 @@ COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F
 GT_COLOUR = "#7f7f7f"
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -31,7 +31,7 @@ def _plt() -> Any:
 
 @contextmanager
 def style() -> Iterator[None]:
-    plt = _plt()
+    plt = pyplot()
     from cycler import cycler
 
     with plt.rc_context({**STYLE, "axes.prop_cycle": cycler(color=COLOURS)}):
@@ -41,7 +41,7 @@ def style() -> Iterator[None]:
 def _axes(ax: Any, figsize: tuple[float, float] = (4.0, 3.0)) -> Any:
     if ax is not None:
         return ax
-    return _plt().subplots(figsize=figsize)[1]
+    return pyplot().subplots(figsize=figsize)[1]
 
 
 def colourise(classes: np.ndarray, palette: np.ndarray, ignore: int = 255) -> np.ndarray:
@@ -67,7 +67,7 @@ def plot_example_grid(images: np.ndarray, ground_truth: np.ndarray, rows: Sequen
     matched predictions per compared setting, all coloured with the dataset palette."""
     n = len(images)
     n_rows = 2 + len(rows)
-    fig = fig or _plt().figure(figsize=(1.3 * n + 1.8, 1.3 * n_rows))
+    fig = fig or pyplot().figure(figsize=(1.3 * n + 1.8, 1.3 * n_rows))
     axes = fig.subplots(n_rows, n, squeeze=False)
     labels = ["image", "ground truth"] + [name for name, _ in rows]
     for r, (row_label, maps) in enumerate([("image", images), ("ground truth", ground_truth), *rows]):
@@ -88,7 +88,7 @@ def plot_aggregate_maps(rows: Sequence[tuple[str, np.ndarray]], ground_truth: np
     """(a2) aggregate maps: per pixel, the palette colours of the predicted classes mixed by
     their frequency over the test split; the ground truth's first."""
     panels = [("ground truth", ground_truth), *rows]
-    fig = fig or _plt().figure(figsize=(1.8 * len(panels), 2.1))
+    fig = fig or pyplot().figure(figsize=(1.8 * len(panels), 2.1))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (label, rgb) in zip(axes, panels):
         ax.imshow(rgb, interpolation="nearest")

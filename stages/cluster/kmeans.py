@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pipeline.backend import Backend
+from rep_pipeline.pipeline.backend import Backend
 
 
 def l2_normalize(xp: Any, x: Any, eps: float = 1e-12) -> Any:

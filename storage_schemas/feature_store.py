@@ -1,4 +1,4 @@
-"""The feature store's Zarr v3 layout, as data, with a validator.
+"""The feature store's Zarr v3 layout, as data (``pipeline.store`` creates, reads and validates it).
 
 ::
 
@@ -8,7 +8,8 @@
         labels        (image, y, x)               uint8, 255 = ignore, S x S grid
         done          (chunk,)                    bool, labels of image chunk i written
         example_images (example, y, x, rgb)       uint8, the first EXAMPLE_IMAGES crops, for figures
-      models/<model>/<dataset>/<split>/   attrs: model fingerprint (MODEL_ATTRS)
+      models/<model>/<dataset>/<split>/   attrs: model fingerprint (MODEL_ATTRS), and the
+                                          request that produced it (REQUEST_ATTRS)
         queries|keys|values|tokens
                       (layer, image, y, x, channel) float16, one chunk = one layer x one run
                                                   of ``chunk_images`` images
@@ -28,27 +29,18 @@ Every array carries ``dimension_names``, so ``xarray.open_zarr`` names the axes 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 SCHEMA_VERSION = 1
 STORE_KIND = "rep-pipeline feature store"
 
-# Chosen by measurement (bench/codecs.py): fp16 activations have noisy mantissas, so no codec
-# gets far; Blosc-LZ4 with bit-shuffle compresses best (~1.15x on ViT features) and encodes at
-# 1-2.5 GB/s, decodes at ~4 GB/s, so writing stays off the critical path. Zstd levels gain
-# nothing on this data and cost 2-3x the time.
+# Codecs were chosen with bench/codecs.py (docs/feature-store.md says why): float16 features
+# take bit-shuffled LZ4, the float32 attention arrays byte-shuffled LZ4, labels Zstandard.
 FEATURE_CODEC: dict[str, Any] = {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}}
-# Attention probabilities are float32 with smooth exponents: byte-shuffled LZ4 compresses them
-# 1.5-1.7x at ~3 GB/s; bit-shuffle gains 5 % for 4x the time, and zarr's default (Zstd) gets
-# 1.3x at 150-500 MB/s, which made these writes the slowest of a tiny model's chunk
-# (bench/codecs.py --array attention_sum).
 ATTENTION_CODEC: dict[str, Any] = {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "shuffle"}}
 LABEL_CODEC: dict[str, Any] = {"name": "zstd", "configuration": {"level": 3, "checksum": False}}
-# Chunk files lie flat in their array's folder (``c.<layer>.<chunk>.0.0.0``): zarr's default
-# ``/`` separator nests a folder per index, and creating those folders for every new chunk took
-# longer than compressing it (one embedding of a 64-d model, 16 images x 4 layers: 11.7 ms
-# with folders, 6.2 ms flat; docs/benchmarks.md).
+# Chunk files lie flat in their array's folder (``c.<layer>.<chunk>.0.0.0``): a folder per
+# index (zarr's default ``/``) costs a directory creation for every new chunk.
 CHUNK_KEY_ENCODING: dict[str, Any] = {"name": "default", "separator": "."}
 
 # chunk rules per dimension: "full" = whole extent, "images" = chunk_images, an int = that size
@@ -115,6 +107,10 @@ MODEL_ATTRS = ("model", "timm_name", "family", "weights_source", "weights_sha256
 CODEBOOK_ATTRS = ("method", "k", "seed", "hyperparameters", "features_fingerprint", "schema_version",
                   "package_version")
 CODEBOOK_FINGERPRINT_KEYS = ("method", "k", "seed", "hyperparameters", "features_fingerprint")
+# The extract request a finished group answers (model, weights identity, geometry, capture
+# options, limit, chunk size, dataset fingerprint) and its hash: what ``extract`` checks to
+# call a group done without building the model. Written once a run completes the group.
+REQUEST_ATTRS = ("request", "request_sha256")
 # what must match for a writer to add to an existing model group (package_version may differ)
 MODEL_FINGERPRINT_KEYS = tuple(k for k in MODEL_ATTRS if k not in ("package_version", "finished"))
 
@@ -141,6 +137,12 @@ def n_chunks(n_images: int, chunk_images: int) -> int:
     return -(-n_images // chunk_images)
 
 
+def chunk_bounds(chunk: int, chunk_images: int, n_images: int) -> tuple[int, int]:
+    """[start, stop) of the images of image chunk ``chunk``."""
+    start = chunk * chunk_images
+    return start, min(start + chunk_images, n_images)
+
+
 def model_array_shapes(attrs: dict[str, Any], n_images: int) -> dict[str, tuple[int, ...]]:
     """The shape of every array of a model group, from its attributes."""
     L, G, D, H = len(attrs["layers"]), attrs["grid"], attrs["embed_dim"], attrs["num_heads"]
@@ -150,86 +152,3 @@ def model_array_shapes(attrs: dict[str, Any], n_images: int) -> dict[str, tuple[
     shapes["attention_map" if attrs.get("finished") else "attention_sum"] = (
         (L, P, P) if attrs.get("finished") else (C, L, P, P))
     return shapes
-
-
-def validate_store(path: str | Path) -> list[str]:
-    """Every way the store at ``path`` departs from this layout, as readable sentences."""
-    import zarr
-
-    problems: list[str] = []
-    try:
-        root = zarr.open_group(str(path), mode="r")
-    except Exception as exc:  # not a zarr group at all
-        return [f"{path} is not a Zarr group: {exc}"]
-    meta = dict(root.attrs).get("rep_pipeline", {})
-    if meta.get("kind") != STORE_KIND:
-        return [f"{path} is not a rep-pipeline feature store (no rep_pipeline.kind attribute)"]
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        return [f"{path} has schema version {meta.get('schema_version')}, this rep-pipeline reads {SCHEMA_VERSION}"]
-
-    def check_arrays(group: Any, where: str, specs: dict[str, ArraySpec], shapes: dict[str, tuple[int, ...]]) -> None:
-        for name, shape in shapes.items():
-            spec = specs[name]
-            if name not in group:
-                problems.append(f"{where}/{name} is missing")
-                continue
-            arr = group[name]
-            if tuple(arr.shape) != shape:
-                problems.append(f"{where}/{name} has shape {tuple(arr.shape)}, expected {shape}")
-            if tuple(arr.metadata.dimension_names or ()) != spec.dims:
-                problems.append(f"{where}/{name} has dimensions {arr.metadata.dimension_names}, expected {spec.dims}")
-            if spec.dtype != "str" and str(arr.dtype) != spec.dtype:
-                problems.append(f"{where}/{name} has dtype {arr.dtype}, expected {spec.dtype}")
-
-    n_by_split: dict[tuple[str, str], int] = {}
-    for ds_name, ds_group in root["datasets"].groups() if "datasets" in root else []:
-        for split, group in ds_group.groups():
-            where = dataset_path(ds_name, split)
-            attrs = dict(group.attrs)
-            missing = [k for k in DATASET_ATTRS if k not in attrs]
-            if missing:
-                problems.append(f"{where} lacks attributes {missing}")
-                continue
-            n, S, c = attrs["n_images"], attrs["image_size"], attrs["chunk_images"]
-            n_by_split[(ds_name, split)] = n
-            check_arrays(group, where, DATASET_ARRAYS,
-                         {"image_ids": (n,), "labels": (n, S, S), "done": (n_chunks(n, c),),
-                          "example_images": (min(n, EXAMPLE_IMAGES), S, S, 3)})
-    for model, m_group in root["models"].groups() if "models" in root else []:
-        for ds_name, d_group in m_group.groups():
-            for split, group in d_group.groups():
-                where = model_path(model, ds_name, split)
-                attrs = dict(group.attrs)
-                missing = [k for k in MODEL_ATTRS if k not in attrs]
-                if missing:
-                    problems.append(f"{where} lacks attributes {missing}")
-                    continue
-                if (ds_name, split) not in n_by_split:
-                    problems.append(f"{where} has no dataset group {dataset_path(ds_name, split)}")
-                    continue
-                check_arrays(group, where, MODEL_ARRAYS, model_array_shapes(attrs, n_by_split[(ds_name, split)]))
-                if "codebooks" in group:
-                    _check_codebooks(group["codebooks"], where, attrs, problems)
-    return problems
-
-
-def _check_codebooks(codebooks: Any, where: str, model_attrs: dict[str, Any], problems: list[str]) -> None:
-    L, D = len(model_attrs["layers"]), model_attrs["embed_dim"]
-    for name, book in codebooks.groups():
-        here = f"{where}/codebooks/{name}"
-        attrs = dict(book.attrs)
-        missing = [k for k in CODEBOOK_ATTRS if k not in attrs]
-        if missing:
-            problems.append(f"{here} lacks attributes {missing}")
-            continue
-        for emb in model_attrs["embeddings"]:
-            if emb not in book:
-                continue
-            expect = {emb: ((L, attrs["k"], D), CODEBOOK_ARRAYS["centroids"]),
-                      f"{emb}_done": ((L,), CODEBOOK_ARRAYS["done"])}
-            for arr_name, (shape, spec) in expect.items():
-                if arr_name not in book:
-                    problems.append(f"{here}/{arr_name} is missing")
-                elif tuple(book[arr_name].shape) != shape or str(book[arr_name].dtype) != spec.dtype:
-                    problems.append(f"{here}/{arr_name} is {book[arr_name].dtype}{tuple(book[arr_name].shape)}, "
-                                    f"expected {spec.dtype}{shape}")

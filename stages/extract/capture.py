@@ -20,9 +20,9 @@ from timm.layers import apply_rot_embed_cat
 from timm.layers.attention import Attention
 from timm.models.eva import EvaAttention
 
-from pipeline import config
-from pipeline.errors import ConfigError
-from pipeline.registry import LoadedModel
+from rep_pipeline.pipeline import config
+from rep_pipeline.pipeline.errors import ConfigError
+from rep_pipeline.pipeline.registry import LoadedModel
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # each (B, heads, N, head_dim)
 
@@ -62,16 +62,14 @@ class CaptureSpec:
     compile_statistics: bool = False  # fuse the attention statistics with torch.compile
 
 
-def _log_normaliser(logits: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+def log_normaliser(logits: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
     """Each row's log-sum-exp of ``logits`` (..., P, P), given ``attn``, their softmax.
 
-    log A[q, k] = logits[q, k] - lse_q for every key k, so one entry per row gives lse_q. On the
-    CPU that entry is key 0: 0.01 ms per image and layer of a 64-d model, against 0.11 for the
-    row maxima of logits and softmax (A >= 1/P at the maximum, so its log is always precise).
-    A[q, 0] keeps full relative precision while it is a normal float; the rows where it is not
-    (key 0 far below the row's maximum) take the maxima. On an accelerator, and inside
-    torch.compile's fused kernels, the maxima throughout: looking for such rows would stall
-    the device or break the graph.
+    log A[q, k] = logits[q, k] - lse_q for every key k, so one entry per row gives lse_q: key 0
+    on the CPU, far cheaper than the row maxima, while A[q, 0] is a normal float; the rows where
+    it is not take the maxima (A >= 1/P there, so its log is precise). On an accelerator and
+    inside torch.compile the maxima throughout: a search for such rows would stall the device
+    or break the graph.
     """
     by_maxima = lambda rows: logits[rows].amax(dim=-1) - attn[rows].amax(dim=-1).log()  # noqa: E731
     if attn.device.type != "cpu" or torch.compiler.is_compiling():
@@ -90,27 +88,18 @@ def _mutual_information(lse: torch.Tensor, weighted: torch.Tensor, p_k: torch.Te
     With P(q, k) = A[q, k] / P, P(q) = 1/P and P(k) = mean_q A[q, k] (``p_k``), the mutual
     information (natural log) is H(K) - mean_q H(A[q, :]): log P for identity attention, 0 for
     uniform attention. Since log A[q, k] = logits[q, k] - lse_q, each row entropy is lse_q -
-    sum_k A[q, k] logits[q, k] (``lse`` from ``_log_normaliser``, ``weighted`` the sum): no
-    logarithm of the (heads, P, P) matrix is taken (that alone was half the cost).
+    sum_k A[q, k] logits[q, k] (``weighted`` the sum), so no logarithm of the (heads, P, P)
+    matrix is taken.
     """
     return -torch.special.xlogy(p_k, p_k).sum(-1) - (lse - weighted).mean(-1)
-
-
-def attention_statistics(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(I(K, Q) per head, head-averaged attention) of patch attention logits (..., heads, P, P)."""
-    attn = logits.softmax(dim=-1)
-    mi = _mutual_information(_log_normaliser(logits, attn), (attn * logits).sum(-1), attn.mean(dim=-2))
-    return mi, attn.mean(dim=-3)
 
 
 class Scratch:
     """Scratch tensors kept by name and handed out again on the next call.
 
-    The statistics' (heads, P, P) temporaries are megabytes per image and layer (2.5 MB for a
-    64-d model's 4 x 400 x 400). Allocated afresh each time, malloc gave them back to the OS
-    and the next one was faulted in page by page, which cost more than the arithmetic: on a
-    64-d model the softmax ran at 0.55 ms instead of 0.2 and the entropies' product at 0.5
-    instead of 0.05.
+    The statistics' (heads, P, P) temporaries are megabytes per image and layer; allocated
+    afresh each time they are returned to the OS and faulted in again page by page, which
+    costs more than the arithmetic on them.
     """
 
     def __init__(self):
@@ -141,17 +130,12 @@ def patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     statistics read it, and the model's output merges it with the prefix keys' part by their
     log-sum-exps, as flash attention merges key blocks. Returns (y (B, heads, P, d), I(K, Q)
     (B, heads)) and adds the head-averaged attention, summed over the images, to ``sum_out``
-    (P, P). This replaces the model's own fused attention: on ViT-B shapes the statistics
-    came to about a quarter of their cost as a second, separate attention; on 64-d models,
-    memory-bound, it gains little (bench/extract.py).
+    (P, P).
 
-    Only what reads the (heads, P, P) attention runs ``images_per_step`` images at a time
-    (default all): one image on a CPU keeps it in cache. Everything else (the row entropies
-    and column means reduced to I(K, Q), the prefix merge) runs once on the whole batch; as
-    steps of their own per image their dispatch cost about a tenth of the sweep on a 64-d
-    model. The entropies use the logits' memory once the softmax has been read from them,
-    and the head average goes into ``sum_out`` as one matrix product, so each pass over the
-    attention reads or writes memory that ``scratch`` keeps from one call to the next.
+    Only the steps that read the (heads, P, P) attention run ``images_per_step`` images at a
+    time (default all; one image on a CPU keeps it in cache); the reductions to I(K, Q) and
+    the prefix merge run once on the whole batch. ``scratch`` keeps the temporaries from one
+    call to the next.
     """
     scratch = scratch or _fresh
     q_patch = q[..., npt:, :] * scale
@@ -167,7 +151,7 @@ def patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         shape = (min(step, B - b), H, P, P)
         logits = torch.matmul(q_patch[images], keys_t[images], out=scratch("logits", shape, q)).to(wide)
         attn = torch.softmax(logits, -1, out=scratch("attn", shape, q, wide))
-        lse[images] = _log_normaliser(logits, attn)
+        lse[images] = log_normaliser(logits, attn)
         torch.sum(logits.mul_(attn), -1, out=weighted[images])  # the logits are not read again
         torch.mean(attn, -2, out=p_k[images])
         sum_out.view(1, -1).addmm_(head_mean[:, :shape[0] * H], attn.view(-1, P * P))
@@ -196,9 +180,8 @@ def attention_with_statistics(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     ``mi_out`` (B, heads) gets I(K, Q) per image and head, ``sum_out`` (P, P) the head-averaged
     patch attention summed over the images. On a CPU the attention is formed one image at a
-    time, so the (heads, P, P) temporaries stay in cache (half the time of the whole batch at
-    once); on a GPU for the batch. Compiled, each such step is one call of the fused kernels.
-    The prefix queries' rows are the model's own fused attention over all keys.
+    time (the temporaries stay in cache), on a GPU for the batch; compiled, each step is one
+    call of the fused kernels. The prefix queries' rows are the model's own fused attention.
     """
     B = q.shape[0]
     y = torch.empty_like(v)

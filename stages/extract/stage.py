@@ -18,22 +18,49 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline import runner
-from pipeline import config
-from pipeline.config import ExtractConfig
-from pipeline.datasets import Item, SegmentationDataset, build_dataset
-from pipeline.errors import (ConfigError, DataRootError, FingerprintMismatchError, NonFiniteFeaturesError,
-                             RepPipelineError, StoreError)
-from pipeline.progress import ImageProgress
-from pipeline.registry import build_model, check_weights, get_spec
-from pipeline.store import DatasetSplit, FeatureStore, ModelSplit
+from rep_pipeline.pipeline import config, runner
+from rep_pipeline.pipeline.config import ExtractConfig
+from rep_pipeline.pipeline.datasets import Item, SegmentationDataset, build_dataset
+from rep_pipeline.pipeline.errors import (ConfigError, DataRootError, FingerprintMismatchError,
+                                          NonFiniteFeaturesError, RepPipelineError, StoreError)
+from rep_pipeline.pipeline.progress import ImageProgress
+from rep_pipeline.pipeline.registry import build_model, check_weights, get_spec, store_key, weights_identity
+from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit, fingerprint_hash
 
 from .capture import CaptureSpec, FeatureCapture
 
 
-def model_key(cfg: ExtractConfig) -> str:
-    """The store group name of the model: ``--model-key``, else the alias or timm name."""
-    return cfg.model_key or get_spec(cfg.model).alias.replace("/", "_")
+def request(cfg: ExtractConfig, dataset: SegmentationDataset, split: str, items: list[Item]) -> dict[str, Any]:
+    """What a finished model group must answer to count as this request's output: model,
+    weights identity (a file's content hash), geometry, capture options, limit, chunk size and
+    the dataset split's fingerprint. Cheap: no model is built."""
+    spec = get_spec(cfg.model)
+    return {"model": spec.alias, "timm_name": spec.timm_name,
+            "weights": weights_identity(spec, cfg.weights, cfg.seed), "image_size": cfg.image_size,
+            "layers": "all" if cfg.layers is None else list(cfg.layers), "embeddings": list(cfg.embeddings),
+            "rope": cfg.rope, "last_norm": cfg.last_norm, "limit": cfg.limit, "chunk_images": cfg.chunk_images,
+            "dataset_fingerprint": fingerprint_hash(dataset.fingerprint(split, items, cfg.image_size))}
+
+
+def is_done(cfg: ExtractConfig) -> bool:
+    """The store holds this request's finished features for every split (``request``). Reads
+    only; builds no model."""
+    if not cfg.store.exists():
+        return False
+    try:
+        store = FeatureStore(cfg.store)
+    except StoreError:
+        return False
+    key = store_key(cfg.model, cfg.model_key)
+    dataset = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
+    for split in cfg.splits or dataset.splits():
+        if (key, cfg.dataset, split) not in store.model_splits():
+            return False
+        group = store.model_split(key, cfg.dataset, split)
+        wanted = fingerprint_hash(request(cfg, dataset, split, dataset.items(split, cfg.limit)))
+        if not group.finished or group.request_sha256 != wanted:
+            return False
+    return True
 
 
 class Extractor:
@@ -149,10 +176,8 @@ class Extractor:
         """Write one chunk: behind the next chunk's compute on a GPU, at once on a CPU.
 
         Waits first for (and re-raises errors of) the previous write. On a CPU the forward
-        already keeps every core busy, and a writer thread beside it stalls torch's parallel
-        regions (each op waits for its slowest thread): on ViT-B the write behind added 0.19
-        of a forward in two of three runs of bench/extract.py, the write alone 0.07. On a
-        GPU the host is idle while the device computes.
+        already keeps every core busy and a writer thread beside it stalls torch's parallel
+        regions; on a GPU the host is idle while the device computes.
         """
         self.flush()
 
@@ -174,10 +199,9 @@ class Extractor:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf anywhere: min and max propagate NaN, so two reductions decide it.
-
-    ``aminmax`` reads float16 at memory speed (20x faster on a CPU than a float32 sum or
-    ``isfinite``, which copy); the slower per-image search runs only when this fails.
+    """No NaN or inf anywhere: min and max propagate NaN, so two reductions decide it, reading
+    float16 at memory speed (``isfinite`` or a float32 sum would copy); the per-image search
+    (``non_finite_images``) runs only when this fails.
     """
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
@@ -202,6 +226,7 @@ class SplitReport:
 class ExtractResult:
     store: str
     model: str
+    dataset: str
     splits: list[SplitReport] = field(default_factory=list)
     seconds: float = 0.0
     images_computed: int = 0
@@ -209,6 +234,12 @@ class ExtractResult:
     @property
     def images_per_second(self) -> float:
         return self.images_computed / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> list[str]:
+        return [*(f"{self.model} / {self.dataset}/{s.split}: {s.n_images} images, {s.chunks_computed} of "
+                  f"{s.chunks} chunks computed now" for s in self.splits),
+                f"wrote {self.images_computed} images in {self.seconds:.1f} s "
+                f"({self.images_per_second:.1f} img/s) to {self.store}"]
 
 
 def _check_files(dataset: SegmentationDataset, split: str, items: list[Item]) -> None:
@@ -253,9 +284,9 @@ def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: boo
         _check_files(dataset, split, items)
 
     runner.ensure_ray(address)
-    key = model_key(cfg)
+    key = store_key(cfg.model, cfg.model_key)
     n_actors, cpus, gpus, threads = _pool_shape(cfg)
-    result = ExtractResult(store=str(cfg.store), model=key)
+    result = ExtractResult(store=str(cfg.store), model=key, dataset=cfg.dataset)
     t0 = time.perf_counter()
     with runner.ActorPool(Extractor, [(cfg, threads)] * n_actors, num_cpus=cpus, num_gpus=gpus) as pool:
         fingerprints = pool.call_all("fingerprint")
@@ -288,7 +319,8 @@ def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: boo
                     break
             else:
                 raise StoreError(f"{cfg.store}: chunks {tasks[:5]} still pending after {attempt + 1} attempts")
-    for target in targets.values():
+    for split, target in targets.items():
         target.finalize()
+        target.record_request(request(cfg, dataset, split, split_items[split]))
     result.seconds = time.perf_counter() - t0
     return result

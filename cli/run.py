@@ -1,0 +1,182 @@
+"""``rep-pipeline run CONFIG``: every stage from one YAML file, skipping what is already done.
+
+The YAML format is documented in ``configs/demo.yaml``. Its sections hold stage options by
+their names in ``pipeline/config.py`` (``extract:`` any ``ExtractConfig`` option, ``cluster:``
+any ``ClusterConfig`` option, ...), except those the run sets itself from the top-level keys:
+the store, results and report paths, the dataset and its splits, and each model's entry. The
+whole file is validated before any work starts: every key, every value, every model named in
+``comparisons``, and every path that must exist; errors name the file and the key.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+from pydantic import Field
+
+from rep_pipeline.pipeline.config import (ClusterConfig, Comparison, EvaluateConfig, ExtractConfig, Options,
+                                          ReportConfig)
+from rep_pipeline.pipeline.datasets import DATASETS
+from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
+from rep_pipeline.pipeline.registry import get_spec, store_key
+from rep_pipeline.stages import STAGES
+
+# run-level keys -> the stage options they fill
+DATASET_KEYS = {"name": "dataset", "root": "data_root", "options": "dataset_options", "limit": "limit"}
+MODEL_KEYS = ("model", "weights", "model_key", "seed")
+SET_BY_RUN = {
+    "extract": {"store", "dataset", "data_root", "dataset_options", "limit", "splits", *MODEL_KEYS},
+    "cluster": {"store", "model", "train_split", "dataset", "results"},
+    "evaluate": {"store", "split", "results", "dataset"},
+}
+
+
+class _Dataset(Options):
+    name: str
+    root: Path | None = None
+    options: dict[str, Any] = {}
+    train_split: str = Field(description="Split the codebooks are fitted on.")
+    test_split: str = Field(description="Split they are evaluated on.")
+    limit: int | None = None
+
+
+class _RunFile(Options):
+    """The top level of a run config (the stage sections are checked against the stages)."""
+
+    title: str | None = None
+    store: Path
+    results: Path | None = None
+    report: Path | None = None
+    dataset: _Dataset
+    models: list[Any] = Field(min_length=1)
+    extract: dict[str, Any] = {}
+    cluster: dict[str, Any] = {}
+    evaluate: dict[str, Any] = {}
+    comparisons: list[dict[str, Any]] = [{}]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The validated stage configs of one run, in the order they run."""
+
+    title: str
+    extracts: tuple[ExtractConfig, ...]
+    clusters: tuple[ClusterConfig, ...]
+    evaluate: EvaluateConfig
+    report: ReportConfig
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"run config {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"run config {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"run config {path} must be a mapping of keys, not {type(raw).__name__}")
+        return cls.from_dict(raw, base=Path.cwd(), where=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], base: Path, where: str = "config") -> "RunConfig":
+        top: _RunFile = _RunFile.parse(raw, where)  # type: ignore[assignment]
+        store = base / top.store
+        results = base / (top.results or top.store.parent / "results")
+        ds = top.dataset
+        for section in ("extract", "cluster", "evaluate"):
+            owned = sorted(SET_BY_RUN[section] & set(getattr(top, section)))
+            if owned:
+                raise ConfigError(f"{where}: {section}.{owned[0]}: set by the run itself (from the top-level keys); "
+                                  f"remove it here")
+        data = {DATASET_KEYS[k]: v for k, v in ds.model_dump().items() if k in DATASET_KEYS and v is not None}
+        if "data_root" in data:
+            data["data_root"] = base / data["data_root"]
+        extracts, clusters = [], []
+        for i, entry in enumerate(top.models):
+            entry = {"model": entry} if isinstance(entry, str) else entry
+            if not isinstance(entry, Mapping):
+                raise ConfigError(f"{where}: models.{i}: expected a model name or a mapping, got {entry!r}")
+            unknown = sorted(set(entry) - set(MODEL_KEYS))
+            if unknown:
+                raise ConfigError(f"{where}: models.{i}.{unknown[0]}: unknown key; allowed: {', '.join(MODEL_KEYS)}")
+            e = ExtractConfig.parse({**top.extract, **data, **entry, "store": store,
+                                     "splits": (ds.train_split, ds.test_split)}, f"{where}: models.{i} / extract")
+            extracts.append(e)
+            clusters.append(ClusterConfig.parse({**top.cluster, "store": store, "model": _store_key(e, where, i),
+                                                 "train_split": ds.train_split, "dataset": ds.name,
+                                                 "results": results}, f"{where}: cluster"))
+        evaluate = EvaluateConfig.parse({**top.evaluate, "store": store, "split": ds.test_split, "results": results,
+                                         "dataset": ds.name}, f"{where}: evaluate")
+        comparisons = tuple(Comparison.parse(c, f"{where}: comparisons.{i}") for i, c in enumerate(top.comparisons))
+        report = ReportConfig.parse({"results": results, "out": base / (top.report or Path(results).parent / "report"),
+                                     "comparisons": comparisons, "dataset": ds.name, "split": ds.test_split,
+                                     "title": top.title}, where)
+        cfg = cls(title=top.title or Path(where).stem, extracts=tuple(extracts), clusters=tuple(clusters),
+                  evaluate=evaluate, report=report)
+        cfg.check(where)
+        return cfg
+
+    def check(self, where: str) -> None:
+        """What can be known before any work: every comparison names a model of the run, the
+        dataset exists and its root does, every weights file does."""
+        keys = [c.model for c in self.clusters]
+        for i, comp in enumerate(self.report.comparisons):
+            for model in comp.models or ():
+                if model not in keys:
+                    raise ConfigError(f"{where}: comparisons.{i}.models: {model!r} is not a model of this run "
+                                      f"(models: {', '.join(keys)})")
+        for i, e in enumerate(self.extracts):
+            if e.dataset not in DATASETS:
+                raise ConfigError(f"{where}: dataset.name: unknown dataset {e.dataset!r}; available: "
+                                  f"{', '.join(sorted(DATASETS))}")
+            if e.data_root is not None and not e.data_root.is_dir():
+                raise ConfigError(f"{where}: dataset.root: {e.data_root} is not a directory")
+            if e.weights not in ("pretrained", "random") and not Path(e.weights).is_file():
+                raise ConfigError(f"{where}: models.{i}.weights: file {e.weights} does not exist")
+        if len(set(keys)) != len(keys):
+            raise ConfigError(f"{where}: models: two entries write the same store group ({', '.join(keys)}); "
+                              f"give one a model_key")
+
+    def plan(self) -> list[tuple[str, str, Options]]:
+        """(stage name, what it works on, its config) in the order they run."""
+        return [*(("extract", c.model, e) for e, c in zip(self.extracts, self.clusters)),
+                *(("cluster", c.model, c) for c in self.clusters),
+                ("evaluate", self.evaluate.split, self.evaluate), ("report", str(self.report.out), self.report)]
+
+
+def _store_key(e: ExtractConfig, where: str, i: int) -> str:
+    try:
+        get_spec(e.model)
+    except RepPipelineError as exc:
+        raise ConfigError(f"{where}: models.{i}.model: {exc}") from None
+    return store_key(e.model, e.model_key)
+
+
+@dataclass
+class RunResult:
+    stages: list[tuple[str, str, str]] = field(default_factory=list)  # (stage, what, "done" | "skipped")
+    report: Path | None = None
+    seconds: float = 0.0
+
+
+def run_all(cfg: RunConfig, *, address: str | None = None, progress: bool = True,
+            say: Callable[[str], None] = print) -> RunResult:
+    """Run every stage of ``cfg`` in order; a stage whose ``is_done`` holds is skipped."""
+    t0 = time.perf_counter()
+    result = RunResult()
+    for name, label, stage_cfg in cfg.plan():
+        stage = STAGES[name]
+        if stage.is_done(stage_cfg):
+            result.stages.append((name, label, "skipped"))
+        else:
+            out = stage.run(stage_cfg, address=address, progress=progress)
+            result.stages.append((name, label, "done"))
+            if name == "report":
+                result.report = out.index
+        say(f"{name} {label}: {result.stages[-1][2]}")
+    result.seconds = time.perf_counter() - t0
+    return result

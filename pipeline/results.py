@@ -1,0 +1,144 @@
+"""Parquet and DuckDB I/O over a results folder: the only module that touches either.
+
+``Results`` writes table parts (cast to ``storage_schemas.tables``, atomically), reads every
+table through DuckDB views of its parts, and opens the ``maps.zarr`` beside them. Every path
+comes from ``storage_schemas.results``. A folder written with another results version is
+refused, on reading and on appending, naming the found and expected versions.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rep_pipeline import __version__
+from rep_pipeline.storage_schemas import results as layout
+from rep_pipeline.storage_schemas.tables import SCHEMAS, TABLES_VERSION
+
+from .errors import QueryError, StoreError
+from .store import MapStore
+
+READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+_TABLES = f"tables: {', '.join(SCHEMAS)}"
+
+
+def _literal(value: Any) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+class Results:
+    """A results folder. ``mode="r"`` reads an existing one; ``"a"`` creates it if needed."""
+
+    def __init__(self, path: str | Path, mode: str = "r"):
+        self.path = Path(path)
+        self.mode = mode
+        if mode == "r" and not self.path.is_dir():
+            raise StoreError(f"results folder {self.path} does not exist")
+        if self.path.exists() and not self.path.is_dir():
+            raise StoreError(f"results folder {self.path} is a file, not a folder")
+        found = self.version()
+        if found is not None and found != TABLES_VERSION:
+            raise StoreError(f"results folder {self.path} has results version {found}; this rep-pipeline "
+                             f"({__version__}) reads and writes version {TABLES_VERSION}")
+
+    # -- version -----------------------------------------------------------------------------
+    def version(self) -> int | None:
+        """The folder's results version: its marker's, or (for a folder written before markers)
+        the version in its Parquet files' schema metadata; None for a new, empty folder."""
+        marker = self.path / layout.MARKER
+        if marker.is_file():
+            try:
+                return int(json.loads(marker.read_text())["tables_version"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise StoreError(f"{marker} is not a rep-pipeline results marker: {exc}") from exc
+        for table in SCHEMAS:
+            part = next((self.path / table).glob("**/*.parquet"), None) if (self.path / table).is_dir() else None
+            if part is not None:
+                meta = pq.read_schema(part).metadata or {}
+                return int(meta.get(b"version", b"0"))
+        return None
+
+    def _ensure_marker(self) -> None:
+        marker = self.path / layout.MARKER
+        if not marker.is_file():
+            self.path.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"kind": layout.RESULTS_KIND, "tables_version": TABLES_VERSION,
+                                          "package_version": __version__}))
+
+    # -- writing -------------------------------------------------------------------------------
+    def write_table(self, table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], *,
+                    dataset: str, model: str | None, part: str) -> Path:
+        """Write rows (a list of dicts or a dict of columns) as one Parquet part, atomically: a
+        reader sees either the old part or the whole new one, never a half-written file."""
+        if self.mode == "r":
+            raise StoreError(f"results folder {self.path} was opened for reading")
+        schema = SCHEMAS[table]
+        if isinstance(rows, Mapping):
+            data = pa.table({name: rows[name] for name in schema.names}, schema=schema)
+        else:
+            data = pa.Table.from_pylist(list(rows), schema=schema)
+        self._ensure_marker()
+        path = self.path / layout.part_file(table, dataset, model, part)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{part}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(data, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def maps(self) -> MapStore:
+        """The ``maps.zarr`` beside the tables (created in ``"a"`` mode)."""
+        return MapStore(self.path / layout.MAPS, mode=self.mode)
+
+    # -- reading -------------------------------------------------------------------------------
+    def tables(self) -> list[str]:
+        """The tables that have at least one part here."""
+        return [t for t in SCHEMAS if (self.path / t).is_dir() and any((self.path / t).glob("**/*.parquet"))]
+
+    def connect(self, *, dataset: str | None = None, split: str | None = None) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with one view per table found here; with ``dataset``
+        and ``split``, each view holds only that dataset's and split's rows."""
+        found = self.tables()
+        if not found:
+            raise StoreError(f"results folder {self.path} holds no rep-pipeline tables")
+        con = duckdb.connect(":memory:")
+        for table in found:
+            where = [f"{col} = {_literal(v)}" for col, v in (("dataset", dataset), ("split", split))
+                     if v is not None and col in SCHEMAS[table].names]
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet("
+                        f"{_literal(self.path / layout.table_glob(table))}, hive_partitioning = true, "
+                        f"union_by_name = true)" + (f" WHERE {' AND '.join(where)}" if where else ""))
+        return con
+
+    def rows(self, sql: str, **selection: str | None) -> list[dict[str, Any]]:
+        """The rows of ``sql`` over the views (``connect(**selection)``) as dicts."""
+        rel = self.connect(**selection).sql(sql)
+        return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
+
+    def query(self, sql: str) -> duckdb.DuckDBPyRelation:
+        """Run one read-only statement (SELECT, WITH ... SELECT, EXPLAIN) against the views."""
+        con = self.connect()
+        try:
+            statements = con.extract_statements(sql)
+            if len(statements) != 1 or statements[0].type not in READ_ONLY_STATEMENTS:
+                raise QueryError(f"rep-pipeline query runs one read-only statement (SELECT or EXPLAIN); {_TABLES}")
+            return con.sql(sql)
+        except duckdb.Error as exc:
+            raise _query_error(exc) from exc
+
+    def fetch_rows(self, sql: str, limit: int) -> tuple[list[str], list[tuple]]:
+        """The column names and at most ``limit`` rows of ``query``; errors while running too."""
+        relation = self.query(sql)
+        try:
+            return relation.columns, relation.limit(limit).fetchall()
+        except duckdb.Error as exc:  # some only show when the rows are computed (casts, overflow)
+            raise _query_error(exc) from exc
+
+
+def _query_error(exc: duckdb.Error) -> QueryError:
+    return QueryError(f"query failed: {exc} ({_TABLES})")

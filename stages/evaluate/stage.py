@@ -1,0 +1,332 @@
+"""The evaluate stage: unsupervised segmentation of the test split and every figure of
+PROTOCOL.md section 5, written as Parquet tables and maps into the results folder.
+
+For each model and (embedding, layer), the test features are streamed once, chunk by chunk;
+every finished codebook of that feature set scores them in one matrix product. Scores are
+upsampled bilinearly (align_corners=False) to the S x S label grid and each pixel takes its
+best cluster: the same as upsampling the features first (upsampling is linear, and a pixel's
+norm does not change its argmax), d/K times cheaper. Counts accumulate on the backend; the
+formulas (``metrics``) run on the counts once the pass is over.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rep_pipeline.pipeline.backend import Backend, get_backend
+from rep_pipeline.pipeline.config import EvaluateConfig
+from rep_pipeline.pipeline.errors import StoreError
+from rep_pipeline.pipeline.progress import ImageProgress
+from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.store import Codebook, DatasetSplit, FeatureStore, MapStore, ModelSplit, fingerprint_hash
+from rep_pipeline.pipeline.streaming import FeatureStream, check_finite
+from rep_pipeline.storage_schemas import results as layout
+
+from . import metrics
+
+TABLES = ("segmentation", "per_class_iou", "classwise_mi", "confusion", "matching")  # written per model
+
+
+def bilinear_matrix(src: int, dst: int) -> np.ndarray:
+    """(dst, src) weights of 1-D bilinear resampling with align_corners=False, as
+    ``torch.nn.functional.interpolate`` computes it (source positions below 0 clamp to 0)."""
+    pos = np.maximum((np.arange(dst) + 0.5) * (src / dst) - 0.5, 0.0)
+    lo = np.minimum(np.floor(pos).astype(np.int64), src - 1)
+    hi = np.minimum(lo + 1, src - 1)
+    frac = pos - lo
+    weights = np.zeros((dst, src))
+    np.add.at(weights, (np.arange(dst), lo), 1.0 - frac)
+    np.add.at(weights, (np.arange(dst), hi), frac)
+    return weights.astype(np.float32)
+
+
+def upsample(be: Backend, grid_values: Any, size: int) -> Any:
+    """(n, G, G, c) -> (n, S, S, c), bilinear, align_corners=False: two small matrix products."""
+    xp = be.xp
+    u = be.asarray(bilinear_matrix(grid_values.shape[1], size))
+    rows = xp.einsum("yi,nijc->nyjc", u, grid_values)
+    return xp.einsum("xj,nyjc->nyxc", u, rows)
+
+
+def segment(be: Backend, features: Any, centroids: Any, ks: tuple[int, ...], size: int) -> list[Any]:
+    """Cluster maps (n, S, S) of raw patch ``features`` (n, G, G, d) for stacked unit
+    ``centroids`` (sum K, d): one per codebook, by score upsampling."""
+    scores = upsample(be, features @ centroids.T, size)
+    out, start = [], 0
+    for k in ks:
+        out.append(scores[..., start:start + k].argmax(-1).astype(be.xp.int16))
+        start += k
+    return out
+
+
+@dataclass
+class _Accumulator:
+    """What the evaluation needs of one codebook, summed over the test split."""
+
+    k: int
+    n_classes: int
+    size: int
+    be: Backend
+    confusion: Any = None
+    counts: Any = None          # (S, S, k) images whose pixel p fell in cluster k
+    null_counts: Any = None     # the same after per-image random cyclic shifts
+    examples: list[np.ndarray] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        xp = self.be.xp
+        self.confusion = xp.zeros((self.k, self.n_classes), dtype=xp.int64)
+        self.counts = xp.zeros((self.size, self.size, self.k), dtype=xp.int64)
+        self.null_counts = xp.zeros_like(self.counts)
+
+    def add(self, clusters: Any, labels: Any, shifts: tuple[Any, Any], ignore: int) -> None:
+        xp = self.be.xp
+        self.confusion += metrics.confusion_matrix(clusters, labels, self.k, self.n_classes, ignore, xp=xp)
+        self.counts += metrics.position_class_counts(clusters, self.k, xp=xp)
+        self.null_counts += metrics.shifted_counts(clusters, self.k, None, *shifts, xp=xp)
+
+
+def _map_counts(counts: np.ndarray, mapping: np.ndarray, n_classes: int, size: int) -> np.ndarray:
+    """(S, S, k) cluster counts -> (S, S, classes) counts of the mapped classes."""
+    onehot = np.zeros((len(mapping), n_classes), dtype=np.int64)
+    onehot[np.arange(len(mapping)), mapping] = 1
+    return (counts.reshape(size * size, -1) @ onehot).reshape(size, size, n_classes)
+
+
+@dataclass
+class EvaluateResult:
+    results: Path
+    settings: int = 0
+    models: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> list[str]:
+        return [f"evaluated {self.settings} settings of {', '.join(self.models)} in {self.seconds:.1f} s; tables "
+                f"in {self.results} (try: rep-pipeline query {self.results} \"SELECT * FROM segmentation "
+                f"ORDER BY miou DESC LIMIT 5\")"]
+
+
+@dataclass
+class _Target:
+    """One model's features on the test split, with the codebooks (and their train splits) to apply."""
+
+    model: str
+    dataset: str
+    group: ModelSplit
+    books: list[tuple[str, Codebook]]
+
+
+def _targets(cfg: EvaluateConfig, store: FeatureStore) -> list[_Target]:
+    """Every model (and dataset) to evaluate, checked: finished features, finished codebooks."""
+    pairs = [(m, d) for m, d, s in store.model_splits() if s == cfg.split
+             and (cfg.models is None or m in cfg.models) and (cfg.dataset is None or d == cfg.dataset)]
+    if not pairs:
+        raise StoreError(f"feature store {store.path} has no model features on split {cfg.split!r}"
+                         + (f" for models {list(cfg.models)}" if cfg.models else ""))
+    out = []
+    for model, dataset in pairs:
+        group = store.model_split(model, dataset, cfg.split)
+        if not group.finished:
+            raise StoreError(f"{store.path}/{group.path} is not finished; complete the extract run first")
+        books = [(s, book) for m, d, s in store.model_splits() if (m, d) == (model, dataset) and s != cfg.split
+                 for book in store.model_split(m, d, s).codebooks()]
+        if not books:
+            raise StoreError(f"model {model!r} on {dataset} has no codebooks; run `rep-pipeline cluster` first")
+        out.append(_Target(model, dataset, group, books))
+    return out
+
+
+def is_done(cfg: EvaluateConfig) -> bool:
+    """Every codebook of every model on the test split already has segmentation rows with its
+    codebook and features fingerprints. Reads only."""
+    if not cfg.store.exists() or not (cfg.results / "segmentation").is_dir():
+        return False
+    try:
+        targets = _targets(cfg, FeatureStore(cfg.store))
+        have = {tuple(r.values()) for r in Results(cfg.results).rows(
+            "SELECT DISTINCT model, codebook_fingerprint, store_fingerprint FROM segmentation", split=cfg.split)}
+    except StoreError:
+        return False
+    wanted = {(t.model, book.fingerprint_hash, t.group.fingerprint_hash) for t in targets for _, book in t.books}
+    return bool(wanted) and wanted <= have
+
+
+def run_evaluate(cfg: EvaluateConfig, *, address: str | None = None, progress: bool = True) -> EvaluateResult:
+    """Evaluate every finished codebook of every model on ``cfg.split``; write the tables.
+
+    Runs in this process on the backend (``address`` is accepted for the common stage
+    signature; evaluation reads each feature once and needs no Ray workers)."""
+    t0 = time.perf_counter()
+    be = get_backend(cfg.backend)
+    store = FeatureStore(cfg.store)
+    targets = _targets(cfg, store)
+    results = Results(cfg.results, mode="a")
+    maps = results.maps()
+    result = EvaluateResult(cfg.results)
+    datasets = sorted({t.dataset for t in targets})
+    for dataset in datasets:
+        _evaluate_ground_truth(cfg, results, maps, store.dataset_split(dataset, cfg.split))
+    for t in targets:
+        rows = _evaluate_model(cfg, be, maps, store.dataset_split(t.dataset, cfg.split), t, progress)
+        for table in TABLES:
+            results.write_table(table, rows[table], dataset=t.dataset, model=t.model, part=cfg.split)
+        _write_attention(cfg, results, maps, t)
+        result.settings += len(rows["segmentation"])
+        result.models.append(t.model)
+    for dataset in datasets:
+        _write_summaries(cfg, results, dataset)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _classes(data: DatasetSplit) -> tuple[list[str], np.ndarray, int, int]:
+    """(class names, palette, ignore index, S) of a dataset split."""
+    fp = data.fingerprint
+    return fp["classes"], np.asarray(data.group.attrs["palette"], dtype=np.uint8), fp["ignore_index"], fp["image_size"]
+
+
+def _evaluate_ground_truth(cfg: EvaluateConfig, results: Results, maps: MapStore, data: DatasetSplit) -> None:
+    classes, palette, ignore, S = _classes(data)
+    C = len(classes)
+    if C == 0:
+        raise StoreError(f"{data.path} has no labels to evaluate against")
+    dy, dx = metrics.random_shifts(data.n_images, S, cfg.seed)
+    counts = np.zeros((S, S, C), dtype=np.int64)
+    null = np.zeros_like(counts)
+    for c in range(data.n_chunks):
+        start, stop = data.bounds(c)
+        labels = data.labels[start:stop]
+        if ((labels >= C) & (labels != ignore)).any():
+            raise StoreError(f"{data.path}/labels holds values outside 0..{C - 1} near image {start}")
+        counts += metrics.position_class_counts(labels, C, ignore)
+        null += metrics.shifted_counts(labels, C, ignore, dy[start:stop], dx[start:stop])
+    scores = metrics.positional_scores(counts, null)
+    n_ex = min(cfg.n_examples, data.n_images)
+    maps.write(layout.ground_truth_maps(data.dataset, cfg.split), counts=counts,
+               aggregate=metrics.aggregate_map(counts, palette), images=data.example_images(),
+               labels=data.labels[:n_ex],
+               attrs={"classes": classes, "palette": palette.tolist(), "example_ids": data.image_ids()[:n_ex]})
+    dfp = fingerprint_hash(data.fingerprint)
+    results.write_table("ground_truth", [{
+        "dataset": data.dataset, "split": cfg.split, "mi": scores.mi, "nmi": scores.nmi, "mi_null": scores.mi_null,
+        "nmi_bias_aware": scores.nmi_bias_aware, "n_images": data.n_images, "dataset_fingerprint": dfp}],
+        dataset=data.dataset, model=None, part=cfg.split)
+    results.write_table("classwise_mi", [{
+        "model": layout.GROUND_TRUTH_MODEL, "dataset": data.dataset, "split": cfg.split, "train_split": None,
+        "embedding": None, "layer": None, "k": None, "method": None, "seed": None, "source": "ground_truth",
+        "class_id": c, "class_name": classes[c], "mi": float(scores.classwise_mi[c]), "store_fingerprint": dfp,
+        "codebook_fingerprint": None} for c in range(C)],
+        dataset=data.dataset, model=layout.GROUND_TRUTH_MODEL, part=cfg.split)
+
+
+def _evaluate_model(cfg: EvaluateConfig, be: Backend, maps: MapStore, data: DatasetSplit, t: _Target,
+                    progress: bool) -> dict[str, list[dict]]:
+    xp = be.xp
+    classes, palette, ignore, S = _classes(data)
+    C = len(classes)
+    group = t.group
+    dy, dx = metrics.random_shifts(data.n_images, S, cfg.seed)
+    rows: dict[str, list[dict]] = {table: [] for table in TABLES}
+    example_ids = data.image_ids()[: cfg.n_examples]
+    G = group.attrs["grid"]
+    work = [(emb, layer, [(ts, b) for ts, b in t.books if b.is_done(emb, layer)])
+            for emb in group.embeddings for layer in group.layers]
+    work = [w for w in work if w[2]]
+    with ImageProgress(f"evaluate {t.model}", len(work) * data.n_images, enabled=progress) as bar:
+        for emb, layer, todo in work:
+            cents = xp.concatenate([be.asarray(b.centroids(emb, layer)) for _, b in todo])
+            ks = tuple(int(b.attrs["k"]) for _, b in todo)
+            accs = [_Accumulator(k, C, S, be) for k in ks]
+            stream = FeatureStream(group, [(emb, layer)], be, cache_bytes=0)
+            for index, arrays in stream.sequential():
+                start, stop = int(index[0]), int(index[-1]) + 1
+                raw = arrays[(emb, layer)]
+                check_finite(raw, index, f"{group.path}/{emb} layer {layer}")
+                x = be.float32(raw).reshape(stop - start, G, G, -1)
+                lab = be.asarray(data.labels[start:stop]).astype(xp.int64)
+                shifts = (be.asarray(dy[start:stop]), be.asarray(dx[start:stop]))
+                for i in range(0, stop - start, cfg.images_per_step):  # bounds the (n, S, S, sum K) scores
+                    part = slice(i, i + cfg.images_per_step)
+                    for acc, clusters in zip(accs, segment(be, x[part], cents, ks, S)):
+                        acc.add(clusters, lab[part], (shifts[0][part], shifts[1][part]), ignore)
+                        if start + i < cfg.n_examples:
+                            acc.examples.append(be.to_numpy(clusters)[: cfg.n_examples - start - i])
+                bar.advance(stop - start)
+            for (train_split, book), acc in zip(todo, accs):
+                setting = dict(model=t.model, dataset=t.dataset, split=cfg.split, train_split=train_split,
+                               embedding=emb, layer=layer, k=acc.k, method=book.attrs["method"],
+                               seed=int(book.attrs["seed"]))
+                _finish(rows, maps, acc, setting, classes, palette, data.n_images,
+                        {"store_fingerprint": group.fingerprint_hash, "codebook_fingerprint": book.fingerprint_hash},
+                        example_ids)
+    return rows
+
+
+def _finish(rows: dict[str, list[dict]], maps: MapStore, acc: _Accumulator, setting: dict, classes: list[str],
+            palette: np.ndarray, n_images: int, fps: dict[str, str], example_ids: list[str]) -> None:
+    be, C, S = acc.be, len(classes), acc.size
+    confusion = be.to_numpy(acc.confusion)
+    mapping, hungarian = metrics.hungarian_match(confusion)
+    scores = metrics.segmentation_scores(confusion, mapping)
+    counts = _map_counts(be.to_numpy(acc.counts), mapping, C, S)
+    pos = metrics.positional_scores(counts, _map_counts(be.to_numpy(acc.null_counts), mapping, C, S))
+    rows["segmentation"].append({**setting, "miou": scores.miou, "pixel_accuracy": scores.pixel_accuracy,
+                                 "mi": pos.mi, "nmi": pos.nmi, "mi_null": pos.mi_null,
+                                 "nmi_bias_aware": pos.nmi_bias_aware, "n_images": n_images, **fps})
+    for c in range(C):
+        iou = scores.iou[c]
+        rows["per_class_iou"].append({**setting, "class_id": c, "class_name": classes[c],
+                                      "iou": None if np.isnan(iou) else float(iou), **fps})
+        rows["classwise_mi"].append({**setting, "source": "prediction", "class_id": c, "class_name": classes[c],
+                                     "mi": float(pos.classwise_mi[c]), **fps})
+    rows["confusion"] += [{**setting, "cluster": int(k), "class_id": int(c), "pixels": int(confusion[k, c]), **fps}
+                          for k, c in np.argwhere(confusion > 0)]
+    rows["matching"] += [{**setting, "cluster": k, "class_id": int(mapping[k]), "hungarian": bool(hungarian[k]),
+                          **fps} for k in range(acc.k)]
+    examples = mapping[np.concatenate(acc.examples)] if acc.examples else np.zeros((0, S, S), np.int64)
+    path = layout.setting_maps(setting["dataset"], setting["split"], setting["model"], setting["train_split"],
+                               setting["method"], setting["k"], setting["seed"], setting["embedding"], setting["layer"])
+    maps.write(path, counts=counts, aggregate=metrics.aggregate_map(counts, palette),
+               examples=examples.astype(np.uint8), attrs={"example_ids": example_ids, **fps})
+
+
+def _write_attention(cfg: EvaluateConfig, results: Results, maps: MapStore, t: _Target) -> None:
+    group = t.group
+    maps.write(layout.attention_maps(t.dataset, cfg.split, t.model), attention=group.attention_map(),
+               attrs={"layers": list(group.layers), "grid": group.attrs["grid"]})
+    mi = group.array("attention_mi")[:]  # (layer, image, head)
+    rows = [{"model": t.model, "dataset": t.dataset, "split": cfg.split, "layer": layer, "head": h,
+             "mean": float(mi[i, :, h].mean()), "std": float(mi[i, :, h].std()), "n_images": mi.shape[1],
+             "store_fingerprint": group.fingerprint_hash}
+            for i, layer in enumerate(group.layers) for h in range(mi.shape[2])]
+    results.write_table("attention_mi", rows, dataset=t.dataset, model=t.model, part=cfg.split)
+
+
+def _write_summaries(cfg: EvaluateConfig, results: Results, dataset: str) -> None:
+    """Best layers and correlations over every model in the results folder for this split."""
+    selection = {"dataset": dataset, "split": cfg.split}
+    best = results.rows("""
+        SELECT model, dataset, split, train_split, embedding, k, method, seed,
+               arg_max(layer, miou)::SMALLINT AS best_layer, max(miou) AS miou, arg_max(nmi, miou) AS nmi,
+               count(*)::SMALLINT AS n_layers
+        FROM segmentation GROUP BY ALL ORDER BY ALL""", **selection)
+    results.write_table("best_layers", best, dataset=dataset, model=None, part=cfg.split)
+    points = results.rows("""
+        SELECT s.k, s.method, s.embedding, s.nmi, s.miou, a.kq
+        FROM segmentation s LEFT JOIN (SELECT model, layer, avg(mean) AS kq FROM attention_mi GROUP BY ALL) a
+        USING (model, layer)""", **selection)
+    corr = []
+    for k, method in sorted({(p["k"], p["method"]) for p in points}):
+        group = [p for p in points if (p["k"], p["method"]) == (k, method)]
+        with np.errstate(divide="ignore"):
+            log_miou = np.log(np.array([p["miou"] for p in group], dtype=float))
+        kq = [p for p in group if p["embedding"] in ("keys", "queries") and p["kq"] is not None]
+        for name, (x, y) in {"nmi_vs_log_miou": ([p["nmi"] for p in group], log_miou),
+                             "kq_nmi_vs_attention_mi": ([p["nmi"] for p in kq], [p["kq"] for p in kq])}.items():
+            rho, n = metrics.spearman(x, y)
+            corr.append({"dataset": dataset, "split": cfg.split, "k": k, "method": method, "name": name,
+                         "rho": None if np.isnan(rho) else rho, "n_pairs": n})
+    results.write_table("correlations", corr, dataset=dataset, model=None, part=cfg.split)

@@ -1,0 +1,79 @@
+"""The results folder's layout, as data: where every table part and every map lives.
+
+::
+
+    <results>/
+      rep_pipeline.json                     {kind, tables_version, package_version}
+      <table>/dataset=<d>/[model=<m>/]<part>.parquet   Hive-partitioned Parquet (tables.SCHEMAS)
+      maps.zarr/                            attrs: rep_pipeline = {kind, tables_version}
+        <dataset>/<split>/ground_truth/     counts, aggregate, images, labels
+        <dataset>/<split>/<model>/attention/            attention
+        <dataset>/<split>/<model>/<train_split>/<method>-k<K>-s<seed>/<embedding>/layer_<L>/
+                                            counts, aggregate, examples
+
+Every path is built here, relative to the results folder; ``pipeline.results`` and
+``pipeline.store`` do the I/O. A reader or writer refuses a folder whose ``tables_version``
+differs from ``tables.TABLES_VERSION``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .tables import TABLES_VERSION
+
+RESULTS_KIND = "rep-pipeline results"
+MAPS_KIND = "rep-pipeline results maps"
+MARKER = "rep_pipeline.json"
+MAPS = "maps.zarr"
+GROUND_TRUTH_MODEL = "_ground_truth"  # the model partition of ground-truth rows
+
+
+@dataclass(frozen=True)
+class MapArray:
+    name: str
+    dims: tuple[str, ...]
+    doc: str
+
+
+MAP_ARRAYS: dict[str, MapArray] = {a.name: a for a in (
+    MapArray("counts", ("y", "x", "class"), "n(p, c): test images whose pixel p has (mapped) class c"),
+    MapArray("aggregate", ("y", "x", "rgb"), "the aggregate map: class frequencies mixed in the palette"),
+    MapArray("examples", ("example", "y", "x"), "predicted class maps of the first test images"),
+    MapArray("images", ("example", "y", "x", "rgb"), "the first test images as the model saw them"),
+    MapArray("labels", ("example", "y", "x"), "their ground-truth class maps"),
+    MapArray("attention", ("layer", "query", "key"), "image- and head-averaged patch attention"),
+)}
+
+
+def partition(table: str, dataset: str, model: str | None = None) -> str:
+    """``<table>/dataset=<d>[/model=<m>]``: the folder of one table's parts."""
+    base = f"{table}/dataset={dataset}"
+    return base if model is None else f"{base}/model={model}"
+
+
+def part_file(table: str, dataset: str, model: str | None, part: str) -> str:
+    return f"{partition(table, dataset, model)}/{part}.parquet"
+
+
+def table_glob(table: str, dataset: str | None = None) -> str:
+    """Every part of ``table`` (of one dataset if given), as a glob DuckDB reads."""
+    return f"{table}/dataset={dataset}/**/*.parquet" if dataset else f"{table}/**/*.parquet"
+
+
+def ground_truth_maps(dataset: str, split: str) -> str:
+    return f"{dataset}/{split}/ground_truth"
+
+
+def attention_maps(dataset: str, split: str, model: str) -> str:
+    return f"{dataset}/{split}/{model}/attention"
+
+
+def setting_maps(dataset: str, split: str, model: str, train_split: str, method: str, k: int, seed: int,
+                 embedding: str, layer: int) -> str:
+    """The maps of one evaluated setting (a codebook applied to one layer's features)."""
+    return f"{dataset}/{split}/{model}/{train_split}/{method}-k{k}-s{seed}/{embedding}/layer_{layer}"
+
+
+__all__ = ["GROUND_TRUTH_MODEL", "MAPS", "MAPS_KIND", "MAP_ARRAYS", "MARKER", "MapArray", "RESULTS_KIND",
+           "TABLES_VERSION", "attention_maps", "ground_truth_maps", "part_file", "partition", "setting_maps",
+           "table_glob"]
