@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.backend import get_backend  # noqa: E402
-from stages.kmeans import LloydKMeans, l2_normalize  # noqa: E402
+from rep_pipeline.pipeline.backend import get_backend
+from rep_pipeline.stages.cluster.kmeans import LloydKMeans, l2_normalize
 
 
 def planted(n: int, dim: int, k: int = 40, seed: int = 0) -> np.ndarray:
@@ -99,16 +96,16 @@ def part_a(args, be) -> None:
 
 
 def part_b(args, be) -> None:
-    from pipeline.config import ClusterConfig
-    from pipeline.store import FeatureStore
-    from stages.cluster import ClusterWorker, GroupPlan
+    from rep_pipeline.pipeline.config import ClusterConfig
+    from rep_pipeline.pipeline.store import FeatureStore
+    from rep_pipeline.stages.cluster import ClusterWorker, GroupPlan
 
     ks = (8, 16, 27, 48, 64, 97)
     embeddings, layers = ("keys", "tokens"), (0, 1, 2, 3)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.zarr"
         _fake_store(path, args.images, args.grid, args.dim, embeddings, layers)
-        cfg = ClusterConfig(store=path, model="bench", train_split="train", ks=ks, methods=("lloyd",),
+        cfg = ClusterConfig(store=path, model="bench", train_split="train", k=ks, methods=("lloyd",),
                             tol=0.0, max_iter=args.passes, init_batches=4, batch_images=24, host_cache_bytes=0,
                             results=Path(tmp) / "results", backend=be.name)
         group = FeatureStore(path, mode="a").model_split("bench", "synthetic", "train")
@@ -142,7 +139,7 @@ def part_b(args, be) -> None:
 
 def _fake_store(path: Path, images: int, grid: int, dim: int, embeddings, layers) -> None:
     """A feature store with planted-cluster features, written through the store API."""
-    from pipeline.store import FeatureStore
+    from rep_pipeline.pipeline.store import FeatureStore
 
     store = FeatureStore(path, mode="a")
     fp = {"dataset": "synthetic", "split": "train", "n_images": images, "image_size": grid * 16,

@@ -6,13 +6,12 @@
 Captures keys of three layers for 8 synthetic images (random weights: no network here; the
 float16 bit statistics of activations are what matters) and times each candidate codec; with
 ``--array attention_sum``, the float32 head-averaged attention of the same layers instead.
-The choices recorded in ``storage_schemas/zarr_layout.py`` (FEATURE_CODEC, ATTENTION_CODEC)
+The choices recorded in ``storage_schemas/feature_store.py`` (FEATURE_CODEC, ATTENTION_CODEC)
 come from this. ``zstd0`` is what zarr uses when an array names no codec.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -20,11 +19,9 @@ import numpy as np
 import torch
 from numcodecs import LZ4, Blosc, Zstd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.datasets import build_dataset  # noqa: E402
-from pipeline.registry import build_model  # noqa: E402
-from stages.capture import CaptureSpec, FeatureCapture  # noqa: E402
+from rep_pipeline.pipeline.datasets import build_dataset
+from rep_pipeline.pipeline.registry import build_model
+from rep_pipeline.stages.extract.capture import CaptureSpec, FeatureCapture
 
 CANDIDATES = {
     "blosc-lz4-bitshuffle": Blosc("lz4", 5, Blosc.BITSHUFFLE),

@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.backend import get_backend  # noqa: E402
-from stages.evaluate import segment, upsample  # noqa: E402
-from stages.kmeans import l2_normalize  # noqa: E402
+from rep_pipeline.pipeline.backend import get_backend
+from rep_pipeline.stages.evaluate import segment, upsample
+from rep_pipeline.stages.cluster.kmeans import l2_normalize
 
 
 def main() -> None:

@@ -22,19 +22,16 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.config import ExtractConfig  # noqa: E402
-from pipeline.datasets import build_dataset  # noqa: E402
-from pipeline.store import FeatureStore  # noqa: E402
-from stages.extract import Extractor  # noqa: E402
+from rep_pipeline.pipeline.config import ExtractConfig
+from rep_pipeline.pipeline.datasets import build_dataset
+from rep_pipeline.pipeline.store import FeatureStore
+from rep_pipeline.stages.extract import Extractor
 
 
 def _sync(device: torch.device) -> None:

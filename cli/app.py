@@ -126,15 +126,19 @@ def stage_command(name: str, build: Callable[[dict[str, Any]], Options],
 
 
 def _build_report(values: dict[str, Any]) -> Options:
+    """The report command compares one setting: its flags are ReportConfig's and one Comparison's."""
     comparison = Comparison.parse({k: v for k, v in values.items() if k in Comparison.model_fields}, "report")
     rest = {k: v for k, v in values.items() if k not in Comparison.model_fields}
     return ReportConfig.parse({**rest, "comparisons": (comparison,)}, "report")
 
 
-for _name in ("extract", "cluster", "evaluate"):
-    stage_command(_name, functools.partial(STAGES[_name].config.parse, where=f"rep-pipeline {_name}"),
-                  [(STAGES[_name].config, set())])
-stage_command("report", _build_report, [(ReportConfig, {"comparisons", "title"}), (Comparison, set())])
+# a stage whose flags are not simply its config's fields names its own (builder, [(model, fields left out)])
+CUSTOM_FLAGS = {"report": (_build_report, [(ReportConfig, {"comparisons", "title"}), (Comparison, set())])}
+
+for _name, _stage in STAGES.items():
+    _build, _models = CUSTOM_FLAGS.get(_name, (functools.partial(_stage.config.parse, where=f"rep-pipeline {_name}"),
+                                               [(_stage.config, set())]))
+    stage_command(_name, _build, _models)
 
 
 # -- commands that are not stages ---------------------------------------------------------------

@@ -23,6 +23,7 @@ from rep_pipeline.pipeline.datasets import DATASETS
 from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
 from rep_pipeline.pipeline.registry import get_spec, store_key
 from rep_pipeline.stages import STAGES
+from rep_pipeline.storage_schemas.results import default_results
 
 # run-level keys -> the stage options they fill
 DATASET_KEYS = {"name": "dataset", "root": "data_root", "options": "dataset_options", "limit": "limit"}
@@ -85,7 +86,7 @@ class RunConfig:
     def from_dict(cls, raw: Mapping[str, Any], base: Path, where: str = "config") -> "RunConfig":
         top: _RunFile = _RunFile.parse(raw, where)  # type: ignore[assignment]
         store = base / top.store
-        results = base / (top.results or top.store.parent / "results")
+        results = base / (top.results or default_results(top.store))
         ds = top.dataset
         for section in ("extract", "cluster", "evaluate"):
             owned = sorted(SET_BY_RUN[section] & set(getattr(top, section)))

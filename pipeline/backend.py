@@ -49,7 +49,7 @@ class Backend:
 
 def host_float32(a: np.ndarray) -> np.ndarray:
     """``a`` as a float32 NumPy array. NumPy widens float16 in scalar code; torch's vectorised
-    cast is about 5x faster, and the cluster and evaluate stages widen every feature they read."""
+    cast is several times faster, and the cluster and evaluate stages widen every feature they read."""
     a = np.asarray(a)
     if a.dtype != np.float16:
         return a.astype(np.float32, copy=False)

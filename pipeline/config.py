@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from ..storage_schemas import feature_store
+from ..storage_schemas.results import default_results
 from .errors import ConfigError
 
 # -- constants that are not options ---------------------------------------------------------
@@ -109,17 +110,32 @@ class Options(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    def __init__(self, **values: Any):
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise InvalidOptions(exc, type(self).__name__) from None
+
     @classmethod
     def parse(cls, values: Mapping[str, Any], where: str = "") -> "Options":
-        """``cls(**values)``, with every invalid key reported in one ``ConfigError``."""
+        """``cls(**values)``, with every invalid key reported in one ``ConfigError`` that
+        starts with ``where`` (the file or command the values came from)."""
         try:
-            return cls.model_validate(dict(values))
-        except ValidationError as exc:
-            raise ConfigError(describe_errors(exc, where)) from None
+            return cls(**{str(k): v for k, v in values.items()})
+        except InvalidOptions as exc:
+            raise ConfigError(describe_errors(exc.validation, where)) from None
 
     def replace(self, **changes: Any) -> "Options":
         """A copy with ``changes``, validated again."""
         return type(self).parse({**self.model_dump(), **changes})
+
+
+class InvalidOptions(ConfigError):
+    """Values that fail validation; the message lists every key at fault."""
+
+    def __init__(self, validation: ValidationError, where: str):
+        super().__init__(describe_errors(validation, where))
+        self.validation = validation
 
 
 def describe_errors(exc: ValidationError, where: str = "") -> str:
@@ -140,7 +156,7 @@ def describe_errors(exc: ValidationError, where: str = "") -> str:
 def _default_results(data: Any) -> Any:
     """``results`` left out: ``<store parent>/results``."""
     if isinstance(data, dict) and data.get("results") is None and data.get("store") is not None:
-        data = {**data, "results": Path(data["store"]).parent / "results"}
+        data = {**data, "results": Path(default_results(data["store"]))}
     return data
 
 

@@ -1,8 +1,10 @@
-"""Streams the stages share over the feature store: batches of patch vectors, NaN/inf checks.
+"""What the stages share over features: streams of patch vectors, and the NaN/inf checks.
 
 ``FeatureStream`` reads image chunks of several (embedding, layer) arrays of one model group,
 on a read-ahead thread, or keeps them in host (and GPU) memory when they fit; the cluster and
-evaluate stages read features through it. ``check_finite`` names the images at fault.
+evaluate stages read features through it. The finite checks name the images at fault:
+``check_finite`` on NumPy/CuPy arrays read from the store, ``all_finite`` and
+``non_finite_images`` on the torch tensors extract produces, before they leave the device.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import threading
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from .backend import Backend, host_float32
 from .config import READ_AHEAD_BATCHES, SHUFFLE_WINDOW_CHUNKS
@@ -170,3 +173,19 @@ def _runs(index: np.ndarray) -> list[tuple[int, int]]:
         return []
     breaks = np.flatnonzero(np.diff(index) != 1) + 1
     return [(int(r[0]), int(r[-1])) for r in np.split(index, breaks)]
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or inf anywhere: min and max propagate NaN, so two reductions decide it, reading
+    float16 at memory speed (``isfinite`` or a float32 sum would copy); the per-image search
+    (``non_finite_images``) runs only when this fails.
+    """
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def non_finite_images(tensor: torch.Tensor, image_ids: list[str]) -> list[str]:
+    """The ids of the images with a NaN/inf anywhere in ``tensor`` (layer, image, ...)."""
+    rows = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+    finite = torch.isfinite(rows.amin(-1)) & torch.isfinite(rows.amax(-1))
+    return sorted({image_ids[i] for i in torch.nonzero(~finite)[:, 1].tolist()})

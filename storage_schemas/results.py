@@ -18,7 +18,9 @@ differs from ``tables.TABLES_VERSION``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePath
 
+from .feature_store import codebook_name
 from .tables import TABLES_VERSION
 
 RESULTS_KIND = "rep-pipeline results"
@@ -45,6 +47,11 @@ MAP_ARRAYS: dict[str, MapArray] = {a.name: a for a in (
 )}
 
 
+def default_results(store: str | PurePath) -> PurePath:
+    """Where results go when no folder is named: ``results`` beside the feature store."""
+    return PurePath(store).parent / "results"
+
+
 def partition(table: str, dataset: str, model: str | None = None) -> str:
     """``<table>/dataset=<d>[/model=<m>]``: the folder of one table's parts."""
     base = f"{table}/dataset={dataset}"
@@ -53,6 +60,11 @@ def partition(table: str, dataset: str, model: str | None = None) -> str:
 
 def part_file(table: str, dataset: str, model: str | None, part: str) -> str:
     return f"{partition(table, dataset, model)}/{part}.parquet"
+
+
+def curve_part(train_split: str, method: str, k: int, seed: int, embedding: str, layer: int) -> str:
+    """The part name of one codebook's training curve (a part per codebook and layer)."""
+    return f"{train_split}-{codebook_name(method, k, seed)}-{embedding}-l{layer}"
 
 
 def table_glob(table: str, dataset: str | None = None) -> str:
@@ -71,9 +83,9 @@ def attention_maps(dataset: str, split: str, model: str) -> str:
 def setting_maps(dataset: str, split: str, model: str, train_split: str, method: str, k: int, seed: int,
                  embedding: str, layer: int) -> str:
     """The maps of one evaluated setting (a codebook applied to one layer's features)."""
-    return f"{dataset}/{split}/{model}/{train_split}/{method}-k{k}-s{seed}/{embedding}/layer_{layer}"
+    return f"{dataset}/{split}/{model}/{train_split}/{codebook_name(method, k, seed)}/{embedding}/layer_{layer}"
 
 
 __all__ = ["GROUND_TRUTH_MODEL", "MAPS", "MAPS_KIND", "MAP_ARRAYS", "MARKER", "MapArray", "RESULTS_KIND",
-           "TABLES_VERSION", "attention_maps", "ground_truth_maps", "part_file", "partition", "setting_maps",
-           "table_glob"]
+           "TABLES_VERSION", "attention_maps", "curve_part", "default_results", "ground_truth_maps", "part_file",
+           "partition", "setting_maps", "table_glob"]

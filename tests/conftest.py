@@ -12,6 +12,14 @@ from rep_pipeline.pipeline.registry import list_models
 TINY_MODELS = tuple(spec.alias for spec in list_models("tiny-*"))
 
 
+def pytest_collection_modifyitems(items):
+    """A test on the real local Ray instance belongs to the integration tier
+    (``pytest -m "not integration"`` is the fast tier)."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

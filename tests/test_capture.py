@@ -213,6 +213,7 @@ def test_only_requested_layers_and_embeddings_are_captured():
         FeatureCapture(lm, CaptureSpec(layers=(7,)))
 
 
+@pytest.mark.integration  # a torch.compile of 10 to 20 s
 def test_compiled_statistics_equal_the_eager_ones():
     lm, _, x = _setup("tiny-dinov3")
     eager = FeatureCapture(lm, CaptureSpec(layers=(0, 3)))(x)

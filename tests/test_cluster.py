@@ -7,11 +7,11 @@ import pytest
 
 from rep_pipeline.pipeline.config import ClusterConfig, ExtractConfig
 from rep_pipeline.pipeline.errors import ConfigError, FingerprintMismatchError, NonFiniteFeaturesError, StoreError
-from rep_pipeline.pipeline.store import FeatureStore
-from rep_pipeline.stages.cluster import ClusterWorker, FeatureStream, plan_codebooks, run_cluster
-from rep_pipeline.stages.extract import run_extract
-from rep_pipeline.pipeline.store import validate_store
 from rep_pipeline.pipeline.backend import get_backend
+from rep_pipeline.pipeline.store import FeatureStore, validate_store
+from rep_pipeline.pipeline.streaming import FeatureStream
+from rep_pipeline.stages.cluster import ClusterWorker, is_done, plan_codebooks, run_cluster
+from rep_pipeline.stages.extract import run_extract
 
 FAST = dict(steps=30, init_batches=3, batch_images=4, log_every=10, max_iter=20)
 
@@ -63,7 +63,10 @@ def test_trains_every_codebook_writes_centroids_and_curves(store):
 
 def test_finished_codebooks_are_reused_and_force_retrains(store):
     cfg = _cfg(store, k=(3,), embeddings=("keys",))
+    assert not is_done(cfg)
     first = run_cluster(cfg, progress=False)
+    assert is_done(cfg) and not is_done(cfg.replace(force=True)) and not is_done(cfg.replace(lr=1e-2))
+    assert not is_done(cfg.replace(k=(3, 4))) and not is_done(cfg.replace(embeddings=("keys", "tokens")))
     before = FeatureStore(store).model_split("tiny-vit", "synthetic", "train").codebook("online", 3, 0).centroids("keys", 1)
     again = run_cluster(cfg, progress=False)
     assert len(first.trained) == 2 and (len(again.trained), again.reused) == (0, 2)
@@ -98,7 +101,7 @@ def test_streaming_from_disk_equals_training_from_the_memory_cache(store):
     keys = [p.key for p in plans]
     from_disk = FeatureStream(group, keys, be, cache_bytes=0)
     in_memory = FeatureStream(group, keys, be, cache_bytes=2**30)
-    assert from_disk._cache is None and in_memory._cache is not None
+    assert not from_disk.checked and in_memory.checked  # the cache is checked for NaN/inf once, at load
     for batch in (4, 5):  # 5: batches that straddle two read windows
         for (i1, a1), (i2, a2), _ in zip(from_disk.shuffled(batch, 0), in_memory.shuffled(batch, 0), range(7)):
             assert len(i1) == batch
@@ -121,7 +124,7 @@ def test_groups_trained_on_threads_equal_one_thread(store, tmp_path):
         cfg = _cfg(path, k=(3, 5), methods=("online", "lloyd"), results=path.parent / f"results-{threads}")
         dataset, plans, _ = plan_codebooks(cfg)
         worker = ClusterWorker(cfg, "tiny-vit", dataset, plans, threads=threads)
-        assert worker._threads == threads
+        assert worker.threads == threads
         worker.run()
         books.append(FeatureStore(path).model_split("tiny-vit", "synthetic", "train"))
     for method in ("online", "lloyd"):
@@ -160,7 +163,7 @@ def test_unfinished_extract_is_refused(store):
 def test_cli_cluster(store):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from rep_pipeline.cli.app import app
 
     res = CliRunner().invoke(app, ["cluster", "--store", str(store), "--model", "tiny-vit", "--train-split", "train",
                                    "--k", "3,4", "--method", "lloyd", "--layers", "3", "--embeddings", "tokens",

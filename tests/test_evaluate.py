@@ -9,12 +9,15 @@ import torch.nn.functional as F
 
 from rep_pipeline.pipeline.config import ClusterConfig, EvaluateConfig, ExtractConfig
 from rep_pipeline.pipeline.errors import QueryError, StoreError
-from rep_pipeline.pipeline.results import fetch_rows, run_query
-from rep_pipeline.pipeline.store import FeatureStore, MapStore
-from rep_pipeline.stages.evaluate import metrics
+from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.store import FeatureStore
 from rep_pipeline.stages.cluster import run_cluster
-from rep_pipeline.stages.evaluate import bilinear_matrix, run_evaluate, segment
+from rep_pipeline.stages.evaluate import bilinear_matrix, is_done, metrics, run_evaluate, segment
 from rep_pipeline.stages.extract import run_extract
+
+
+def run_query(results, sql):
+    return Results(results).query(sql)
 
 
 @pytest.mark.parametrize("src,dst", [(20, 320), (23, 320), (3, 7), (7, 3), (5, 5)])
@@ -64,7 +67,7 @@ def test_tables_equal_an_independent_recomputation(evaluated):
     up = F.interpolate(feats, size=320, mode="bilinear", align_corners=False).permute(0, 2, 3, 1).numpy()
     clusters = (up @ cents.T).argmax(-1)                           # cos argmax: the norm does not matter
     conf = metrics.confusion_matrix(clusters, labels, 9, 6, 255)
-    mapping = metrics.hungarian_mapping(conf)
+    mapping = metrics.hungarian_match(conf)[0]
     scores = metrics.segmentation_scores(conf, mapping)
     pe = metrics.positional_effect(metrics.position_class_counts(mapping[clusters], 6, 255))
     row = run_query(cfg.results, "SELECT miou, pixel_accuracy, mi, nmi, n_images FROM segmentation "
@@ -78,7 +81,7 @@ def test_tables_equal_an_independent_recomputation(evaluated):
     assert pixels == int((labels != 255).sum())
     assert run_query(cfg.results, "SELECT count(*), sum(hungarian::INT) FROM matching WHERE k = 9 AND layer = 3 "
                                   "AND embedding = 'tokens'").fetchall()[0] == (9, 6)
-    maps = MapStore(cfg.results / "maps.zarr")
+    maps = Results(cfg.results).maps()
     path = "synthetic/val/tiny-dinov2-reg/train/lloyd-k9-s0/tokens/layer_3"
     examples = maps.read(path, "examples")
     assert examples.shape == (3, 320, 320)
@@ -127,7 +130,7 @@ def test_query_is_read_only_and_errors_are_clear(evaluated, tmp_path):
     with pytest.raises(QueryError, match="syntax"):  # parsing
         run_query(cfg.results, "SELEC miou FROM segmentation")
     with pytest.raises(QueryError, match="Could not convert"):  # only when the rows are computed
-        fetch_rows(cfg.results, "SELECT embedding::INTEGER FROM segmentation", 5)
+        Results(cfg.results).fetch_rows("SELECT embedding::INTEGER FROM segmentation", 5)
     with pytest.raises(StoreError, match="no model features on split 'test'"):
         run_evaluate(EvaluateConfig(store=cfg.store, split="test", results=tmp_path), progress=False)
 
@@ -144,14 +147,32 @@ def test_evaluate_without_codebooks_says_to_cluster_first(evaluated, tmp_path):
 def test_cli_evaluate_and_query(evaluated, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from rep_pipeline.cli.app import app
 
     cfg, _ = evaluated
     res = CliRunner().invoke(app, ["evaluate", "--store", str(cfg.store), "--split", "val", "--results",
                                    str(tmp_path / "r"), "--no-progress"])
     assert res.exit_code == 0, res.output
-    out = CliRunner().invoke(app, ["query", str(tmp_path / "r"), "SELECT count(*) AS n FROM segmentation"])
-    assert out.exit_code == 0 and "8" in out.output
+    out = CliRunner().invoke(app, ["query", str(tmp_path / "r"), "SELECT count(*) * 1000 + 7 AS n FROM segmentation"])
+    assert out.exit_code == 0 and "8007" in out.output, out.output  # 8 settings
+
+
+def test_is_done_once_every_codebook_has_rows(evaluated, tmp_path):
+    cfg, _ = evaluated
+    assert is_done(cfg)
+    assert not is_done(cfg.replace(results=tmp_path / "empty"))
+    store = tmp_path / "more.zarr"
+    shutil.copytree(cfg.store, store)
+    results = tmp_path / "results"
+    shutil.copytree(cfg.results, results)
+    moved = cfg.replace(store=store, results=results)
+    assert is_done(moved)
+    run_cluster(ClusterConfig(store=store, model="tiny-dinov2-reg", train_split="train", k=(4,),
+                              methods=("lloyd",), init_batches=2, batch_images=4, layers=(3,),
+                              embeddings=("keys",)), progress=False)
+    assert not is_done(moved)  # a new codebook has no rows yet
+    run_evaluate(moved, progress=False)
+    assert is_done(moved)
 
 
 @pytest.mark.realdata
@@ -169,3 +190,43 @@ def test_cocostuff_sample_end_to_end(ray_local, shared_datasets, tmp_path):
     assert row[0] == 27 and 0 < row[1] <= 1 and 0 < row[2] <= 1 and row[4] == 16
     per_class = run_query(cfg.results, "SELECT count(*) FROM per_class_iou").fetchall()[0][0]
     assert per_class == 27
+
+
+def _hand_made_store(path, classes, n=4, size=32, grid=2, dim=8):
+    """A finished feature store written through the store API alone (no model, no Ray): labels
+    all class 0, features of two planted directions, one Lloyd codebook of K = 2 on ``train``."""
+    store = FeatureStore(path, mode="a")
+    rng = np.random.default_rng(0)
+    model_fp = {"model": "m", "timm_name": "-", "family": "-", "weights_source": "random:seed=0",
+                "weights_sha256": "-", "image_size": size, "input_size": size, "patch_size": size // grid,
+                "grid": grid, "num_prefix_tokens": 1, "embed_dim": dim, "num_heads": 1, "depth": 1,
+                "mean": [0, 0, 0], "std": [1, 1, 1], "layers": [0], "embeddings": ["keys"], "rope": "before",
+                "last_norm": "after"}
+    for split in ("train", "val"):
+        fp = {"dataset": "synthetic", "split": split, "n_images": n, "image_size": size, "classes": classes,
+              "ignore_index": 255, "image_ids_sha256": split, "options": {}}
+        data = store.require_dataset_split(fp, [f"{split}{i}" for i in range(n)], np.zeros((len(classes), 3), np.uint8), 2)
+        group = store.require_model_split("m", data, model_fp)
+        for chunk in range(2):
+            data.write_labels(chunk, np.zeros((2, size, size), np.uint8), np.zeros((2, size, size, 3), np.uint8))
+            keys = rng.standard_normal((1, 2, grid, grid, dim)).astype(np.float16)
+            group.write_chunk(chunk, {"keys": keys, "class_tokens": np.zeros((1, 2, dim), np.float16),
+                                      "attention_mi": np.ones((1, 2, 1), np.float32),
+                                      "attention_sum": np.full((1, grid**2, grid**2), 2 / grid**2, np.float32)})
+        group.finalize()
+    train = store.model_split("m", "synthetic", "train")
+    train.require_codebook("lloyd", 2, 0, {"tol": 0.0}).write("keys", 0, np.eye(2, dim, dtype=np.float32))
+    return path
+
+
+def test_a_test_split_of_a_single_class_gives_nan_nmi_not_an_error(tmp_path):
+    store = _hand_made_store(tmp_path / "one.zarr", classes=["only"])
+    cfg = EvaluateConfig(store=store, split="val", results=tmp_path / "r", n_examples=2)
+    result = run_evaluate(cfg, progress=False)
+    assert result.settings == 1
+    results = Results(cfg.results)
+    gt = results.rows("SELECT mi, nmi, nmi_bias_aware FROM ground_truth")[0]
+    assert gt["mi"] == pytest.approx(0.0, abs=1e-12) and np.isnan(gt["nmi"]) and np.isnan(gt["nmi_bias_aware"])
+    seg = results.rows("SELECT miou, pixel_accuracy, nmi, nmi_bias_aware FROM segmentation")[0]
+    assert seg["pixel_accuracy"] == pytest.approx(1.0) and np.isnan(seg["nmi"]) and np.isnan(seg["nmi_bias_aware"])
+    assert is_done(cfg)

@@ -16,8 +16,9 @@ from rep_pipeline.pipeline.config import ExtractConfig
 from rep_pipeline.pipeline.errors import FingerprintMismatchError, ImageReadError, NonFiniteFeaturesError
 from rep_pipeline.pipeline.registry import build_model
 from rep_pipeline.pipeline.store import FeatureStore
-from rep_pipeline.stages.extract import Extractor, all_finite, non_finite_images, run_extract
 from rep_pipeline.pipeline.store import validate_store
+from rep_pipeline.pipeline.streaming import all_finite, non_finite_images
+from rep_pipeline.stages.extract import Extractor, is_done, run_extract
 
 from conftest import TINY_MODELS
 
@@ -227,7 +228,7 @@ def test_the_finite_check_finds_one_bad_value_and_its_image(dtype, bad):
 def test_cli_extract_and_store_info(ray_local, tmp_path):
     from typer.testing import CliRunner
 
-    from cli.app import app
+    from rep_pipeline.cli.app import app
 
     runner = CliRunner()
     store = tmp_path / "cli.zarr"
@@ -242,3 +243,21 @@ def test_cli_extract_and_store_info(ray_local, tmp_path):
     bad = runner.invoke(app, ["extract", "--model", "tiny-vit", "--weights", "random", "--dataset", "voc",
                               "--data-root", str(tmp_path / "nowhere"), "--store", str(store)])
     assert bad.exit_code == 2 and "nowhere" in bad.output
+
+
+def test_is_done_answers_from_the_request_it_recorded(ray_local, tmp_path):
+    """Done means: the same model, weights (a file by its content, not its name), capture
+    options, limit and chunk size; answered without building the model."""
+    weights = tmp_path / "w.safetensors"
+    save_file(build_model("tiny-vit", "random", seed=3).model.state_dict(), weights)
+    cfg = _cfg(tmp_path, weights=str(weights), splits=("val",), layers=(0, 1))
+    assert not is_done(cfg)
+    run_extract(cfg, progress=False)
+    assert is_done(cfg)
+    for other in (cfg.replace(layers=(0,)), cfg.replace(limit=3), cfg.replace(embeddings=("keys",)),
+                  cfg.replace(rope="after"), cfg.replace(weights="random"), cfg.replace(splits=("val", "train"))):
+        assert not is_done(other), other
+    save_file(build_model("tiny-vit", "random", seed=4).model.state_dict(), weights)  # same name, other weights
+    assert not is_done(cfg)
+    with pytest.raises(FingerprintMismatchError, match="weights_sha256"):
+        run_extract(cfg, progress=False)

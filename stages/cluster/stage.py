@@ -26,6 +26,7 @@ from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore, ModelSplit
 from rep_pipeline.pipeline.streaming import FeatureKey, FeatureStream, check_finite
+from rep_pipeline.storage_schemas.results import curve_part
 
 from .kmeans import LloydKMeans, OnlineKMeans, PCAInit, l2_normalize
 
@@ -65,7 +66,7 @@ class ClusterWorker:
     @contextlib.contextmanager
     def _parallel(self) -> Iterator[None]:
         """Threads over groups, each with a single-threaded BLAS (threads inside threads would
-        oversubscribe the cores: measured 1.6x slower on two)."""
+        oversubscribe the cores)."""
         if self._threads < 2:
             yield
             return
@@ -82,6 +83,11 @@ class ClusterWorker:
         if self._executor is None or len(keys) < 2:
             return [fn(key) for key in keys]
         return list(self._executor.map(fn, keys))
+
+    @property
+    def threads(self) -> int:
+        """Threads the (embedding, layer) groups are trained on (1 on a GPU)."""
+        return self._threads
 
     def progress(self) -> int:
         return self._progress
@@ -169,7 +175,7 @@ class ClusterWorker:
             for r in rows:
                 r["codebook_fingerprint"], r["store_fingerprint"] = book.fingerprint_hash, target.fingerprint_hash
             results.write_table("training_curves", rows, dataset=self.dataset, model=self.model,
-                                part=f"{cfg.train_split}-{method}-k{k}-s{cfg.seed}-{plan.embedding}-l{plan.layer}")
+                                part=curve_part(cfg.train_split, method, k, cfg.seed, plan.embedding, plan.layer))
             book.write(plan.embedding, plan.layer, be.to_numpy(centroids))  # last: marks it done
         return [{"embedding": p.embedding, "layer": p.layer, "method": m, "k": k} for p, m, k, _ in finished]
 
@@ -239,9 +245,8 @@ def is_done(cfg: ClusterConfig) -> bool:
     and is finished for every requested (embedding, layer). Reads only."""
     if cfg.force or not cfg.store.exists():
         return False
-    store = FeatureStore(cfg.store)
     try:
-        _, group, embeddings, layers, ks = _requested(cfg, store)
+        _, group, embeddings, layers, ks = _requested(cfg, FeatureStore(cfg.store))
     except StoreError:
         return False
     for method in cfg.methods:

@@ -142,11 +142,14 @@ def _targets(cfg: EvaluateConfig, store: FeatureStore) -> list[_Target]:
 def is_done(cfg: EvaluateConfig) -> bool:
     """Every codebook of every model on the test split already has segmentation rows with its
     codebook and features fingerprints. Reads only."""
-    if not cfg.store.exists() or not (cfg.results / "segmentation").is_dir():
+    if not cfg.store.exists() or not cfg.results.is_dir():
         return False
     try:
         targets = _targets(cfg, FeatureStore(cfg.store))
-        have = {tuple(r.values()) for r in Results(cfg.results).rows(
+        results = Results(cfg.results)
+        if "segmentation" not in results.tables():
+            return False
+        have = {tuple(r.values()) for r in results.rows(
             "SELECT DISTINCT model, codebook_fingerprint, store_fingerprint FROM segmentation", split=cfg.split)}
     except StoreError:
         return False

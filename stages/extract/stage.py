@@ -26,6 +26,7 @@ from rep_pipeline.pipeline.errors import (ConfigError, DataRootError, Fingerprin
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.registry import build_model, check_weights, get_spec, store_key, weights_identity
 from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit, fingerprint_hash
+from rep_pipeline.pipeline.streaming import all_finite, non_finite_images
 
 from .capture import CaptureSpec, FeatureCapture
 
@@ -196,22 +197,6 @@ class Extractor:
         pending, self._pending_write = self._pending_write, None
         if pending is not None:
             pending.result()
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf anywhere: min and max propagate NaN, so two reductions decide it, reading
-    float16 at memory speed (``isfinite`` or a float32 sum would copy); the per-image search
-    (``non_finite_images``) runs only when this fails.
-    """
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
-def non_finite_images(tensor: torch.Tensor, image_ids: list[str]) -> list[str]:
-    """The ids of the images with a NaN/inf anywhere in ``tensor`` (layer, image, ...)."""
-    rows = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
-    finite = torch.isfinite(rows.amin(-1)) & torch.isfinite(rows.amax(-1))
-    return sorted({image_ids[i] for i in torch.nonzero(~finite)[:, 1].tolist()})
 
 
 @dataclass
