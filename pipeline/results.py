@@ -49,20 +49,25 @@ class Results:
 
     # -- version -----------------------------------------------------------------------------
     def version(self) -> int | None:
-        """The folder's results version: its marker's, or (for a folder written before markers)
-        the version in its Parquet files' schema metadata; None for a new, empty folder."""
+        """The folder's results version: its marker's and every Parquet part's (their schema
+        metadata) must agree; None for a new, empty folder. Parts of several versions, or parts
+        that disagree with the marker, are refused."""
+        found: dict[int, str] = {}
         marker = self.path / layout.MARKER
         if marker.is_file():
             try:
-                return int(json.loads(marker.read_text())["tables_version"])
+                found[int(json.loads(marker.read_text())["tables_version"])] = str(marker)
             except (ValueError, KeyError, TypeError) as exc:
                 raise StoreError(f"{marker} is not a rep-pipeline results marker: {exc}") from exc
         for table in SCHEMAS:
-            part = next((self.path / table).glob("**/*.parquet"), None) if (self.path / table).is_dir() else None
-            if part is not None:
+            for part in sorted((self.path / table).glob("**/*.parquet")) if (self.path / table).is_dir() else ():
                 meta = pq.read_schema(part).metadata or {}
-                return int(meta.get(b"version", b"0"))
-        return None
+                found.setdefault(int(meta.get(b"version", b"0")), str(part))
+        if len(found) > 1:
+            raise StoreError(f"results folder {self.path} mixes results versions: "
+                             + ", ".join(f"{v} ({where})" for v, where in sorted(found.items()))
+                             + f"; this rep-pipeline ({__version__}) reads and writes version {TABLES_VERSION}")
+        return next(iter(found), None)
 
     def _ensure_marker(self) -> None:
         marker = self.path / layout.MARKER

@@ -6,7 +6,8 @@
       rep_pipeline.json                     {kind, tables_version, package_version}
       <table>/dataset=<d>/[model=<m>/]<part>.parquet   Hive-partitioned Parquet (tables.SCHEMAS)
       maps.zarr/                            attrs: rep_pipeline = {kind, tables_version}
-        <dataset>/<split>/ground_truth/     counts, aggregate, images, labels
+        <dataset>/<split>/ground_truth/     counts, aggregate, images, labels; attrs: classes,
+                                            palette, example_ids, evaluation (its options)
         <dataset>/<split>/<model>/attention/            attention
         <dataset>/<split>/<model>/<train_split>/<method>-k<K>-s<seed>/<embedding>/layer_<L>/
                                             counts, aggregate, examples

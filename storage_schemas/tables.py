@@ -11,6 +11,17 @@ import pyarrow as pa
 TABLES_VERSION = 1
 
 
+SCHEMAS: dict[str, pa.Schema] = {}  # every table by name, filled by ``_table``
+
+
+def _table(name: str, *fields: pa.Field) -> pa.Schema:
+    """The schema of table ``name``, registered in ``SCHEMAS`` (a new table is one ``_table``)."""
+    if name in SCHEMAS:
+        raise ValueError(f"table {name!r} declared twice")
+    SCHEMAS[name] = pa.schema(list(fields), metadata={"table": name, "version": str(TABLES_VERSION)})
+    return SCHEMAS[name]
+
+
 def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
     return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
 
@@ -26,7 +37,8 @@ _SETTING = (
     _field("seed", pa.int32(), "k-means seed"),
 )
 
-TRAINING_CURVES = pa.schema([
+TRAINING_CURVES = _table(
+    "training_curves",
     *_SETTING,
     _field("step", pa.int32(), "online: Adam step (1-based); lloyd: pass over the data (1-based)"),
     _field("loss", pa.float64(), "batch k-means loss -mean max_k cos(f, c_k) (online: of this "
@@ -34,8 +46,7 @@ TRAINING_CURVES = pa.schema([
     _field("changed_fraction", pa.float64(), "lloyd: fraction of assignments that changed in the "
                                              "pass; null for online", nullable=True),
     _field("store_fingerprint", pa.string(), "hash of the feature group's fingerprint"),
-    _field("codebook_fingerprint", pa.string(), "hash of the codebook's training fingerprint"),
-], metadata={"table": "training_curves", "version": str(TABLES_VERSION)})
+    _field("codebook_fingerprint", pa.string(), "hash of the codebook's training fingerprint"))
 
 # evaluation rows: a codebook (trained on train_split) applied to the test split ``split``
 _EVAL_SETTING = (*_SETTING[:3],
@@ -49,10 +60,6 @@ _FINGERPRINTS = (
 
 def _nullable(fields: tuple[pa.Field, ...]) -> tuple[pa.Field, ...]:
     return tuple(f.with_nullable(True) for f in fields)
-
-
-def _table(name: str, *fields: pa.Field) -> pa.Schema:
-    return pa.schema(list(fields), metadata={"table": name, "version": str(TABLES_VERSION)})
 
 
 SEGMENTATION = _table(
@@ -115,6 +122,3 @@ CORRELATIONS = _table(
     _field("rho", pa.float64(), "Spearman rank correlation", nullable=True),
     _field("n_pairs", pa.int32(), "(model, layer, embedding) points used"))
 
-SCHEMAS: dict[str, pa.Schema] = {s.metadata[b"table"].decode(): s for s in (
-    TRAINING_CURVES, SEGMENTATION, PER_CLASS_IOU, CLASSWISE_MI, GROUND_TRUTH, CONFUSION, MATCHING,
-    ATTENTION_MI, BEST_LAYERS, CORRELATIONS)}

@@ -161,6 +161,7 @@ def test_is_done_once_every_codebook_has_rows(evaluated, tmp_path):
     cfg, _ = evaluated
     assert is_done(cfg)
     assert not is_done(cfg.replace(results=tmp_path / "empty"))
+    assert not is_done(cfg.replace(seed=1)) and not is_done(cfg.replace(n_examples=2))
     store = tmp_path / "more.zarr"
     shutil.copytree(cfg.store, store)
     results = tmp_path / "results"

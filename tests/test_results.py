@@ -45,7 +45,7 @@ def test_rows_are_cast_to_the_schema_and_a_missing_column_fails(tmp_path):
 def test_results_of_another_version_are_refused_for_reading_and_appending(tmp_path, mode):
     Results(tmp_path, mode="a").write_table("ground_truth", [ROW], dataset="d", model=None, part="val")
     (tmp_path / layout.MARKER).write_text(json.dumps({"kind": layout.RESULTS_KIND, "tables_version": TABLES_VERSION + 1}))
-    with pytest.raises(StoreError, match=f"results version {TABLES_VERSION + 1}.*version {TABLES_VERSION}"):
+    with pytest.raises(StoreError, match=f"results version.*{TABLES_VERSION + 1}.*version {TABLES_VERSION}"):
         Results(tmp_path, mode=mode)
 
 
@@ -54,7 +54,7 @@ def test_a_folder_without_marker_is_read_by_its_parquet_version(tmp_path):
     old = SCHEMAS["ground_truth"].with_metadata({b"table": b"ground_truth", b"version": b"0"})
     (tmp_path / "ground_truth" / "dataset=d").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist([ROW], schema=old), tmp_path / "ground_truth/dataset=d/val.parquet")
-    with pytest.raises(StoreError, match="results version 0"):
+    with pytest.raises(StoreError, match=f"results version 0; .*reads and writes version {TABLES_VERSION}"):
         Results(tmp_path)
     assert Results(tmp_path / "new", mode="a").version() is None
 
@@ -69,3 +69,12 @@ def test_query_runs_one_read_only_statement(tmp_path):
         results.query("SELECT * FROM no_such_table")
     with pytest.raises(StoreError, match="does not exist"):
         Results(tmp_path / "missing")
+
+
+def test_a_part_of_another_version_is_refused_even_under_a_current_marker(tmp_path):
+    results = Results(tmp_path, mode="a")
+    results.write_table("ground_truth", [ROW], dataset="d", model=None, part="val")
+    newer = SCHEMAS["ground_truth"].with_metadata({b"table": b"ground_truth", b"version": str(TABLES_VERSION + 1).encode()})
+    pq.write_table(pa.Table.from_pylist([ROW], schema=newer), tmp_path / "ground_truth/dataset=d/test.parquet")
+    with pytest.raises(StoreError, match=f"mixes results versions: {TABLES_VERSION} .*, {TABLES_VERSION + 1} "):
+        Results(tmp_path)

@@ -139,9 +139,14 @@ def _targets(cfg: EvaluateConfig, store: FeatureStore) -> list[_Target]:
     return out
 
 
+def _options(cfg: EvaluateConfig) -> dict[str, Any]:
+    """The evaluate options that change what it writes, recorded with the ground-truth maps."""
+    return {"seed": cfg.seed, "n_examples": cfg.n_examples}
+
+
 def is_done(cfg: EvaluateConfig) -> bool:
     """Every codebook of every model on the test split already has segmentation rows with its
-    codebook and features fingerprints. Reads only."""
+    codebook and features fingerprints, evaluated with these options. Reads only."""
     if not cfg.store.exists() or not cfg.results.is_dir():
         return False
     try:
@@ -151,6 +156,10 @@ def is_done(cfg: EvaluateConfig) -> bool:
             return False
         have = {tuple(r.values()) for r in results.rows(
             "SELECT DISTINCT model, codebook_fingerprint, store_fingerprint FROM segmentation", split=cfg.split)}
+        maps = results.maps()
+        if any(maps.attrs(layout.ground_truth_maps(d, cfg.split)).get("evaluation") != _options(cfg)
+               for d in {t.dataset for t in targets}):
+            return False
     except StoreError:
         return False
     wanted = {(t.model, book.fingerprint_hash, t.group.fingerprint_hash) for t in targets for _, book in t.books}
@@ -211,7 +220,8 @@ def _evaluate_ground_truth(cfg: EvaluateConfig, results: Results, maps: MapStore
     maps.write(layout.ground_truth_maps(data.dataset, cfg.split), counts=counts,
                aggregate=metrics.aggregate_map(counts, palette), images=data.example_images(),
                labels=data.labels[:n_ex],
-               attrs={"classes": classes, "palette": palette.tolist(), "example_ids": data.image_ids()[:n_ex]})
+               attrs={"classes": classes, "palette": palette.tolist(), "example_ids": data.image_ids()[:n_ex],
+                      "evaluation": _options(cfg)})
     dfp = fingerprint_hash(data.fingerprint)
     results.write_table("ground_truth", [{
         "dataset": data.dataset, "split": cfg.split, "mi": scores.mi, "nmi": scores.nmi, "mi_null": scores.mi_null,
