@@ -36,12 +36,15 @@ SET_BY_RUN = {
 
 
 class _Dataset(Options):
-    name: str
-    root: Path | None = None
-    options: dict[str, Any] = {}
+    """The dataset section: its splits, and the extract options of ``DATASET_KEYS`` under
+    shorter names (validated by ``ExtractConfig``, where they are declared)."""
+
+    name: Any
+    root: Any = None
+    options: Any = None
+    limit: Any = None
     train_split: str = Field(description="Split the codebooks are fitted on.")
     test_split: str = Field(description="Split they are evaluated on.")
-    limit: int | None = None
 
 
 class _RunFile(Options):

@@ -73,23 +73,29 @@ def _write_together(writes: list[tuple[zarr.Array, Any, np.ndarray]]) -> None:
                              f"{np.shape(value)} failed: {result}") from result
 
 
+def _open_root(path: Path, mode: str, missing: str, fresh: dict[str, Any]) -> tuple[zarr.Group, dict[str, Any]]:
+    """The root group at ``path`` and its ``rep_pipeline`` attribute ({} if none). In mode
+    ``"a"`` a missing or empty store is created, with ``fresh`` as that attribute."""
+    if mode == "r" and not path.exists():
+        raise StoreError(missing)
+    try:
+        root = zarr.open_group(str(path), mode="r" if mode == "r" else "a")
+    except Exception as exc:
+        raise StoreError(f"{path} cannot be opened as a Zarr store: {exc}") from exc
+    meta = dict(root.attrs).get("rep_pipeline")
+    if meta is None and mode != "r" and not list(root.keys()):
+        meta = root.attrs["rep_pipeline"] = dict(fresh)
+    return root, meta or {}
+
+
 class FeatureStore:
     """A feature store on disk. ``mode="r"`` reads an existing store; ``"a"`` creates if needed."""
 
     def __init__(self, path: str | Path, mode: str = "r"):
         self.path = Path(path)
-        if mode == "r" and not self.path.exists():
-            raise StoreError(f"feature store {self.path} does not exist")
-        try:
-            self.root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
-        except Exception as exc:
-            raise StoreError(f"{self.path} cannot be opened as a Zarr store: {exc}") from exc
-        meta = dict(self.root.attrs).get("rep_pipeline")
-        if meta is None and mode != "r" and not list(self.root.keys()):
-            meta = {"kind": layout.STORE_KIND, "schema_version": layout.SCHEMA_VERSION,
-                    "package_version": __version__}
-            self.root.attrs["rep_pipeline"] = meta
-        if not meta or meta.get("kind") != layout.STORE_KIND:
+        self.root, meta = _open_root(self.path, mode, f"feature store {self.path} does not exist", {
+            "kind": layout.STORE_KIND, "schema_version": layout.SCHEMA_VERSION, "package_version": __version__})
+        if meta.get("kind") != layout.STORE_KIND:
             raise StoreError(f"{self.path} is not a rep-pipeline feature store")
         if meta.get("schema_version") != layout.SCHEMA_VERSION:
             raise StoreError(
@@ -416,17 +422,9 @@ class MapStore:
 
     def __init__(self, path: str | Path, mode: str = "r"):
         self.path = Path(path)
-        if mode == "r" and not self.path.exists():
-            raise StoreError(f"results maps {self.path} do not exist; run `rep-pipeline evaluate` first")
-        try:
-            self.root = zarr.open_group(str(self.path), mode="r" if mode == "r" else "a")
-        except Exception as exc:
-            raise StoreError(f"{self.path} cannot be opened as a Zarr store: {exc}") from exc
-        meta = dict(self.root.attrs).get("rep_pipeline")
-        if meta is None and mode != "r" and not list(self.root.keys()):
-            meta = {"kind": results_layout.MAPS_KIND, "tables_version": results_layout.TABLES_VERSION}
-            self.root.attrs["rep_pipeline"] = meta
-        meta = meta or {}
+        self.root, meta = _open_root(
+            self.path, mode, f"results maps {self.path} do not exist; run `rep-pipeline evaluate` first",
+            {"kind": results_layout.MAPS_KIND, "tables_version": results_layout.TABLES_VERSION})
         found = meta.get("tables_version", meta.get("schema_version"))  # the key's name before 0.2
         if found != results_layout.TABLES_VERSION:
             raise StoreError(f"results maps {self.path} have results version {found}; this rep-pipeline "

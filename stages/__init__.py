@@ -3,8 +3,9 @@
 Every room exposes ``run_<name>(cfg, *, address=None, progress=True) -> result`` (the result
 has ``summary()`` lines) and ``is_done(cfg) -> bool``, which answers from what the stage
 itself writes, reading only. ``STAGES`` lists them with their config class: the CLI builds
-one command per entry and ``run`` walks them in order. A room is imported when its stage is
-first used, so the CLI answers ``--help`` and option errors without loading torch or Ray.
+one command per entry, its flags from the config's fields; ``rep-pipeline run`` asks each
+entry to run or skip. A room is imported when its stage is first used, so the CLI answers
+``--help`` and option errors without loading torch or Ray.
 """
 from __future__ import annotations
 
