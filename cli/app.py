@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from rep_pipeline.pipeline.config import Comparison, Options, ReportConfig
-from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
+from rep_pipeline.pipeline.errors import RepPipelineError
 from rep_pipeline.stages import STAGES
 
 app = typer.Typer(help="Probe how self-supervised ViTs organise their embeddings.", no_args_is_help=True,
@@ -239,11 +239,7 @@ def store_info(path: Path = typer.Argument(..., help="Feature store directory.")
 
 
 def main() -> None:
-    try:
-        app()
-    except ConfigError as exc:  # raised while typer builds a value, before a command's own handler
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":
