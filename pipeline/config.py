@@ -34,6 +34,7 @@ SYNTHETIC_SEED = 0
 
 # -- defaults that other modules use as well (each still declared once, below) ---------------
 IMAGE_SIZE = 320                 # S (PROTOCOL.md section 3)
+MAX_IMAGE_PIXELS = 100_000_000   # larger images are refused before they are decoded
 RANDOM_WEIGHTS_SEED = 0
 
 Embedding = Literal["queries", "keys", "values", "tokens"]
@@ -174,6 +175,8 @@ class ExtractConfig(Options):
     embeddings: Embeddings = option(EMBEDDINGS, help="Any of queries,keys,values,tokens.", min_length=1)
     limit: int | None = option(None, help="Take the first N images of each split.", ge=1)
     image_size: int = option(IMAGE_SIZE, help="S: label grid and crop size.", ge=16)
+    max_image_pixels: int = option(MAX_IMAGE_PIXELS, help="Refuse images (and labels) of more pixels than "
+                                                          "this, before decoding them.", ge=1)
     rope: Literal["before", "after"] = option("before", help="RoPE models: q and k before or after the rotation.")
     last_norm: Literal["after", "before"] = option("after", help="Last-layer tokens relative to the final norm.")
     chunk_images: int = option(16, help="Images per store chunk and per forward batch.", ge=1)

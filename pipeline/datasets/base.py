@@ -107,7 +107,8 @@ class SegmentationDataset:
     def splits(self) -> tuple[str, ...]:
         return self.default_splits
 
-    def load(self, item: Item, image_size: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, item: Item, image_size: int, max_pixels: int = config.MAX_IMAGE_PIXELS
+             ) -> tuple[np.ndarray, np.ndarray]:
         """(RGB uint8 (S, S, 3), class ids uint8 (S, S)) after resize and centre crop."""
         image, raw = self._read_pair(item)
         if raw is None:

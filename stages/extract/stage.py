@@ -130,7 +130,8 @@ class Extractor:
 
     def load_batch(self, items: list[Item]) -> tuple[np.ndarray, np.ndarray]:
         """Decode images in parallel: (B, S, S, 3) uint8 and (B, S, S) uint8 labels."""
-        pairs = list(self._decoder.map(lambda it: self.dataset.load(it, self.cfg.image_size), items))
+        pairs = list(self._decoder.map(
+            lambda it: self.dataset.load(it, self.cfg.image_size, max_pixels=self.cfg.max_image_pixels), items))
         return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
     def to_model_input(self, images: np.ndarray) -> torch.Tensor:
