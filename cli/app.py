@@ -160,10 +160,10 @@ def run(
 @friendly_errors
 def query(
     results: Path = typer.Argument(..., help="Results folder written by evaluate."),
-    sql: str = typer.Argument(..., help="One SELECT; tables are views named after the result tables."),
+    sql: str = typer.Argument(..., help="A query; the result tables are views by their names."),
     limit: int = typer.Option(50, help="Rows to print at most."),
 ) -> None:
-    """Run read-only SQL over the result tables with DuckDB."""
+    """Query the result tables with DuckDB, confined to them (no file, network or extension access)."""
     from rep_pipeline.pipeline.results import Results
 
     columns, rows = Results(results).fetch_rows(sql, limit)

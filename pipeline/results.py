@@ -1,9 +1,14 @@
 """Parquet and DuckDB I/O over a results folder: the only module that touches either.
 
 ``Results`` writes table parts (cast to ``storage_schemas.tables``, atomically), reads every
-table through DuckDB views of its parts, and opens the ``maps.zarr`` beside them. Every path
-comes from ``storage_schemas.results``. A folder written with another results version is
-refused, on reading and on appending, naming the found and expected versions.
+table through DuckDB, and opens the ``maps.zarr`` beside them. Every path comes from
+``storage_schemas.results``. A folder written with another results version is refused, on
+reading and on appending, naming the found and expected versions.
+
+DuckDB reads the tables as Arrow datasets of their parts (pyarrow opens the files), inside
+DuckDB's own sandbox: external access is switched off and the configuration locked before
+any SQL of a caller runs, so no statement, however nested or wrapped, reads a file, writes
+one, attaches a database or loads an extension; it sees the tables and nothing else.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from rep_pipeline import __version__
@@ -24,8 +30,9 @@ from rep_pipeline.storage_schemas.tables import SCHEMAS, TABLES_VERSION
 from .errors import QueryError, StoreError
 from .store import MapStore
 
-READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 _TABLES = f"tables: {', '.join(SCHEMAS)}"
+# set before the sandbox is locked: nothing may be installed or loaded behind a query's back
+_DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 
 def _literal(value: Any) -> str:
@@ -103,21 +110,28 @@ class Results:
     # -- reading -------------------------------------------------------------------------------
     def tables(self) -> list[str]:
         """The tables that have at least one part here."""
-        return [t for t in SCHEMAS if (self.path / t).is_dir() and any((self.path / t).glob("**/*.parquet"))]
+        return [t for t in SCHEMAS if self._parts(t)]
+
+    def _parts(self, table: str) -> list[str]:
+        folder = self.path / table
+        return sorted(str(p) for p in folder.glob("**/*.parquet")) if folder.is_dir() else []
 
     def connect(self, *, dataset: str | None = None, split: str | None = None) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with one view per table found here; with ``dataset``
-        and ``split``, each view holds only that dataset's and split's rows."""
+        """A sandboxed in-memory DuckDB connection with one view per table found here; with
+        ``dataset`` and ``split``, each view holds only that dataset's and split's rows."""
         found = self.tables()
         if not found:
             raise StoreError(f"results folder {self.path} holds no rep-pipeline tables")
-        con = duckdb.connect(":memory:")
+        con = duckdb.connect(":memory:", config=_DUCKDB_CONFIG)
         for table in found:
+            parts = pads.dataset(self._parts(table), format="parquet", schema=SCHEMAS[table])
+            con.register(f"{table}_parts", parts)
             where = [f"{col} = {_literal(v)}" for col, v in (("dataset", dataset), ("split", split))
                      if v is not None and col in SCHEMAS[table].names]
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM read_parquet("
-                        f"{_literal(self.path / layout.table_glob(table))}, hive_partitioning = true, "
-                        f"union_by_name = true)" + (f" WHERE {' AND '.join(where)}" if where else ""))
+            con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_parts"
+                        + (f" WHERE {' AND '.join(where)}" if where else ""))
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
         return con
 
     def rows(self, sql: str, **selection: str | None) -> list[dict[str, Any]]:
@@ -126,15 +140,16 @@ class Results:
         return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
 
     def query(self, sql: str) -> duckdb.DuckDBPyRelation:
-        """Run one read-only statement (SELECT, WITH ... SELECT, EXPLAIN) against the views."""
+        """Run ``sql`` against the tables, in the sandbox (see the module's docstring); the
+        result of its last statement."""
         con = self.connect()
         try:
-            statements = con.extract_statements(sql)
-            if len(statements) != 1 or statements[0].type not in READ_ONLY_STATEMENTS:
-                raise QueryError(f"rep-pipeline query runs one read-only statement (SELECT or EXPLAIN); {_TABLES}")
-            return con.sql(sql)
+            relation = con.sql(sql)
         except duckdb.Error as exc:
             raise _query_error(exc) from exc
+        if relation is None:  # a statement without a result, such as SET
+            raise QueryError(f"the statement returns no rows; rep-pipeline query shows a query's rows ({_TABLES})")
+        return relation
 
     def fetch_rows(self, sql: str, limit: int) -> tuple[list[str], list[tuple]]:
         """The column names and at most ``limit`` rows of ``query``; errors while running too."""
@@ -146,4 +161,7 @@ class Results:
 
 
 def _query_error(exc: duckdb.Error) -> QueryError:
+    if isinstance(exc, duckdb.PermissionException):
+        return QueryError(f"refused: rep-pipeline query reads the result tables only, with no access to files, "
+                          f"databases or extensions ({exc})")
     return QueryError(f"query failed: {exc} ({_TABLES})")

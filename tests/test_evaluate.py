@@ -121,7 +121,7 @@ def test_readme_queries_run(evaluated):
 
 def test_query_is_read_only_and_errors_are_clear(evaluated, tmp_path):
     cfg, _ = evaluated
-    with pytest.raises(QueryError, match="read-only"):
+    with pytest.raises(QueryError, match="refused"):
         run_query(cfg.results, "COPY (SELECT 1) TO 'x.csv'")
     with pytest.raises(StoreError, match="does not exist"):
         run_query(tmp_path / "nothing", "SELECT 1")
