@@ -14,6 +14,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
+import click
 import typer
 from pydantic.fields import FieldInfo
 from rich.console import Console
@@ -23,8 +24,7 @@ from rep_pipeline.pipeline.config import Comparison, Options, ReportConfig
 from rep_pipeline.pipeline.errors import RepPipelineError
 from rep_pipeline.stages import STAGES
 
-app = typer.Typer(help="Probe how self-supervised ViTs organise their embeddings.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
 store_app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 # tables stay readable when piped (rich would otherwise assume 80 columns)
@@ -38,15 +38,49 @@ RUN_OPTIONS = {
 }
 
 
+_debug = {"on": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error.")) -> None:
+    """Probe how self-supervised ViTs organise their embeddings."""
+    _debug["on"] = debug
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line``, of the worker's own exception where Ray wrapped one."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def friendly_errors(fn: Callable) -> Callable:
-    """Our own errors become one red line and exit code 2, not a traceback."""
+    """Errors become one or two red lines, not a traceback (``--debug`` shows it): our own
+    errors with exit code 2, anything unexpected with exit code 1, Ctrl-C with 130."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+            raise
         except RepPipelineError as exc:
+            if _debug["on"]:
+                raise
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            if _debug["on"]:
+                raise
+            err_console.print("[bold red]interrupted[/]; finished work is kept, run the same command to resume")
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if _debug["on"]:
+                raise
+            err_console.print(f"[bold red]error:[/] {_one_line(exc)}\n(unexpected; run with --debug for the "
+                              f"traceback)", highlight=False)
+            raise typer.Exit(1) from None
     return wrapper
 
 

@@ -124,11 +124,25 @@ def _without_unused_classifier(state: StateDict, model: torch.nn.Module) -> Stat
 
 
 def load_weights_file(model: torch.nn.Module, path: str | Path, adapter: str) -> None:
-    """Load ``path`` into ``model`` strictly, naming the file and the keys on failure."""
-    state = adapt_state_dict(read_state_dict(path), adapter, model)
+    """Load ``path`` into ``model`` strictly; on a mismatch, one message that names the file
+    and counts the missing, unexpected and misshapen keys (a few of each as examples)."""
     try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # missing / unexpected keys or shape mismatches
-        raise CheckpointError(
-            f"weights file {path} does not fit {type(model).__name__} (adapter {adapter!r}): {exc}"
-        ) from exc
+        state = adapt_state_dict(read_state_dict(path), adapter, model)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # timm's key filters fail in many ways on another architecture
+        raise CheckpointError(f"weights file {path} does not fit {type(model).__name__} (adapter {adapter!r}): "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    own = model.state_dict()
+    problems = {
+        "missing": [k for k in own if k not in state],
+        "unexpected": [k for k in state if k not in own],
+        "of another shape": [f"{k} {tuple(state[k].shape)} for {tuple(own[k].shape)}" for k in own
+                             if k in state and tuple(state[k].shape) != tuple(own[k].shape)],
+    }
+    if any(problems.values()):
+        counts = "; ".join(f"{len(keys)} keys {what} (e.g. {', '.join(keys[:3])})"
+                           for what, keys in problems.items() if keys)
+        raise CheckpointError(f"weights file {path} does not fit {type(model).__name__} with {len(own)} tensors "
+                              f"(adapter {adapter!r}): {counts}. Is it a checkpoint of another architecture or size?")
+    model.load_state_dict(state, strict=True)

@@ -107,8 +107,12 @@ def get_spec(name: str) -> ModelSpec:
             raise UnknownModelError(
                 f"model {name!r} is a timm {cls_name}; rep-pipeline probes ViT and Eva models only"
             )
-        return ModelSpec(alias=name, timm_name=name, family="timm", size="?",
-                         hub=timm.is_model_pretrained(name) if "." in name else True)
+        if "." in name and not timm.is_model_pretrained(name):
+            tags = sorted(n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*"))
+            raise UnknownModelError(f"timm has no pretrained tag {name.split('.', 1)[1]!r} for {arch}; its tags: "
+                                    f"{', '.join(tags) or 'none'} (or name the architecture alone: {arch})")
+        return ModelSpec(alias=name, timm_name=name, family="timm", size="?", hub="." in name or
+                         bool(timm.list_pretrained(f"{arch}.*")))
     known = ", ".join(sorted(_REGISTRY))
     raise UnknownModelError(f"unknown model {name!r}; registered: {known}; or any timm ViT/Eva name")
 

@@ -28,7 +28,7 @@ from rep_pipeline.storage_schemas import results as layout
 from rep_pipeline.storage_schemas.tables import SCHEMAS, TABLES_VERSION
 
 from .errors import QueryError, StoreError
-from .store import MapStore
+from .store import MapStore, check_store_location
 
 _TABLES = f"tables: {', '.join(SCHEMAS)}"
 # set before the sandbox is locked: nothing may be installed or loaded behind a query's back
@@ -49,6 +49,8 @@ class Results:
             raise StoreError(f"results folder {self.path} does not exist")
         if self.path.exists() and not self.path.is_dir():
             raise StoreError(f"results folder {self.path} is a file, not a folder")
+        if mode != "r":
+            check_store_location(self.path / layout.MAPS, writable=True)
         found = self.version()
         if found is not None and found != TABLES_VERSION:
             raise StoreError(f"results folder {self.path} has results version {found}; this rep-pipeline "

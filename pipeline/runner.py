@@ -26,6 +26,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        # token authentication, chosen explicitly: Ray then starts it without a notice
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
 
 

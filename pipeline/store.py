@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -73,11 +74,26 @@ def _write_together(writes: list[tuple[zarr.Array, Any, np.ndarray]]) -> None:
                              f"{np.shape(value)} failed: {result}") from result
 
 
+def check_store_location(path: str | Path, *, writable: bool = False) -> None:
+    """Fail before any work on a path that cannot hold a store: a regular file, a folder of
+    other files (never adopted), or, with ``writable``, a place this process cannot write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path} is a file, not a Zarr store; choose another path")
+    if path.is_dir() and not (path / "zarr.json").is_file() and any(path.iterdir()):
+        raise StoreError(f"{path} is a folder of other files, not a Zarr store; choose an empty or new path")
+    if writable:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise StoreError(f"cannot write to {path}: {existing} is not writable by this user")
+
+
 def _open_root(path: Path, mode: str, missing: str, fresh: dict[str, Any]) -> tuple[zarr.Group, dict[str, Any]]:
     """The root group at ``path`` and its ``rep_pipeline`` attribute ({} if none). In mode
     ``"a"`` a missing or empty store is created, with ``fresh`` as that attribute."""
     if mode == "r" and not path.exists():
         raise StoreError(missing)
+    check_store_location(path)
     try:
         root = zarr.open_group(str(path), mode="r" if mode == "r" else "a")
     except Exception as exc:

@@ -24,7 +24,7 @@ from rep_pipeline.pipeline.config import ClusterConfig
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
-from rep_pipeline.pipeline.store import FeatureStore, ModelSplit
+from rep_pipeline.pipeline.store import FeatureStore, ModelSplit, check_store_location
 from rep_pipeline.pipeline.streaming import FeatureKey, FeatureStream, check_finite
 from rep_pipeline.storage_schemas.results import curve_part
 
@@ -288,6 +288,7 @@ def run_cluster(cfg: ClusterConfig, *, address: str | None = None, progress: boo
                 on_progress: Callable[[int], None] | None = None) -> ClusterResult:
     """Train every requested codebook that is not already finished (all of them with force)."""
     t0 = time.perf_counter()
+    check_store_location(cfg.store, writable=True)
     Results(cfg.results, mode="a")  # refuses a results folder of another version before training
     dataset, plans, reused = plan_codebooks(cfg)
     result = ClusterResult(cfg.model, dataset, reused=reused, results=str(cfg.results))

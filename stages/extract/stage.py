@@ -25,7 +25,8 @@ from rep_pipeline.pipeline.errors import (ConfigError, DataRootError, Fingerprin
                                           NonFiniteFeaturesError, RepPipelineError, StoreError)
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.registry import build_model, check_weights, get_spec, store_key, weights_identity
-from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit, fingerprint_hash
+from rep_pipeline.pipeline.store import (DatasetSplit, FeatureStore, ModelSplit, check_store_location,
+                                        fingerprint_hash)
 from rep_pipeline.pipeline.streaming import all_finite, non_finite_images
 
 from .capture import CaptureSpec, FeatureCapture
@@ -261,7 +262,11 @@ def _keep_finished_writes(pool: runner.ActorPool) -> Iterator[None]:
 
 def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: bool = True,
                 on_chunk_done: Callable[[str, int, dict[str, float]], None] | None = None) -> ExtractResult:
-    """Extract ``cfg`` into its store; resumes whatever an earlier run left unfinished."""
+    """Extract ``cfg`` into its store; resumes whatever an earlier run left unfinished.
+    Everything that needs no model is checked before Ray starts or anything is written."""
+    check_store_location(cfg.store, writable=True)
+    if cfg.store.exists():
+        FeatureStore(cfg.store)  # refuses, naming the file, a store that does not parse or is not ours
     check_weights(cfg.model, cfg.weights)
     dataset = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
     splits = cfg.splits or dataset.splits()
