@@ -12,11 +12,13 @@ one, attaches a database or loads an extension; it sees the tables and nothing e
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -108,6 +110,22 @@ class Results:
     def maps(self) -> MapStore:
         """The ``maps.zarr`` beside the tables (created in ``"a"`` mode)."""
         return MapStore(self.path / layout.MAPS, mode=self.mode)
+
+    @contextlib.contextmanager
+    def staged_maps(self) -> Iterator[MapStore]:
+        """A maps store aside from ``maps.zarr``; what was written into it moves into
+        ``maps.zarr`` when the block ends without an error, and is dropped otherwise."""
+        if self.mode == "r":
+            raise StoreError(f"results folder {self.path} was opened for reading")
+        existed = self.path.exists()
+        staging = MapStore(self.path / f".maps-staging-{uuid.uuid4().hex}.zarr", mode="a")
+        try:
+            yield staging
+            self.maps().adopt(staging)
+        finally:
+            shutil.rmtree(staging.path, ignore_errors=True)
+            if not existed and not any(self.path.iterdir()):
+                self.path.rmdir()  # a refused first run leaves no trace
 
     # -- reading -------------------------------------------------------------------------------
     def tables(self) -> list[str]:

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -441,12 +442,14 @@ class MapStore:
         self.root, meta = _open_root(
             self.path, mode, f"results maps {self.path} do not exist; run `rep-pipeline evaluate` first",
             {"kind": results_layout.MAPS_KIND, "tables_version": results_layout.TABLES_VERSION})
+        self.written: list[str] = []  # group paths written through this object, in order
         found = meta.get("tables_version", meta.get("schema_version"))  # the key's name before 0.2
         if found != results_layout.TABLES_VERSION:
             raise StoreError(f"results maps {self.path} have results version {found}; this rep-pipeline "
                              f"({__version__}) reads and writes version {results_layout.TABLES_VERSION}")
 
     def write(self, path: str, *, attrs: Mapping[str, Any], **arrays: np.ndarray) -> None:
+        self.written.append(path)
         group = self.root.require_group(path)
         for name, data in arrays.items():
             arr = group.create_array(name, shape=data.shape, dtype=data.dtype, chunks=data.shape or (1,),
@@ -454,6 +457,18 @@ class MapStore:
                                      compressors=[layout.LABEL_CODEC])
             arr[...] = data
         group.attrs.update(attrs)
+
+    def adopt(self, staging: "MapStore") -> None:
+        """Move every group written into ``staging`` here, replacing groups of the same path:
+        maps computed aside join the results only once all of them are complete."""
+        for path in dict.fromkeys(staging.written):
+            parent = path.rsplit("/", 1)[0] if "/" in path else ""
+            if parent:
+                self.root.require_group(parent)
+            target = self.path / path
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging.path / path, target)
 
     def attrs(self, path: str) -> dict[str, Any]:
         if path not in self.root:

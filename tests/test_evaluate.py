@@ -193,35 +193,8 @@ def test_cocostuff_sample_end_to_end(ray_local, shared_datasets, tmp_path):
     assert per_class == 27
 
 
-def _hand_made_store(path, classes, n=4, size=32, grid=2, dim=8):
-    """A finished feature store written through the store API alone (no model, no Ray): labels
-    all class 0, features of two planted directions, one Lloyd codebook of K = 2 on ``train``."""
-    store = FeatureStore(path, mode="a")
-    rng = np.random.default_rng(0)
-    model_fp = {"model": "m", "timm_name": "-", "family": "-", "weights_source": "random:seed=0",
-                "weights_sha256": "-", "image_size": size, "input_size": size, "patch_size": size // grid,
-                "grid": grid, "num_prefix_tokens": 1, "embed_dim": dim, "num_heads": 1, "depth": 1,
-                "mean": [0, 0, 0], "std": [1, 1, 1], "layers": [0], "embeddings": ["keys"], "rope": "before",
-                "last_norm": "after"}
-    for split in ("train", "val"):
-        fp = {"dataset": "synthetic", "split": split, "n_images": n, "image_size": size, "classes": classes,
-              "ignore_index": 255, "image_ids_sha256": split, "options": {}}
-        data = store.require_dataset_split(fp, [f"{split}{i}" for i in range(n)], np.zeros((len(classes), 3), np.uint8), 2)
-        group = store.require_model_split("m", data, model_fp)
-        for chunk in range(2):
-            data.write_labels(chunk, np.zeros((2, size, size), np.uint8), np.zeros((2, size, size, 3), np.uint8))
-            keys = rng.standard_normal((1, 2, grid, grid, dim)).astype(np.float16)
-            group.write_chunk(chunk, {"keys": keys, "class_tokens": np.zeros((1, 2, dim), np.float16),
-                                      "attention_mi": np.ones((1, 2, 1), np.float32),
-                                      "attention_sum": np.full((1, grid**2, grid**2), 2 / grid**2, np.float32)})
-        group.finalize()
-    train = store.model_split("m", "synthetic", "train")
-    train.require_codebook("lloyd", 2, 0, {"tol": 0.0}).write("keys", 0, np.eye(2, dim, dtype=np.float32))
-    return path
-
-
-def test_a_test_split_of_a_single_class_gives_nan_nmi_not_an_error(tmp_path):
-    store = _hand_made_store(tmp_path / "one.zarr", classes=["only"])
+def test_a_test_split_of_a_single_class_gives_nan_nmi_not_an_error(hand_made_store, tmp_path):
+    store = hand_made_store(tmp_path / "one.zarr", classes=["only"])
     cfg = EvaluateConfig(store=store, split="val", results=tmp_path / "r", n_examples=2)
     result = run_evaluate(cfg, progress=False)
     assert result.settings == 1

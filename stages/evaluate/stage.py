@@ -175,23 +175,43 @@ def run_evaluate(cfg: EvaluateConfig, *, address: str | None = None, progress: b
     be = get_backend(cfg.backend)
     store = FeatureStore(cfg.store)
     targets = _targets(cfg, store)
-    results = Results(cfg.results, mode="a")
-    maps = results.maps()
-    result = EvaluateResult(cfg.results)
     datasets = sorted({t.dataset for t in targets})
     for dataset in datasets:
-        _evaluate_ground_truth(cfg, results, maps, store.dataset_split(dataset, cfg.split))
-    for t in targets:
-        rows = _evaluate_model(cfg, be, maps, store.dataset_split(t.dataset, cfg.split), t, progress)
-        for table in TABLES:
-            results.write_table(table, rows[table], dataset=t.dataset, model=t.model, part=cfg.split)
-        _write_attention(cfg, results, maps, t)
-        result.settings += len(rows["segmentation"])
-        result.models.append(t.model)
+        _check_labels(store.dataset_split(dataset, cfg.split))
+    results = Results(cfg.results, mode="a")
+    result = EvaluateResult(cfg.results)
+    parts: list[tuple[str, list[dict], str, str | None]] = []  # (table, rows, dataset, model)
+    with results.staged_maps() as maps:  # maps land in the results only if every setting succeeds
+        for dataset in datasets:
+            parts += _evaluate_ground_truth(cfg, maps, store.dataset_split(dataset, cfg.split))
+        for t in targets:
+            rows = _evaluate_model(cfg, be, maps, store.dataset_split(t.dataset, cfg.split), t, progress)
+            parts += [(table, rows[table], t.dataset, t.model) for table in TABLES]
+            parts.append(_attention(cfg, maps, t))
+            result.settings += len(rows["segmentation"])
+            result.models.append(t.model)
+        for table, rows, dataset, model in parts:
+            results.write_table(table, rows, dataset=dataset, model=model, part=cfg.split)
     for dataset in datasets:
         _write_summaries(cfg, results, dataset)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_labels(data: DatasetSplit) -> None:
+    """Every label chunk is written and every value is a class or ignore: checked before
+    anything is computed or written."""
+    classes, _, ignore, _ = _classes(data)
+    if not classes:
+        raise StoreError(f"{data.path} has no labels to evaluate against")
+    if not data.done[:].all():
+        raise StoreError(f"{data.path}: the labels of chunks {np.flatnonzero(~data.done[:])[:10].tolist()} are not "
+                         f"written; complete the extract run first")
+    for c in range(data.n_chunks):
+        start, stop = data.bounds(c)
+        labels = data.labels[start:stop]
+        if ((labels >= len(classes)) & (labels != ignore)).any():
+            raise StoreError(f"{data.path}/labels holds values outside 0..{len(classes) - 1} near image {start}")
 
 
 def _classes(data: DatasetSplit) -> tuple[list[str], np.ndarray, int, int]:
@@ -200,19 +220,17 @@ def _classes(data: DatasetSplit) -> tuple[list[str], np.ndarray, int, int]:
     return fp["classes"], np.asarray(data.group.attrs["palette"], dtype=np.uint8), fp["ignore_index"], fp["image_size"]
 
 
-def _evaluate_ground_truth(cfg: EvaluateConfig, results: Results, maps: MapStore, data: DatasetSplit) -> None:
+def _evaluate_ground_truth(cfg: EvaluateConfig, maps: MapStore, data: DatasetSplit
+                           ) -> list[tuple[str, list[dict], str, str | None]]:
+    """The ground truth's positional effect: maps written, table parts returned."""
     classes, palette, ignore, S = _classes(data)
     C = len(classes)
-    if C == 0:
-        raise StoreError(f"{data.path} has no labels to evaluate against")
     dy, dx = metrics.random_shifts(data.n_images, S, cfg.seed)
     counts = np.zeros((S, S, C), dtype=np.int64)
     null = np.zeros_like(counts)
     for c in range(data.n_chunks):
         start, stop = data.bounds(c)
         labels = data.labels[start:stop]
-        if ((labels >= C) & (labels != ignore)).any():
-            raise StoreError(f"{data.path}/labels holds values outside 0..{C - 1} near image {start}")
         counts += metrics.position_class_counts(labels, C, ignore)
         null += metrics.shifted_counts(labels, C, ignore, dy[start:stop], dx[start:stop])
     scores = metrics.positional_scores(counts, null)
@@ -223,16 +241,16 @@ def _evaluate_ground_truth(cfg: EvaluateConfig, results: Results, maps: MapStore
                attrs={"classes": classes, "palette": palette.tolist(), "example_ids": data.image_ids()[:n_ex],
                       "evaluation": _options(cfg)})
     dfp = fingerprint_hash(data.fingerprint)
-    results.write_table("ground_truth", [{
-        "dataset": data.dataset, "split": cfg.split, "mi": scores.mi, "nmi": scores.nmi, "mi_null": scores.mi_null,
-        "nmi_bias_aware": scores.nmi_bias_aware, "n_images": data.n_images, "dataset_fingerprint": dfp}],
-        dataset=data.dataset, model=None, part=cfg.split)
-    results.write_table("classwise_mi", [{
-        "model": layout.GROUND_TRUTH_MODEL, "dataset": data.dataset, "split": cfg.split, "train_split": None,
-        "embedding": None, "layer": None, "k": None, "method": None, "seed": None, "source": "ground_truth",
-        "class_id": c, "class_name": classes[c], "mi": float(scores.classwise_mi[c]), "store_fingerprint": dfp,
-        "codebook_fingerprint": None} for c in range(C)],
-        dataset=data.dataset, model=layout.GROUND_TRUTH_MODEL, part=cfg.split)
+    truth = [{"dataset": data.dataset, "split": cfg.split, "mi": scores.mi, "nmi": scores.nmi,
+              "mi_null": scores.mi_null, "nmi_bias_aware": scores.nmi_bias_aware, "n_images": data.n_images,
+              "dataset_fingerprint": dfp}]
+    classwise = [{"model": layout.GROUND_TRUTH_MODEL, "dataset": data.dataset, "split": cfg.split,
+                  "train_split": None, "embedding": None, "layer": None, "k": None, "method": None, "seed": None,
+                  "source": "ground_truth", "class_id": c, "class_name": classes[c],
+                  "mi": float(scores.classwise_mi[c]), "store_fingerprint": dfp, "codebook_fingerprint": None}
+                 for c in range(C)]
+    return [("ground_truth", truth, data.dataset, None),
+            ("classwise_mi", classwise, data.dataset, layout.GROUND_TRUTH_MODEL)]
 
 
 def _evaluate_model(cfg: EvaluateConfig, be: Backend, maps: MapStore, data: DatasetSplit, t: _Target,
@@ -306,7 +324,8 @@ def _finish(rows: dict[str, list[dict]], maps: MapStore, acc: _Accumulator, sett
                examples=examples.astype(np.uint8), attrs={"example_ids": example_ids, **fps})
 
 
-def _write_attention(cfg: EvaluateConfig, results: Results, maps: MapStore, t: _Target) -> None:
+def _attention(cfg: EvaluateConfig, maps: MapStore, t: _Target) -> tuple[str, list[dict], str, str | None]:
+    """The model's mean attention map written; its I(K,Q) table part returned."""
     group = t.group
     maps.write(layout.attention_maps(t.dataset, cfg.split, t.model), attention=group.attention_map(),
                attrs={"layers": list(group.layers), "grid": group.attrs["grid"]})
@@ -315,7 +334,7 @@ def _write_attention(cfg: EvaluateConfig, results: Results, maps: MapStore, t: _
              "mean": float(mi[i, :, h].mean()), "std": float(mi[i, :, h].std()), "n_images": mi.shape[1],
              "store_fingerprint": group.fingerprint_hash}
             for i, layer in enumerate(group.layers) for h in range(mi.shape[2])]
-    results.write_table("attention_mi", rows, dataset=t.dataset, model=t.model, part=cfg.split)
+    return "attention_mi", rows, t.dataset, t.model
 
 
 def _write_summaries(cfg: EvaluateConfig, results: Results, dataset: str) -> None:
