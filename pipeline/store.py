@@ -340,10 +340,14 @@ class ModelSplit(_Group):
         return [self.codebook(*layout.parse_codebook_name(n)) for n in self.codebook_names()]
 
     def codebook_names(self) -> list[str]:
-        return sorted(name for name, _ in self.group["codebooks"].groups()) if "codebooks" in self.group else []
+        """The codebooks, not counting replacements still in training."""
+        if "codebooks" not in self.group:
+            return []
+        return sorted(n for n, _ in self.group["codebooks"].groups() if not n.endswith(layout.REPLACEMENT_SUFFIX))
 
-    def codebook(self, method: str, k: int, seed: int) -> "Codebook":
-        name = layout.codebook_name(method, k, seed)
+    def codebook(self, method: str, k: int, seed: int, replacement: bool = False) -> "Codebook":
+        """The codebook of (method, k, seed), or with ``replacement`` the one training to replace it."""
+        name = layout.codebook_name(method, k, seed) + (layout.REPLACEMENT_SUFFIX if replacement else "")
         if "codebooks" not in self.group or name not in self.group["codebooks"]:
             raise StoreError(f"{self.path} has no codebook {name} (has: {', '.join(self.codebook_names()) or 'none'})")
         return Codebook(self.group["codebooks"][name], f"{self.path}/codebooks/{name}", self)
@@ -367,19 +371,35 @@ class ModelSplit(_Group):
     def require_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any],
                          force: bool = False) -> "Codebook":
         """The codebook group of (method, k, seed), created on first use. A group trained with
-        other hyperparameters or on other features is refused unless ``force`` (then it is
-        emptied and retrained)."""
+        other hyperparameters or on other features is refused unless ``force``: then an empty
+        replacement is created beside it (``replace_codebook`` swaps it in), and the finished
+        codebook stays readable until then."""
         attrs = self._codebook_attrs(method, k, seed, hyperparameters)
         name = layout.codebook_name(method, k, seed)
-        path = f"{self.path}/codebooks/{name}"
         books = self.group.require_group("codebooks")
-        if name in books and dict(books[name].attrs) and not force:
-            _check_same("training configuration", path, dict(books[name].attrs), attrs,
+        if force:
+            name += layout.REPLACEMENT_SUFFIX
+        elif name in books and dict(books[name].attrs):
+            _check_same("training configuration", f"{self.path}/codebooks/{name}", dict(books[name].attrs), attrs,
                         layout.CODEBOOK_FINGERPRINT_KEYS)
-            return Codebook(books[name], path, self)
+            return Codebook(books[name], f"{self.path}/codebooks/{name}", self)
         group = books.create_group(name, overwrite=True)
         group.attrs.update(attrs)
-        return Codebook(group, path, self)
+        return Codebook(group, f"{self.path}/codebooks/{name}", self)
+
+    def replace_codebook(self, method: str, k: int, seed: int) -> None:
+        """Swap the finished replacement of (method, k, seed) in for the codebook: two renames,
+        the old one removed only after the new one is in place."""
+        name = layout.codebook_name(method, k, seed)
+        folder = Path(self.group.store.root) / self.group.path / "codebooks"
+        new, old = folder / (name + layout.REPLACEMENT_SUFFIX), folder / name
+        if not new.is_dir():
+            raise StoreError(f"{self.path}/codebooks has no replacement of {name} to swap in")
+        retired = folder / f".{name}.retired"
+        if old.exists():
+            os.replace(old, retired)
+        os.replace(new, old)
+        shutil.rmtree(retired, ignore_errors=True)
 
     def attention_map(self) -> np.ndarray:
         if not self.finished:

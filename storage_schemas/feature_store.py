@@ -127,6 +127,10 @@ def codebook_name(method: str, k: int, seed: int) -> str:
     return f"{method}-k{k}-s{seed}"
 
 
+# ``cluster --force`` trains a replacement beside the finished codebook and swaps it in once complete
+REPLACEMENT_SUFFIX = ".replacing"
+
+
 def parse_codebook_name(name: str) -> tuple[str, int, int]:
     """``"online-k27-s0"`` -> ``("online", 27, 0)``."""
     method, k, seed = name.rsplit("-", 2)

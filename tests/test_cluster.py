@@ -172,3 +172,32 @@ def test_cli_cluster(store):
     assert "trained 2 codebooks" in res.output
     bad = CliRunner().invoke(app, ["cluster", "--store", str(store), "--model", "nope", "--train-split", "train"])
     assert bad.exit_code == 2 and "no features of model 'nope'" in bad.output
+
+
+def test_an_interrupted_force_keeps_the_finished_codebooks(store):
+    """``--force`` trains replacements beside the finished codebooks; Ctrl-C before they are
+    complete leaves the old ones finished and readable, and a later run swaps them in."""
+    cfg = _cfg(store, k=(3,), embeddings=("keys",))
+    run_cluster(cfg, progress=False)
+    group = FeatureStore(store).model_split("tiny-vit", "synthetic", "train")
+    before = {layer: group.codebook("online", 3, 0).centroids("keys", layer) for layer in (1, 3)}
+
+    def interrupt(done):
+        if done > 0:
+            raise KeyboardInterrupt
+
+    forced = cfg.replace(force=True, steps=1500)
+    with pytest.raises(KeyboardInterrupt):
+        run_cluster(forced, progress=False, on_progress=interrupt)
+    group = FeatureStore(store).model_split("tiny-vit", "synthetic", "train")
+    assert group.codebook_names() == ["online-k3-s0"] and is_done(cfg)
+    for layer in (1, 3):
+        np.testing.assert_array_equal(group.codebook("online", 3, 0).centroids("keys", layer), before[layer])
+    assert validate_store(store) == []
+    result = run_cluster(forced, progress=False)
+    assert len(result.trained) == 2
+    group = FeatureStore(store).model_split("tiny-vit", "synthetic", "train")
+    book = group.codebook("online", 3, 0)
+    assert book.attrs["hyperparameters"]["steps"] == 1500 and all(book.is_done("keys", layer) for layer in (1, 3))
+    assert sorted(p.name for p in (store / "models/tiny-vit/synthetic/train/codebooks").iterdir()) == [
+        "online-k3-s0", "zarr.json"]

@@ -169,7 +169,7 @@ class ClusterWorker:
         results = Results(cfg.results, mode="a")
         books = {}
         for plan, method, k, centroids in finished:
-            book = books.setdefault((method, k), target.codebook(method, k, cfg.seed))
+            book = books.setdefault((method, k), target.codebook(method, k, cfg.seed, replacement=cfg.force))
             rows = [r for r in curves if (r["embedding"], r["layer"], r["method"], r["k"]) ==
                     (plan.embedding, plan.layer, method, k)]
             for r in rows:
@@ -313,5 +313,9 @@ def run_cluster(cfg: ClusterConfig, *, address: str | None = None, progress: boo
             for trained in pool.run_all("run", poll=poll):
                 result.trained += trained
             bar.update(total)  # Lloyd may converge before its max_iter budget
+    if cfg.force:  # every replacement is complete: swap them in
+        group = FeatureStore(cfg.store, mode="a").model_split(cfg.model, dataset, cfg.train_split)
+        for method, k in sorted({(t["method"], t["k"]) for t in result.trained}):
+            group.replace_codebook(method, k, cfg.seed)
     result.seconds = time.perf_counter() - t0
     return result
