@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -43,15 +45,183 @@ def resize_shorter_and_crop(img: Image.Image, size: int, resample: int) -> Image
     return img.crop((left, top, left + size, top + size))
 
 
-def _open(path: Path, what: str) -> Image.Image:
+# -- reading files: the size limit before decoding, every PIL mode to 8-bit RGB ---------------
+
+ALPHA_BACKGROUND = (255, 255, 255)
+"""What transparent pixels are composited on: white, as a viewer shows a transparent image
+on a page (and as e.g. Hugging Face's ``convert_to_rgb`` does). Dropping alpha instead would
+show whatever colour the encoder left under it (often black, sometimes garbage)."""
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
+# modes whose PIL conversion to RGB is exact or the standard formula (CMYK: naive, YCbCr:
+# JFIF, HSV); an ICC profile embedded in the file is not applied. LAB has its own (to_rgb).
+PLAIN_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV")
+LABEL_MODES = ("L", "P", "I", *SIXTEEN_BIT_MODES)
+
+
+class _PilBombCheckOff:
+    """Switch PIL's own decompression-bomb check off while our reads run, so the size limit
+    that answers is ours (``max_pixels``, named in the error with the file) and PIL's
+    warning or ``DecompressionBombError`` never fires first or leaks.
+
+    ``Image.MAX_IMAGE_PIXELS`` is a process global, so loads on a thread pool share one
+    window: the first reader saves PIL's value, the last one restores it, under a lock.
+    Every file is checked against ``max_pixels`` from its header before it is decoded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._saved: int | None = None
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    Image.MAX_IMAGE_PIXELS = self._saved
+
+
+_pil_bomb_check_off = _PilBombCheckOff()
+
+
+def _open_header(path: Path, what: str, max_pixels: int | None) -> Image.Image:
+    """Open ``path`` reading only its header, and refuse it if it has more pixels than
+    ``max_pixels`` (None: no limit) before any decoding work."""
     try:
         img = Image.open(path)
-        img.load()  # decode now, so a truncated file fails here and names itself
     except FileNotFoundError as exc:
         raise ImageReadError(f"{what} file {path} does not exist") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(f"{what} file {path} cannot be decoded: {exc}") from exc
+    w, h = img.size
+    # TIFF decodes into a buffer of its tile size, which a crafted file may make larger
+    tw, th = getattr(img, "_tile_size", None) or img.size
+    if w <= 0 or h <= 0:
+        img.close()
+        raise ImageReadError(f"{what} file {path} is empty ({w}x{h} pixels)")
+    if max_pixels is not None and max(w * h, tw * th) > max_pixels:
+        img.close()
+        raise ImageReadError(
+            f"{what} file {path} is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,}; "
+            f"it was not decoded. If the file is trusted, raise the limit with --max-image-pixels"
+        )
+    return img
+
+
+def _decode(img: Image.Image, path: Path, what: str) -> Image.Image:
+    """Decode now, so a truncated file fails here and names itself."""
+    try:
+        img.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        img.close()
         raise ImageReadError(f"{what} file {path} cannot be decoded: {exc}") from exc
     return img
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    if img.mode in ALPHA_MODES or img.info.get("transparency") is not None:
+        return True
+    return img.mode == "P" and img.palette is not None and img.palette.mode == "RGBA"
+
+
+def _composite(rgba: Image.Image) -> Image.Image:
+    background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+
+
+def to_rgb(img: Image.Image, path: Path | str) -> Image.Image:
+    """A decoded image of any mode PIL opens as the model's 8-bit RGB input, or an
+    ``ImageReadError`` naming the file and the mode.
+
+    - ``1``, ``L``, ``P``, ``RGBX``, ``CMYK``, ``YCbCr``, ``HSV``: PIL's conversion.
+    - ``LAB``: CIE L*a*b* (D65 white) to sRGB exactly (``_lab_to_rgb``); PIL's own
+      conversion is off by up to ~20 levels in dark saturated colours.
+    - Transparency (``LA``, ``La``, ``PA``, ``RGBA``, ``RGBa``, a ``transparency`` key or an
+      RGBA palette): composited on ``ALPHA_BACKGROUND`` (white).
+    - 16-bit grayscale (``I;16*``): scaled from the full 16-bit range, 255/65535.
+    - ``I`` (32-bit int): read as 16-bit samples, which is what Pillow widens to ``I`` (16-bit
+      PPM/PGM of any maxval, some PNG/TIFF); values outside 0..65535 are refused, since the
+      white level is then unknown. The scale follows the type, never the image's own
+      min/max, so the same scene keeps the same brightness whatever it contains.
+    - ``F`` (32-bit float) is refused: floats have no defined white level (0..1, 0..255 or
+      HDR radiance all occur).
+    """
+    mode = img.mode
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        return _gray16_to_rgb(img, path)
+    if mode == "LAB":
+        return _lab_to_rgb(img)
+    if mode == "F":
+        raise ImageReadError(
+            f"image file {path} has mode F (32-bit float), which has no defined white level; "
+            f"convert it to 8- or 16-bit first"
+        )
+    if mode not in PLAIN_MODES and mode not in ALPHA_MODES:
+        raise ImageReadError(
+            f"image file {path} has mode {mode}, which rep-pipeline cannot convert to 8-bit RGB "
+            f"correctly; convert it to RGB first"
+        )
+    if _has_alpha(img):
+        if mode == "La":  # premultiplied: PIL converts it only through RGBa
+            lum, alpha = img.split()
+            img = Image.merge("RGBa", (lum, lum, lum, alpha))
+        return _composite(img.convert("RGBA"))
+    return img if mode == "RGB" else img.convert("RGB")
+
+
+_SRGB_FROM_XYZ = np.array([[3.2404542, -1.5371385, -0.4985314],
+                           [-0.9692660, 1.8760108, 0.0415560],
+                           [0.0556434, -0.2040259, 1.0572252]], dtype=np.float32)
+_D65_WHITE = np.array([0.95047, 1.0, 1.08883], dtype=np.float32)
+
+
+def _lab_to_rgb(img: Image.Image) -> Image.Image:
+    """PIL's ``LAB`` (L* as 0..255 for 0..100, a* and b* as signed bytes, as TIFF CIELab
+    stores them) to 8-bit sRGB: CIE Lab -> XYZ (D65 white, sRGB's own) -> linear sRGB,
+    clipped to the gamut, then the sRGB transfer curve. Done in blocks of rows so a large
+    image needs no full-size float temporaries."""
+    lab = np.asarray(img)
+    out = np.empty(lab.shape, dtype=np.uint8)
+    step = max(1, (1 << 20) // max(1, lab.shape[1]))
+    for top in range(0, lab.shape[0], step):
+        block = lab[top: top + step]
+        fy = (block[..., 0].astype(np.float32) * (100 / 255) + 16) / 116
+        fx = fy + block[..., 1].view(np.int8).astype(np.float32) / 500
+        fz = fy - block[..., 2].view(np.int8).astype(np.float32) / 200
+        f = np.stack([fx, fy, fz], axis=-1)
+        xyz = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * _D65_WHITE
+        lin = np.clip(xyz @ _SRGB_FROM_XYZ.T, 0, 1)
+        srgb = np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
+        out[top: top + step] = np.rint(srgb * 255).astype(np.uint8)
+    return Image.fromarray(out)
+
+
+def _gray16_to_rgb(img: Image.Image, path: Path | str) -> Image.Image:
+    """16-bit samples v -> round(v * 255 / 65535), as RGB; a ``transparency`` value is
+    composited like any alpha."""
+    arr = np.asarray(img)
+    if img.mode == "I":
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 65535:
+            raise ImageReadError(
+                f"image file {path} has mode I (32-bit integers) with values {lo}..{hi}, outside the "
+                f"16-bit range 0..65535, so its white level is unknown; convert it to 8- or 16-bit first"
+            )
+    wide = arr.astype(np.uint32)
+    gray = ((wide + 128) // 257).astype(np.uint8)  # round(v / 257), exact for 0..65535
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    key = img.info.get("transparency")
+    if isinstance(key, int):
+        rgb[wide == key] = ALPHA_BACKGROUND
+    return Image.fromarray(rgb)
 
 
 class SegmentationDataset:
@@ -65,6 +235,8 @@ class SegmentationDataset:
     name: ClassVar[str]
     default_splits: ClassVar[tuple[str, ...]]
     ignore_index: ClassVar[int] = config.IGNORE_INDEX
+    needs_root: ClassVar[bool] = True          # False: the dataset makes its own images
+    root_layout: ClassVar[str] = "the dataset"  # what --data-root must hold, for the error
 
     def __init__(self, root: str | Path | None = None, **options: Any):
         self.root = Path(root) if root is not None else None
@@ -90,11 +262,21 @@ class SegmentationDataset:
 
     # -- shared behaviour ----------------------------------------------------------------
     @property
+    def data_root(self) -> Path:
+        """The root, or a ``DataRootError`` saying ``--data-root`` is missing (never a
+        ``TypeError`` from ``None / "x"``): every method that reads the root goes through it."""
+        if self.root is None:
+            raise DataRootError(f"{self.name} needs --data-root: the folder that holds {self.root_layout}")
+        return self.root
+
+    @property
     def palette(self) -> np.ndarray:
         return voc_palette(256)[: len(self.classes)]
 
     def items(self, split: str, limit: int | None = None) -> list[Item]:
         """The split's items in list order, the first ``limit`` of them if given."""
+        if self.needs_root:
+            self.data_root  # noqa: B018  (raises without a root)
         if split not in self.splits():
             raise EmptySplitError(
                 f"{self.name}: no split {split!r} under {self.root}; available: {', '.join(self.splits()) or 'none'}"
@@ -105,54 +287,92 @@ class SegmentationDataset:
         return items[:limit] if limit is not None else items
 
     def splits(self) -> tuple[str, ...]:
+        if self.needs_root:
+            self.data_root  # noqa: B018  (raises without a root)
         return self.default_splits
 
-    def load(self, item: Item, image_size: int, max_pixels: int = config.MAX_IMAGE_PIXELS
+    def load(self, item: Item, image_size: int, max_pixels: int | None = config.MAX_IMAGE_PIXELS
              ) -> tuple[np.ndarray, np.ndarray]:
-        """(RGB uint8 (S, S, 3), class ids uint8 (S, S)) after resize and centre crop."""
-        image, raw = self._read_pair(item)
-        if raw is None:
-            label = np.full((image_size, image_size), self.ignore_index, dtype=np.uint8)
-        else:
-            cropped = resize_shorter_and_crop(raw, image_size, Image.NEAREST)
-            label = self.map_labels(np.asarray(cropped), item.label_path or item.image_id)
-        image = resize_shorter_and_crop(image, image_size, Image.BILINEAR)
+        """(RGB uint8 (S, S, 3), class ids uint8 (S, S)) after resize and centre crop.
+
+        Files of more than ``max_pixels`` pixels are refused from their header, before
+        decoding; label values are checked on the whole file, not only the crop."""
+        with _pil_bomb_check_off():  # PIL checks crops too: ours is the limit throughout
+            image, raw = self._read_pair(item, max_pixels)
+            if raw is None:
+                label = np.full((image_size, image_size), self.ignore_index, dtype=np.uint8)
+            else:
+                table = self.check_label_values(np.asarray(raw), item.label_path or item.image_id)
+                cropped = resize_shorter_and_crop(raw, image_size, Image.NEAREST)
+                label = table[np.asarray(cropped)]
+            image = resize_shorter_and_crop(image, image_size, Image.BILINEAR)
         return np.asarray(image, dtype=np.uint8), label
 
-    def _read_pair(self, item: Item) -> tuple[Image.Image, Image.Image | None]:
-        """The decoded image (RGB) and raw label image (one channel), sizes checked."""
-        image = _open(item.image_path, "image").convert("RGB")
-        if item.label_path is None:
-            return image, None
-        raw = _open(item.label_path, "label")
-        if raw.size != image.size:
-            raise SizeMismatchError(
-                f"image {item.image_path} is {image.size[0]}x{image.size[1]} but its label "
-                f"{item.label_path} is {raw.size[0]}x{raw.size[1]}"
-            )
-        return image, self._as_label_image(raw, item.label_path)
+    def _read_pair(self, item: Item, max_pixels: int | None = config.MAX_IMAGE_PIXELS
+                   ) -> tuple[Image.Image, Image.Image | None]:
+        """The decoded image (8-bit RGB, see ``to_rgb``) and raw label image (one channel of
+        0..255). Both headers are checked (pixel limit, equal sizes) before either is decoded."""
+        with _pil_bomb_check_off():
+            image = _open_header(item.image_path, "image", max_pixels)
+            raw = None
+            try:
+                if item.label_path is not None:
+                    raw = _open_header(item.label_path, "label", max_pixels)
+                    if raw.size != image.size:
+                        raise SizeMismatchError(
+                            f"image {item.image_path} is {image.size[0]}x{image.size[1]} but its label "
+                            f"{item.label_path} is {raw.size[0]}x{raw.size[1]}"
+                        )
+                rgb = to_rgb(_decode(image, item.image_path, "image"), item.image_path)
+                if raw is None:
+                    return rgb, None
+                return rgb, self._as_label_image(_decode(raw, item.label_path, "label"), item.label_path)
+            except BaseException:
+                image.close()
+                if raw is not None:
+                    raw.close()
+                raise
 
     def _as_label_image(self, raw: Image.Image, path: Path) -> Image.Image:
+        """One channel of raw values 0..255: ``L`` and ``P`` (palette indices) as they are;
+        ``I`` and 16-bit images only if every value fits 0..255; any other mode is refused."""
         if raw.mode in ("L", "P"):
             return raw
-        if raw.mode in ("I", "I;16"):
+        if raw.mode in LABEL_MODES:
             arr = np.asarray(raw)
-            if arr.min() < 0 or arr.max() > 255:
-                raise LabelValueError(f"label file {path} holds values {arr.min()}..{arr.max()}, outside 0..255")
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi > 255:
+                bad = np.unique(arr[(arr < 0) | (arr > 255)])
+                raise LabelValueError(
+                    f"label file {path} ({raw.mode}) holds values {bad[:10].tolist()} (range {lo}..{hi}), "
+                    f"outside 0..255; class ids must fit 8 bits"
+                )
             return Image.fromarray(arr.astype(np.uint8))
         raise LabelValueError(
             f"label file {path} is a {raw.mode} image; expected one channel of class ids (mode L or P)"
         )
 
-    def map_labels(self, raw: np.ndarray, path: Path | str) -> np.ndarray:
+    def check_label_values(self, raw: np.ndarray, path: Path | str) -> np.ndarray:
+        """Refuse raw values outside the class table anywhere in ``raw`` (uint8, the whole
+        file); returns the lookup table. One ``bincount`` pass, no full-size temporaries."""
         table, valid = self._raw_label_table()
-        if not valid[raw].all():
-            bad = np.unique(raw[~valid[raw]])
+        arr = np.asarray(raw)
+        if arr.dtype != np.uint8:
+            if arr.size and (arr.min() < 0 or arr.max() > 255):
+                raise LabelValueError(f"label file {path} holds values {arr.min()}..{arr.max()}, outside 0..255")
+            arr = arr.astype(np.uint8)
+        present = np.bincount(arr.ravel(), minlength=256) > 0
+        bad = np.flatnonzero(present & ~valid)
+        if bad.size:
             raise LabelValueError(
                 f"label file {path} holds values {bad[:10].tolist()} outside the class table of "
                 f"{self.name} ({len(self.classes)} classes, {self.ignore_index} = ignore)"
             )
-        return table[raw]
+        return table
+
+    def map_labels(self, raw: np.ndarray, path: Path | str) -> np.ndarray:
+        """Class ids of raw label values, every value checked first."""
+        return self.check_label_values(raw, path)[raw]
 
     def fingerprint(self, split: str, items: Sequence[Item], image_size: int) -> dict[str, Any]:
         """What identifies the labels this split produces; stored and checked on reuse."""
@@ -169,8 +389,6 @@ class SegmentationDataset:
         }
 
     def _require_dir(self, path: Path, what: str) -> Path:
-        if self.root is None:
-            raise DataRootError(f"{self.name} needs --data-root ({what})")
         if not path.is_dir():
             raise DataRootError(f"{self.name}: expected {what} at {path}; is --data-root {self.root} right?")
         return path

@@ -22,6 +22,7 @@ class Cityscapes27(SegmentationDataset):
 
     name = "cityscapes27"
     default_splits = ("train", "val")
+    root_layout = "leftImg8bit/<split> and gtFine/<split>"
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -33,8 +34,9 @@ class Cityscapes27(SegmentationDataset):
         return table.astype(np.uint8), np.ones(256, dtype=bool)  # any labelId is legal
 
     def _list_items(self, split: str) -> list[Item]:
-        images = self._require_dir(self.root / "leftImg8bit" / split, f"leftImg8bit/{split}")
-        labels = self._require_dir(self.root / "gtFine" / split, f"gtFine/{split}")
+        root = self.data_root
+        images = self._require_dir(root / "leftImg8bit" / split, f"leftImg8bit/{split}")
+        labels = self._require_dir(root / "gtFine" / split, f"gtFine/{split}")
         items = []
         for path in sorted(images.glob("*/*_leftImg8bit.png")):
             stem = path.name[: -len("_leftImg8bit.png")]

@@ -5,6 +5,7 @@ from functools import cached_property
 
 import numpy as np
 
+from ..errors import DataRootError
 from . import register_dataset
 from .base import Item, SegmentationDataset
 
@@ -48,6 +49,7 @@ class CocoStuff27(SegmentationDataset):
 
     name = "cocostuff27"
     default_splits = ("train2017", "val2017")
+    root_layout = "images/<split>, annotations/<split> and curated/<split>"
 
     @property
     def list_name(self) -> str:
@@ -70,12 +72,11 @@ class CocoStuff27(SegmentationDataset):
         return self._tables
 
     def _list_items(self, split: str) -> list[Item]:
-        images = self._require_dir(self.root / "images" / split, f"images/{split}")
-        labels = self._require_dir(self.root / "annotations" / split, f"annotations/{split}")
-        listing = self._require_dir(self.root / "curated" / split, f"curated/{split}") / self.list_name
+        root = self.data_root
+        images = self._require_dir(root / "images" / split, f"images/{split}")
+        labels = self._require_dir(root / "annotations" / split, f"annotations/{split}")
+        listing = self._require_dir(root / "curated" / split, f"curated/{split}") / self.list_name
         if not listing.is_file():
-            from ..errors import DataRootError
-
             raise DataRootError(f"{self.name}: image list {listing} does not exist")
         ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()]
         return [Item(i, images / f"{i}.jpg", labels / f"{i}.png") for i in ids]

@@ -39,22 +39,23 @@ def read_class_list(path: Path, ignore_index: int) -> tuple[str, ...]:
 class ImageFolder(SegmentationDataset):
     name = "folder"
     default_splits = (ALL_SPLIT,)
+    root_layout = "images[/<split>]/* (optional labels[/<split>]/*.png and classes.txt)"
 
     @cached_property
     def _image_dir(self) -> Path:
-        if self.root is None:
-            raise DataRootError("folder needs --data-root")
-        if not self.root.is_dir():
-            raise DataRootError(f"folder: data root {self.root} does not exist")
-        return self.root / "images" if (self.root / "images").is_dir() else self.root
+        root = self.data_root
+        if not root.is_dir():
+            raise DataRootError(f"folder: data root {root} does not exist")
+        return root / "images" if (root / "images").is_dir() else root
 
     @cached_property
     def classes(self) -> tuple[str, ...]:
-        path = self.root / "classes.txt"
+        root = self.data_root
+        path = root / "classes.txt"
         if path.is_file():
             return read_class_list(path, self.ignore_index)
-        if (self.root / "labels").is_dir():
-            raise DataRootError(f"folder: labels found under {self.root / 'labels'} but no classes.txt")
+        if (root / "labels").is_dir():
+            raise DataRootError(f"folder: labels found under {root / 'labels'} but no classes.txt")
         return ()
 
     def splits(self) -> tuple[str, ...]:
@@ -63,7 +64,7 @@ class ImageFolder(SegmentationDataset):
 
     def _list_items(self, split: str) -> list[Item]:
         images = self._image_dir if split == ALL_SPLIT else self._image_dir / split
-        labels = self.root / "labels" if split == ALL_SPLIT else self.root / "labels" / split
+        labels = self.data_root / "labels" if split == ALL_SPLIT else self.data_root / "labels" / split
         has_labels = labels.is_dir()
         return [
             Item(p.stem, p, labels / f"{p.stem}.png" if has_labels else None)

@@ -20,6 +20,7 @@ VOC_CLASSES = (
 class PascalVOC(SegmentationDataset):
     name = "voc"
     default_splits = ("train", "val")
+    root_layout = "JPEGImages, SegmentationClass and ImageSets/Segmentation (or images/ and labels/)"
 
     @property
     def classes(self) -> tuple[str, ...]:
@@ -27,20 +28,22 @@ class PascalVOC(SegmentationDataset):
 
     @property
     def _flat(self) -> bool:
-        return self.root is not None and (self.root / "images").is_dir() and not (self.root / "JPEGImages").is_dir()
+        root = self.data_root
+        return (root / "images").is_dir() and not (root / "JPEGImages").is_dir()
 
     def splits(self) -> tuple[str, ...]:
         return ("val",) if self._flat else self.default_splits
 
     def _list_items(self, split: str) -> list[Item]:
+        root = self.data_root
         if self._flat:
-            images = self._require_dir(self.root / "images", "images/")
-            labels = self._require_dir(self.root / "labels", "labels/")
+            images = self._require_dir(root / "images", "images/")
+            labels = self._require_dir(root / "labels", "labels/")
             paths = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
             return [Item(p.stem, p, labels / f"{p.stem}.png") for p in paths]
-        listing = self._require_dir(self.root / "ImageSets" / "Segmentation", "ImageSets/Segmentation") / f"{split}.txt"
+        listing = self._require_dir(root / "ImageSets" / "Segmentation", "ImageSets/Segmentation") / f"{split}.txt"
         ids = [line.strip() for line in listing.read_text().splitlines() if line.strip()] if listing.is_file() else []
         return [
-            Item(i, self.root / "JPEGImages" / f"{i}.jpg", self.root / "SegmentationClass" / f"{i}.png")
+            Item(i, root / "JPEGImages" / f"{i}.jpg", root / "SegmentationClass" / f"{i}.png")
             for i in ids
         ]
