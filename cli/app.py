@@ -236,12 +236,40 @@ def _size(n: float) -> str:
     return str(n)
 
 
+@store_app.command("check")
+@friendly_errors
+def store_check(
+    path: Path = typer.Argument(..., help="Feature store directory."),
+    group: Optional[str] = typer.Option(None, help="Only this group (and what is under it), e.g. "
+                                                   "models/dino-b16/cocostuff27/val2017."),
+    repair: bool = typer.Option(False, help="Mark every bad chunk pending (a bad codebook layer untrained), so "
+                                            "the same extract (or cluster) command recomputes it."),
+) -> None:
+    """Read every chunk: it must decode to its shape and dtype, be finite, and agree with the
+    done flags. Problems are listed by array and chunk; exit code 1 if any (and not repaired)."""
+    from rep_pipeline.pipeline.store import check_store
+
+    report = check_store(path, group=group, repair=repair)
+    for problem in report.problems:
+        console.print(f"[red]problem:[/] {problem}", highlight=False)
+    for fix in report.repairs:
+        console.print(f"[yellow]repaired:[/] {fix}", highlight=False)
+    if report.problems and not report.repairs:
+        raise typer.Exit(1)
+    console.print("[green]store valid[/]: every chunk decodes" if not report.problems else
+                  f"{len(report.repairs)} repairs made; run the commands named above")
+
+
 @store_app.command("info")
 @friendly_errors
 def store_info(path: Path = typer.Argument(..., help="Feature store directory.")) -> None:
     """What is inside a store, how complete, how big; exit code 1 if its layout is invalid."""
     from rep_pipeline.pipeline.store import FeatureStore, validate_store
 
+    problems = validate_store(path)
+    if problems:  # the summary below reads every group: only of a store that parses
+        console.print("[bold red]layout problems:[/]\n  " + "\n  ".join(problems), highlight=False)
+        raise typer.Exit(1)
     info = FeatureStore(path).info()
     ds_table = Table("dataset", "split", "images", "classes", "S", "labels done", "stored", title=f"{path}: datasets",
                      title_justify="left")
@@ -265,11 +293,8 @@ def store_info(path: Path = typer.Argument(..., help="Feature store directory.")
             b_table.add_row(m["model"], f"{m['dataset']}/{m['split']}", name,
                             ", ".join(f"{e} {n}/{len(m['layers'])}" for e, n in done.items()) or "-")
         console.print(b_table)
-    problems = validate_store(path)
-    if problems:
-        console.print("[bold red]layout problems:[/]\n  " + "\n  ".join(problems))
-        raise typer.Exit(1)
-    console.print(f"[green]layout valid[/] (schema version {info['schema_version']})")
+    console.print(f"[green]layout valid[/] (schema version {info['schema_version']}); `rep-pipeline store check` "
+                  f"reads every chunk")
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import zarr
@@ -289,16 +289,32 @@ class ModelSplit(_Group):
             raise StoreError(f"{self.path} has no {embedding!r}; captured: {', '.join(self.embeddings)}")
         return self.array(embedding)
 
+    def read_features(self, embedding: str, layer: int, start: int, stop: int) -> np.ndarray:
+        """Images [start, stop) of block ``layer``'s ``embedding``; a chunk that cannot be read
+        is an error naming the array and the images, and how to find and repair it."""
+        arr = self.features(embedding)
+        try:
+            return arr[self.layer_slot(layer), start:stop]
+        except StoreError:
+            raise
+        except Exception as exc:
+            raise StoreError(f"{self.path}/{embedding} (layer {layer}, images {start}..{stop - 1}) cannot be read: "
+                             f"{type(exc).__name__}: {exc}; `rep-pipeline store check --repair` marks bad chunks "
+                             f"for recomputation") from exc
+
     def pending_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done[:])]
 
     def write_chunk(self, chunk: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write one image chunk of every array, then mark it done."""
+        """Write one image chunk of every array, then mark it done. (In a repaired group whose
+        ``attention_map`` stands, the chunk's attention sum is not needed and not written.)"""
         start, stop = layout.chunk_bounds(chunk, self.chunk_images, self.n_images)
         per_image = (slice(None), slice(start, stop))
-        _write_together([(self.array(name), per_image, arrays[name])
-                         for name in (*self.embeddings, "class_tokens", "attention_mi")]
-                        + [(self.array("attention_sum"), chunk, arrays["attention_sum"])])
+        writes = [(self.array(name), per_image, arrays[name]) for name in (*self.embeddings, "class_tokens",
+                                                                          "attention_mi")]
+        if "attention_sum" in self.group:
+            writes.append((self.array("attention_sum"), chunk, arrays["attention_sum"]))
+        _write_together(writes)
         self.done[chunk] = True
 
     def finalize(self) -> None:
@@ -307,10 +323,14 @@ class ModelSplit(_Group):
             return
         if not self.done[:].all():
             raise StoreError(f"{self.path}: cannot finalise, chunks {self.pending_chunks()[:10]} are not done")
-        total = self.array("attention_sum")[:].sum(axis=0) / self.n_images
-        _create(self.group, layout.MODEL_ARRAYS["attention_map"], total.shape, self.chunk_images)[:] = total
+        if "attention_sum" in self.group:
+            total = self.array("attention_sum")[:].sum(axis=0) / self.n_images
+            _create(self.group, layout.MODEL_ARRAYS["attention_map"], total.shape, self.chunk_images)[:] = total
         self.group.attrs["finished"] = True
-        del self.group["attention_sum"]
+        if self.group.attrs.get("attention_final"):
+            self.group.attrs["attention_final"] = False
+        if "attention_sum" in self.group:
+            del self.group["attention_sum"]
         self._arrays.pop("attention_sum", None)
 
     @property
@@ -518,10 +538,14 @@ def validate_store(path: str | Path) -> list[str]:
                      shapes: dict[str, tuple[int, ...]]) -> None:
         for name, shape in shapes.items():
             spec = specs[name]
-            if name not in group:
-                problems.append(f"{where}/{name} is missing")
+            try:
+                if name not in group:
+                    problems.append(f"{where}/{name} is missing")
+                    continue
+                arr = group[name]
+            except Exception as exc:  # its zarr.json does not parse
+                problems.append(f"{where}/{name}/zarr.json cannot be read: {type(exc).__name__}: {exc}")
                 continue
-            arr = group[name]
             if tuple(arr.shape) != shape:
                 problems.append(f"{where}/{name} has shape {tuple(arr.shape)}, expected {shape}")
             if tuple(arr.metadata.dimension_names or ()) != spec.dims:
@@ -582,3 +606,136 @@ def _check_codebooks(codebooks: Any, where: str, model_attrs: dict[str, Any], pr
                 elif tuple(book[arr_name].shape) != shape or str(book[arr_name].dtype) != spec.dtype:
                     problems.append(f"{here}/{arr_name} is {book[arr_name].dtype}{tuple(book[arr_name].shape)}, "
                                     f"expected {spec.dtype}{shape}")
+
+
+# -- reading every chunk: ``rep-pipeline store check`` ------------------------------------------
+def _chunk_keys(arr: zarr.Array) -> Iterator[tuple[tuple[int, ...], str]]:
+    """Every chunk of ``arr``: its grid coordinates and its key in the store."""
+    grid = [-(-n // c) for n, c in zip(arr.shape, arr.chunks)]
+    for coords in np.ndindex(*grid):
+        yield coords, arr.metadata.encode_chunk_key(coords)
+
+
+def _check_array(arr: zarr.Array, where: str, written: Callable[[tuple[int, ...]], bool],
+                 finite: bool) -> list[tuple[tuple[int, ...], str]]:
+    """(chunk coordinates, problem) for every chunk that should be written and does not
+    decode to the expected shape and dtype, or (``finite``) holds NaN/inf."""
+    bad = []
+    store = arr.store_path.store
+    for coords, key in _chunk_keys(arr):
+        if not written(coords):
+            continue
+        selection = tuple(slice(c * n, min((c + 1) * n, size)) for c, n, size in zip(coords, arr.chunks, arr.shape))
+        if not sync(store.exists(f"{arr.path}/{key}")):
+            bad.append((coords, f"{where} chunk {key} is missing"))
+            continue
+        try:
+            data = arr[selection]
+        except Exception as exc:  # any codec or I/O failure: the chunk is unreadable
+            bad.append((coords, f"{where} chunk {key} does not decode: {type(exc).__name__}: {exc}"))
+            continue
+        expected = tuple(sl.stop - sl.start for sl in selection)
+        if data.shape != expected:
+            bad.append((coords, f"{where} chunk {key} has shape {data.shape}, expected {expected}"))
+        elif finite and data.dtype.kind == "f" and not np.isfinite(data).all():
+            bad.append((coords, f"{where} chunk {key} holds NaN/inf"))
+    return bad
+
+
+@dataclass
+class CheckReport:
+    """What ``check_store`` found, and what it repaired."""
+
+    problems: list[str] = field(default_factory=list)
+    repairs: list[str] = field(default_factory=list)
+
+
+def check_store(path: str | Path, *, group: str | None = None, repair: bool = False) -> CheckReport:
+    """Read every chunk of the store (or of the groups under ``group``) and check it decodes to
+    its shape and dtype, finite, with ``done`` flags consistent. With ``repair``, mark each bad
+    chunk pending (and its codebook layer untrained), so the same extract (or cluster) command
+    recomputes it; nothing else is touched."""
+    path = Path(path)
+    report = CheckReport(validate_store(path))
+    if report.problems and (not path.is_dir() or "is not" in report.problems[0]):
+        return report
+    store = FeatureStore(path, mode="a" if repair else "r")
+    chosen = lambda p: group is None or p == group or p.startswith(group.rstrip("/") + "/")  # noqa: E731
+    pending: dict[tuple[str, str], set[int]] = {}  # (dataset, split) -> label chunks to redo
+    for d, s in store.dataset_splits():
+        data = store.dataset_split(d, s)
+        if not chosen(data.path):
+            continue
+        done = data.done[:]
+        bad = _check_array(data.labels, f"{data.path}/labels", lambda c: bool(done[c[0]]), finite=False)
+        report.problems += [p for _, p in bad]
+        pending[(d, s)] = {c[0] for c, _ in bad}
+    for m, d, s in store.model_splits():
+        target = store.model_split(m, d, s)
+        try:
+            if chosen(target.path) or pending.get((d, s)):  # bad labels: their chunks are redone by every model
+                _check_model_split(target, pending.get((d, s), set()), report, repair, features=chosen(target.path))
+            for book in target.codebooks():
+                if chosen(book.path):
+                    _check_codebook(book, report, repair)
+        except Exception as exc:  # metadata that does not parse: reported above by the layout check
+            report.problems.append(f"{target.path} cannot be read whole: {type(exc).__name__}: {exc}")
+    if repair:
+        for (d, s), chunks in pending.items():
+            if chunks:
+                store.dataset_split(d, s).done[sorted(chunks)] = False
+                report.repairs.append(f"{layout.dataset_path(d, s)}: label chunks {sorted(chunks)} marked pending")
+    return report
+
+
+def _check_model_split(target: ModelSplit, label_chunks: set[int], report: CheckReport, repair: bool,
+                       features: bool = True) -> None:
+    done = target.done[:]
+    bad_chunks = set(label_chunks) & set(np.flatnonzero(done).tolist())
+    per_image = lambda c: bool(done[c[1]])  # noqa: E731  (layer, image chunk, ...)
+    for name in (*target.embeddings, "class_tokens", "attention_mi") if features else ():
+        bad = _check_array(target.array(name), f"{target.path}/{name}", per_image, finite=True)
+        report.problems += [p for _, p in bad]
+        bad_chunks |= {c[1] for c, _ in bad}
+    attention_bad = False
+    if not features:
+        pass
+    elif "attention_sum" in target.group:
+        bad = _check_array(target.array("attention_sum"), f"{target.path}/attention_sum", lambda c: bool(done[c[0]]),
+                           finite=True)
+        report.problems += [p for _, p in bad]
+        bad_chunks |= {c[0] for c, _ in bad}
+    elif "attention_map" in target.group:
+        bad = _check_array(target.array("attention_map"), f"{target.path}/attention_map", lambda c: True, finite=True)
+        report.problems += [p for _, p in bad]
+        attention_bad = bool(bad)
+    if not repair or not (bad_chunks or attention_bad):
+        return
+    if attention_bad:  # the image mean of every chunk is lost: every chunk is computed again
+        del target.group["attention_map"]
+        _create(target.group, layout.MODEL_ARRAYS["attention_sum"],
+                (target.n_chunks, len(target.layers), target.attrs["grid"] ** 2, target.attrs["grid"] ** 2),
+                target.chunk_images)
+        target.group.attrs.update({"finished": False, "attention_final": False})
+        target.done[:] = False
+        report.repairs.append(f"{target.path}: attention_map unreadable; all {target.n_chunks} chunks marked pending")
+        return
+    chunks = sorted(bad_chunks)
+    if target.finished:
+        target.group.attrs.update({"finished": False, "attention_final": True})
+    target.done[chunks] = False
+    report.repairs.append(f"{target.path}: chunks {chunks} marked pending; run the same extract command")
+
+
+def _check_codebook(book: "Codebook", report: CheckReport, repair: bool) -> None:
+    for emb in book.features.embeddings:
+        if f"{emb}_done" not in book.group:
+            continue
+        done = book.group[f"{emb}_done"][:]
+        bad = _check_array(book.group[emb], f"{book.path}/{emb}", lambda c: bool(done[c[0]]), finite=True)
+        report.problems += [p for _, p in bad]
+        layers = sorted({c[0] for c, _ in bad})
+        if repair and layers:
+            book.group[f"{emb}_done"][layers] = False
+            report.repairs.append(f"{book.path}/{emb}: layers {[book.features.layers[i] for i in layers]} marked "
+                                  f"untrained; run the same cluster command")

@@ -56,8 +56,7 @@ class FeatureStream:
 
     def _read(self, key: FeatureKey, start: int, stop: int) -> np.ndarray:
         emb, layer = key
-        data = self.group.features(emb)[self.group.layer_slot(layer), start:stop]
-        return data.reshape(stop - start, self.patches, self.dim)
+        return self.group.read_features(emb, layer, start, stop).reshape(stop - start, self.patches, self.dim)
 
     def _images(self, key: FeatureKey, index: np.ndarray) -> Any:
         """Images ``index`` of one slice, in that order: from the cache, or from the store

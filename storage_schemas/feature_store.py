@@ -111,6 +111,10 @@ CODEBOOK_FINGERPRINT_KEYS = ("method", "k", "seed", "hyperparameters", "features
 # options, limit, chunk size, dataset fingerprint) and its hash: what ``extract`` checks to
 # call a group done without building the model. Written once a run completes the group.
 REQUEST_ATTRS = ("request", "request_sha256")
+# Set by ``store check --repair`` on a finished group whose feature chunks were marked pending:
+# its ``attention_map`` stands (a chunk's attention is determined by the fingerprint), so the
+# recomputed chunks write features only, and the group is finished again once all are done.
+REPAIR_ATTRS = ("attention_final",)
 # what must match for a writer to add to an existing model group (package_version may differ)
 MODEL_FINGERPRINT_KEYS = tuple(k for k in MODEL_ATTRS if k not in ("package_version", "finished"))
 
@@ -153,6 +157,6 @@ def model_array_shapes(attrs: dict[str, Any], n_images: int) -> dict[str, tuple[
     P, C = G * G, n_chunks(n_images, attrs["chunk_images"])
     shapes = {e: (L, n_images, G, G, D) for e in attrs["embeddings"]}
     shapes.update(class_tokens=(L, n_images, D), attention_mi=(L, n_images, H), done=(C,))
-    shapes["attention_map" if attrs.get("finished") else "attention_sum"] = (
-        (L, P, P) if attrs.get("finished") else (C, L, P, P))
+    final = attrs.get("finished") or attrs.get("attention_final")
+    shapes["attention_map" if final else "attention_sum"] = (L, P, P) if final else (C, L, P, P)
     return shapes

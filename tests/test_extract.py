@@ -261,3 +261,44 @@ def test_is_done_answers_from_the_request_it_recorded(ray_local, tmp_path):
     assert not is_done(cfg)
     with pytest.raises(FingerprintMismatchError, match="weights_sha256"):
         run_extract(cfg, progress=False)
+
+
+def test_a_repaired_store_is_completed_by_the_same_extract_command(ray_local, tmp_path):
+    """Truncated chunks found by `store check --repair` are recomputed by the same command; the
+    store then equals a clean run, attention map included."""
+    from rep_pipeline.pipeline.store import check_store
+
+    reference = _cfg(tmp_path, store="ref.zarr", splits=("val",))
+    run_extract(reference, progress=False)
+    cfg = _cfg(tmp_path, splits=("val",))
+    run_extract(cfg, progress=False)
+    for name in ("keys/c.2.1.0.0.0", "attention_map/c.1.0.0"):
+        path = cfg.store / "models/tiny-vit/synthetic/val" / name
+        path.write_bytes(path.read_bytes()[:40])
+    report = check_store(cfg.store, repair=True)
+    assert len(report.problems) == 2 and report.repairs
+    assert not is_done(cfg) and check_store(cfg.store).problems == []
+    result = run_extract(cfg, progress=False)
+    assert result.splits[0].chunks_computed == 2  # the attention map lost: every chunk again
+    assert is_done(cfg) and validate_store(cfg.store) == []
+    got, want = _arrays(cfg.store, "tiny-vit", "val"), _arrays(reference.store, "tiny-vit", "val")
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_repaired_feature_chunk_keeps_the_attention_map(ray_local, tmp_path):
+    from rep_pipeline.pipeline.store import check_store
+
+    cfg = _cfg(tmp_path, splits=("train",))
+    run_extract(cfg, progress=False)
+    want = _arrays(cfg.store, "tiny-vit", "train")
+    path = cfg.store / "models/tiny-vit/synthetic/train/tokens/c.0.1.0.0.0"
+    path.write_bytes(b"\x00" * 9)
+    assert check_store(cfg.store, repair=True).repairs
+    redone = []
+    run_extract(cfg, progress=False, on_chunk_done=lambda s, c, _: redone.append(c))
+    assert redone == [1] and is_done(cfg)
+    got = _arrays(cfg.store, "tiny-vit", "train")
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
