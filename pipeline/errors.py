@@ -63,5 +63,9 @@ class FingerprintMismatchError(StoreError):
     """Writing into a store group that was produced by another model, weights or geometry."""
 
 
+class LeaseHeldError(RepPipelineError, RuntimeError):
+    """Another live process is writing the same model group, codebooks or results."""
+
+
 class NonFiniteFeaturesError(RepPipelineError, FloatingPointError):
     """A model produced NaN or inf features for some image."""

@@ -22,10 +22,12 @@ from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.backend import Backend, get_backend
 from rep_pipeline.pipeline.config import ClusterConfig
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
+from rep_pipeline.pipeline.leases import Lease, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore, ModelSplit, check_store_location
 from rep_pipeline.pipeline.streaming import FeatureKey, FeatureStream, check_finite
+from rep_pipeline.storage_schemas.feature_store import model_path
 from rep_pipeline.storage_schemas.results import curve_part
 
 from .kmeans import LloydKMeans, OnlineKMeans, PCAInit, l2_normalize
@@ -290,6 +292,13 @@ def run_cluster(cfg: ClusterConfig, *, address: str | None = None, progress: boo
     t0 = time.perf_counter()
     check_store_location(cfg.store, writable=True)
     Results(cfg.results, mode="a")  # refuses a results folder of another version before training
+    codebooks = f"{model_path(cfg.model, _resolve(cfg, FeatureStore(cfg.store))[0], cfg.train_split)}/codebooks"
+    with Lease(leases_beside(cfg.store), codebooks, f"{cfg.store}/{codebooks}"):  # one trainer at a time
+        return _cluster(cfg, address, progress, on_progress, t0)
+
+
+def _cluster(cfg: ClusterConfig, address: str | None, progress: bool, on_progress: Callable[[int], None] | None,
+             t0: float) -> ClusterResult:
     dataset, plans, reused = plan_codebooks(cfg)
     result = ClusterResult(cfg.model, dataset, reused=reused, results=str(cfg.results))
     if not plans:

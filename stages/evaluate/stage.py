@@ -20,6 +20,7 @@ import numpy as np
 from rep_pipeline.pipeline.backend import Backend, get_backend
 from rep_pipeline.pipeline.config import EvaluateConfig
 from rep_pipeline.pipeline.errors import StoreError
+from rep_pipeline.pipeline.leases import Lease, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import Codebook, DatasetSplit, FeatureStore, MapStore, ModelSplit, fingerprint_hash
@@ -178,24 +179,25 @@ def run_evaluate(cfg: EvaluateConfig, *, address: str | None = None, progress: b
     datasets = sorted({t.dataset for t in targets})
     for dataset in datasets:
         _check_labels(store.dataset_split(dataset, cfg.split))
-    results = Results(cfg.results, mode="a")
-    result = EvaluateResult(cfg.results)
-    parts: list[tuple[str, list[dict], str, str | None]] = []  # (table, rows, dataset, model)
-    with results.staged_maps() as maps:  # maps land in the results only if every setting succeeds
+    with Lease(leases_beside(cfg.results), f"evaluate-{cfg.split}", f"the evaluation of {cfg.split} in {cfg.results}"):
+        results = Results(cfg.results, mode="a")
+        result = EvaluateResult(cfg.results)
+        parts: list[tuple[str, list[dict], str, str | None]] = []  # (table, rows, dataset, model)
+        with results.staged_maps() as maps:  # maps land in the results only if every setting succeeds
+            for dataset in datasets:
+                parts += _evaluate_ground_truth(cfg, maps, store.dataset_split(dataset, cfg.split))
+            for t in targets:
+                rows = _evaluate_model(cfg, be, maps, store.dataset_split(t.dataset, cfg.split), t, progress)
+                parts += [(table, rows[table], t.dataset, t.model) for table in TABLES]
+                parts.append(_attention(cfg, maps, t))
+                result.settings += len(rows["segmentation"])
+                result.models.append(t.model)
+            for table, rows, dataset, model in parts:
+                results.write_table(table, rows, dataset=dataset, model=model, part=cfg.split)
         for dataset in datasets:
-            parts += _evaluate_ground_truth(cfg, maps, store.dataset_split(dataset, cfg.split))
-        for t in targets:
-            rows = _evaluate_model(cfg, be, maps, store.dataset_split(t.dataset, cfg.split), t, progress)
-            parts += [(table, rows[table], t.dataset, t.model) for table in TABLES]
-            parts.append(_attention(cfg, maps, t))
-            result.settings += len(rows["segmentation"])
-            result.models.append(t.model)
-        for table, rows, dataset, model in parts:
-            results.write_table(table, rows, dataset=dataset, model=model, part=cfg.split)
-    for dataset in datasets:
-        _write_summaries(cfg, results, dataset)
-    result.seconds = time.perf_counter() - t0
-    return result
+            _write_summaries(cfg, results, dataset)
+        result.seconds = time.perf_counter() - t0
+        return result
 
 
 def _check_labels(data: DatasetSplit) -> None:

@@ -23,11 +23,13 @@ from rep_pipeline.pipeline.config import ExtractConfig
 from rep_pipeline.pipeline.datasets import Item, SegmentationDataset, build_dataset
 from rep_pipeline.pipeline.errors import (ConfigError, DataRootError, FingerprintMismatchError,
                                           NonFiniteFeaturesError, RepPipelineError, StoreError)
+from rep_pipeline.pipeline.leases import LEASE_TTL_S, Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.registry import build_model, check_weights, get_spec, store_key, weights_identity
 from rep_pipeline.pipeline.store import (DatasetSplit, FeatureStore, ModelSplit, check_store_location,
                                         fingerprint_hash)
 from rep_pipeline.pipeline.streaming import all_finite, non_finite_images
+from rep_pipeline.storage_schemas.feature_store import dataset_path, model_path
 
 from .capture import CaptureSpec, FeatureCapture
 
@@ -274,8 +276,17 @@ def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: boo
     for split, items in split_items.items():
         _check_files(dataset, split, items)
 
-    runner.ensure_ray(address)
     key = store_key(cfg.model, cfg.model_key)
+    held = [Lease(leases_beside(cfg.store), model_path(key, cfg.dataset, s), f"{cfg.store}/{model_path(key, cfg.dataset, s)}")
+            for s in splits]
+    with leases(*held):  # one writer per model group: a second run is refused, naming the first
+        return _extract(cfg, key, dataset, split_items, address, progress, on_chunk_done)
+
+
+def _extract(cfg: ExtractConfig, key: str, dataset: SegmentationDataset, split_items: dict[str, list[Item]],
+             address: str | None, progress: bool,
+             on_chunk_done: Callable[[str, int, dict[str, float]], None] | None) -> ExtractResult:
+    runner.ensure_ray(address)
     n_actors, cpus, gpus, threads = _pool_shape(cfg)
     result = ExtractResult(store=str(cfg.store), model=key, dataset=cfg.dataset)
     t0 = time.perf_counter()
@@ -287,9 +298,12 @@ def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: boo
         store = FeatureStore(cfg.store, mode="a")
         tasks, targets = [], {}
         for split, items in split_items.items():
-            data = store.require_dataset_split(
-                dataset.fingerprint(split, items, cfg.image_size), [it.image_id for it in items],
-                dataset.palette, cfg.chunk_images)
+            # models extracted side by side share the dataset split: its creation is one writer's
+            with Lease(leases_beside(cfg.store), dataset_path(cfg.dataset, split), f"{cfg.store}/{split}",
+                       wait=LEASE_TTL_S):
+                data = store.require_dataset_split(
+                    dataset.fingerprint(split, items, cfg.image_size), [it.image_id for it in items],
+                    dataset.palette, cfg.chunk_images)
             targets[split] = store.require_model_split(key, data, fingerprints[0])
             pending = targets[split].pending_chunks()
             tasks += [(key, split, c) for c in pending]

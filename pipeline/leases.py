@@ -1,0 +1,142 @@
+"""Leases: one writer at a time for a model group, a codebook set or a results folder.
+
+A lease is a small JSON record (owner, host, pid, command, heartbeat) created only if absent
+(``O_CREAT | O_EXCL`` on a file system; a conditional put on object storage does the same),
+and renewed by a heartbeat thread while its holder works. A second writer is refused with a
+message naming the holder. A lease whose holder is gone is taken over: its heartbeat is older
+than the time to live, or its process is dead on this very host (so rerunning a killed command
+at once works). Chunk-level claiming would let two runs share one group's work, but needs a
+claim per chunk and its cleanup; a whole-group lease is one record, and a second run of the
+same command has nothing to add while the first one lives.
+"""
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+
+from .errors import LeaseHeldError
+
+LEASE_TTL_S = 60.0          # a heartbeat older than this frees the lease
+HEARTBEAT_EVERY_S = 10.0
+
+
+def leases_beside(path: str | Path) -> Path:
+    """Where the leases of a store or results folder live: beside it (outside a Zarr
+    hierarchy, and never part of what they guard)."""
+    path = Path(path)
+    return path.parent / f"{path.name}.leases"
+
+
+class Lease:
+    """``with Lease(folder, name, what):`` hold the lease ``name`` in ``folder`` for the block."""
+
+    def __init__(self, folder: str | Path, name: str, what: str, *, wait: float = 0.0, ttl: float = LEASE_TTL_S):
+        self.path = Path(folder) / f"{name.replace('/', '__')}.json"
+        self.what, self.wait, self.ttl = what, wait, ttl
+        self.token = uuid.uuid4().hex
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _record(self) -> dict[str, Any]:
+        now = time.time()
+        return {"what": self.what, "owner": f"{getpass.getuser()}@{socket.gethostname()}",
+                "host": socket.gethostname(), "pid": os.getpid(), "command": " ".join(sys.argv)[:500],
+                "token": self.token, "heartbeat": now}
+
+    def _create(self) -> bool:
+        """Write the record if no lease exists; False if one does."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._record(), f)
+        return True
+
+    def holder(self) -> dict[str, Any] | None:
+        """The current record, or None if there is none (or it is being replaced)."""
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def _stale(self, record: dict[str, Any]) -> bool:
+        if time.time() - float(record.get("heartbeat", 0)) > self.ttl:
+            return True
+        return record.get("host") == socket.gethostname() and not psutil.pid_exists(int(record.get("pid", -1)))
+
+    def acquire(self, wait: float | None = None) -> "Lease":
+        """Take the lease; a live holder's is refused at once, or after ``wait`` seconds."""
+        deadline = time.monotonic() + (self.wait if wait is None else wait)
+        for _ in range(3):
+            if self._create():
+                self._start_heartbeat()
+                return self
+            record = self.holder()
+            if record is None:
+                continue  # replaced or released under us: try again
+            if not self._stale(record) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                return self.acquire(max(0.0, deadline - time.monotonic()))
+            if not self._stale(record):
+                age = time.time() - float(record.get("heartbeat", 0))
+                raise LeaseHeldError(
+                    f"{self.what} is being written by {record.get('owner')} (pid {record.get('pid')}, heartbeat "
+                    f"{age:.0f} s ago, command: {record.get('command')}); wait for it to finish or stop it. A lease "
+                    f"whose holder stops is taken over after {self.ttl:.0f} s ({self.path})")
+            # take a dead holder's lease over: only one renamer wins, the others find it gone
+            with contextlib.suppress(FileNotFoundError):
+                os.rename(self.path, self.path.with_name(f".{self.path.name}.stale-{uuid.uuid4().hex}"))
+        raise LeaseHeldError(f"{self.what}: could not take the lease {self.path}; another writer is starting")
+
+    def _start_heartbeat(self) -> None:
+        def beat() -> None:
+            while not self._stop.wait(min(HEARTBEAT_EVERY_S, self.ttl / 4)):
+                record = self.holder()
+                if record is None or record.get("token") != self.token:
+                    return  # taken over (we were presumed dead): stop renewing someone else's lease
+                tmp = self.path.with_name(f".{self.path.name}.{self.token}.tmp")
+                tmp.write_text(json.dumps(self._record()))
+                os.replace(tmp, self.path)
+
+        self._thread = threading.Thread(target=beat, name=f"lease {self.path.name}", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        record = self.holder()
+        if record is not None and record.get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+        for stale in self.path.parent.glob(f".{self.path.name}.stale-*"):
+            stale.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the last lease out leaves no empty folder behind
+            self.path.parent.rmdir()
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def leases(*held: Lease) -> Iterator[None]:
+    """Hold several leases (taken in a fixed order, so two writers never wait on each other)."""
+    with contextlib.ExitStack() as stack:
+        for lease in sorted(held, key=lambda lease: str(lease.path)):
+            stack.enter_context(lease)
+        yield
