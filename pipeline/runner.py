@@ -9,6 +9,8 @@ the run and reaches the caller as itself.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
@@ -29,6 +31,51 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # token authentication, chosen explicitly: Ray then starts it without a notice
         os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        _end_with_this_process()
+
+
+# Watches the driver; once it is gone (ended, crashed or killed), ends every process of the
+# local Ray instance it started (GCS, raylet, dashboard and runtime-env agents, workers).
+_WATCHDOG = """
+import sys, time, psutil
+driver, roots = int(sys.argv[1]), [int(p) for p in sys.argv[2:]]
+procs = {}
+def collect():
+    for pid in roots:
+        try:
+            root = psutil.Process(pid)
+            for p in [root, *root.children(recursive=True)]:
+                procs.setdefault(p.pid, p)
+        except psutil.Error:
+            pass
+collect()
+while psutil.pid_exists(driver):
+    time.sleep(0.5)
+    collect()
+alive = [p for p in procs.values() if p.is_running()]
+for p in alive:
+    try:
+        p.terminate()
+    except psutil.Error:
+        pass
+_, alive = psutil.wait_procs(alive, timeout=5)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+"""
+
+
+def _end_with_this_process() -> None:
+    """A local Ray instance this process started ends with it, even when it is killed (SIGKILL
+    leaves Ray no time to stop its own processes): a small watchdog, in a session of its own
+    so Ctrl-C does not reach it, ends them once this process is gone."""
+    import psutil
+
+    roots = [str(p.pid) for p in psutil.Process().children()]
+    subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), *roots], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def cluster_gpus() -> int:
