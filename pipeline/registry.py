@@ -9,14 +9,22 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
-
-import timm
-import torch
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Mapping
 
 from . import config
-from .checkpoints import load_weights_file
 from .errors import CheckpointError, ConfigError, UnknownModelError, WeightsUnavailableError
+
+if TYPE_CHECKING:
+    import torch
+
+
+def _timm() -> ModuleType:
+    """timm (and torch with it), imported on first need: the registry's own entries and the
+    errors about them come without that cost."""
+    import timm
+
+    return timm
 
 
 @dataclass(frozen=True)
@@ -101,18 +109,18 @@ def get_spec(name: str) -> ModelSpec:
     if name in _BY_TIMM_NAME:
         return _BY_TIMM_NAME[name]
     arch = name.split(".")[0]
-    if timm.is_model(arch):
+    if "-" not in arch and _timm().is_model(arch):  # no timm name has one: a mistyped alias fails at once
         cls_name = _model_class_name(arch)
         if cls_name not in ("VisionTransformer", "Eva"):
             raise UnknownModelError(
                 f"model {name!r} is a timm {cls_name}; rep-pipeline probes ViT and Eva models only"
             )
-        if "." in name and not timm.is_model_pretrained(name):
-            tags = sorted(n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*"))
+        if "." in name and not _timm().is_model_pretrained(name):
+            tags = sorted(n.split(".", 1)[1] for n in _timm().list_pretrained(f"{arch}.*"))
             raise UnknownModelError(f"timm has no pretrained tag {name.split('.', 1)[1]!r} for {arch}; its tags: "
                                     f"{', '.join(tags) or 'none'} (or name the architecture alone: {arch})")
         return ModelSpec(alias=name, timm_name=name, family="timm", size="?", hub="." in name or
-                         bool(timm.list_pretrained(f"{arch}.*")))
+                         bool(_timm().list_pretrained(f"{arch}.*")))
     known = ", ".join(sorted(_REGISTRY))
     raise UnknownModelError(f"unknown model {name!r}; registered: {known}; or any timm ViT/Eva name")
 
@@ -145,8 +153,10 @@ def weights_identity(spec: ModelSpec, weights: str, seed: int) -> str:
 
 
 def _model_class_name(arch: str) -> str:
+    import torch
+
     with torch.device("meta"):
-        return type(timm.create_model(arch, pretrained=False)).__name__
+        return type(_timm().create_model(arch, pretrained=False)).__name__
 
 
 @dataclass
@@ -197,8 +207,10 @@ def input_size_for(image_size: int, patch_size: int) -> int:
 def _patch_size(arch: str, overrides: Mapping[str, Any]) -> int:
     if "patch_size" in overrides:
         return int(overrides["patch_size"])
+    import torch
+
     with torch.device("meta"):
-        probe = timm.create_model(arch, pretrained=False, **overrides)
+        probe = _timm().create_model(arch, pretrained=False, **overrides)
     ps = probe.patch_embed.patch_size
     return int(ps[0] if isinstance(ps, (tuple, list)) else ps)
 
@@ -243,6 +255,10 @@ def build_model(
     ``weights`` is ``pretrained`` (timm's hub or its cache), ``random`` (seeded init) or the
     path of a ``.safetensors``/``.pth`` file read with the family's key adapter.
     """
+    import torch
+
+    from .checkpoints import load_weights_file
+
     if not weights:
         raise ConfigError("--weights must be 'pretrained', 'random' or a file path")
     spec = get_spec(name)
@@ -257,7 +273,7 @@ def build_model(
         if not _hub_weights_reachable(spec.timm_name):
             _raise_offline(spec)
         try:
-            model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
+            model = _timm().create_model(spec.timm_name, pretrained=True, **kwargs)
         except Exception as exc:  # hub clients raise OSError, HTTP and offline errors alike
             raise WeightsUnavailableError(
                 f"pretrained weights for {spec.alias!r} ({spec.timm_name}) could not be loaded from "
@@ -268,17 +284,17 @@ def build_model(
         source = f"pretrained:{spec.timm_name}"
     elif weights == "random":
         torch.manual_seed(seed)
-        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+        model = _timm().create_model(spec.arch, pretrained=False, **kwargs)
         if spec.size == "tiny":
             _jitter_constant_parameters(model, seed)
         source = f"random:seed={seed}"
     else:
         path = Path(weights)
-        model = timm.create_model(spec.arch, pretrained=False, **kwargs)
+        model = _timm().create_model(spec.arch, pretrained=False, **kwargs)
         load_weights_file(model, path, spec.adapter)
         source = f"file:{path.name}"
     model.eval().requires_grad_(False)
-    data_cfg = timm.data.resolve_data_config({}, model=model)
+    data_cfg = _timm().data.resolve_data_config({}, model=model)
     grid = input_size // patch
     first_attn = model.blocks[0].attn
     return LoadedModel(
@@ -309,7 +325,7 @@ def _hub_weights_reachable(timm_name: str, timeout: float = 3.0) -> bool:
 
     from huggingface_hub import constants, try_to_load_from_cache
 
-    cfg = timm.models.get_pretrained_cfg(timm_name)
+    cfg = _timm().models.get_pretrained_cfg(timm_name)
     repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
     if repo:
         for filename in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
@@ -329,6 +345,8 @@ def _jitter_constant_parameters(model: torch.nn.Module, seed: int) -> None:
     """Tiny models only: perturb parameters that timm initialises to a constant (biases,
     norm scales, layer scale), so that every term of the architecture path leaves a trace that
     the capture tests can see."""
+    import torch
+
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for p in model.parameters():
@@ -338,6 +356,8 @@ def _jitter_constant_parameters(model: torch.nn.Module, seed: int) -> None:
 
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """A hash of the model's weights, identical wherever the same weights are loaded."""
+    import torch
+
     h = hashlib.sha256()
     for key, value in sorted(model.state_dict().items()):
         h.update(key.encode())

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
-import torch
 
 from .backend import Backend, host_float32
 from .config import READ_AHEAD_BATCHES, SHUFFLE_WINDOW_CHUNKS
 from .errors import NonFiniteFeaturesError
 from .store import ModelSplit
+
+if TYPE_CHECKING:  # torch is loaded only where extract's tensors are checked
+    import torch
 
 FeatureKey = tuple[str, int]  # (embedding, block number)
 
@@ -179,6 +181,8 @@ def all_finite(tensor: torch.Tensor) -> bool:
     float16 at memory speed (``isfinite`` or a float32 sum would copy); the per-image search
     (``non_finite_images``) runs only when this fails.
     """
+    import torch
+
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
@@ -186,5 +190,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
 def non_finite_images(tensor: torch.Tensor, image_ids: list[str]) -> list[str]:
     """The ids of the images with a NaN/inf anywhere in ``tensor`` (layer, image, ...)."""
     rows = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
+    import torch
+
     finite = torch.isfinite(rows.amin(-1)) & torch.isfinite(rows.amax(-1))
     return sorted({image_ids[i] for i in torch.nonzero(~finite)[:, 1].tolist()})

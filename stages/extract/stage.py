@@ -1,37 +1,25 @@
-"""The extract stage: run a model over a dataset and fill the feature store.
-
-``Extractor`` owns one model and writes whole image chunks into the store (a Ray actor in
-production, a plain object in tests and benchmarks). ``run_extract`` is the driver: it checks
-the data, creates or reopens the store groups, hands the chunks that are not done yet to a
-pool of extractors and finalises each split when all of its chunks are in.
+"""The extract stage's driver: checks the request, creates or reopens the store groups, hands
+the chunks that are not done yet to a pool of ``Extractor`` actors (``extractor.py``) and
+finalises each split when all of its chunks are in. Everything that needs no model (options,
+paths, weights files, the dataset's listing, the store, the leases) is checked here before
+torch, the model or Ray is loaded.
 """
 from __future__ import annotations
 
 import contextlib
-import os
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
-
-import numpy as np
-import torch
-import torch.nn.functional as F
 
 from rep_pipeline.pipeline import config, runner
 from rep_pipeline.pipeline.config import ExtractConfig
 from rep_pipeline.pipeline.datasets import Item, SegmentationDataset, build_dataset
-from rep_pipeline.pipeline.errors import (ConfigError, DataRootError, FingerprintMismatchError,
-                                          NonFiniteFeaturesError, RepPipelineError, StoreError)
+from rep_pipeline.pipeline.errors import ConfigError, DataRootError, FingerprintMismatchError, StoreError
 from rep_pipeline.pipeline.leases import LEASE_TTL_S, Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
-from rep_pipeline.pipeline.registry import build_model, check_weights, get_spec, store_key, weights_identity
-from rep_pipeline.pipeline.store import (DatasetSplit, FeatureStore, ModelSplit, check_store_location,
-                                        fingerprint_hash)
-from rep_pipeline.pipeline.streaming import all_finite, non_finite_images
+from rep_pipeline.pipeline.registry import check_weights, get_spec, store_key, weights_identity
+from rep_pipeline.pipeline.store import FeatureStore, check_store_location, fingerprint_hash
 from rep_pipeline.storage_schemas.feature_store import dataset_path, model_path
-
-from .capture import CaptureSpec, FeatureCapture
 
 
 def request(cfg: ExtractConfig, dataset: SegmentationDataset, split: str, items: list[Item]) -> dict[str, Any]:
@@ -65,142 +53,6 @@ def is_done(cfg: ExtractConfig) -> bool:
         if not group.finished or group.request_sha256 != wanted:
             return False
     return True
-
-
-class Extractor:
-    """Owns one model; turns image chunks into store chunks."""
-
-    def __init__(self, cfg: ExtractConfig, threads: int | None = None):
-        # An error while building (no weights, bad checkpoint) is kept and raised by the first
-        # call, so it reaches the driver as itself rather than as a dead actor.
-        self._init_error: Exception | None = None
-        try:
-            self._build(cfg, threads)
-        except RepPipelineError as exc:
-            self._init_error = exc
-
-    def _build(self, cfg: ExtractConfig, threads: int | None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
-        self.cfg = cfg
-        self.device = torch.device(
-            "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        )
-        self.loaded = build_model(cfg.model, cfg.weights, cfg.image_size, cfg.seed)
-        self.loaded.model.to(self.device)
-        layers = cfg.layers if cfg.layers is not None else tuple(range(self.loaded.depth))
-        self.capture = FeatureCapture(
-            self.loaded, CaptureSpec(layers=layers, embeddings=cfg.embeddings, rope=cfg.rope, last_norm=cfg.last_norm,
-                                     compile_statistics=cfg.compile_statistics)
-        )
-        self.dataset = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
-        self._items: dict[str, list[Item]] = {}
-        self._groups: dict[tuple[str, str], tuple[DatasetSplit, ModelSplit]] = {}
-        self._store: FeatureStore | None = None
-        self._decoder = ThreadPoolExecutor(max_workers=max(1, min(4, threads or os.cpu_count() or 1)))
-        self._writer = ThreadPoolExecutor(max_workers=1)
-        self._pending_write: Future | None = None
-        self._write_behind = self.device.type != "cpu"
-        mean = torch.tensor(self.loaded.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.loaded.std, device=self.device).view(1, 3, 1, 1)
-        self._scale, self._shift = 1.0 / (255.0 * std), mean / std
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What produced the features: model, weights hash, geometry and capture options."""
-        if self._init_error is not None:
-            raise self._init_error
-        spec = self.capture.spec
-        return dict(self.loaded.describe(), layers=list(spec.layers), embeddings=list(spec.embeddings),
-                    rope=spec.rope, last_norm=spec.last_norm)  # compile_statistics changes speed, not values
-
-    @property
-    def store(self) -> FeatureStore:
-        if self._store is None:
-            self._store = FeatureStore(self.cfg.store, mode="a")
-        return self._store
-
-    def groups(self, model: str, split: str) -> tuple[DatasetSplit, ModelSplit]:
-        """The store groups a split's chunks go to, opened once per split."""
-        if (model, split) not in self._groups:
-            self._groups[(model, split)] = (self.store.dataset_split(self.cfg.dataset, split),
-                                            self.store.model_split(model, self.cfg.dataset, split))
-        return self._groups[(model, split)]
-
-    def items(self, split: str) -> list[Item]:
-        if split not in self._items:
-            self._items[split] = self.dataset.items(split, self.cfg.limit)
-        return self._items[split]
-
-    def load_batch(self, items: list[Item]) -> tuple[np.ndarray, np.ndarray]:
-        """Decode images in parallel: (B, S, S, 3) uint8 and (B, S, S) uint8 labels."""
-        pairs = list(self._decoder.map(
-            lambda it: self.dataset.load(it, self.cfg.image_size, max_pixels=self.cfg.max_image_pixels), items))
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-    def to_model_input(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 crops -> normalised float pixels at the model's input size."""
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
-        if x.shape[-1] != self.loaded.input_size:
-            x = F.interpolate(x, size=self.loaded.input_size, mode="bilinear", align_corners=False)
-        return x * self._scale - self._shift
-
-    def features(self, images: np.ndarray, image_ids: list[str]) -> dict[str, np.ndarray]:
-        """Captured arrays of one batch, on the host, finite-checked."""
-        out = self.capture(self.to_model_input(images))
-        for name, tensor in out.items():
-            if name != "attention_sum" and not all_finite(tensor):
-                raise NonFiniteFeaturesError(
-                    f"{self.loaded.spec.alias} produced NaN/inf {name} for images "
-                    f"{non_finite_images(tensor, image_ids)[:5]}"
-                    + ("" if name == "attention_mi" else " (float16 overflow or a broken checkpoint)")
-                )
-        return {k: v.cpu().numpy() for k, v in out.items()}
-
-    def process(self, model: str, split: str, chunk: int) -> dict[str, float]:
-        """Compute image chunk ``chunk`` of ``split`` and write it (see ``write``).
-
-        A write behind the compute finishes with the next call or ``flush``. A
-        chunk counts as done only once its ``done`` flag is on disk, so a crash before that
-        leaves it pending and the driver's final check schedules it again.
-        """
-        t0 = time.perf_counter()
-        data, target = self.groups(model, split)
-        start, stop = data.bounds(chunk)
-        items = self.items(split)[start:stop]
-        images, labels = self.load_batch(items)
-        t1 = time.perf_counter()
-        arrays = self.features(images, [it.image_id for it in items])
-        t2 = time.perf_counter()
-        self.write(data, target, chunk, labels, arrays, images)
-        t3 = time.perf_counter()
-        return {"images": stop - start, "load_s": t1 - t0, "compute_s": t2 - t1, "write_wait_s": t3 - t2,
-                "pid": os.getpid()}
-
-    def write(self, data: DatasetSplit, target: ModelSplit, chunk: int, labels: np.ndarray,
-              arrays: dict[str, np.ndarray], images: np.ndarray | None = None) -> None:
-        """Write one chunk: behind the next chunk's compute on a GPU, at once on a CPU.
-
-        Waits first for (and re-raises errors of) the previous write. On a CPU the forward
-        already keeps every core busy and a writer thread beside it stalls torch's parallel
-        regions; on a GPU the host is idle while the device computes.
-        """
-        self.flush()
-
-        def write() -> None:
-            if not data.done[chunk]:
-                data.write_labels(chunk, labels, images)
-            target.write_chunk(chunk, arrays)
-
-        if self._write_behind:
-            self._pending_write = self._writer.submit(write)
-        else:
-            write()
-
-    def flush(self) -> None:
-        """Wait until every queued write is on disk."""
-        pending, self._pending_write = self._pending_write, None
-        if pending is not None:
-            pending.result()
 
 
 @dataclass
@@ -286,6 +138,8 @@ def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: boo
 def _extract(cfg: ExtractConfig, key: str, dataset: SegmentationDataset, split_items: dict[str, list[Item]],
              address: str | None, progress: bool,
              on_chunk_done: Callable[[str, int, dict[str, float]], None] | None) -> ExtractResult:
+    from .extractor import Extractor  # torch, timm and the capture: loaded once the checks have passed
+
     runner.ensure_ray(address)
     n_actors, cpus, gpus, threads = _pool_shape(cfg)
     result = ExtractResult(store=str(cfg.store), model=key, dataset=cfg.dataset)
