@@ -29,7 +29,7 @@ store_app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 # tables stay readable when piped (rich would otherwise assume 80 columns)
 console = Console() if sys.stdout.isatty() else Console(width=160)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
 
 # options of how a command runs, not of what it computes: never part of a config
 RUN_OPTIONS = {

@@ -6,6 +6,7 @@ randomly initialised members of each architecture path serve the tests and the d
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,8 +122,10 @@ def get_spec(name: str) -> ModelSpec:
                                     f"{', '.join(tags) or 'none'} (or name the architecture alone: {arch})")
         return ModelSpec(alias=name, timm_name=name, family="timm", size="?", hub="." in name or
                          bool(_timm().list_pretrained(f"{arch}.*")))
-    known = ", ".join(sorted(_REGISTRY))
-    raise UnknownModelError(f"unknown model {name!r}; registered: {known}; or any timm ViT/Eva name")
+    close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise UnknownModelError(f"unknown model {name!r}; {hint}`rep-pipeline models` lists the registered ones, "
+                            f"and any timm ViT/Eva name works too")
 
 
 def store_key(name: str, model_key: str | None = None) -> str:

@@ -8,6 +8,7 @@ the run and reaches the caller as itself.
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -28,9 +29,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        # token authentication, chosen explicitly: Ray then starts it without a notice
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        # Ray enables token authentication on a new local instance and says so on every start;
+        # the instance is this process's own, so the notice is kept quiet (the token is not)
+        notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        level, notice.level = notice.level, logging.ERROR
+        try:
+            ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+        finally:
+            notice.setLevel(level)
         _end_with_this_process()
 
 
