@@ -108,8 +108,9 @@ class Lease:
                 if record is None or record.get("token") != self.token:
                     return  # taken over (we were presumed dead): stop renewing someone else's lease
                 tmp = self.path.with_name(f".{self.path.name}.{self.token}.tmp")
-                tmp.write_text(json.dumps(self._record()))
-                os.replace(tmp, self.path)
+                with contextlib.suppress(OSError):  # a full disk: try again at the next beat
+                    tmp.write_text(json.dumps(self._record()))
+                    os.replace(tmp, self.path)
 
         self._thread = threading.Thread(target=beat, name=f"lease {self.path.name}", daemon=True)
         self._thread.start()
