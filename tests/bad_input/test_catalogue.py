@@ -1,0 +1,122 @@
+"""The catalogue of bad input, kill points and concurrent runs that the suite tests, with
+nothing lost in any of them. README.md's "Reliability" section quotes its totals; the tests
+below keep the two honest: every row names a test that exists, its case count is that test's
+number of parametrised cases, and the README's figures are this table's sums."""
+import importlib.util
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).parents[1]
+
+# (kind, what goes wrong, "file::test"); kind: input | kill | concurrent
+CASES = [
+    # security
+    ("input", "SQL that reads outside the results, writes anywhere, changes settings or loads code",
+     "bad_input/test_query.py::test_no_statement_reads_or_writes_outside_the_tables"),
+    ("input", "the same through the CLI: one line, exit 2", "bad_input/test_query.py::test_the_cli_refuses_in_one_line_and_exits_2"),
+    ("input", "an image or label larger than the pixel limit (a decompression bomb)",
+     "bad_input/test_images.py::test_a_huge_image_is_refused_from_its_header_fast"),
+    ("input", "a huge label file", "bad_input/test_images.py::test_a_huge_label_is_refused_before_decoding"),
+    # wrong results written silently
+    ("input", "evaluate on unfinished features", "bad_input/test_refusals.py::test_unfinished_features_are_refused_before_anything_is_written"),
+    ("input", "evaluate before cluster", "bad_input/test_refusals.py::test_evaluate_before_cluster_is_refused_before_anything_is_written"),
+    ("input", "evaluate with labels not written", "bad_input/test_refusals.py::test_labels_not_written_are_refused"),
+    ("input", "evaluate with labels out of range", "bad_input/test_refusals.py::test_labels_out_of_range_are_refused"),
+    ("input", "report on results without an evaluation", "bad_input/test_refusals.py::test_report_on_results_without_evaluations_names_what_to_run"),
+    ("input", "an image in each PIL mode", "bad_input/test_images.py::test_every_mode_becomes_the_expected_8bit_rgb"),
+    ("input", "modes without a defined white", "bad_input/test_images.py::test_modes_without_a_defined_white_are_refused_by_name"),
+    ("input", "a mode PIL may add later", "bad_input/test_images.py::test_a_mode_pil_may_add_later_is_refused_by_name"),
+    ("input", "a 16-bit grayscale image", "bad_input/test_images.py::test_16bit_gray_keeps_its_range_and_is_not_clipped_to_white"),
+    ("input", "label values out of range outside the crop", "bad_input/test_images.py::test_label_values_are_checked_on_the_whole_file_not_the_crop"),
+    ("input", "16-bit labels above 255", "bad_input/test_images.py::test_16bit_labels_within_0_255_load_and_above_are_refused"),
+    ("input", "labels in other modes", "bad_input/test_images.py::test_labels_in_other_modes_are_refused_by_name"),
+    ("input", "bad option values (reversed layer range, typos, bounds)", "test_config.py::test_bad_values_name_where_and_the_key"),
+    ("input", "a run config with a bad key, value, model, path or comparison",
+     "test_config.py::test_a_run_config_is_checked_whole_before_any_work"),
+    ("input", "layers the model does not have", "bad_input/test_errors.py::test_a_layer_beyond_the_model_leaves_no_group_behind"),
+    # malformed stores
+    ("input", "an empty Zarr v2 group", "bad_input/test_stores.py::test_an_empty_zarr_v2_group_is_no_feature_store"),
+    ("input", "a damaged zarr.json", "bad_input/test_stores.py::test_a_damaged_zarr_json_is_named_by_every_entry_point"),
+    ("input", "a damaged array's metadata", "bad_input/test_stores.py::test_a_damaged_array_metadata_is_reported_by_array"),
+    ("input", "truncated, missing and NaN chunks", "bad_input/test_stores.py::test_check_finds_each_bad_chunk_by_array_and_chunk"),
+    ("input", "repair of bad feature and label chunks", "bad_input/test_stores.py::test_repair_marks_only_the_bad_chunks_pending"),
+    ("input", "a bad codebook layer", "bad_input/test_stores.py::test_a_bad_codebook_layer_is_marked_untrained"),
+    ("input", "a chunk unreadable while evaluating", "bad_input/test_stores.py::test_a_chunk_unreadable_while_evaluating_is_named"),
+    ("input", "a file or a folder of other files at the store path",
+     "bad_input/test_stores.py::test_a_path_that_is_no_store_is_refused_before_any_work"),
+    ("input", "a repaired store completed by the same extract", "test_extract.py::test_a_repaired_store_is_completed_by_the_same_extract_command"),
+    # errors a person can act on
+    ("input", "errors that need no model: before torch and Ray, one line",
+     "bad_input/test_errors.py::test_errors_that_need_no_model_come_before_torch_and_ray"),
+    ("input", "a misspelt pretrained tag", "bad_input/test_errors.py::test_a_misspelt_pretrained_tag_is_refused_even_with_random_weights"),
+    ("input", "a checkpoint of another architecture", "bad_input/test_errors.py::test_a_checkpoint_of_another_architecture_is_summarised_not_listed"),
+    ("input", "an unexpected error (one line; --debug shows the traceback)",
+     "bad_input/test_errors.py::test_unexpected_errors_are_one_line_and_debug_shows_the_traceback"),
+    # cases that passed before the hardening
+    ("input", "corrupt, unlabelled-size and out-of-range images and labels", "test_datasets.py::test_bad_inputs_name_the_file"),
+    ("input", "an empty split, a wrong root, unknown names", "test_datasets.py::test_empty_split_wrong_root_and_unknown_names"),
+    ("input", "a corrupt image mid-run", "test_extract.py::test_corrupt_image_stops_the_run_and_keeps_finished_chunks"),
+    ("input", "NaN/inf features", "test_extract.py::test_non_finite_features_name_the_images"),
+    ("input", "a pickled object in a weights file", "test_registry.py::test_pickled_objects_are_refused"),
+    ("input", "a store of another model or weights", "test_extract.py::test_store_of_another_model_is_refused_and_model_key_separates"),
+    ("input", "weights of another architecture, strictly", "test_registry.py::test_strict_loading_names_file_and_keys"),
+    # kill points
+    ("kill", "Ctrl-C during extract", "test_extract.py::test_interrupted_run_resumes_to_the_single_run_result"),
+    ("kill", "a chunk half written", "test_extract.py::test_half_written_chunk_is_redone"),
+    ("kill", "a killed actor", "test_extract.py::test_killed_actor_is_restarted_and_its_range_retried"),
+    ("kill", "a SIGKILLed driver with chunks in flight", "test_extract.py::test_killed_driver_resumes_to_the_single_run_result"),
+    ("kill", "a SIGKILLed driver's own Ray instance", "bad_input/test_interrupts.py::test_a_killed_driver_leaves_no_ray_process_behind"),
+    ("kill", "a full file system during extract", "bad_input/test_interrupts.py::test_a_full_disk_stops_the_run_keeps_finished_chunks_and_resumes"),
+    ("kill", "Ctrl-C during cluster", "test_cluster.py::test_interrupted_run_writes_nothing_half_trained_and_resumes"),
+    ("kill", "Ctrl-C during cluster --force", "test_cluster.py::test_an_interrupted_force_keeps_the_finished_codebooks"),
+    ("kill", "evaluate failing midway", "bad_input/test_refusals.py::test_features_found_broken_midway_leave_the_results_as_they_were"),
+    # concurrent runs
+    ("concurrent", "two extracts of one model group started together",
+     "bad_input/test_concurrency.py::test_two_extracts_started_together_one_works_one_is_refused"),
+    ("concurrent", "cluster and evaluate while another run holds their outputs",
+     "bad_input/test_concurrency.py::test_cluster_and_evaluate_on_the_same_outputs_are_refused_while_one_runs"),
+    ("concurrent", "a live holder", "bad_input/test_concurrency.py::test_a_live_holder_is_refused_by_name"),
+    ("concurrent", "a dead holder (this host, or silent past the time to live)",
+     "bad_input/test_concurrency.py::test_a_dead_holders_lease_is_taken_over"),
+    ("concurrent", "several takers of one stale lease", "bad_input/test_concurrency.py::test_of_several_takers_of_a_stale_lease_exactly_one_wins"),
+    ("concurrent", "a long holder's heartbeat", "bad_input/test_concurrency.py::test_the_heartbeat_keeps_a_long_holder_alive"),
+]
+
+
+def _function(node: str):
+    path, name = node.split("::")
+    spec = importlib.util.spec_from_file_location(f"catalogue_{Path(path).stem}", TESTS / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, name, None)
+
+
+def _cases(func) -> int:
+    """How many cases a test runs: the product of its parametrisations."""
+    marks = [m for m in getattr(func, "pytestmark", []) if m.name == "parametrize"]
+    return math.prod(len(m.args[1]) for m in marks) if marks else 1
+
+
+def totals() -> dict[str, int]:
+    out = {"input": 0, "kill": 0, "concurrent": 0}
+    for kind, _, node in CASES:
+        out[kind] += _cases(_function(node))
+    return out
+
+
+@pytest.mark.parametrize("node", [c[2] for c in CASES])
+def test_every_row_names_a_test_that_exists(node):
+    assert callable(_function(node)), node
+
+
+def test_the_readme_quotes_this_tables_totals():
+    readme = (TESTS.parent / "README.md").read_text()
+    section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    t = totals()
+    quoted = {kind: int(re.search(rf"\*\*(\d+)\*\* {word}", section).group(1))
+              for kind, word in (("input", "bad-input cases"), ("kill", "kill points"),
+                                 ("concurrent", "concurrent-run cases"))}
+    assert quoted == t, f"README says {quoted}, the catalogue counts {t}"
