@@ -47,6 +47,7 @@ CASES = [
     ("input", "a chunk unreadable while evaluating", "bad_input/test_stores.py::test_a_chunk_unreadable_while_evaluating_is_named"),
     ("input", "a file or a folder of other files at the store path",
      "bad_input/test_stores.py::test_a_path_that_is_no_store_is_refused_before_any_work"),
+    ("input", "a store on a read-only file system", "bad_input/test_stores.py::test_a_read_only_store_location_is_refused_before_any_work"),
     ("input", "a repaired store completed by the same extract", "test_extract.py::test_a_repaired_store_is_completed_by_the_same_extract_command"),
     # errors a person can act on
     ("input", "errors that need no model: before torch and Ray, one line",

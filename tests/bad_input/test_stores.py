@@ -125,3 +125,23 @@ def test_a_path_that_is_no_store_is_refused_before_any_work(tmp_path, kind):
     out = _cli("extract", "--model", "tiny-vit", "--weights", "random", "--store", path, "--no-progress")
     assert out.exit_code == 2 and str(path) in out.output and "Traceback" not in out.output
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing adopted or written
+
+
+def test_a_read_only_store_location_is_refused_before_any_work(hand_made_store, tmp_path):
+    """A store on a read-only file system (a tmpfs remounted read-only; root ignores file modes)."""
+    import subprocess
+
+    disk = tmp_path / "ro"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        store = hand_made_store(disk / "s.zarr")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        out = _cli("cluster", "--store", store, "--model", "m", "--train-split", "train", "--k", "2",
+                   "--results", tmp_path / "results")
+        assert out.exit_code == 2 and f"cannot write to {store}" in out.output and "Traceback" not in out.output
+        out = _cli("extract", "--model", "tiny-vit", "--weights", "random", "--store", disk / "new.zarr")
+        assert out.exit_code == 2 and "is not writable" in out.output
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
