@@ -56,14 +56,39 @@ class Lease:
 
     def _create(self) -> bool:
         """Write the record if no lease exists; False if one does."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        for _ in range(5):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                return False
+            except FileNotFoundError:  # the folder was removed by a lease released just now
+                continue
+        else:
             return False
         with os.fdopen(fd, "w") as f:
             json.dump(self._record(), f)
         return True
+
+    def _take_over(self, stale: dict[str, Any]) -> None:
+        """Remove a dead holder's lease so that ``_create`` can succeed. Only the process that
+        creates the claim for that very record (by its token, ``O_EXCL``) removes it, so two
+        takers never both win, and a live lease that replaced it is never touched."""
+        claim = self.path.with_name(f".{self.path.name}.takeover-{stale.get('token')}")
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - claim.stat().st_mtime > self.ttl:
+                claim.unlink()  # a taker that died while taking over
+        try:
+            os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return  # another process is taking it over
+        try:
+            current = self.holder()
+            if current is not None and current.get("token") == stale.get("token"):
+                self.path.unlink(missing_ok=True)
+        finally:
+            claim.unlink(missing_ok=True)
 
     def holder(self) -> dict[str, Any] | None:
         """The current record, or None if there is none (or it is being replaced)."""
@@ -96,9 +121,7 @@ class Lease:
                     f"{self.what} is being written by {record.get('owner')} (pid {record.get('pid')}, heartbeat "
                     f"{age:.0f} s ago, command: {record.get('command')}); wait for it to finish or stop it. A lease "
                     f"whose holder stops is taken over after {self.ttl:.0f} s ({self.path})")
-            # take a dead holder's lease over: only one renamer wins, the others find it gone
-            with contextlib.suppress(FileNotFoundError):
-                os.rename(self.path, self.path.with_name(f".{self.path.name}.stale-{uuid.uuid4().hex}"))
+            self._take_over(record)
         raise LeaseHeldError(f"{self.what}: could not take the lease {self.path}; another writer is starting")
 
     def _start_heartbeat(self) -> None:
@@ -122,8 +145,6 @@ class Lease:
         record = self.holder()
         if record is not None and record.get("token") == self.token:
             self.path.unlink(missing_ok=True)
-        for stale in self.path.parent.glob(f".{self.path.name}.stale-*"):
-            stale.unlink(missing_ok=True)
         with contextlib.suppress(OSError):  # the last lease out leaves no empty folder behind
             self.path.parent.rmdir()
 

@@ -33,8 +33,9 @@ from .errors import QueryError, StoreError
 from .store import MapStore, check_store_location
 
 _TABLES = f"tables: {', '.join(SCHEMAS)}"
-# set before the sandbox is locked: nothing may be installed or loaded behind a query's back
-_DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+# set before the sandbox is locked: nothing may be installed or loaded behind a query's back, and
+# no spill folder (DuckDB leaves its temp_directory, ./.tmp by default, open even in the sandbox)
+_DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False, "temp_directory": ""}
 
 
 def _literal(value: Any) -> str:
@@ -84,8 +85,10 @@ class Results:
         marker = self.path / layout.MARKER
         if not marker.is_file():
             self.path.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"kind": layout.RESULTS_KIND, "tables_version": TABLES_VERSION,
-                                          "package_version": __version__}))
+            tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}.tmp")
+            tmp.write_text(json.dumps({"kind": layout.RESULTS_KIND, "tables_version": TABLES_VERSION,
+                                       "package_version": __version__}))
+            os.replace(tmp, marker)  # readers see no marker or the whole one
 
     # -- writing -------------------------------------------------------------------------------
     def write_table(self, table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], *,
@@ -156,8 +159,11 @@ class Results:
 
     def rows(self, sql: str, **selection: str | None) -> list[dict[str, Any]]:
         """The rows of ``sql`` over the views (``connect(**selection)``) as dicts."""
-        rel = self.connect(**selection).sql(sql)
-        return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
+        try:
+            rel = self.connect(**selection).sql(sql)
+            return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
+        except duckdb.Error as exc:  # a table without the columns asked for, say
+            raise StoreError(f"results folder {self.path}: {exc}") from exc
 
     def query(self, sql: str) -> duckdb.DuckDBPyRelation:
         """Run ``sql`` against the tables, in the sandbox (see the module's docstring); the

@@ -147,6 +147,22 @@ class FeatureStore:
             raise StoreError(f"feature store {self.path} has no model group {path} (has: {have})")
         return ModelSplit(self.root[path], path)
 
+    def check_request(self, model: str, dataset_fingerprint: Mapping[str, Any], chunk_images: int,
+                      fingerprint: Mapping[str, Any]) -> None:
+        """Refuse, before anything is created, a dataset split or model group that exists with
+        another fingerprint (so a run refused on its second split leaves nothing behind)."""
+        attrs = dict(dataset_fingerprint, chunk_images=chunk_images)
+        path = layout.dataset_path(attrs["dataset"], attrs["split"])
+        if path in self.root:
+            _check_same("dataset configuration", f"{self.path}/{path}", dict(self.root[path].attrs), attrs,
+                        tuple(k for k in layout.DATASET_ATTRS if k != "palette"))
+        path = layout.model_path(model, attrs["dataset"], attrs["split"])
+        if path in self.root and dict(self.root[path].attrs):
+            wanted = dict(fingerprint, dataset_fingerprint=fingerprint_hash(dataset_fingerprint),
+                          chunk_images=chunk_images, schema_version=layout.SCHEMA_VERSION)
+            _check_same("model, weights or capture configuration", f"{self.path}/{path}",
+                        dict(self.root[path].attrs), wanted, layout.MODEL_FINGERPRINT_KEYS)
+
     def require_dataset_split(self, fingerprint: Mapping[str, Any], image_ids: list[str],
                               palette: np.ndarray, chunk_images: int) -> "DatasetSplit":
         """The dataset split group for ``fingerprint``, created on first use."""
@@ -363,7 +379,8 @@ class ModelSplit(_Group):
         """The codebooks, not counting replacements still in training."""
         if "codebooks" not in self.group:
             return []
-        return sorted(n for n, _ in self.group["codebooks"].groups() if not n.endswith(layout.REPLACEMENT_SUFFIX))
+        return sorted(n for n, _ in self.group["codebooks"].groups()
+                      if not n.endswith(layout.REPLACEMENT_SUFFIX) and not n.startswith("."))
 
     def codebook(self, method: str, k: int, seed: int, replacement: bool = False) -> "Codebook":
         """The codebook of (method, k, seed), or with ``replacement`` the one training to replace it."""
@@ -409,8 +426,14 @@ class ModelSplit(_Group):
 
     def replace_codebook(self, method: str, k: int, seed: int) -> None:
         """Swap the finished replacement of (method, k, seed) in for the codebook: two renames,
-        the old one removed only after the new one is in place."""
+        the old one removed only after the new one is in place. Layers and embeddings the
+        replacement did not retrain are carried over when both were trained alike (same
+        hyperparameters, same features); otherwise the codebook is replaced whole."""
         name = layout.codebook_name(method, k, seed)
+        if name in self.codebook_names():
+            old_book, new_book = self.codebook(method, k, seed), self.codebook(method, k, seed, replacement=True)
+            if old_book.fingerprint_hash == new_book.fingerprint_hash:
+                new_book.keep_finished(old_book)
         folder = Path(self.group.store.root) / self.group.path / "codebooks"
         new, old = folder / (name + layout.REPLACEMENT_SUFFIX), folder / name
         if not new.is_dir():
@@ -465,6 +488,13 @@ class Codebook:
         slot = self.features.layer_slot(layer)
         arr[slot] = centroids
         done[slot] = True
+
+    def keep_finished(self, other: "Codebook") -> None:
+        """Copy in every finished (embedding, layer) of ``other`` that this codebook lacks."""
+        for emb in self.features.embeddings:
+            for layer in self.features.layers:
+                if other.is_done(emb, layer) and not self.is_done(emb, layer):
+                    self.write(emb, layer, other.centroids(emb, layer))
 
     def centroids(self, embedding: str, layer: int) -> np.ndarray:
         if not self.is_done(embedding, layer):

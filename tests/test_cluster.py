@@ -201,3 +201,16 @@ def test_an_interrupted_force_keeps_the_finished_codebooks(store):
     assert book.attrs["hyperparameters"]["steps"] == 1500 and all(book.is_done("keys", layer) for layer in (1, 3))
     assert sorted(p.name for p in (store / "models/tiny-vit/synthetic/train/codebooks").iterdir()) == [
         "online-k3-s0", "zarr.json"]
+
+
+def test_force_on_some_embeddings_keeps_the_others(store):
+    cfg = _cfg(store, k=(3,), methods=("lloyd",))
+    run_cluster(cfg, progress=False)
+    book = FeatureStore(store).model_split("tiny-vit", "synthetic", "train").codebook("lloyd", 3, 0)
+    tokens = {layer: book.centroids("tokens", layer) for layer in (1, 3)}
+    run_cluster(cfg.replace(force=True, embeddings=("keys",), layers=(3,)), progress=False)
+    book = FeatureStore(store).model_split("tiny-vit", "synthetic", "train").codebook("lloyd", 3, 0)
+    assert all(book.is_done(e, layer) for e in ("keys", "tokens") for layer in (1, 3))
+    for layer in (1, 3):
+        np.testing.assert_array_equal(book.centroids("tokens", layer), tokens[layer])
+    assert is_done(cfg)

@@ -302,3 +302,13 @@ def test_a_repaired_feature_chunk_keeps_the_attention_map(ray_local, tmp_path):
     got = _arrays(cfg.store, "tiny-vit", "train")
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_run_refused_on_its_second_split_creates_nothing(ray_local, tmp_path):
+    """The first split's groups are not created when a later split's are of another producer."""
+    run_extract(_cfg(tmp_path, splits=("val",), seed=1), progress=False)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(FingerprintMismatchError, match="weights_sha256"):
+        run_extract(_cfg(tmp_path, splits=("train", "val"), seed=2), progress=False)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert ("tiny-vit", "synthetic", "train") not in FeatureStore(tmp_path / "s.zarr").model_splits()

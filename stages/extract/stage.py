@@ -150,6 +150,9 @@ def _extract(cfg: ExtractConfig, key: str, dataset: SegmentationDataset, split_i
             raise FingerprintMismatchError(f"the extractors of {key} loaded different weights or geometry; "
                                            f"is the weights file changing? {fingerprints}")
         store = FeatureStore(cfg.store, mode="a")
+        for split, items in split_items.items():  # every split checked before any group is created
+            store.check_request(key, dataset.fingerprint(split, items, cfg.image_size), cfg.chunk_images,
+                                fingerprints[0])
         tasks, targets = [], {}
         for split, items in split_items.items():
             # models extracted side by side share the dataset split: its creation is one writer's

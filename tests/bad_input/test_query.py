@@ -85,3 +85,15 @@ def test_in_memory_scratch_work_is_allowed_and_leaves_nothing(results, tmp_path)
     assert r.fetch_rows("WITH t AS (SELECT nmi * 2 AS x FROM ground_truth) SELECT x FROM t", 5) == (["x"], [(0.5,)])
     assert r.fetch_rows("CREATE TEMP TABLE s AS SELECT 1 AS one; SELECT one FROM s", 5) == (["one"], [(1,)])
     assert _snapshot(tmp_path) == before
+
+
+def test_duckdbs_spill_folder_is_closed_too(results, tmp_path, monkeypatch):
+    """DuckDB keeps its temp_directory (./.tmp) open inside the sandbox unless told otherwise."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".tmp").mkdir()
+    (tmp_path / ".tmp" / "old.csv").write_text("top secret\n")
+    before = _snapshot(tmp_path)
+    for sql in ("COPY (SELECT 1) TO '.tmp/x.csv'", "SELECT * FROM glob('.tmp/*')", "SELECT * FROM read_csv('.tmp/old.csv')"):
+        with pytest.raises(QueryError, match="refused"):
+            Results(results).fetch_rows(sql, 5)
+    assert _snapshot(tmp_path) == before
