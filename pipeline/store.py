@@ -9,6 +9,7 @@ chunk's ``done`` flag is set only after everything else of it is written.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -75,6 +76,30 @@ def _write_together(writes: list[tuple[zarr.Array, Any, np.ndarray]]) -> None:
                              f"{np.shape(value)} failed: {result}") from result
 
 
+def _bad_metadata(root: Path) -> str:
+    """The first ``zarr.json`` under ``root`` that does not parse, for an error message."""
+    for meta in sorted(root.rglob("zarr.json")):
+        try:
+            json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return str(meta)
+    return f"a zarr.json under {root}"
+
+
+def _metadata_read(method: Callable) -> Callable:
+    """Metadata that does not parse, met while listing or opening groups and arrays, is a
+    ``StoreError`` naming the file (zarr's own error names none)."""
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            root = Path(self.group.store.root) if hasattr(self, "group") else Path(self.path)
+            raise StoreError(f"{_bad_metadata(root)} cannot be read ({exc}); `rep-pipeline store check` lists "
+                             f"every problem of the store") from exc
+    return wrapper
+
+
 def check_store_location(path: str | Path, *, writable: bool = False) -> None:
     """Fail before any work on a path that cannot hold a store: a regular file, a folder of
     other files (never adopted), or, with ``writable``, a place this process cannot write."""
@@ -121,11 +146,13 @@ class FeatureStore:
             )
 
     # -- listing ---------------------------------------------------------------------------
+    @_metadata_read
     def dataset_splits(self) -> list[tuple[str, str]]:
         if "datasets" not in self.root:
             return []
         return sorted((d, s) for d, g in self.root["datasets"].groups() for s, _ in g.groups())
 
+    @_metadata_read
     def model_splits(self) -> list[tuple[str, str, str]]:
         if "models" not in self.root:
             return []
@@ -133,6 +160,7 @@ class FeatureStore:
                       for d, dg in mg.groups() for s, _ in dg.groups())
 
     # -- groups ------------------------------------------------------------------------------
+    @_metadata_read
     def dataset_split(self, dataset: str, split: str) -> "DatasetSplit":
         path = layout.dataset_path(dataset, split)
         if path not in self.root:
@@ -140,6 +168,7 @@ class FeatureStore:
             raise StoreError(f"feature store {self.path} has no dataset split {dataset}/{split} (has: {have})")
         return DatasetSplit(self.root[path], path)
 
+    @_metadata_read
     def model_split(self, model: str, dataset: str, split: str) -> "ModelSplit":
         path = layout.model_path(model, dataset, split)
         if path not in self.root:
@@ -243,6 +272,7 @@ class _Group:
     path: str
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    @_metadata_read
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
             # every chunk is written as it is: no scan for chunks that equal the fill value
@@ -372,9 +402,11 @@ class ModelSplit(_Group):
             raise StoreError(f"{self.path} has no layer {layer}; captured layers: {list(self.layers)}")
         return self.layers.index(layer)
 
+    @_metadata_read
     def codebooks(self) -> list["Codebook"]:
         return [self.codebook(*layout.parse_codebook_name(n)) for n in self.codebook_names()]
 
+    @_metadata_read
     def codebook_names(self) -> list[str]:
         """The codebooks, not counting replacements still in training."""
         if "codebooks" not in self.group:
@@ -553,6 +585,13 @@ class MapStore:
 
 def validate_store(path: str | Path) -> list[str]:
     """Every way the store at ``path`` departs from the layout, as readable sentences."""
+    try:
+        return _validate(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a group's metadata: nothing below it is listed
+        return [f"{_bad_metadata(Path(path))} cannot be read ({exc})"]
+
+
+def _validate(path: str | Path) -> list[str]:
     problems: list[str] = []
     try:
         root = zarr.open_group(str(path), mode="r")
@@ -687,8 +726,9 @@ def check_store(path: str | Path, *, group: str | None = None, repair: bool = Fa
     recomputes it; nothing else is touched."""
     path = Path(path)
     report = CheckReport(validate_store(path))
-    if report.problems and (not path.is_dir() or "is not" in report.problems[0]):
-        return report
+    if report.problems and (not path.is_dir() or any(" is not " in p or "cannot be read" in p
+                                                     for p in report.problems)):
+        return report  # what does not parse cannot be read chunk by chunk
     store = FeatureStore(path, mode="a" if repair else "r")
     chosen = lambda p: group is None or p == group or p.startswith(group.rstrip("/") + "/")  # noqa: E731
     pending: dict[tuple[str, str], set[int]] = {}  # (dataset, split) -> label chunks to redo

@@ -43,7 +43,7 @@ def test_a_damaged_zarr_json_is_named_by_every_entry_point(hand_made_store, tmp_
     (store / "zarr.json").write_text("{not json")
     for args in (("store", "info", store), ("store", "check", store)):
         out = _cli(*args)
-        assert out.exit_code in (1, 2) and "zarr.json" in out.output or "Expecting" in out.output, out.output
+        assert out.exit_code in (1, 2) and ("zarr.json" in out.output or "Expecting" in out.output), out.output
         assert "Traceback" not in out.output
     for stage_run, cfg in ((run_evaluate, EvaluateConfig(store=store, split="val", results=tmp_path / "r")),
                            (run_cluster, ClusterConfig(store=store, model="m", train_split="train")),
@@ -145,3 +145,14 @@ def test_a_read_only_store_location_is_refused_before_any_work(hand_made_store, 
         assert out.exit_code == 2 and "is not writable" in out.output
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+@pytest.mark.parametrize("group", ["datasets/synthetic/val", "models/m/synthetic", "models/m/synthetic/train/codebooks"])
+def test_a_damaged_group_metadata_is_named_by_the_stages(hand_made_store, tmp_path, group):
+    store = hand_made_store(tmp_path / "s.zarr")
+    (store / group / "zarr.json").write_text("{broken")
+    with pytest.raises(StoreError, match=f"{group}/zarr.json cannot be read"):
+        run_evaluate(EvaluateConfig(store=store, split="val", results=tmp_path / "r"), progress=False)
+    out = _cli("store", "check", store)
+    assert out.exit_code in (1, 2) and "zarr.json" in out.output and "Traceback" not in out.output
+    assert not (tmp_path / "r").exists()
