@@ -14,8 +14,8 @@ import typing
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
-import click
 import typer
+from typer.core import TyperGroup
 from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
@@ -24,7 +24,38 @@ from rep_pipeline.pipeline.config import Comparison, Options, ReportConfig
 from rep_pipeline.pipeline.errors import RepPipelineError
 from rep_pipeline.stages import STAGES
 
-app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+# typer ships its own click; its usage-error class is the base of the public BadParameter
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+
+
+class _Commands(TyperGroup):
+    """Typer's group, with usage errors (a misspelt flag, a missing option) as one line like
+    every other error, and ``--debug`` accepted anywhere on the command line."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        args = list(sys.argv[1:] if args is None else args)
+        if "--debug" in args[1:]:  # after the command's name as well as before it
+            args.remove("--debug")
+            args.insert(0, "--debug")
+        try:
+            rc = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _UsageError as exc:
+            if not standalone_mode:
+                raise
+            command = exc.ctx.command_path if exc.ctx is not None else "rep-pipeline"
+            err_console.print(f"[bold red]error:[/] {exc.format_message()} (see `{command} --help`)", highlight=False)
+            sys.exit(2)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            sys.exit(130)
+        if standalone_mode:
+            sys.exit(rc if isinstance(rc, int) else 0)
+        return rc
+
+
+app = typer.Typer(cls=_Commands, no_args_is_help=True, pretty_exceptions_enable=False)
 store_app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 # tables stay readable when piped (rich would otherwise assume 80 columns)
@@ -63,7 +94,7 @@ def friendly_errors(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, typer.Abort, click.exceptions.ClickException):
+        except (typer.Exit, typer.Abort, _UsageError):
             raise
         except RepPipelineError as exc:
             if _debug["on"]:
@@ -208,6 +239,7 @@ def query(
 
 
 @app.command("models")
+@friendly_errors
 def list_models_cmd(pattern: str = typer.Argument("*", help="Glob over aliases and timm names.")) -> None:
     """List the registered models."""
     from rep_pipeline.pipeline.registry import list_models

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from rep_pipeline.pipeline.config import (ClusterConfig, Comparison, EvaluateConfig, ExtractConfig, Options,
                                           ReportConfig)
-from rep_pipeline.pipeline.datasets import DATASETS
+from rep_pipeline.pipeline.datasets import DATASETS, build_dataset
 from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
 from rep_pipeline.pipeline.registry import get_spec, store_key
 from rep_pipeline.stages import STAGES
@@ -139,6 +139,12 @@ class RunConfig:
                                   f"{', '.join(sorted(DATASETS))}")
             if e.data_root is not None and not e.data_root.is_dir():
                 raise ConfigError(f"{where}: dataset.root: {e.data_root} is not a directory")
+            try:
+                dataset = build_dataset(e.dataset, e.data_root, **e.dataset_options)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: dataset.options: {exc}") from None
+            if dataset.needs_root and e.data_root is None:
+                raise ConfigError(f"{where}: dataset.root: {e.dataset} needs one ({dataset.root_layout})")
             if e.weights not in ("pretrained", "random") and not Path(e.weights).is_file():
                 raise ConfigError(f"{where}: models.{i}.weights: file {e.weights} does not exist")
         if len(set(keys)) != len(keys):

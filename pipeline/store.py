@@ -373,8 +373,8 @@ class ModelSplit(_Group):
             total = self.array("attention_sum")[:].sum(axis=0) / self.n_images
             _create(self.group, layout.MODEL_ARRAYS["attention_map"], total.shape, self.chunk_images)[:] = total
         self.group.attrs["finished"] = True
-        if self.group.attrs.get("attention_final"):
-            self.group.attrs["attention_final"] = False
+        if self.group.attrs.get(layout.ATTENTION_FINAL):
+            self.group.attrs[layout.ATTENTION_FINAL] = False
         if "attention_sum" in self.group:
             del self.group["attention_sum"]
         self._arrays.pop("attention_sum", None)
@@ -436,6 +436,15 @@ class ModelSplit(_Group):
         wanted = self._codebook_attrs(method, k, seed, hyperparameters)
         same = fingerprint_hash({k: wanted[k] for k in layout.CODEBOOK_FINGERPRINT_KEYS}) == book.fingerprint_hash
         return book if same else None
+
+    def check_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any]) -> None:
+        """Refuse, before anything is created, a codebook of (method, k, seed) that exists with
+        other hyperparameters or on other features."""
+        name = layout.codebook_name(method, k, seed)
+        if name in self.codebook_names() and dict(self.codebook(method, k, seed).attrs):
+            _check_same("training configuration", f"{self.path}/codebooks/{name}",
+                        self.codebook(method, k, seed).attrs, self._codebook_attrs(method, k, seed, hyperparameters),
+                        layout.CODEBOOK_FINGERPRINT_KEYS)
 
     def require_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any],
                          force: bool = False) -> "Codebook":
@@ -786,13 +795,13 @@ def _check_model_split(target: ModelSplit, label_chunks: set[int], report: Check
         _create(target.group, layout.MODEL_ARRAYS["attention_sum"],
                 (target.n_chunks, len(target.layers), target.attrs["grid"] ** 2, target.attrs["grid"] ** 2),
                 target.chunk_images)
-        target.group.attrs.update({"finished": False, "attention_final": False})
+        target.group.attrs.update({"finished": False, layout.ATTENTION_FINAL: False})
         target.done[:] = False
         report.repairs.append(f"{target.path}: attention_map unreadable; all {target.n_chunks} chunks marked pending")
         return
     chunks = sorted(bad_chunks)
     if target.finished:
-        target.group.attrs.update({"finished": False, "attention_final": True})
+        target.group.attrs.update({"finished": False, layout.ATTENTION_FINAL: True})
     target.done[chunks] = False
     report.repairs.append(f"{target.path}: chunks {chunks} marked pending; run the same extract command")
 

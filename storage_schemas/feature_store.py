@@ -114,7 +114,7 @@ REQUEST_ATTRS = ("request", "request_sha256")
 # Set by ``store check --repair`` on a finished group whose feature chunks were marked pending:
 # its ``attention_map`` stands (a chunk's attention is determined by the fingerprint), so the
 # recomputed chunks write features only, and the group is finished again once all are done.
-REPAIR_ATTRS = ("attention_final",)
+ATTENTION_FINAL = "attention_final"
 # what must match for a writer to add to an existing model group (package_version may differ)
 MODEL_FINGERPRINT_KEYS = tuple(k for k in MODEL_ATTRS if k not in ("package_version", "finished"))
 
@@ -157,6 +157,6 @@ def model_array_shapes(attrs: dict[str, Any], n_images: int) -> dict[str, tuple[
     P, C = G * G, n_chunks(n_images, attrs["chunk_images"])
     shapes = {e: (L, n_images, G, G, D) for e in attrs["embeddings"]}
     shapes.update(class_tokens=(L, n_images, D), attention_mi=(L, n_images, H), done=(C,))
-    final = attrs.get("finished") or attrs.get("attention_final")
+    final = attrs.get("finished") or attrs.get(ATTENTION_FINAL)
     shapes["attention_map" if final else "attention_sum"] = (L, P, P) if final else (C, L, P, P)
     return shapes

@@ -68,11 +68,6 @@ def curve_part(train_split: str, method: str, k: int, seed: int, embedding: str,
     return f"{train_split}-{codebook_name(method, k, seed)}-{embedding}-l{layer}"
 
 
-def table_glob(table: str, dataset: str | None = None) -> str:
-    """Every part of ``table`` (of one dataset if given), as a glob DuckDB reads."""
-    return f"{table}/dataset={dataset}/**/*.parquet" if dataset else f"{table}/**/*.parquet"
-
-
 def ground_truth_maps(dataset: str, split: str) -> str:
     return f"{dataset}/{split}/ground_truth"
 
@@ -89,4 +84,4 @@ def setting_maps(dataset: str, split: str, model: str, train_split: str, method:
 
 __all__ = ["GROUND_TRUTH_MODEL", "MAPS", "MAPS_KIND", "MAP_ARRAYS", "MARKER", "MapArray", "RESULTS_KIND",
            "TABLES_VERSION", "attention_maps", "curve_part", "default_results", "ground_truth_maps", "part_file",
-           "partition", "setting_maps", "table_glob"]
+           "partition", "setting_maps"]

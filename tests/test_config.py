@@ -105,6 +105,8 @@ def test_the_demo_config_validates_into_stage_configs(tmp_path):
     ({"models": [{"model": "tiny-dinov3", "colour": 1}]}, "models.0.colour: unknown key"),
     ({"dataset.root": "no/such/dir"}, "dataset.root: "),
     ({"dataset.name": "imagenet"}, "dataset.name: unknown dataset 'imagenet'"),
+    ({"dataset.options": {"sizez": {"train": 4}}}, "dataset.options: synthetic: unknown dataset option 'sizez'"),
+    ({"dataset.name": "cocostuff27", "dataset.options": None}, "dataset.root: cocostuff27 needs one"),
     ({"evaluate": {"n_examples": -1}}, "evaluate: n_examples: Input should be greater than or equal to 0"),
 ])
 def test_a_run_config_is_checked_whole_before_any_work(tmp_path, monkeypatch, changes, message):

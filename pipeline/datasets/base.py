@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .. import config
-from ..errors import DataRootError, EmptySplitError, ImageReadError, LabelValueError, SizeMismatchError
+from ..errors import ConfigError, DataRootError, EmptySplitError, ImageReadError, LabelValueError, SizeMismatchError
 
 
 @dataclass(frozen=True)
@@ -237,8 +237,13 @@ class SegmentationDataset:
     ignore_index: ClassVar[int] = config.IGNORE_INDEX
     needs_root: ClassVar[bool] = True          # False: the dataset makes its own images
     root_layout: ClassVar[str] = "the dataset"  # what --data-root must hold, for the error
+    options_allowed: ClassVar[tuple[str, ...]] = ()  # the dataset options (``-o KEY=VALUE``) it reads
 
     def __init__(self, root: str | Path | None = None, **options: Any):
+        unknown = sorted(set(options) - set(self.options_allowed))
+        if unknown:
+            allowed = ", ".join(self.options_allowed) or "none"
+            raise ConfigError(f"{self.name}: unknown dataset option {unknown[0]!r}; it takes: {allowed}")
         self.root = Path(root) if root is not None else None
         self.options = options
 

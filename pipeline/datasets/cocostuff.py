@@ -48,6 +48,7 @@ class CocoStuff27(SegmentationDataset):
     unlabelled) and the curated list ``curated/<split>/Coco164kFull_Stuff_Coarse_7.txt``."""
 
     name = "cocostuff27"
+    options_allowed = ("list_name",)
     default_splits = ("train2017", "val2017")
     root_layout = "images/<split>, annotations/<split> and curated/<split>"
 

@@ -42,6 +42,7 @@ class SyntheticScenes(SegmentationDataset):
     """Options: ``sizes`` ({split: n}), ``seed``, ``layout_bias``, ``native_size`` ((h, w))."""
 
     name = "synthetic"
+    options_allowed = ("sizes", "native_size", "seed", "layout_bias")
     default_splits = tuple(config.SYNTHETIC_SPLIT_SIZES)
     needs_root = False
 

@@ -264,6 +264,10 @@ def plan_codebooks(cfg: ClusterConfig) -> tuple[str, list[GroupPlan], int]:
     Creates the codebook groups (emptied first with ``force``)."""
     store = FeatureStore(cfg.store, mode="a")
     dataset, group, embeddings, layers, ks = _requested(cfg, store)
+    if not cfg.force:  # every codebook checked before any is created
+        for m in cfg.methods:
+            for k in ks:
+                group.check_codebook(m, k, cfg.seed, cfg.hyperparameters(m))
     books = {(m, k): group.require_codebook(m, k, cfg.seed, cfg.hyperparameters(m), force=cfg.force)
              for m in cfg.methods for k in ks}
     plans, reused = [], 0

@@ -192,8 +192,8 @@ def run_evaluate(cfg: EvaluateConfig, *, address: str | None = None, progress: b
                 parts.append(_attention(cfg, maps, t))
                 result.settings += len(rows["segmentation"])
                 result.models.append(t.model)
-            for table, rows, dataset, model in parts:
-                results.write_table(table, rows, dataset=dataset, model=model, part=cfg.split)
+        for table, rows, dataset, model in parts:  # after the maps: a table row never points at a missing map
+            results.write_table(table, rows, dataset=dataset, model=model, part=cfg.split)
         for dataset in datasets:
             _write_summaries(cfg, results, dataset)
         result.seconds = time.perf_counter() - t0

@@ -56,7 +56,12 @@ class ReportData:
         self.gt_images = self.maps.read(gt_path, "images")
         self.gt_labels = self.maps.read(gt_path, "labels")
         self.gt_aggregate = self.maps.read(gt_path, "aggregate")
-        self.gt = self.rows("SELECT mi, nmi, nmi_bias_aware FROM ground_truth")[0]
+        truth = self.rows("SELECT mi, nmi, nmi_bias_aware FROM ground_truth") if "ground_truth" in \
+            self.results.tables() else []
+        if not truth:
+            raise StoreError(f"{cfg.results} has no ground-truth row for {self.dataset}/{self.split}; run "
+                             f"`rep-pipeline evaluate` again")
+        self.gt = truth[0]
         self.gt_classwise = self.classwise("source = 'ground_truth'")
 
     def rows(self, sql: str) -> list[dict[str, Any]]:
@@ -134,8 +139,7 @@ def _section(title: str, panels: tuple[Panel, ...], draw_args: tuple, folder: Pa
     return f"<section><h2>{html.escape(title)}</h2>{head}{''.join(body)}</section>"
 
 
-def _comparison_section(data: ReportData, comp: Comparison, out: Path, written: list[Path]) -> str:
-    rows = select_rows(data, comp)
+def _comparison_section(data: ReportData, comp: Comparison, rows: list[Row], out: Path, written: list[Path]) -> str:
     title = comp.title or (f"{comp.compare}: {comp.embedding}, layer {comp.layer}" if comp.compare != "layers"
                            else f"layers of {rows[0].setting['model']}: {comp.embedding}")
     table = _table(["setting", "mIoU", "pixel acc.", "NMI", "NMI (bias-aware)"],
@@ -177,10 +181,11 @@ def run_report(cfg: ReportConfig, *, address: str | None = None, progress: bool 
     """Draw every comparison of ``cfg`` and the summary panels; write ``<out>/index.html``.
     (``address`` and ``progress`` are accepted for the common stage signature.)"""
     data = ReportData(cfg)
+    chosen = [(comp, select_rows(data, comp)) for comp in cfg.comparisons]  # all checked before a figure is drawn
+    seg = data.rows("SELECT k, method FROM segmentation ORDER BY k, method LIMIT 1")[0]
     out = Path(cfg.out)
     written: list[Path] = []
-    sections = [_comparison_section(data, comp, out, written) for comp in cfg.comparisons]
-    seg = data.rows("SELECT k, method FROM segmentation ORDER BY k, method LIMIT 1")[0]
+    sections = [_comparison_section(data, comp, rows, out, written) for comp, rows in chosen]
     sections.append(_section(f"correlations (K = {seg['k']}, {seg['method']})", SUMMARY_PANELS,
                              (data, seg["k"], seg["method"]), out / "correlations", written))
     intro = (f"Dataset {html.escape(data.dataset)}, test split {html.escape(data.split)}. Ground truth: NMI "

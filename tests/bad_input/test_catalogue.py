@@ -58,6 +58,10 @@ CASES = [
      "bad_input/test_errors.py::test_errors_that_need_no_model_come_before_torch_and_ray"),
     ("input", "a misspelt pretrained tag", "bad_input/test_errors.py::test_a_misspelt_pretrained_tag_is_refused_even_with_random_weights"),
     ("input", "a checkpoint of another architecture", "bad_input/test_errors.py::test_a_checkpoint_of_another_architecture_is_summarised_not_listed"),
+    ("input", "usage errors: a misspelt flag, a missing option, a bad value, an unknown command",
+     "bad_input/test_errors.py::test_usage_errors_are_one_line_too"),
+    ("input", "--debug after the command", "bad_input/test_errors.py::test_debug_works_after_the_command_too"),
+    ("input", "a report with one bad comparison", "bad_input/test_refusals.py::test_a_report_with_one_bad_comparison_draws_nothing"),
     ("input", "an unexpected error (one line; --debug shows the traceback)",
      "bad_input/test_errors.py::test_unexpected_errors_are_one_line_and_debug_shows_the_traceback"),
     # cases that passed before the hardening

@@ -40,6 +40,8 @@ print(json.dumps({"code": code, "loaded": sorted({"torch", "timm"} & set(sys.mod
     (["extract", "--model", "tiny-vit", "--weights", "{tmp}/missing.safetensors", "--store", "{tmp}/s.zarr"],
      "missing.safetensors does not exist"),
     (["extract", "--model", "tiny-vit", "--weights", "random", "--store", "{tmp}/file.zarr"], "is a file"),
+    (["extract", "--model", "tiny-vit", "--weights", "random", "-o", "bogus=1", "--store", "{tmp}/s.zarr"],
+     "synthetic: unknown dataset option 'bogus'; it takes: sizes, native_size, seed, layout_bias"),
     (["cluster", "--store", "{tmp}/none.zarr", "--model", "m", "--train-split", "train"], "does not exist"),
     (["evaluate", "--store", "{tmp}/none.zarr", "--split", "val"], "does not exist"),
     (["query", "{tmp}/none", "SELECT 1"], "does not exist"),
@@ -104,3 +106,20 @@ def test_a_layer_beyond_the_model_leaves_no_group_behind(ray_local, tmp_path):
         run_extract(cfg, progress=False)
     assert not (tmp_path / "s.zarr" / "models").exists()
     run_extract(cfg.replace(layers=(3,)), progress=False)  # the correct rerun is not blocked by leftovers
+
+
+@pytest.mark.parametrize("args,message", [
+    (["extract", "--modle", "x"], "No such option: --modle"),
+    (["extract"], "Missing option '--model'"),
+    (["extract", "--model", "m", "--store", "s", "--limit", "abc"], "Invalid value for '--limit'"),
+    (["no-such-command"], "No such command 'no-such-command'"),
+])
+def test_usage_errors_are_one_line_too(args, message):
+    run = subprocess.run([sys.executable, "-m", "rep_pipeline.cli.app", *args], capture_output=True, text=True)
+    assert run.returncode == 2 and message in run.stderr and "--help" in run.stderr, run.stderr
+    assert len(run.stderr.strip().splitlines()) == 1 and "╭" not in run.stderr
+
+
+def test_debug_works_after_the_command_too(tmp_path):
+    out = runner.invoke(app, ["extract", "--model", "dino-b61", "--store", str(tmp_path / "s.zarr"), "--debug"])
+    assert isinstance(out.exception, UnknownModelError)  # re-raised with its traceback, not one red line

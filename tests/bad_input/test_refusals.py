@@ -72,3 +72,14 @@ def test_report_on_results_without_evaluations_names_what_to_run(tmp_path):
     with pytest.raises(StoreError, match="run `rep-pipeline evaluate` first"):
         run_report(ReportConfig(results=tmp_path / "results", out=tmp_path / "report"))
     assert not (tmp_path / "report").exists()
+
+
+def test_a_report_with_one_bad_comparison_draws_nothing(evaluated, tmp_path):
+    from rep_pipeline.pipeline.config import Comparison
+    from rep_pipeline.pipeline.errors import ConfigError
+
+    cfg = ReportConfig(results=evaluated.results, out=tmp_path / "report",
+                       comparisons=(Comparison(embedding="keys"), Comparison(embedding="keys", layer=9)))
+    with pytest.raises(ConfigError, match="no evaluated layer 9"):
+        run_report(cfg)
+    assert not (tmp_path / "report").exists()
