@@ -110,18 +110,18 @@ def get_spec(name: str) -> ModelSpec:
     if name in _BY_TIMM_NAME:
         return _BY_TIMM_NAME[name]
     arch = name.split(".")[0]
-    if "-" not in arch and _timm().is_model(arch):  # no timm name has one: a mistyped alias fails at once
+    if "-" not in arch and (timm := _timm()).is_model(arch):  # no timm name has one: a mistyped alias fails at once
+        if "." in name and not timm.is_model_pretrained(name):  # before building anything, even on meta
+            tags = sorted(n.split(".", 1)[1] for n in timm.list_pretrained(f"{arch}.*"))
+            raise UnknownModelError(f"timm has no pretrained tag {name.split('.', 1)[1]!r} for {arch}; its tags: "
+                                    f"{', '.join(tags) or 'none'} (or name the architecture alone: {arch})")
         cls_name = _model_class_name(arch)
         if cls_name not in ("VisionTransformer", "Eva"):
             raise UnknownModelError(
                 f"model {name!r} is a timm {cls_name}; rep-pipeline probes ViT and Eva models only"
             )
-        if "." in name and not _timm().is_model_pretrained(name):
-            tags = sorted(n.split(".", 1)[1] for n in _timm().list_pretrained(f"{arch}.*"))
-            raise UnknownModelError(f"timm has no pretrained tag {name.split('.', 1)[1]!r} for {arch}; its tags: "
-                                    f"{', '.join(tags) or 'none'} (or name the architecture alone: {arch})")
         return ModelSpec(alias=name, timm_name=name, family="timm", size="?", hub="." in name or
-                         bool(_timm().list_pretrained(f"{arch}.*")))
+                         bool(timm.list_pretrained(f"{arch}.*")))
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     raise UnknownModelError(f"unknown model {name!r}; {hint}`rep-pipeline models` lists the registered ones, "

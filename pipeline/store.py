@@ -419,7 +419,7 @@ class ModelSplit(_Group):
         name = layout.codebook_name(method, k, seed) + (layout.REPLACEMENT_SUFFIX if replacement else "")
         if "codebooks" not in self.group or name not in self.group["codebooks"]:
             raise StoreError(f"{self.path} has no codebook {name} (has: {', '.join(self.codebook_names()) or 'none'})")
-        return Codebook(self.group["codebooks"][name], f"{self.path}/codebooks/{name}", self)
+        return Codebook(self.group["codebooks"][name], layout.codebook_path(self.path, name), self)
 
     def _codebook_attrs(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
         return {"method": method, "k": k, "seed": seed, "hyperparameters": dict(hyperparameters),
@@ -442,7 +442,7 @@ class ModelSplit(_Group):
         other hyperparameters or on other features."""
         name = layout.codebook_name(method, k, seed)
         if name in self.codebook_names() and dict(self.codebook(method, k, seed).attrs):
-            _check_same("training configuration", f"{self.path}/codebooks/{name}",
+            _check_same("training configuration", layout.codebook_path(self.path, name),
                         self.codebook(method, k, seed).attrs, self._codebook_attrs(method, k, seed, hyperparameters),
                         layout.CODEBOOK_FINGERPRINT_KEYS)
 
@@ -458,12 +458,12 @@ class ModelSplit(_Group):
         if force:
             name += layout.REPLACEMENT_SUFFIX
         elif name in books and dict(books[name].attrs):
-            _check_same("training configuration", f"{self.path}/codebooks/{name}", dict(books[name].attrs), attrs,
+            _check_same("training configuration", layout.codebook_path(self.path, name), dict(books[name].attrs), attrs,
                         layout.CODEBOOK_FINGERPRINT_KEYS)
-            return Codebook(books[name], f"{self.path}/codebooks/{name}", self)
+            return Codebook(books[name], layout.codebook_path(self.path, name), self)
         group = books.create_group(name, overwrite=True)
         group.attrs.update(attrs)
-        return Codebook(group, f"{self.path}/codebooks/{name}", self)
+        return Codebook(group, layout.codebook_path(self.path, name), self)
 
     def replace_codebook(self, method: str, k: int, seed: int) -> None:
         """Swap the finished replacement of (method, k, seed) in for the codebook: two renames,
@@ -667,7 +667,7 @@ def _validate(path: str | Path) -> list[str]:
 def _check_codebooks(codebooks: Any, where: str, model_attrs: dict[str, Any], problems: list[str]) -> None:
     L, D = len(model_attrs["layers"]), model_attrs["embed_dim"]
     for name, book in codebooks.groups():
-        here = f"{where}/codebooks/{name}"
+        here = layout.codebook_path(where, name)
         attrs = dict(book.attrs)
         missing = [k for k in layout.CODEBOOK_ATTRS if k not in attrs]
         if missing:
@@ -788,6 +788,20 @@ def _check_model_split(target: ModelSplit, label_chunks: set[int], report: Check
         bad = _check_array(target.array("attention_map"), f"{target.path}/attention_map", lambda c: True, finite=True)
         report.problems += [p for _, p in bad]
         attention_bad = bool(bad)
+    folder = Path(target.group.store.root) / target.group.path
+    orphans = sorted(p for p in folder.iterdir() if p.is_dir() and not (p / "zarr.json").is_file())
+    report.problems += [f"{target.path}/{p.name} holds files of no array (left by an interrupted run)" for p in orphans]
+    unflagged = target.finished and not done.all()
+    if unflagged:
+        report.problems.append(f"{target.path} is marked finished but chunks {np.flatnonzero(~done)[:10].tolist()} "
+                               f"are not done")
+    if repair:
+        for p in orphans:
+            shutil.rmtree(p)
+            report.repairs.append(f"{target.path}/{p.name}: removed")
+        if unflagged:
+            target.group.attrs.update({"finished": False, layout.ATTENTION_FINAL: True})
+            report.repairs.append(f"{target.path}: marked unfinished; run the same extract command")
     if not repair or not (bad_chunks or attention_bad):
         return
     if attention_bad:  # the image mean of every chunk is lost: every chunk is computed again

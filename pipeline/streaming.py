@@ -18,6 +18,7 @@ from .backend import Backend, host_float32
 from .config import READ_AHEAD_BATCHES, SHUFFLE_WINDOW_CHUNKS
 from .errors import NonFiniteFeaturesError
 from .store import ModelSplit
+from ..storage_schemas.feature_store import chunk_bounds
 
 if TYPE_CHECKING:  # torch is loaded only where extract's tensors are checked
     import torch
@@ -113,8 +114,7 @@ class FeatureStream:
         while True:
             order = chunk_rng.permutation(self.n_chunks)
             for w in range(0, len(order), SHUFFLE_WINDOW_CHUNKS):
-                index = np.concatenate([np.arange(c * self.chunk, min((c + 1) * self.chunk, self.n_images))
-                                        for c in np.sort(order[w:w + SHUFFLE_WINDOW_CHUNKS])])
+                index = np.concatenate([self._chunk_images(c) for c in np.sort(order[w:w + SHUFFLE_WINDOW_CHUNKS])])
                 yield index[image_rng.permutation(len(index))]
 
     def shuffled(self, batch_images: int, seed: int) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
@@ -154,8 +154,10 @@ class FeatureStream:
 
     def sequential(self) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
         """One pass in store order, one chunk at a time."""
-        chunks = (np.arange(c * self.chunk, min((c + 1) * self.chunk, self.n_images)) for c in range(self.n_chunks))
-        yield from self._read_ahead(chunks)
+        yield from self._read_ahead(self._chunk_images(c) for c in range(self.n_chunks))
+
+    def _chunk_images(self, chunk: int) -> np.ndarray:
+        return np.arange(*chunk_bounds(int(chunk), self.chunk, self.n_images))
 
 
 def check_finite(x: Any, image_index: np.ndarray, what: str, be: Backend | None = None) -> None:

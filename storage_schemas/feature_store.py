@@ -131,6 +131,11 @@ def codebook_name(method: str, k: int, seed: int) -> str:
     return f"{method}-k{k}-s{seed}"
 
 
+def codebook_path(model_group: str, name: str) -> str:
+    """``<model group>/codebooks/<name>``: where a codebook (or its replacement) lives."""
+    return f"{model_group}/codebooks/{name}"
+
+
 # ``cluster --force`` trains a replacement beside the finished codebook and swaps it in once complete
 REPLACEMENT_SUFFIX = ".replacing"
 

@@ -19,7 +19,7 @@ from rep_pipeline.pipeline.leases import LEASE_TTL_S, Lease, leases, leases_besi
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.registry import check_weights, get_spec, store_key, weights_identity
 from rep_pipeline.pipeline.store import FeatureStore, check_store_location, fingerprint_hash
-from rep_pipeline.storage_schemas.feature_store import dataset_path, model_path
+from rep_pipeline.storage_schemas.feature_store import chunk_bounds, dataset_path, model_path
 
 
 def request(cfg: ExtractConfig, dataset: SegmentationDataset, split: str, items: list[Item]) -> dict[str, Any]:
@@ -165,7 +165,8 @@ def _extract(cfg: ExtractConfig, key: str, dataset: SegmentationDataset, split_i
             pending = targets[split].pending_chunks()
             tasks += [(key, split, c) for c in pending]
             result.splits.append(SplitReport(split, len(items), data.n_chunks, len(pending)))
-        total = sum(min(cfg.chunk_images, len(split_items[s]) - c * cfg.chunk_images) for _, s, c in tasks)
+        total = sum(stop - start for _, s, c in tasks
+                    for start, stop in [chunk_bounds(c, cfg.chunk_images, len(split_items[s]))])
         with ImageProgress(f"extract {key}", total, enabled=progress) as bar, _keep_finished_writes(pool):
             for attempt in range(1 + config.ACTOR_MAX_TASK_RETRIES):
                 for (_, split, chunk), stats in pool.map_unordered("process", tasks):

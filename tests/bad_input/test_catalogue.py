@@ -47,6 +47,8 @@ CASES = [
     ("input", "a damaged array's metadata", "bad_input/test_stores.py::test_a_damaged_array_metadata_is_reported_by_array"),
     ("input", "truncated, missing and NaN chunks", "bad_input/test_stores.py::test_check_finds_each_bad_chunk_by_array_and_chunk"),
     ("input", "repair of bad feature and label chunks", "bad_input/test_stores.py::test_repair_marks_only_the_bad_chunks_pending"),
+    ("input", "orphan files and a finished flag without its chunks",
+     "bad_input/test_stores.py::test_orphan_files_and_a_finished_flag_without_its_chunks_are_found_and_repaired"),
     ("input", "a bad codebook layer", "bad_input/test_stores.py::test_a_bad_codebook_layer_is_marked_untrained"),
     ("input", "a chunk unreadable while evaluating", "bad_input/test_stores.py::test_a_chunk_unreadable_while_evaluating_is_named"),
     ("input", "a file or a folder of other files at the store path",

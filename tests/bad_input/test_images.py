@@ -341,7 +341,7 @@ def test_labels_in_other_modes_are_refused_by_name(tmp_path):
 def test_a_dataset_without_data_root_says_so(name):
     ds = build_dataset(name, None)
     split = ds.default_splits[0]
-    calls = [lambda: ds.items(split), ds.splits, lambda: ds._list_items(split)]
+    calls = [lambda: ds.items(split), ds.splits]
     if name == "folder":
         calls.append(lambda: ds.classes)
     for call in calls:

@@ -156,3 +156,18 @@ def test_a_damaged_group_metadata_is_named_by_the_stages(hand_made_store, tmp_pa
     out = _cli("store", "check", store)
     assert out.exit_code in (1, 2) and "zarr.json" in out.output and "Traceback" not in out.output
     assert not (tmp_path / "r").exists()
+
+
+def test_orphan_files_and_a_finished_flag_without_its_chunks_are_found_and_repaired(hand_made_store, tmp_path):
+    store = hand_made_store(tmp_path / "s.zarr")
+    orphan = store / "models/m/synthetic/val/attention_sum"
+    orphan.mkdir()
+    (orphan / "c.0.0.0.0").write_bytes(b"left behind")
+    FeatureStore(store, mode="a").model_split("m", "synthetic", "val").done[1] = False
+    problems = check_store(store).problems
+    assert "models/m/synthetic/val/attention_sum holds files of no array (left by an interrupted run)" in problems
+    assert "models/m/synthetic/val is marked finished but chunks [1] are not done" in problems
+    report = check_store(store, repair=True)
+    assert not orphan.exists() and len(report.repairs) == 2
+    group = FeatureStore(store).model_split("m", "synthetic", "val")
+    assert not group.finished and "attention_map" in group.group and check_store(store).problems == []
