@@ -57,13 +57,13 @@ def test_a_dead_holders_lease_is_taken_over(tmp_path):
 
 
 def test_the_heartbeat_keeps_a_long_holder_alive(tmp_path):
-    holder = Lease(tmp_path, "g", "g", ttl=0.6).acquire()
+    holder = Lease(tmp_path, "g", "g", ttl=1.5).acquire()
     try:
         first = holder.holder()["heartbeat"]
-        time.sleep(1.0)  # longer than the ttl: only the heartbeat keeps it
+        time.sleep(2.5)  # longer than the ttl: only the heartbeat keeps it
         assert holder.holder()["heartbeat"] > first
         with pytest.raises(LeaseHeldError):  # a second writer still finds it held, past the ttl
-            Lease(tmp_path, "g", "g", ttl=0.6).acquire()
+            Lease(tmp_path, "g", "g", ttl=1.5).acquire()
     finally:
         holder.release()
 
