@@ -55,21 +55,22 @@ class Lease:
                 "token": self.token, "heartbeat": now}
 
     def _create(self) -> bool:
-        """Write the record if no lease exists; False if one does."""
+        """Write the record if no lease exists; False if one does. The record is written aside
+        and hard-linked into place (create-if-absent, atomic), so no reader sees it half written."""
         for _ in range(5):
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{self.token}.new")
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                break
+                tmp.write_text(json.dumps(self._record()))
+                os.link(tmp, self.path)
+                return True
             except FileExistsError:
                 return False
             except FileNotFoundError:  # the folder was removed by a lease released just now
                 continue
-        else:
-            return False
-        with os.fdopen(fd, "w") as f:
-            json.dump(self._record(), f)
-        return True
+            finally:
+                tmp.unlink(missing_ok=True)
+        return False
 
     def _take_over(self, stale: dict[str, Any]) -> None:
         """Remove a dead holder's lease so that ``_create`` can succeed. Only the process that
@@ -105,13 +106,14 @@ class Lease:
     def acquire(self, wait: float | None = None) -> "Lease":
         """Take the lease; a live holder's is refused at once, or after ``wait`` seconds."""
         deadline = time.monotonic() + (self.wait if wait is None else wait)
-        for _ in range(3):
+        for _ in range(10):
             if self._create():
                 self._start_heartbeat()
                 return self
             record = self.holder()
             if record is None:
-                continue  # replaced or released under us: try again
+                time.sleep(0.05)
+                continue  # released or taken over under us: try again
             if not self._stale(record) and time.monotonic() < deadline:
                 time.sleep(0.2)
                 return self.acquire(max(0.0, deadline - time.monotonic()))

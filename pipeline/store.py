@@ -636,9 +636,7 @@ def _validate(path: str | Path) -> list[str]:
         for split, group in ds_group.groups():
             where = layout.dataset_path(ds_name, split)
             attrs = dict(group.attrs)
-            missing = [k for k in layout.DATASET_ATTRS if k not in attrs]
-            if missing:
-                problems.append(f"{where} lacks attributes {missing}")
+            if _lacks(attrs, layout.DATASET_ATTRS, where, problems):
                 continue
             n, S, c = attrs["n_images"], attrs["image_size"], attrs["chunk_images"]
             n_by_split[(ds_name, split)] = n
@@ -650,9 +648,7 @@ def _validate(path: str | Path) -> list[str]:
             for split, group in d_group.groups():
                 where = layout.model_path(model, ds_name, split)
                 attrs = dict(group.attrs)
-                missing = [k for k in layout.MODEL_ATTRS if k not in attrs]
-                if missing:
-                    problems.append(f"{where} lacks attributes {missing}")
+                if _lacks(attrs, layout.MODEL_ATTRS, where, problems):
                     continue
                 if (ds_name, split) not in n_by_split:
                     problems.append(f"{where} has no dataset group {layout.dataset_path(ds_name, split)}")
@@ -664,14 +660,20 @@ def _validate(path: str | Path) -> list[str]:
     return problems
 
 
+def _lacks(attrs: Mapping[str, Any], keys: tuple[str, ...], where: str, problems: list[str]) -> bool:
+    """Note (and say) whether ``attrs`` lacks any of ``keys``."""
+    missing = [k for k in keys if k not in attrs]
+    if missing:
+        problems.append(f"{where} lacks attributes {missing}")
+    return bool(missing)
+
+
 def _check_codebooks(codebooks: Any, where: str, model_attrs: dict[str, Any], problems: list[str]) -> None:
     L, D = len(model_attrs["layers"]), model_attrs["embed_dim"]
     for name, book in codebooks.groups():
         here = layout.codebook_path(where, name)
         attrs = dict(book.attrs)
-        missing = [k for k in layout.CODEBOOK_ATTRS if k not in attrs]
-        if missing:
-            problems.append(f"{here} lacks attributes {missing}")
+        if _lacks(attrs, layout.CODEBOOK_ATTRS, here, problems):
             continue
         for emb in model_attrs["embeddings"]:
             if emb not in book:
