@@ -294,7 +294,11 @@ def store_check(
 
 @store_app.command("info")
 @friendly_errors
-def store_info(path: Path = typer.Argument(..., help="Feature store directory.")) -> None:
+def store_info(
+    path: Path = typer.Argument(..., help="Feature store directory."),
+    chunks: bool = typer.Option(False, "--chunks", help="Also list, per image chunk, which node, host and process "
+                                                        "wrote it, when, and how long it took."),
+) -> None:
     """What is inside a store, how complete, how big; exit code 1 if its layout is invalid."""
     from rep_pipeline.pipeline.store import FeatureStore, validate_store
 
@@ -325,6 +329,17 @@ def store_info(path: Path = typer.Argument(..., help="Feature store directory.")
             b_table.add_row(m["model"], f"{m['dataset']}/{m['split']}", name,
                             ", ".join(f"{e} {n}/{len(m['layers'])}" for e, n in done.items()) or "-")
         console.print(b_table)
+    if chunks:
+        store = FeatureStore(path)
+        for m, d, sp in store.model_splits():
+            c_table = Table("chunk", "node", "host", "pid", "written (UTC)", "seconds",
+                            title=f"{path}: models/{m}/{d}/{sp} chunks", title_justify="left")
+            for i, who in enumerate(store.model_split(m, d, sp).provenance()):
+                who = who or {}
+                c_table.add_row(str(i), str(who.get("node") or "-")[:12], str(who.get("host", "-")),
+                                str(who.get("pid", "-")), str(who.get("written", "-")),
+                                f"{who['seconds']:.2f}" if "seconds" in who else "-")
+            console.print(c_table)
     console.print(f"[green]layout valid[/] (schema version {info['schema_version']}); `rep-pipeline store check` "
                   f"reads every chunk")
 

@@ -41,6 +41,11 @@ class ImageProgress:
         if self._progress is not None:
             self._progress.update(self._task, completed=completed)
 
+    def describe(self, text: str) -> None:
+        """Replace the bar's description (e.g. with the images/s of each node)."""
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
             self._progress.stop()

@@ -84,6 +84,11 @@ def _end_with_this_process() -> None:
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
 def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
@@ -103,6 +108,7 @@ class ActorPool:
         remote_cls = ray.remote(cls).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=max_concurrency,
             max_restarts=max_restarts, max_task_retries=max_task_retries,
+            scheduling_strategy="SPREAD",  # one per node first: the work and a lost node's share spread
         )
         self.actors = [remote_cls.remote(*args) for args in args_per_actor]
 

@@ -226,6 +226,7 @@ class FeatureStore:
         group = self.root.require_group(path)
         for name, shape in layout.model_array_shapes(attrs, data.n_images).items():
             _create(group, layout.MODEL_ARRAYS[name], shape, data.chunk_images)
+        _create(group, layout.PROVENANCE, (layout.n_chunks(data.n_images, data.chunk_images),), data.chunk_images)
         group.attrs.update(attrs)
         return ModelSplit(group, path)
 
@@ -351,17 +352,30 @@ class ModelSplit(_Group):
     def pending_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done[:])]
 
-    def write_chunk(self, chunk: int, arrays: Mapping[str, np.ndarray]) -> None:
-        """Write one image chunk of every array, then mark it done. (In a repaired group whose
-        ``attention_map`` stands, the chunk's attention sum is not needed and not written.)"""
+    def write_chunk(self, chunk: int, arrays: Mapping[str, np.ndarray],
+                    provenance: Mapping[str, Any] | None = None) -> None:
+        """Write one image chunk of every array (and who wrote it), then mark it done. (In a
+        repaired group whose ``attention_map`` stands, the chunk's attention sum is not needed
+        and not written.)"""
         start, stop = layout.chunk_bounds(chunk, self.chunk_images, self.n_images)
         per_image = (slice(None), slice(start, stop))
         writes = [(self.array(name), per_image, arrays[name]) for name in (*self.embeddings, "class_tokens",
                                                                           "attention_mi")]
         if "attention_sum" in self.group:
             writes.append((self.array("attention_sum"), chunk, arrays["attention_sum"]))
+        if provenance is not None and "provenance" in self.group:
+            writes.append((self.array("provenance"), slice(chunk, chunk + 1),
+                           np.asarray([json.dumps(dict(provenance))], dtype=object)))
         _write_together(writes)
         self.done[chunk] = True
+
+    def provenance(self) -> list[dict[str, Any] | None]:
+        """Per image chunk, who wrote it (None where unknown: not done, or written before
+        provenance was recorded)."""
+        if "provenance" not in self.group:
+            return [None] * self.n_chunks
+        done = self.done[:]
+        return [json.loads(v) if v and done[i] else None for i, v in enumerate(self.array("provenance")[:])]
 
     def finalize(self) -> None:
         """Once every chunk is done: the mean attention map replaces the per-chunk sums."""

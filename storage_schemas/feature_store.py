@@ -10,6 +10,7 @@
         example_images (example, y, x, rgb)       uint8, the first EXAMPLE_IMAGES crops, for figures
       models/<model>/<dataset>/<split>/   attrs: model fingerprint (MODEL_ATTRS), and the
                                           request that produced it (REQUEST_ATTRS)
+        provenance    (chunk,)                    string, who wrote image chunk i (JSON)
         queries|keys|values|tokens
                       (layer, image, y, x, channel) float16, one chunk = one layer x one run
                                                   of ``chunk_images`` images
@@ -91,6 +92,11 @@ MODEL_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
               "image- and head-averaged patch-to-patch attention (once finished)", ATTENTION_CODEC),
     ArraySpec("done", ("chunk",), "bool", (1,), "image chunk i is complete for this model"),
 )}
+
+# Who wrote each image chunk (JSON: Ray node id, host, pid, when, seconds), so that a bad or
+# slow node can be found after the fact. Groups written before it existed have none.
+PROVENANCE = ArraySpec("provenance", ("chunk",), "str", (1,),
+                       "who wrote image chunk i: node, host, pid, written (UTC), seconds (JSON)")
 
 CODEBOOK_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
     ArraySpec("centroids", ("layer", "cluster", "channel"), "float32", (1, FULL, FULL),

@@ -33,7 +33,7 @@ def _cfg(tmp_path, model="tiny-vit", store="s.zarr", **kw):
 
 def _arrays(store, model, split):
     group = FeatureStore(store).model_split(model, "synthetic", split).group
-    return {name: arr[:] for name, arr in group.arrays()}
+    return {name: arr[:] for name, arr in group.arrays() if name != "provenance"}  # who wrote a chunk differs by run
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)

@@ -179,7 +179,9 @@ class ClusterWorker:
             results.write_table("training_curves", rows, dataset=self.dataset, model=self.model,
                                 part=curve_part(cfg.train_split, method, k, cfg.seed, plan.embedding, plan.layer))
             book.write(plan.embedding, plan.layer, be.to_numpy(centroids))  # last: marks it done
-        return [{"embedding": p.embedding, "layer": p.layer, "method": m, "k": k} for p, m, k, _ in finished]
+        node = runner.node_id()
+        return [{"embedding": p.embedding, "layer": p.layer, "method": m, "k": k, "node": node}
+                for p, m, k, _ in finished]
 
     def _row(self, plan: GroupPlan, method: str, k: int, step: int, loss: float, changed: float | None) -> dict:
         return {"model": self.model, "dataset": self.dataset, "split": self.cfg.train_split,

@@ -3,7 +3,9 @@ benchmarks), turning image chunks into store chunks."""
 from __future__ import annotations
 
 import os
+import socket
 import time
+from datetime import datetime, timezone
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -11,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.config import ExtractConfig
 from rep_pipeline.pipeline.datasets import Item, build_dataset
 from rep_pipeline.pipeline.errors import NonFiniteFeaturesError, RepPipelineError
@@ -125,13 +128,17 @@ class Extractor:
         t1 = time.perf_counter()
         arrays = self.features(images, [it.image_id for it in items])
         t2 = time.perf_counter()
-        self.write(data, target, chunk, labels, arrays, images)
+        provenance = {"node": runner.node_id(), "host": socket.gethostname(), "pid": os.getpid(),
+                      "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "seconds": round(t2 - t0, 3)}
+        self.write(data, target, chunk, labels, arrays, images, provenance)
         t3 = time.perf_counter()
         return {"images": stop - start, "load_s": t1 - t0, "compute_s": t2 - t1, "write_wait_s": t3 - t2,
-                "pid": os.getpid()}
+                "pid": os.getpid(), "node": provenance["node"]}
 
     def write(self, data: DatasetSplit, target: ModelSplit, chunk: int, labels: np.ndarray,
-              arrays: dict[str, np.ndarray], images: np.ndarray | None = None) -> None:
+              arrays: dict[str, np.ndarray], images: np.ndarray | None = None,
+              provenance: dict[str, Any] | None = None) -> None:
         """Write one chunk: behind the next chunk's compute on a GPU, at once on a CPU.
 
         Waits first for (and re-raises errors of) the previous write. On a CPU the forward
@@ -143,7 +150,7 @@ class Extractor:
         def write() -> None:
             if not data.done[chunk]:
                 data.write_labels(chunk, labels, images)
-            target.write_chunk(chunk, arrays)
+            target.write_chunk(chunk, arrays, provenance)
 
         if self._write_behind:
             self._pending_write = self._writer.submit(write)

@@ -71,6 +71,7 @@ class ExtractResult:
     splits: list[SplitReport] = field(default_factory=list)
     seconds: float = 0.0
     images_computed: int = 0
+    per_node: dict[str, int] = field(default_factory=dict)  # images computed on each Ray node (id prefix)
 
     @property
     def images_per_second(self) -> float:
@@ -80,7 +81,9 @@ class ExtractResult:
         return [*(f"{self.model} / {self.dataset}/{s.split}: {s.n_images} images, {s.chunks_computed} of "
                   f"{s.chunks} chunks computed now" for s in self.splits),
                 f"wrote {self.images_computed} images in {self.seconds:.1f} s "
-                f"({self.images_per_second:.1f} img/s) to {self.store}"]
+                f"({self.images_per_second:.1f} img/s) to {self.store}",
+                *([f"  node {n}: {c} images ({c / self.seconds:.1f} img/s)" for n, c in sorted(self.per_node.items())]
+                  if len(self.per_node) > 1 and self.seconds else [])]
 
 
 def _check_files(dataset: SegmentationDataset, split: str, items: list[Item]) -> None:
@@ -172,6 +175,12 @@ def _extract(cfg: ExtractConfig, key: str, dataset: SegmentationDataset, split_i
                 for (_, split, chunk), stats in pool.map_unordered("process", tasks):
                     bar.advance(int(stats["images"]))
                     result.images_computed += int(stats["images"])
+                    node = str(stats.get("node") or "local")[:8]
+                    result.per_node[node] = result.per_node.get(node, 0) + int(stats["images"])
+                    if len(result.per_node) > 1:  # on a cluster: images/s of each node
+                        elapsed = max(time.perf_counter() - t0, 1e-9)
+                        bar.describe(f"extract {key} [" + ", ".join(
+                            f"{n} {c / elapsed:.1f} img/s" for n, c in sorted(result.per_node.items())) + "]")
                     if on_chunk_done is not None:
                         on_chunk_done(split, chunk, stats)
                 pool.call_all("flush")
