@@ -15,7 +15,7 @@ import sys
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from . import config
 from .errors import RepPipelineError
@@ -112,15 +112,28 @@ class ActorPool:
         )
         self.actors = [remote_cls.remote(*args) for args in args_per_actor]
 
-    def call_all(self, method: str, *args: Any) -> list[Any]:
-        """``method(*args)`` on every actor, results in actor order."""
-        return _get([getattr(a, method).remote(*args) for a in self.actors])
+    def call_all(self, method: str, *args: Any, skip_lost: bool = False) -> list[Any]:
+        """``method(*args)`` on every actor, results in actor order. With ``skip_lost``, an
+        actor that is gone (its node lost, say) gives None instead of an error."""
+        refs = [getattr(a, method).remote(*args) for a in self.actors]
+        if not skip_lost:
+            return _get(refs)
+        out = []
+        for ref in refs:
+            try:
+                out.append(_get(ref))
+            except RayActorError:
+                out.append(None)
+        return out
 
     def map_unordered(self, method: str, tasks: Iterable[tuple], in_flight_per_actor: int = config.TASKS_IN_FLIGHT_PER_ACTOR,
                       ) -> Iterator[tuple[tuple, Any]]:
-        """Yield ``(task, method(*task))`` as results arrive, keeping each actor busy."""
+        """Yield ``(task, method(*task))`` as results arrive, keeping each actor busy. A task
+        whose actor is lost (its process or node gone, Ray's retries spent) goes back to the
+        queue for the actors still there; only when none is left does the error reach the caller."""
         pending = list(tasks)[::-1]
         running: dict[ray.ObjectRef, tuple[int, tuple]] = {}
+        lost: set[int] = set()
 
         def submit(actor_index: int) -> None:
             task = pending.pop()
@@ -135,7 +148,17 @@ class ActorPool:
             while running:
                 [ref], _ = ray.wait(list(running), num_returns=1)
                 actor_index, task = running.pop(ref)
-                result = _get(ref)
+                try:
+                    result = _get(ref)
+                except RayActorError:
+                    lost.add(actor_index)
+                    if len(lost) == len(self.actors):
+                        raise
+                    pending.append(task)
+                    alive = [i for i in range(len(self.actors)) if i not in lost]
+                    busy = {i: sum(1 for a, _ in running.values() if a == i) for i in alive}
+                    submit(min(alive, key=busy.get))
+                    continue
                 if pending:
                     submit(actor_index)
                 yield task, result

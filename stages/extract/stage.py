@@ -183,7 +183,7 @@ def _extract(cfg: ExtractConfig, key: str, dataset: SegmentationDataset, split_i
                             f"{n} {c / elapsed:.1f} img/s" for n, c in sorted(result.per_node.items())) + "]")
                     if on_chunk_done is not None:
                         on_chunk_done(split, chunk, stats)
-                pool.call_all("flush")
+                pool.call_all("flush", skip_lost=True)  # a lost actor's writes are redone below
                 # the store, not the task results, says what is done: a write lost with a
                 # crashed actor after its task returned shows up here and is scheduled again
                 tasks = [(key, split, c) for split, target in targets.items() for c in target.pending_chunks()]
