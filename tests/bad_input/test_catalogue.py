@@ -80,6 +80,7 @@ CASES = [
     ("kill", "a killed actor", "test_extract.py::test_killed_actor_is_restarted_and_its_range_retried"),
     ("kill", "a SIGKILLed driver with chunks in flight", "test_extract.py::test_killed_driver_resumes_to_the_single_run_result"),
     ("kill", "a SIGKILLed driver's own Ray instance", "bad_input/test_interrupts.py::test_a_killed_driver_leaves_no_ray_process_behind"),
+    ("kill", "a worker node of a Ray cluster killed mid-extract", "test_multinode.py::test_an_extract_survives_a_killed_worker_node"),
     ("kill", "a full file system during extract", "bad_input/test_interrupts.py::test_a_full_disk_stops_the_run_keeps_finished_chunks_and_resumes"),
     ("kill", "Ctrl-C during cluster", "test_cluster.py::test_interrupted_run_writes_nothing_half_trained_and_resumes"),
     ("kill", "Ctrl-C during cluster --force", "test_cluster.py::test_an_interrupted_force_keeps_the_finished_codebooks"),
