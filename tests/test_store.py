@@ -113,7 +113,7 @@ def test_validator_reports_missing_and_misshapen_arrays(tmp_path):
     target.group.create_array("class_tokens", shape=(L, N + 1, D), dtype="float16", overwrite=True,
                               dimension_names=("layer", "image", "channel"))
     assert validate_store(store.path) == [
-        f"models/m/synthetic/val/tokens is missing",
+        "models/m/synthetic/val/tokens is missing",
         f"models/m/synthetic/val/class_tokens has shape {(L, N + 1, D)}, expected {(L, N, D)}",
     ]
 

@@ -19,7 +19,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from rep_pipeline.pipeline import runner
-from rep_pipeline.pipeline.backend import Backend, get_backend
+from rep_pipeline.pipeline.backend import get_backend
 from rep_pipeline.pipeline.config import ClusterConfig
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
 from rep_pipeline.pipeline.leases import Lease, leases_beside

@@ -3,16 +3,13 @@ dead holder's successor takes over; a live holder's are refused with its name.""
 import json
 import multiprocessing
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
-from rep_pipeline.pipeline.config import ExtractConfig
 from rep_pipeline.pipeline.errors import LeaseHeldError
 from rep_pipeline.pipeline.leases import Lease, leases_beside
 from rep_pipeline.pipeline.store import FeatureStore, check_store, validate_store
@@ -97,7 +94,6 @@ def test_of_several_takers_of_a_stale_lease_exactly_one_wins(tmp_path):
 _EXTRACT = """
 import json, sys
 from pathlib import Path
-from rep_pipeline.pipeline.config import ExtractConfig
 from rep_pipeline.pipeline.errors import LeaseHeldError
 from rep_pipeline.stages.extract import run_extract
 store, address, options = sys.argv[1:4]

@@ -1,6 +1,5 @@
 """Malformed stores: clear errors by file, array and chunk; ``store check`` finds every bad
 chunk and ``--repair`` marks it for recomputation, touching nothing else."""
-import json
 from pathlib import Path
 
 import numpy as np
