@@ -94,6 +94,7 @@ def test_of_several_takers_of_a_stale_lease_exactly_one_wins(tmp_path):
 _EXTRACT = """
 import json, sys
 from pathlib import Path
+from rep_pipeline.pipeline.config import ExtractConfig
 from rep_pipeline.pipeline.errors import LeaseHeldError
 from rep_pipeline.stages.extract import run_extract
 store, address, options = sys.argv[1:4]
