@@ -20,7 +20,8 @@ from pydantic.fields import FieldInfo
 from rich.console import Console
 from rich.table import Table
 
-from rep_pipeline.pipeline.config import Comparison, Options, ReportConfig
+from rep_pipeline.pipeline.config import Comparison, Options, ReportConfig, Storage, parse_key_values
+from rep_pipeline.pipeline.location import as_location
 from rep_pipeline.pipeline.errors import RepPipelineError
 from rep_pipeline.stages import STAGES
 
@@ -121,6 +122,20 @@ def _flag(name: str, info: FieldInfo) -> str:
     return "--" + str(extra.get("flag") or name).replace("_", "-")
 
 
+# the storage option of the commands that are not stages, from its one declaration
+_STORAGE_FIELD = Storage.model_fields["storage_options"]
+STORAGE_OPTION = typer.Option([], _flag("storage_options", _STORAGE_FIELD), help=_STORAGE_FIELD.description)
+
+
+def _located(where: str, options: list[str]) -> Any:
+    """A path or URL argument, with the ``--storage-option`` pairs."""
+    try:
+        return as_location(where, parse_key_values(options))
+    except ValueError as exc:
+        raise typer.BadParameter(f"--storage-option: {exc}") from None
+
+
+
 def _cli_type(info: FieldInfo) -> tuple[Any, str]:
     """The type typer parses a field's flag as, and a note of the allowed values. Composite
     values (tuples, layer ranges) are taken as the string the config's validators read."""
@@ -213,25 +228,28 @@ def run(
     config_file: Path = typer.Argument(..., help="Run config (YAML), e.g. configs/demo.yaml."),
     address: Optional[str] = RUN_OPTIONS["address"][1],
     progress: bool = RUN_OPTIONS["progress"][1],
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """extract -> cluster -> evaluate -> report from one config, skipping finished work."""
     from rep_pipeline.cli.run import RunConfig, run_all
 
-    result = run_all(RunConfig.from_yaml(config_file), address=address, progress=progress, say=console.print)
+    cfg = RunConfig.from_yaml(config_file, storage_options=parse_key_values(storage_option))
+    result = run_all(cfg, address=address, progress=progress, say=console.print)
     console.print(f"[bold green]done[/] in {result.seconds:.0f} s. Report: {result.report}")
 
 
 @app.command()
 @friendly_errors
 def query(
-    results: Path = typer.Argument(..., help="Results folder written by evaluate."),
+    results: str = typer.Argument(..., help="Results folder written by evaluate (a path or object-storage URL)."),
     sql: str = typer.Argument(..., help="A query; the result tables are views by their names."),
     limit: int = typer.Option(50, help="Rows to print at most."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Query the result tables with DuckDB, confined to them (no file, network or extension access)."""
     from rep_pipeline.pipeline.results import Results
 
-    columns, rows = Results(results).fetch_rows(sql, limit)
+    columns, rows = Results(_located(results, storage_option)).fetch_rows(sql, limit)
     table = Table(*columns)
     for row in rows:
         table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
@@ -271,17 +289,18 @@ def _size(n: float) -> str:
 @store_app.command("check")
 @friendly_errors
 def store_check(
-    path: Path = typer.Argument(..., help="Feature store directory."),
+    path: str = typer.Argument(..., help="Feature store (a folder or object-storage URL)."),
     group: Optional[str] = typer.Option(None, help="Only this group (and what is under it), e.g. "
                                                    "models/dino-b16/cocostuff27/val2017."),
     repair: bool = typer.Option(False, help="Mark every bad chunk pending (a bad codebook layer untrained), so "
                                             "the same extract (or cluster) command recomputes it."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """Read every chunk: it must decode to its shape and dtype, be finite, and agree with the
     done flags. Problems are listed by array and chunk; exit code 1 if any (and not repaired)."""
     from rep_pipeline.pipeline.store import check_store
 
-    report = check_store(path, group=group, repair=repair)
+    report = check_store(_located(path, storage_option), group=group, repair=repair)
     for problem in report.problems:
         console.print(f"[red]problem:[/] {problem}", highlight=False)
     for fix in report.repairs:
@@ -295,13 +314,15 @@ def store_check(
 @store_app.command("info")
 @friendly_errors
 def store_info(
-    path: Path = typer.Argument(..., help="Feature store directory."),
+    path: str = typer.Argument(..., help="Feature store (a folder or object-storage URL)."),
     chunks: bool = typer.Option(False, "--chunks", help="Also list, per image chunk, which node, host and process "
                                                         "wrote it, when, and how long it took."),
+    storage_option: list[str] = STORAGE_OPTION,
 ) -> None:
     """What is inside a store, how complete, how big; exit code 1 if its layout is invalid."""
     from rep_pipeline.pipeline.store import FeatureStore, validate_store
 
+    path = _located(path, storage_option)
     problems = validate_store(path)
     if problems:  # the summary below reads every group: only of a store that parses
         console.print("[bold red]layout problems:[/]\n  " + "\n  ".join(problems), highlight=False)

@@ -21,17 +21,18 @@ from rep_pipeline.pipeline.config import (ClusterConfig, Comparison, EvaluateCon
                                           ReportConfig)
 from rep_pipeline.pipeline.datasets import DATASETS, build_dataset
 from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
+from rep_pipeline.pipeline.location import is_url
 from rep_pipeline.pipeline.registry import get_spec, store_key
 from rep_pipeline.stages import STAGES
-from rep_pipeline.storage_schemas.results import default_results
+from rep_pipeline.storage_schemas.results import beside, default_results
 
 # run-level keys -> the stage options they fill
 DATASET_KEYS = {"name": "dataset", "root": "data_root", "options": "dataset_options", "limit": "limit"}
 MODEL_KEYS = ("model", "weights", "model_key", "seed")
 SET_BY_RUN = {
-    "extract": {"store", "dataset", "data_root", "dataset_options", "limit", "splits", *MODEL_KEYS},
-    "cluster": {"store", "model", "train_split", "dataset", "results"},
-    "evaluate": {"store", "split", "results", "dataset"},
+    "extract": {"store", "dataset", "data_root", "dataset_options", "limit", "splits", "storage_options", *MODEL_KEYS},
+    "cluster": {"store", "model", "train_split", "dataset", "results", "storage_options"},
+    "evaluate": {"store", "split", "results", "dataset", "storage_options"},
 }
 
 
@@ -51,9 +52,10 @@ class _RunFile(Options):
     """The top level of a run config (the stage sections are checked against the stages)."""
 
     title: str | None = None
-    store: Path
-    results: Path | None = None
-    report: Path | None = None
+    store: str
+    results: str | None = None
+    report: str | None = None
+    storage_options: dict[str, Any] = {}
     dataset: _Dataset
     models: list[Any] = Field(min_length=1)
     extract: dict[str, Any] = {}
@@ -73,7 +75,7 @@ class RunConfig:
     report: ReportConfig
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "RunConfig":
+    def from_yaml(cls, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> "RunConfig":
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"run config {path} does not exist")
@@ -83,13 +85,17 @@ class RunConfig:
             raise ConfigError(f"run config {path} is not valid YAML: {exc}") from exc
         if not isinstance(raw, Mapping):
             raise ConfigError(f"run config {path} must be a mapping of keys, not {type(raw).__name__}")
-        return cls.from_dict(raw, base=Path.cwd(), where=str(path))
+        return cls.from_dict(raw, base=Path.cwd(), where=str(path), storage_options=storage_options)
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], base: Path, where: str = "config") -> "RunConfig":
+    def from_dict(cls, raw: Mapping[str, Any], base: Path, where: str = "config",
+                  storage_options: Mapping[str, Any] | None = None) -> "RunConfig":
         top: _RunFile = _RunFile.parse(raw, where)  # type: ignore[assignment]
-        store = base / top.store
-        results = base / (top.results or default_results(top.store))
+        located = lambda p: p if is_url(p) else base / p  # noqa: E731  (URLs as they are, paths from the file's base)
+        store = located(top.store)
+        results = located(top.results or str(default_results(top.store)))
+        report_out = located(top.report or str(beside(results, "report")))
+        storage = {"storage_options": {**top.storage_options, **dict(storage_options or {})}}
         ds = top.dataset
         for section in ("extract", "cluster", "evaluate"):
             owned = sorted(SET_BY_RUN[section] & set(getattr(top, section)))
@@ -98,7 +104,7 @@ class RunConfig:
                                   f"remove it here")
         data = {DATASET_KEYS[k]: v for k, v in ds.model_dump().items() if k in DATASET_KEYS and v is not None}
         if "data_root" in data:
-            data["data_root"] = base / data["data_root"]
+            data["data_root"] = located(str(data["data_root"]))
         extracts, clusters = [], []
         for i, entry in enumerate(top.models):
             entry = {"model": entry} if isinstance(entry, str) else entry
@@ -107,16 +113,17 @@ class RunConfig:
             unknown = sorted(set(entry) - set(MODEL_KEYS))
             if unknown:
                 raise ConfigError(f"{where}: models.{i}.{unknown[0]}: unknown key; allowed: {', '.join(MODEL_KEYS)}")
-            e = ExtractConfig.parse({**top.extract, **data, **entry, "store": store,
+            e = ExtractConfig.parse({**top.extract, **data, **entry, "store": store, **storage,
                                      "splits": (ds.train_split, ds.test_split)}, f"{where}: models.{i} / extract")
             extracts.append(e)
-            clusters.append(ClusterConfig.parse({**top.cluster, "store": store, "model": _store_key(e, where, i),
+            clusters.append(ClusterConfig.parse({**top.cluster, **storage, "store": store,
+                                                 "model": _store_key(e, where, i),
                                                  "train_split": ds.train_split, "dataset": ds.name,
                                                  "results": results}, f"{where}: cluster"))
-        evaluate = EvaluateConfig.parse({**top.evaluate, "store": store, "split": ds.test_split, "results": results,
+        evaluate = EvaluateConfig.parse({**top.evaluate, **storage, "store": store, "split": ds.test_split, "results": results,
                                          "dataset": ds.name}, f"{where}: evaluate")
         comparisons = tuple(Comparison.parse(c, f"{where}: comparisons.{i}") for i, c in enumerate(top.comparisons))
-        report = ReportConfig.parse({"results": results, "out": base / (top.report or Path(results).parent / "report"),
+        report = ReportConfig.parse({"results": results, "out": report_out, **storage,
                                      "comparisons": comparisons, "dataset": ds.name, "split": ds.test_split,
                                      "title": top.title}, where)
         cfg = cls(title=top.title or Path(where).stem, extracts=tuple(extracts), clusters=tuple(clusters),

@@ -10,16 +10,19 @@ Values follow ``../shared/PROTOCOL.md``.
 """
 from __future__ import annotations
 
+import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, get_args
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
 from ..storage_schemas import feature_store
 from ..storage_schemas.results import default_results
-from .errors import ConfigError
+from .errors import ConfigError, RepPipelineError
+from .location import ObjectPath, as_location
 
 # -- constants that are not options ---------------------------------------------------------
 IGNORE_INDEX = 255               # label value of unlabelled / void pixels
@@ -90,7 +93,19 @@ def parse_key_values(value: Any) -> Any:
     return out
 
 
+def parse_location(value: Any) -> Path | ObjectPath:
+    """A local path, or an object-storage URL (``s3://bucket/prefix``, ``gs://``, ``az://``;
+    ``file://`` is a local path)."""
+    if not isinstance(value, (str, os.PathLike, ObjectPath)):
+        raise ValueError(f"expected a path or URL, got {type(value).__name__}")
+    try:
+        return as_location(value)
+    except RepPipelineError as exc:
+        raise ValueError(str(exc)) from None
+
+
 Csv = Annotated[tuple[str, ...], BeforeValidator(parse_csv)]
+Location = Annotated[Path | ObjectPath, PlainValidator(parse_location)]
 Embeddings = Annotated[tuple[Embedding, ...], BeforeValidator(parse_csv)]
 Layers = Annotated[tuple[int, ...] | None, BeforeValidator(parse_layers)]
 Ks = Annotated[tuple[Annotated[int, Field(ge=2)], ...] | None, BeforeValidator(parse_csv)]
@@ -157,19 +172,56 @@ def describe_errors(exc: ValidationError, where: str = "") -> str:
 def _default_results(data: Any) -> Any:
     """``results`` left out: ``<store parent>/results``."""
     if isinstance(data, dict) and data.get("results") is None and data.get("store") is not None:
-        data = {**data, "results": Path(default_results(data["store"]))}
+        store = data["store"]
+        results = default_results(str(store))
+        data = {**data, "results": store.with_options(None).__class__(str(results), dict(store.options))
+                if isinstance(store, ObjectPath) else results}
     return data
 
 
+class Storage(Options):
+    """Where a stage reads and writes: its paths may be object-storage URLs, configured from the
+    provider's environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...) and these options."""
+
+    storage_options: KeyValues = option({}, help="Object-storage option KEY=VALUE for every URL (endpoint, region, "
+                                                 "allow_http...); repeatable. Credentials come from the "
+                                                 "environment.", flag="storage-option")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _locations_with_options(cls, data: Any) -> Any:
+        """Give every URL among the paths the storage options (workers open them elsewhere)."""
+        if not isinstance(data, dict) or not data.get("storage_options"):
+            return data
+        try:
+            options = parse_key_values(data["storage_options"])
+        except ValueError:
+            return data  # reported by the field's own validation
+        located = {name for name, info in cls.model_fields.items() if _is_location(info)}
+        return {k: (as_location(v, options) if k in located and isinstance(v, str) and "://" in v
+                    else v.with_options(options) if k in located and isinstance(v, ObjectPath) else v)
+                for k, v in data.items()}
+
+
+def _is_location(info: Any) -> bool:
+    """Whether a field is a ``Location`` (or an optional one)."""
+    def found(ann: Any) -> bool:
+        metadata = getattr(ann, "__metadata__", ())
+        return any(isinstance(m, PlainValidator) and m.func is parse_location for m in metadata) or any(
+            found(a) for a in typing.get_args(ann))
+    return any(isinstance(m, PlainValidator) and m.func is parse_location for m in info.metadata) or found(
+        info.annotation)
+
+
 # -- the stages ------------------------------------------------------------------------------
-class ExtractConfig(Options):
+class ExtractConfig(Storage):
     """What the extract stage captures, from which data, into which store."""
 
     model: str = option(help="Alias (dino-b16, tiny-dinov3...) or any timm ViT/Eva name.")
-    store: Path = option(help="Feature store to create or complete (Zarr v3 directory).")
+    store: Location = option(help="Feature store to create or complete (Zarr v3 folder or object-storage URL).")
     weights: str = option("pretrained", help="pretrained | random | PATH (.safetensors or .pth).", min_length=1)
     dataset: str = option("synthetic", help="cocostuff27 | cityscapes27 | voc | folder | synthetic.")
-    data_root: Path | None = option(None, help="Dataset root directory.")
+    data_root: Location | None = option(None, help="Dataset root folder (or object-storage URL).")
     splits: Csv | None = option(None, help="Comma-separated splits; default: the dataset's.")
     layers: Layers = option(None, help="Blocks to capture: '0,5,11', '6-11' or 'all' (default).")
     embeddings: Embeddings = option(EMBEDDINGS, help="Any of queries,keys,values,tokens.", min_length=1)
@@ -191,10 +243,10 @@ class ExtractConfig(Options):
                                         flag="option", short="o")
 
 
-class ClusterConfig(Options):
+class ClusterConfig(Storage):
     """Which codebooks to fit, on which features, and how (PROTOCOL.md section 4)."""
 
-    store: Path = option(help="Feature store written by extract.")
+    store: Location = option(help="Feature store written by extract.")
     model: str = option(help="Model key in the store (alias or timm name).")
     train_split: str = option(help="Split to fit the codebooks on.")
     dataset: str | None = option(None, help="Dataset, if the model has the split in several.")
@@ -213,7 +265,7 @@ class ClusterConfig(Options):
     log_every: int = option(25, help="online: steps between training-curve rows.", ge=1)
     host_cache_bytes: int = option(4 * 2**30, help="Keep the features in host memory when they fit in this.",
                                    ge=0)
-    results: Path | None = option(None, help="Results folder for training curves; default <store>/../results.")
+    results: Location | None = option(None, help="Results folder for training curves; default <store>/../results.")
     force: bool = option(False, help="Retrain codebooks that are already finished.")
     workers: int | None = option(None, help="Ray workers; default one per GPU, else one.", ge=1)
     backend: BackendName | None = option(None, help="Array backend; default CuPy when a GPU is present.")
@@ -232,12 +284,12 @@ class ClusterConfig(Options):
                 "batch_images": self.batch_images}
 
 
-class EvaluateConfig(Options):
+class EvaluateConfig(Storage):
     """Which features to evaluate on which test split, and where results go (section 5)."""
 
-    store: Path = option(help="Feature store with features and codebooks.")
+    store: Location = option(help="Feature store with features and codebooks.")
     split: str = option(help="Test split to segment and score.")
-    results: Path | None = option(None, help="Results folder; default <store>/../results.")
+    results: Location | None = option(None, help="Results folder; default <store>/../results.")
     models: Csv | None = option(None, help="Comma-separated models; default all with the split.", flag="model")
     dataset: str | None = option(None, help="Only this dataset.")
     n_examples: int = option(feature_store.EXAMPLE_IMAGES, help="Predicted maps kept per setting.",
@@ -279,11 +331,11 @@ class Comparison(Options):
     title: str | None = option(None, help="Section title; default from the comparison.")
 
 
-class ReportConfig(Options):
+class ReportConfig(Storage):
     """Which results to draw, how, and where the page goes."""
 
-    results: Path = option(help="Results folder written by evaluate.")
-    out: Path = option(help="Report folder: index.html and figures.")
+    results: Location = option(help="Results folder written by evaluate.")
+    out: Location = option(help="Report folder: index.html and figures (a folder or object-storage URL).")
     comparisons: tuple[Comparison, ...] = Field((Comparison(),), min_length=1,
                                                 description="The report's sections, one per comparison.")
     dataset: str | None = option(None, help="Dataset, if the results hold several.")

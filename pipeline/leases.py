@@ -1,8 +1,10 @@
 """Leases: one writer at a time for a model group, a codebook set or a results folder.
 
 A lease is a small JSON record (owner, host, pid, command, heartbeat) created only if absent
-(``O_CREAT | O_EXCL`` on a file system; a conditional put on object storage does the same),
-and renewed by a heartbeat thread while its holder works. A second writer is refused with a
+(``O_CREAT | O_EXCL`` on a file system; on object storage a conditional put, ``If-None-Match:
+*``, does the same), and renewed by a heartbeat thread while its holder works (on object
+storage each renewal is conditional on the version it last wrote, ``If-Match``, so a holder
+that was presumed dead and taken over notices and stops). A second writer is refused with a
 message naming the holder. A lease whose holder is gone is taken over: its heartbeat is older
 than the time to live, or its process is dead on this very host (so rerunning a killed command
 at once works). Chunk-level claiming would let two runs share one group's work, but needs a
@@ -26,23 +28,26 @@ from typing import Any, Iterator
 import psutil
 
 from .errors import LeaseHeldError
+from .location import ObjectPath, as_location, is_local
 
 LEASE_TTL_S = 60.0          # a heartbeat older than this frees the lease
 HEARTBEAT_EVERY_S = 10.0
 
 
-def leases_beside(path: str | Path) -> Path:
+def leases_beside(path: str | Path | ObjectPath) -> Path | ObjectPath:
     """Where the leases of a store or results folder live: beside it (outside a Zarr
     hierarchy, and never part of what they guard)."""
-    path = Path(path)
+    path = as_location(path)
     return path.parent / f"{path.name}.leases"
 
 
 class Lease:
     """``with Lease(folder, name, what):`` hold the lease ``name`` in ``folder`` for the block."""
 
-    def __init__(self, folder: str | Path, name: str, what: str, *, wait: float = 0.0, ttl: float = LEASE_TTL_S):
-        self.path = Path(folder) / f"{name.replace('/', '__')}.json"
+    def __init__(self, folder: str | Path | ObjectPath, name: str, what: str, *, wait: float = 0.0,
+                 ttl: float = LEASE_TTL_S):
+        self.path = as_location(folder) / f"{name.replace('/', '__')}.json"
+        self._etag: str | None = None  # object storage: the version of the record we last wrote
         self.what, self.wait, self.ttl = what, wait, ttl
         self.token = uuid.uuid4().hex
         self._stop = threading.Event()
@@ -56,7 +61,14 @@ class Lease:
 
     def _create(self) -> bool:
         """Write the record if no lease exists; False if one does. The record is written aside
-        and hard-linked into place (create-if-absent, atomic), so no reader sees it half written."""
+        and hard-linked into place (create-if-absent, atomic), so no reader sees it half written;
+        an object is put only if absent."""
+        if not is_local(self.path):
+            try:
+                self._etag = self.path.write_bytes(json.dumps(self._record()).encode(), if_absent=True)
+                return True
+            except FileExistsError:
+                return False
         for _ in range(5):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{self.token}.new")
@@ -72,10 +84,18 @@ class Lease:
                 tmp.unlink(missing_ok=True)
         return False
 
-    def _take_over(self, stale: dict[str, Any]) -> None:
+    def _take_over(self, stale: dict[str, Any]) -> bool:
         """Remove a dead holder's lease so that ``_create`` can succeed. Only the process that
         creates the claim for that very record (by its token, ``O_EXCL``) removes it, so two
-        takers never both win, and a live lease that replaced it is never touched."""
+        takers never both win, and a live lease that replaced it is never touched. On object
+        storage the record is replaced by ours only if it is still that version (True: the
+        lease is ours)."""
+        if not is_local(self.path):
+            try:
+                self._etag = self.path.write_bytes(json.dumps(self._record()).encode(), if_etag=stale["_etag"])
+                return True
+            except FileExistsError:
+                return False
         claim = self.path.with_name(f".{self.path.name}.takeover-{stale.get('token')}")
         with contextlib.suppress(FileNotFoundError):
             if time.time() - claim.stat().st_mtime > self.ttl:
@@ -83,18 +103,25 @@ class Lease:
         try:
             os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
         except FileExistsError:
-            return  # another process is taking it over
+            return False  # another process is taking it over
         try:
             current = self.holder()
             if current is not None and current.get("token") == stale.get("token"):
                 self.path.unlink(missing_ok=True)
         finally:
             claim.unlink(missing_ok=True)
+        return False
 
     def holder(self) -> dict[str, Any] | None:
-        """The current record, or None if there is none (or it is being replaced)."""
+        """The current record, or None if there is none (or it is being replaced). On object
+        storage it carries its version as ``_etag``."""
         try:
-            return json.loads(self.path.read_text())
+            if is_local(self.path):
+                return json.loads(self.path.read_text())
+            meta = self.path.head()
+            if meta is None:
+                return None
+            return {**json.loads(self.path.read_text()), "_etag": meta["e_tag"]}
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
@@ -123,12 +150,22 @@ class Lease:
                     f"{self.what} is being written by {record.get('owner')} (pid {record.get('pid')}, heartbeat "
                     f"{age:.0f} s ago, command: {record.get('command')}); wait for it to finish or stop it. A lease "
                     f"whose holder stops is taken over after {self.ttl:.0f} s ({self.path})")
-            self._take_over(record)
+            if self._take_over(record):
+                self._start_heartbeat()
+                return self
         raise LeaseHeldError(f"{self.what}: could not take the lease {self.path}; another writer is starting")
 
     def _start_heartbeat(self) -> None:
         def beat() -> None:
             while not self._stop.wait(min(HEARTBEAT_EVERY_S, self.ttl / 4)):
+                if not is_local(self.path):
+                    try:
+                        self._etag = self.path.write_bytes(json.dumps(self._record()).encode(), if_etag=self._etag)
+                    except FileExistsError:
+                        return  # taken over (we were presumed dead): stop renewing
+                    except Exception:  # noqa: BLE001  (a network error: try again at the next beat)
+                        pass
+                    continue
                 record = self.holder()
                 if record is None or record.get("token") != self.token:
                     return  # taken over (we were presumed dead): stop renewing someone else's lease
@@ -147,6 +184,8 @@ class Lease:
         record = self.holder()
         if record is not None and record.get("token") == self.token:
             self.path.unlink(missing_ok=True)
+        if not is_local(self.path):
+            return
         with contextlib.suppress(OSError):  # the last lease out leaves no empty folder behind
             self.path.parent.rmdir()
 

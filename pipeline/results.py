@@ -5,7 +5,9 @@ table through DuckDB, and opens the ``maps.zarr`` beside them. Every path comes 
 ``storage_schemas.results``. A folder written with another results version is refused, on
 reading and on appending, naming the found and expected versions.
 
-DuckDB reads the tables as Arrow datasets of their parts (pyarrow opens the files), inside
+DuckDB reads the tables as Arrow datasets of their parts (pyarrow opens the files, through
+its filesystem over the same obstore client as the stores when the folder is an object-storage
+URL; DuckDB's own S3 support needs its httpfs extension, which is not there offline), inside
 DuckDB's own sandbox: external access is switched off and the configuration locked before
 any SQL of a caller runs, so no statement, however nested or wrapped, reads a file, writes
 one, attaches a database or loads an extension; it sees the tables and nothing else.
@@ -13,10 +15,11 @@ one, attaches a database or loads an extension; it sees the tables and nothing e
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
-import shutil
 import uuid
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -30,6 +33,7 @@ from rep_pipeline.storage_schemas import results as layout
 from rep_pipeline.storage_schemas.tables import SCHEMAS, TABLES_VERSION
 
 from .errors import QueryError, StoreError
+from .location import ObjectPath, as_location, is_local, remove_tree
 from .store import MapStore, check_store_location
 
 _TABLES = f"tables: {', '.join(SCHEMAS)}"
@@ -45,8 +49,8 @@ def _literal(value: Any) -> str:
 class Results:
     """A results folder. ``mode="r"`` reads an existing one; ``"a"`` creates it if needed."""
 
-    def __init__(self, path: str | Path, mode: str = "r"):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | ObjectPath, mode: str = "r"):
+        self.path = as_location(path)
         self.mode = mode
         if mode == "r" and not self.path.is_dir():
             raise StoreError(f"results folder {self.path} does not exist")
@@ -72,8 +76,8 @@ class Results:
             except (ValueError, KeyError, TypeError) as exc:
                 raise StoreError(f"{marker} is not a rep-pipeline results marker: {exc}") from exc
         for table in SCHEMAS:
-            for part in sorted((self.path / table).glob("**/*.parquet")) if (self.path / table).is_dir() else ():
-                meta = pq.read_schema(part).metadata or {}
+            for part in self._parts(table):
+                meta = pq.read_schema(part, filesystem=self._filesystem).metadata or {}
                 found.setdefault(int(meta.get(b"version", b"0")), str(part))
         if len(found) > 1:
             raise StoreError(f"results folder {self.path} mixes results versions: "
@@ -84,11 +88,8 @@ class Results:
     def _ensure_marker(self) -> None:
         marker = self.path / layout.MARKER
         if not marker.is_file():
-            self.path.mkdir(parents=True, exist_ok=True)
-            tmp = marker.with_name(f".{marker.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_text(json.dumps({"kind": layout.RESULTS_KIND, "tables_version": TABLES_VERSION,
-                                       "package_version": __version__}))
-            os.replace(tmp, marker)  # readers see no marker or the whole one
+            _write_whole(marker, json.dumps({"kind": layout.RESULTS_KIND, "tables_version": TABLES_VERSION,
+                                             "package_version": __version__}).encode())
 
     # -- writing -------------------------------------------------------------------------------
     def write_table(self, table: str, rows: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]], *,
@@ -104,10 +105,9 @@ class Results:
             data = pa.Table.from_pylist(list(rows), schema=schema)
         self._ensure_marker()
         path = self.path / layout.part_file(table, dataset, model, part)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{part}.{uuid.uuid4().hex}.tmp"
-        pq.write_table(data, tmp)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        pq.write_table(data, buffer)
+        _write_whole(path, buffer.getvalue())
         return path
 
     def maps(self) -> MapStore:
@@ -126,8 +126,8 @@ class Results:
             yield staging
             self.maps().adopt(staging)
         finally:
-            shutil.rmtree(staging.path, ignore_errors=True)
-            if not existed and not any(self.path.iterdir()):
+            remove_tree(staging.path)
+            if is_local(self.path) and not existed and not any(self.path.iterdir()):
                 self.path.rmdir()  # a refused first run leaves no trace
 
     # -- reading -------------------------------------------------------------------------------
@@ -136,8 +136,16 @@ class Results:
         return [t for t in SCHEMAS if self._parts(t)]
 
     def _parts(self, table: str) -> list[str]:
+        """The table's Parquet parts, as paths in ``_filesystem``."""
         folder = self.path / table
+        if not is_local(folder):
+            return sorted(f"{p.bucket}/{p.key}" for p in folder.glob("**/*.parquet"))
         return sorted(str(p) for p in folder.glob("**/*.parquet")) if folder.is_dir() else []
+
+    @cached_property
+    def _filesystem(self) -> Any:
+        """pyarrow's filesystem for the parts: local, or over the object store's client."""
+        return None if is_local(self.path) else self.path.arrow_filesystem()[0]
 
     def connect(self, *, dataset: str | None = None, split: str | None = None) -> duckdb.DuckDBPyConnection:
         """A sandboxed in-memory DuckDB connection with one view per table found here; with
@@ -147,7 +155,8 @@ class Results:
             raise StoreError(f"results folder {self.path} holds no rep-pipeline tables")
         con = duckdb.connect(":memory:", config=_DUCKDB_CONFIG)
         for table in found:
-            parts = pads.dataset(self._parts(table), format="parquet", schema=SCHEMAS[table])
+            parts = pads.dataset(self._parts(table), format="parquet", schema=SCHEMAS[table],
+                                 filesystem=self._filesystem)
             con.register(f"{table}_parts", parts)
             where = [f"{col} = {_literal(v)}" for col, v in (("dataset", dataset), ("split", split))
                      if v is not None and col in SCHEMAS[table].names]
@@ -191,3 +200,15 @@ def _query_error(exc: duckdb.Error) -> QueryError:
         return QueryError(f"refused: rep-pipeline query reads the result tables only, with no access to files, "
                           f"databases or extensions ({exc})")
     return QueryError(f"query failed: {exc} ({_TABLES})")
+
+
+def _write_whole(path: Path | ObjectPath, data: bytes) -> None:
+    """Readers see no file or the whole one: a file is written aside and renamed into place;
+    an object is put in one request."""
+    if not is_local(path):
+        path.write_bytes(data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -19,6 +19,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from . import config
 from .errors import RepPipelineError
+from .location import storage_environment
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -105,10 +106,14 @@ class ActorPool:
     def __init__(self, cls: type, args_per_actor: Sequence[Sequence[Any]], *, num_cpus: float = 1,
                  num_gpus: float = 0, max_restarts: int = config.ACTOR_MAX_RESTARTS,
                  max_task_retries: int = config.ACTOR_MAX_TASK_RETRIES, max_concurrency: int = 1):
+        # the driver's object-storage environment (endpoint, credentials) reaches the actors on
+        # every node, so an s3:// store opens there as it does here
+        env = storage_environment()
         remote_cls = ray.remote(cls).options(
             num_cpus=num_cpus, num_gpus=num_gpus, max_concurrency=max_concurrency,
             max_restarts=max_restarts, max_task_retries=max_task_retries,
             scheduling_strategy="SPREAD",  # one per node first: the work and a lost node's share spread
+            **({"runtime_env": {"env_vars": env}} if env else {}),
         )
         self.actors = [remote_cls.remote(*args) for args in args_per_actor]
 

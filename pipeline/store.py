@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -27,6 +28,36 @@ from rep_pipeline.storage_schemas import feature_store as layout
 from rep_pipeline.storage_schemas import results as results_layout
 
 from .errors import FingerprintMismatchError, StoreError
+from .location import ObjectPath, as_location, is_local, remove_tree
+
+Location = Path | ObjectPath
+# Some S3 servers (SeaweedFS) keep listing the prefix of a removed array as an empty "folder";
+# zarr warns about it on every listing, while ``store check`` reports real orphans itself.
+warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
+
+
+class _ObjectStore(zarr.storage.ObjectStore):
+    """zarr's store over an obstore client, remembering the URL it was opened at (for messages
+    and for the few operations on whole folders)."""
+
+    def __init__(self, store: Any, *, read_only: bool = False, location: ObjectPath | None = None):
+        super().__init__(store, read_only=read_only)
+        self.location = location
+
+    def with_read_only(self, read_only: bool = False) -> "_ObjectStore":
+        return type(self)(self.store, read_only=read_only, location=self.location)
+
+
+def _zarr_store(location: Location, mode: str) -> Any:
+    """What ``zarr.open_group`` opens: the local path as it is, or zarr's ``ObjectStore``."""
+    if is_local(location):
+        return str(location)
+    return _ObjectStore(location.obstore_store(), read_only=mode == "r", location=location)
+
+
+def _location_of(store: Any) -> Location:
+    """Where a zarr store lives (the inverse of ``_zarr_store``)."""
+    return store.location if isinstance(store, _ObjectStore) else Path(store.root)
 
 
 def fingerprint_hash(fingerprint: Mapping[str, Any]) -> str:
@@ -76,7 +107,7 @@ def _write_together(writes: list[tuple[zarr.Array, Any, np.ndarray]]) -> None:
                              f"{np.shape(value)} failed: {result}") from result
 
 
-def _bad_metadata(root: Path) -> str:
+def _bad_metadata(root: Location) -> str:
     """The first ``zarr.json`` under ``root`` that does not parse, for an error message."""
     for meta in sorted(root.rglob("zarr.json")):
         try:
@@ -94,34 +125,37 @@ def _metadata_read(method: Callable) -> Callable:
         try:
             return method(self, *args, **kwargs)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            root = Path(self.group.store.root) if hasattr(self, "group") else Path(self.path)
+            root = _location_of(self.group.store) if hasattr(self, "group") else self.path
             raise StoreError(f"{_bad_metadata(root)} cannot be read ({exc}); `rep-pipeline store check` lists "
                              f"every problem of the store") from exc
     return wrapper
 
 
-def check_store_location(path: str | Path, *, writable: bool = False) -> None:
+def check_store_location(path: str | Location, *, writable: bool = False) -> None:
     """Fail before any work on a path that cannot hold a store: a regular file, a folder of
-    other files (never adopted), or, with ``writable``, a place this process cannot write."""
-    path = Path(path)
+    other files (never adopted), or, with ``writable``, a place this process cannot write (on
+    object storage: a bucket that cannot be listed)."""
+    path = as_location(path)
+    if isinstance(path, ObjectPath):
+        path.check_reachable()
     if path.exists() and not path.is_dir():
         raise StoreError(f"{path} is a file, not a Zarr store; choose another path")
     if path.is_dir() and not (path / "zarr.json").is_file() and any(path.iterdir()):
         raise StoreError(f"{path} is a folder of other files, not a Zarr store; choose an empty or new path")
-    if writable:
+    if writable and is_local(path):
         existing = next(p for p in (path, *path.parents) if p.exists())
         if not os.access(existing, os.W_OK | os.X_OK):
             raise StoreError(f"cannot write to {path}: {existing} is not writable by this user")
 
 
-def _open_root(path: Path, mode: str, missing: str, fresh: dict[str, Any]) -> tuple[zarr.Group, dict[str, Any]]:
+def _open_root(path: Location, mode: str, missing: str, fresh: dict[str, Any]) -> tuple[zarr.Group, dict[str, Any]]:
     """The root group at ``path`` and its ``rep_pipeline`` attribute ({} if none). In mode
     ``"a"`` a missing or empty store is created, with ``fresh`` as that attribute."""
     if mode == "r" and not path.exists():
         raise StoreError(missing)
     check_store_location(path)
     try:
-        root = zarr.open_group(str(path), mode="r" if mode == "r" else "a")
+        root = zarr.open_group(_zarr_store(path, mode), mode="r" if mode == "r" else "a")
     except Exception as exc:
         raise StoreError(f"{path} cannot be opened as a Zarr store: {exc}") from exc
     meta = dict(root.attrs).get("rep_pipeline")
@@ -133,8 +167,8 @@ def _open_root(path: Path, mode: str, missing: str, fresh: dict[str, Any]) -> tu
 class FeatureStore:
     """A feature store on disk. ``mode="r"`` reads an existing store; ``"a"`` creates if needed."""
 
-    def __init__(self, path: str | Path, mode: str = "r"):
-        self.path = Path(path)
+    def __init__(self, path: str | Location, mode: str = "r"):
+        self.path = as_location(path)
         self.root, meta = _open_root(self.path, mode, f"feature store {self.path} does not exist", {
             "kind": layout.STORE_KIND, "schema_version": layout.SCHEMA_VERSION, "package_version": __version__})
         if meta.get("kind") != layout.STORE_KIND:
@@ -483,21 +517,44 @@ class ModelSplit(_Group):
         """Swap the finished replacement of (method, k, seed) in for the codebook: two renames,
         the old one removed only after the new one is in place. Layers and embeddings the
         replacement did not retrain are carried over when both were trained alike (same
-        hyperparameters, same features); otherwise the codebook is replaced whole."""
+        hyperparameters, same features); otherwise the codebook is replaced whole.
+
+        Object storage has no rename: there the old codebook is first marked untrained with
+        the replacement's attributes, then the replacement's objects are copied over it (done
+        flags last) and the replacement removed, so an interruption leaves layers to retrain,
+        never a codebook that mixes two trainings."""
         name = layout.codebook_name(method, k, seed)
         if name in self.codebook_names():
             old_book, new_book = self.codebook(method, k, seed), self.codebook(method, k, seed, replacement=True)
             if old_book.fingerprint_hash == new_book.fingerprint_hash:
                 new_book.keep_finished(old_book)
-        folder = Path(self.group.store.root) / self.group.path / "codebooks"
+        folder = _location_of(self.group.store) / self.group.path / "codebooks"
         new, old = folder / (name + layout.REPLACEMENT_SUFFIX), folder / name
         if not new.is_dir():
             raise StoreError(f"{self.path}/codebooks has no replacement of {name} to swap in")
+        if isinstance(folder, ObjectPath):
+            self._copy_codebook(name, new, old)
+            return
         retired = folder / f".{name}.retired"
         if old.exists():
             os.replace(old, retired)
         os.replace(new, old)
         shutil.rmtree(retired, ignore_errors=True)
+
+    def _copy_codebook(self, name: str, new: ObjectPath, old: ObjectPath) -> None:
+        books = self.group["codebooks"]
+        if name in books:
+            for key in books[name].array_keys():
+                if key.endswith("_done"):
+                    books[name][key][:] = False
+            books[name].attrs.update(dict(books[name + layout.REPLACEMENT_SUFFIX].attrs))
+        kept = set(new.keys())
+        for rel in old.keys():  # arrays the replacement does not have
+            if rel not in kept and rel != "zarr.json":
+                (old / rel).unlink(missing_ok=True)
+        for rel in sorted(kept, key=lambda r: ("_done/" in r, r == "zarr.json")):
+            (old / rel).write_bytes((new / rel).read_bytes())
+        new.remove_tree()
 
     def attention_map(self) -> np.ndarray:
         if not self.finished:
@@ -562,8 +619,8 @@ class MapStore:
     the position-by-class counts, the aggregate map and a few predicted example maps. Paths
     come from ``storage_schemas.results``; a store of another results version is refused."""
 
-    def __init__(self, path: str | Path, mode: str = "r"):
-        self.path = Path(path)
+    def __init__(self, path: str | Location, mode: str = "r"):
+        self.path = as_location(path)
         self.root, meta = _open_root(
             self.path, mode, f"results maps {self.path} do not exist; run `rep-pipeline evaluate` first",
             {"kind": results_layout.MAPS_KIND, "tables_version": results_layout.TABLES_VERSION})
@@ -591,6 +648,12 @@ class MapStore:
             if parent:
                 self.root.require_group(parent)
             target = self.path / path
+            if isinstance(target, ObjectPath):  # no rename: copy, then drop what was there only before
+                fresh = set((staging.path / path).keys())
+                for rel in set(target.keys()) - fresh:
+                    (target / rel).unlink(missing_ok=True)
+                (staging.path / path).copy_tree_to(target)
+                continue
             if target.exists():
                 shutil.rmtree(target)
             os.replace(staging.path / path, target)
@@ -606,18 +669,18 @@ class MapStore:
         return self.root[path][name][...]
 
 
-def validate_store(path: str | Path) -> list[str]:
+def validate_store(path: str | Location) -> list[str]:
     """Every way the store at ``path`` departs from the layout, as readable sentences."""
     try:
         return _validate(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # a group's metadata: nothing below it is listed
-        return [f"{_bad_metadata(Path(path))} cannot be read ({exc})"]
+        return [f"{_bad_metadata(as_location(path))} cannot be read ({exc})"]
 
 
-def _validate(path: str | Path) -> list[str]:
+def _validate(path: str | Location) -> list[str]:
     problems: list[str] = []
     try:
-        root = zarr.open_group(str(path), mode="r")
+        root = zarr.open_group(_zarr_store(as_location(path), "r"), mode="r")
     except Exception as exc:  # not a zarr group at all
         return [f"{path} is not a Zarr group: {exc}"]
     meta = dict(root.attrs).get("rep_pipeline", {})
@@ -744,12 +807,12 @@ class CheckReport:
     repairs: list[str] = field(default_factory=list)
 
 
-def check_store(path: str | Path, *, group: str | None = None, repair: bool = False) -> CheckReport:
+def check_store(path: str | Location, *, group: str | None = None, repair: bool = False) -> CheckReport:
     """Read every chunk of the store (or of the groups under ``group``) and check it decodes to
     its shape and dtype, finite, with ``done`` flags consistent. With ``repair``, mark each bad
     chunk pending (and its codebook layer untrained), so the same extract (or cluster) command
     recomputes it; nothing else is touched."""
-    path = Path(path)
+    path = as_location(path)
     report = CheckReport(validate_store(path))
     if report.problems and (not path.is_dir() or any(" is not " in p or "cannot be read" in p
                                                      for p in report.problems)):
@@ -804,7 +867,7 @@ def _check_model_split(target: ModelSplit, label_chunks: set[int], report: Check
         bad = _check_array(target.array("attention_map"), f"{target.path}/attention_map", lambda c: True, finite=True)
         report.problems += [p for _, p in bad]
         attention_bad = bool(bad)
-    folder = Path(target.group.store.root) / target.group.path
+    folder = _location_of(target.group.store) / target.group.path
     orphans = sorted(p for p in folder.iterdir() if p.is_dir() and not (p / "zarr.json").is_file())
     report.problems += [f"{target.path}/{p.name} holds files of no array (left by an interrupted run)" for p in orphans]
     unflagged = target.finished and not done.all()
@@ -813,7 +876,7 @@ def _check_model_split(target: ModelSplit, label_chunks: set[int], report: Check
                                f"are not done")
     if repair:
         for p in orphans:
-            shutil.rmtree(p)
+            remove_tree(p)
             report.repairs.append(f"{target.path}/{p.name}: removed")
         if unflagged:
             target.group.attrs.update({"finished": False, layout.ATTENTION_FINAL: True})

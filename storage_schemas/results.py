@@ -48,9 +48,19 @@ MAP_ARRAYS: dict[str, MapArray] = {a.name: a for a in (
 )}
 
 
-def default_results(store: str | PurePath) -> PurePath:
+def beside(path: str | PurePath, name: str) -> str | PurePath:
+    """``name`` in the folder that holds ``path`` (a local path, or an object-storage URL)."""
+    text = str(path)
+    if "://" in text:
+        scheme, rest = text.split("://", 1)
+        rest = rest.rstrip("/")
+        return f"{scheme}://{rest.rsplit('/', 1)[0] if '/' in rest else rest}/{name}"
+    return PurePath(path).parent / name
+
+
+def default_results(store: str | PurePath) -> str | PurePath:
     """Where results go when no folder is named: ``results`` beside the feature store."""
-    return PurePath(store).parent / "results"
+    return beside(store, "results")
 
 
 def partition(table: str, dataset: str, model: str | None = None) -> str:

@@ -15,9 +15,9 @@ TINY_MODELS = tuple(spec.alias for spec in list_models("tiny-*"))
 
 def pytest_collection_modifyitems(items):
     """A test on the real local Ray instance belongs to the integration tier
-    (``pytest -m "not integration"`` is the fast tier)."""
+    (``pytest -m "not integration"`` is the fast tier); so does one on the real S3 server."""
     for item in items:
-        if "ray_local" in getattr(item, "fixturenames", ()):
+        if {"ray_local", "s3_server"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
 
 
@@ -28,6 +28,29 @@ def ray_local():
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on 127.0.0.1 for the whole session."""
+    from s3server import start
+
+    server = start(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch, request):
+    """The S3 server, configured the standard way (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``...
+    in the environment, nothing else), and ``url(*parts)`` under a prefix of this test's own."""
+    import uuid
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    prefix = f"{request.node.name[:40]}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")
+    return type("S3Prefix", (), {"server": s3_server, "env": s3_server.env,
+                                 "url": staticmethod(lambda *parts: s3_server.url(prefix, *parts))})()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ OWNERS = {  # third-party libraries that exactly one module may import
     "ray": "pipeline/runner.py",
     "cupy": "pipeline/backend.py",
     "cupyx": "pipeline/backend.py",
+    "obstore": "pipeline/location.py",
 }
 
 

@@ -13,6 +13,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .. import config
 from ..errors import ConfigError, DataRootError, EmptySplitError, ImageReadError, LabelValueError, SizeMismatchError
+from ..location import as_location, is_local
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def _open_header(path: Path, what: str, max_pixels: int | None) -> Image.Image:
     """Open ``path`` reading only its header, and refuse it if it has more pixels than
     ``max_pixels`` (None: no limit) before any decoding work."""
     try:
-        img = Image.open(path)
+        img = Image.open(path if is_local(path) else path.open("rb"))  # an object is fetched whole
     except FileNotFoundError as exc:
         raise ImageReadError(f"{what} file {path} does not exist") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -244,7 +245,7 @@ class SegmentationDataset:
         if unknown:
             allowed = ", ".join(self.options_allowed) or "none"
             raise ConfigError(f"{self.name}: unknown dataset option {unknown[0]!r}; it takes: {allowed}")
-        self.root = Path(root) if root is not None else None
+        self.root = as_location(root) if root is not None else None  # a folder, or an object-storage URL
         self.options = options
 
     # -- what subclasses provide ---------------------------------------------------------

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 
 from rep_pipeline.pipeline.config import Comparison, ReportConfig
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
+from rep_pipeline.pipeline.location import ObjectPath, is_local
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.storage_schemas import results as layout
 
@@ -183,7 +185,16 @@ def run_report(cfg: ReportConfig, *, address: str | None = None, progress: bool 
     data = ReportData(cfg)
     chosen = [(comp, select_rows(data, comp)) for comp in cfg.comparisons]  # all checked before a figure is drawn
     seg = data.rows("SELECT k, method FROM segmentation ORDER BY k, method LIMIT 1")[0]
-    out = Path(cfg.out)
+    with tempfile.TemporaryDirectory(prefix="rep-pipeline-report-") as scratch:
+        # on object storage the page is drawn into a local folder and put there once whole
+        out = cfg.out if is_local(cfg.out) else Path(scratch)
+        index, written = _draw(cfg, data, chosen, seg, out)
+        if not is_local(cfg.out):
+            index, written = _upload(out, cfg.out, written)
+    return ReportResult(index, written)
+
+
+def _draw(cfg: ReportConfig, data: ReportData, chosen: list, seg: dict[str, Any], out: Path) -> tuple[Path, list[Path]]:
     written: list[Path] = []
     sections = [_comparison_section(data, comp, rows, out, written) for comp, rows in chosen]
     sections.append(_section(f"correlations (K = {seg['k']}, {seg['method']})", SUMMARY_PANELS,
@@ -194,4 +205,12 @@ def run_report(cfg: ReportConfig, *, address: str | None = None, progress: bool 
     out.mkdir(parents=True, exist_ok=True)
     index.write_text(PAGE.format(title=html.escape(cfg.title or f"{data.dataset} / {data.split}"), intro=intro,
                                  sections="\n".join(sections)))
-    return ReportResult(index, written)
+    return index, written
+
+
+def _upload(folder: Path, target: ObjectPath, written: list[Path]) -> tuple[ObjectPath, list[ObjectPath]]:
+    """Put the drawn files under ``target``, the page last (it links the rest)."""
+    files = [*written, folder / "index.html"]
+    for path in files:
+        (target / path.relative_to(folder).as_posix()).write_bytes(path.read_bytes())
+    return target / "index.html", [target / p.relative_to(folder).as_posix() for p in written]
