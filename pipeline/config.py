@@ -235,7 +235,7 @@ class ExtractConfig(Storage):
     model_key: str | None = option(None, help="Store group name for the model; default its alias.")
     seed: int = option(RANDOM_WEIGHTS_SEED, help="Seed of --weights random.")
     device: Literal["auto", "cpu", "cuda"] = option("auto", help="Where the model runs; auto: a GPU if present.")
-    workers: int | None = option(None, help="Actors: default one per GPU, else one.", ge=1)
+    workers: int | None = option(None, help="Actors: default one per GPU, else one per node.", ge=1)
     threads_per_worker: int | None = option(None, help="Torch threads per CPU actor.", flag="threads", ge=1)
     compile_statistics: bool = option(False, help="Fuse the attention statistics with torch.compile "
                                                   "(a one-off compile of 10 to 20 s).")
@@ -267,7 +267,7 @@ class ClusterConfig(Storage):
                                    ge=0)
     results: Location | None = option(None, help="Results folder for training curves; default <store>/../results.")
     force: bool = option(False, help="Retrain codebooks that are already finished.")
-    workers: int | None = option(None, help="Ray workers; default one per GPU, else one.", ge=1)
+    workers: int | None = option(None, help="Ray workers; default one per GPU, else one per node.", ge=1)
     backend: BackendName | None = option(None, help="Array backend; default CuPy when a GPU is present.")
 
     @model_validator(mode="before")

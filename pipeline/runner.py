@@ -98,6 +98,20 @@ def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
+def node_cpus() -> list[int]:
+    """The CPUs of each live node that has any (a head kept free of work has none)."""
+    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
+    return [c for c in cpus if c > 0] or [1]
+
+
+def cpus_per_actor(n_actors: int) -> int:
+    """CPUs for each of ``n_actors`` CPU actors: the cluster's share per actor, but never more
+    than the largest node holds (an actor cannot span nodes, and one asking for more would
+    wait forever, as would one sized for a node that has since been lost)."""
+    nodes = node_cpus()
+    return max(1, min(sum(nodes) // max(n_actors, 1), max(nodes)))
+
+
 class ActorPool:
     """One actor per entry of ``args_per_actor`` (``cls(*args)``), each reserving
     ``num_cpus``/``num_gpus``. ``max_concurrency=2`` lets a driver poll a cheap method (such

@@ -32,13 +32,16 @@ def hold(split, chunk, stats):
         while not Path(pause + ".go").exists():
             time.sleep(0.1)
 
+# with both nodes up, the defaults: one actor per node, each with that node's CPUs; for the
+# node loss, one CPU each, so that Ray can restart the lost node's actor on the survivor
+sizing = {} if pause == "-" else {"workers": 2, "threads_per_worker": 1}
 cfg = ExtractConfig(model="tiny-vit", weights="random", store=Path(store), chunk_images=2, splits=("train",),
-                    workers=2, threads_per_worker=1, dataset_options=options)
+                    dataset_options=options, **sizing)
 result = run_extract(cfg, address=address, progress=False, on_chunk_done=hold)
 nodes = []
 if pause == "-":  # with both nodes up, cluster too
     books = run_cluster(ClusterConfig(store=Path(store), model="tiny-vit", train_split="train", k=(3,),
-                                      methods=("lloyd",), init_batches=2, batch_images=4, workers=2),
+                                      methods=("lloyd",), init_batches=2, batch_images=4),
                         address=address, progress=False)
     nodes = sorted({t["node"] for t in books.trained})
 print(json.dumps({"per_node": result.per_node, "cluster_nodes": nodes}))

@@ -312,8 +312,8 @@ def _cluster(cfg: ClusterConfig, address: str | None, progress: bool, on_progres
         return result
     runner.ensure_ray(address)
     gpus = runner.cluster_gpus() if cfg.backend != "numpy" else 0
-    n_workers = min(cfg.workers or max(gpus, 1), len(plans))
-    cpus = 1 if gpus else max(1, runner.cluster_cpus() // n_workers)
+    n_workers = min(cfg.workers or gpus or len(runner.node_cpus()), len(plans))
+    cpus = 1 if gpus else runner.cpus_per_actor(n_workers)
     buckets = _split_plans(plans, n_workers)
     pool = runner.ActorPool(ClusterWorker, [(cfg, cfg.model, dataset, b, cpus) for b in buckets],
                             num_cpus=cpus, num_gpus=1 if gpus else 0, max_concurrency=2)

@@ -87,7 +87,15 @@ class ExtractResult:
 
 
 def _check_files(dataset: SegmentationDataset, split: str, items: list[Item]) -> None:
-    missing = [p for it in items for p in (it.image_path, it.label_path) if p is not None and not p.is_file()]
+    """Every listed file exists: one listing per folder, not a request per file (on object
+    storage a HEAD per image of a 49k-image split would take longer than extracting it)."""
+    by_folder: dict[Any, list[Any]] = {}
+    for path in (p for it in items for p in (it.image_path, it.label_path) if p is not None):
+        by_folder.setdefault(path.parent, []).append(path)
+    missing = []
+    for folder, paths in by_folder.items():
+        present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        missing += [p for p in paths if p.name not in present]
     if missing:
         shown = ", ".join(str(p) for p in missing[:5])
         raise DataRootError(f"{dataset.name}/{split}: {len(missing)} listed files do not exist: {shown}")
@@ -100,8 +108,8 @@ def _pool_shape(cfg: ExtractConfig) -> tuple[int, float, float, int | None]:
         raise ConfigError("--device cuda: the Ray cluster has no GPU")
     if gpus:
         return cfg.workers or gpus, 1, 1, None
-    workers = cfg.workers or 1
-    threads = cfg.threads_per_worker or max(1, runner.cluster_cpus() // workers)
+    workers = cfg.workers or len(runner.node_cpus())
+    threads = cfg.threads_per_worker or runner.cpus_per_actor(workers)
     return workers, threads, 0, threads
 
 
