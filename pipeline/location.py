@@ -253,6 +253,12 @@ class ObjectPath:
         return ObjectPath, (str(self), dict(self.options))
 
 
+async def put_object_async(store: Any, key: str, data: Any) -> None:
+    """Put one object in a single request (a feature chunk of several MB too: obstore would
+    otherwise split it into a multipart upload of four requests or more)."""
+    await obstore.put_async(store, key, data, use_multipart=False)
+
+
 def storage_environment() -> dict[str, str]:
     """This process's object-storage variables (``AWS_*``, ``GOOGLE_*``, ``AZURE_*``), for
     worker processes elsewhere to open URLs as this one does."""

@@ -28,7 +28,7 @@ from rep_pipeline.storage_schemas import feature_store as layout
 from rep_pipeline.storage_schemas import results as results_layout
 
 from .errors import FingerprintMismatchError, StoreError
-from .location import ObjectPath, as_location, is_local, remove_tree
+from .location import ObjectPath, as_location, is_local, put_object_async, remove_tree
 
 Location = Path | ObjectPath
 # Some S3 servers (SeaweedFS) keep listing the prefix of a removed array as an empty "folder";
@@ -46,6 +46,12 @@ class _ObjectStore(zarr.storage.ObjectStore):
 
     def with_read_only(self, read_only: bool = False) -> "_ObjectStore":
         return type(self)(self.store, read_only=read_only, location=self.location)
+
+    async def set(self, key: str, value: Any) -> None:
+        """Each chunk in one PUT: aligned whole-chunk writes need no read-modify-write, and no
+        multipart upload either."""
+        self._check_writable()
+        await put_object_async(self.store, key, value.as_buffer_like())
 
 
 def _zarr_store(location: Location, mode: str) -> Any:
@@ -105,6 +111,17 @@ def _write_together(writes: list[tuple[zarr.Array, Any, np.ndarray]]) -> None:
         if isinstance(result, BaseException):
             raise StoreError(f"writing {array.path} (shape {array.shape}) from an array of shape "
                              f"{np.shape(value)} failed: {result}") from result
+
+
+def _read_together(reads: list[tuple[zarr.Array, Any]]) -> list[Any]:
+    """``array[selection]`` for every pair, in one pass of zarr's event loop (on object storage
+    their chunks are fetched concurrently rather than one round trip after another). Returns
+    the values, or the exception of each read that failed."""
+    async def read_all() -> list[Any]:
+        return await asyncio.gather(*(array.async_array.getitem(selection) for array, selection in reads),
+                                    return_exceptions=True)
+
+    return sync(read_all())
 
 
 def _bad_metadata(root: Location) -> str:
@@ -373,15 +390,18 @@ class ModelSplit(_Group):
     def read_features(self, embedding: str, layer: int, start: int, stop: int) -> np.ndarray:
         """Images [start, stop) of block ``layer``'s ``embedding``; a chunk that cannot be read
         is an error naming the array and the images, and how to find and repair it."""
-        arr = self.features(embedding)
-        try:
-            return arr[self.layer_slot(layer), start:stop]
-        except StoreError:
-            raise
-        except Exception as exc:
-            raise StoreError(f"{self.path}/{embedding} (layer {layer}, images {start}..{stop - 1}) cannot be read: "
-                             f"{type(exc).__name__}: {exc}; `rep-pipeline store check --repair` marks bad chunks "
-                             f"for recomputation") from exc
+        return self.read_many([(embedding, layer, start, stop)])[0]
+
+    def read_many(self, requests: list[tuple[str, int, int, int]]) -> list[np.ndarray]:
+        """``read_features(*request)`` for every request, fetched together."""
+        reads = [(self.features(e), (self.layer_slot(layer), slice(a, b))) for e, layer, a, b in requests]
+        out = _read_together(reads)
+        for (embedding, layer, start, stop), value in zip(requests, out):
+            if isinstance(value, BaseException):
+                raise StoreError(f"{self.path}/{embedding} (layer {layer}, images {start}..{stop - 1}) cannot be "
+                                 f"read: {type(value).__name__}: {value}; `rep-pipeline store check --repair` marks "
+                                 f"bad chunks for recomputation") from value
+        return out
 
     def pending_chunks(self) -> list[int]:
         return [int(i) for i in np.flatnonzero(~self.done[:])]

@@ -73,7 +73,19 @@ class FeatureStream:
 
     def _produce(self, windows: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
         for index in windows:
-            yield index, {key: self._images(key, index) for key in self.keys}
+            if self._cache is not None:
+                yield index, {key: self._images(key, index) for key in self.keys}
+                continue
+            # from the store: every key's runs of chunks fetched together (concurrent requests)
+            order = np.argsort(index, kind="stable")
+            runs = _runs(index[order])
+            parts = self.group.read_many([(e, layer, a, b + 1) for e, layer in self.keys for a, b in runs])
+            arrays = {}
+            for i, key in enumerate(self.keys):
+                data = np.concatenate(parts[i * len(runs):(i + 1) * len(runs)]).reshape(len(index), self.patches,
+                                                                                        self.dim)
+                arrays[key] = data if np.array_equal(order, np.arange(len(index))) else data[np.argsort(order)]
+            yield index, arrays
 
     def _read_ahead(self, windows: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, dict[FeatureKey, Any]]]:
         if self._cache is not None:

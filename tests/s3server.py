@@ -77,7 +77,7 @@ def start(folder: Path, bucket: str = "rep-pipeline", timeout: float = 60.0) -> 
     process = subprocess.Popen(
         [weed, "server", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
          f"-s3.port={ports['s3']}", f"-master.port={ports['master']}", f"-volume.port={ports['volume']}",
-         f"-filer.port={ports['filer']}", "-master.volumeSizeLimitMB=64", "-s3.port.iceberg=0", "-s3.port.lance=0"],
+         f"-filer.port={ports['filer']}", "-master.volumeSizeLimitMB=1024", "-volume.max=0", "-s3.port.iceberg=0", "-s3.port.lance=0"],
         stdout=log.open("w"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{ports['s3']}", bucket, process, log)
     deadline = time.monotonic() + timeout
