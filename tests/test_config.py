@@ -124,3 +124,23 @@ def test_any_stage_option_is_accepted_in_its_section(tmp_path, monkeypatch):
                                                  "evaluate": {"images_per_step": 2}}))
     assert all(e.compile_statistics for e in cfg.extracts)
     assert cfg.clusters[1].log_every == 7 and cfg.evaluate.images_per_step == 2
+
+
+def test_a_run_config_takes_urls_and_storage_options_for_every_stage(tmp_path):
+    from rep_pipeline.pipeline.location import ObjectPath
+
+    raw = {"store": "s3://bucket/runs/features.zarr", "storage_options": {"region": "eu-west-1"},
+           "dataset": {"name": "synthetic", "train_split": "train", "test_split": "val"},
+           "models": [{"model": "tiny-vit", "weights": "random"}]}
+    cfg = RunConfig.from_dict(raw, base=tmp_path, storage_options={"endpoint": "http://127.0.0.1:9"})
+    options = {"region": "eu-west-1", "endpoint": "http://127.0.0.1:9"}
+    for stage_cfg in (*cfg.extracts, *cfg.clusters, cfg.evaluate):
+        assert isinstance(stage_cfg.store, ObjectPath) and dict(stage_cfg.store.options) == options
+    assert str(cfg.evaluate.results) == "s3://bucket/runs/results" and dict(cfg.evaluate.results.options) == options
+    assert str(cfg.report.out) == "s3://bucket/runs/report" and dict(cfg.report.out.options) == options
+    local = RunConfig.from_dict({**raw, "store": "runs/f.zarr"}, base=tmp_path)
+    assert local.extracts[0].store == tmp_path / "runs/f.zarr" and local.report.out == tmp_path / "runs/report"
+    with pytest.raises(ConfigError, match="extract.storage_options: set by the run itself"):
+        RunConfig.from_dict({**raw, "extract": {"storage_options": {"region": "x"}}}, base=tmp_path)
+    with pytest.raises(ConfigError, match="store: .*unknown storage scheme 'ftp'"):
+        ExtractConfig.parse({"model": "tiny-vit", "store": "ftp://host/x.zarr"}, "cli")

@@ -74,6 +74,11 @@ CASES = [
     ("input", "a pickled object in a weights file", "test_registry.py::test_pickled_objects_are_refused"),
     ("input", "a store of another model or weights", "test_extract.py::test_store_of_another_model_is_refused_and_model_key_separates"),
     ("input", "weights of another architecture, strictly", "test_registry.py::test_strict_loading_names_file_and_keys"),
+    # object storage
+    ("input", "a bucket that does not exist, a prefix of other objects, an unknown URL scheme",
+     "test_object_storage.py::test_a_store_url_that_cannot_be_used_is_refused_before_any_work"),
+    ("input", "a torn chunk object in a bucket, found, repaired and recomputed; a codebook swapped in without rename",
+     "test_object_storage.py::test_check_repair_and_codebook_replacement_on_object_storage"),
     # kill points
     ("kill", "Ctrl-C during extract", "test_extract.py::test_interrupted_run_resumes_to_the_single_run_result"),
     ("kill", "a chunk half written", "test_extract.py::test_half_written_chunk_is_redone"),
@@ -81,6 +86,8 @@ CASES = [
     ("kill", "a SIGKILLed driver with chunks in flight", "test_extract.py::test_killed_driver_resumes_to_the_single_run_result"),
     ("kill", "a SIGKILLed driver's own Ray instance", "bad_input/test_interrupts.py::test_a_killed_driver_leaves_no_ray_process_behind"),
     ("kill", "a worker node of a Ray cluster killed mid-extract", "test_multinode.py::test_an_extract_survives_a_killed_worker_node"),
+    ("kill", "a SIGKILLed driver writing to object storage",
+     "test_object_storage.py::test_a_killed_driver_resumes_on_object_storage_to_the_single_run_result"),
     ("kill", "a full file system during extract", "bad_input/test_interrupts.py::test_a_full_disk_stops_the_run_keeps_finished_chunks_and_resumes"),
     ("kill", "Ctrl-C during cluster", "test_cluster.py::test_interrupted_run_writes_nothing_half_trained_and_resumes"),
     ("kill", "Ctrl-C during cluster --force", "test_cluster.py::test_an_interrupted_force_keeps_the_finished_codebooks"),
@@ -95,6 +102,10 @@ CASES = [
      "bad_input/test_concurrency.py::test_a_dead_holders_lease_is_taken_over"),
     ("concurrent", "several takers of one stale lease", "bad_input/test_concurrency.py::test_of_several_takers_of_a_stale_lease_exactly_one_wins"),
     ("concurrent", "a long holder's heartbeat", "bad_input/test_concurrency.py::test_the_heartbeat_keeps_a_long_holder_alive"),
+    ("concurrent", "a second writer on object storage, and a stale lease there (conditional writes)",
+     "test_object_storage.py::test_a_lease_on_object_storage_refuses_a_second_writer_and_is_taken_over_when_stale"),
+    ("concurrent", "several takers of one stale lease on object storage",
+     "test_object_storage.py::test_two_takers_of_a_stale_lease_never_both_win"),
 ]
 
 
