@@ -39,6 +39,11 @@ _CLIENT_OPTIONS = {"allow_http", "allow_invalid_certificates", "connect_timeout"
                    "http1_only", "http2_only", "pool_idle_timeout", "pool_max_idle_per_host", "proxy_url",
                    "timeout", "user_agent"}
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT")
+# fsspec/s3fs and boto spellings a user may bring, as obstore's keys
+_OPTION_ALIASES = {"endpoint_url": "endpoint", "key": "access_key_id", "secret": "secret_access_key",
+                   "token": "session_token", "region_name": "region", "aws_access_key_id": "access_key_id",
+                   "aws_secret_access_key": "secret_access_key", "aws_session_token": "session_token"}
+_SCHEMES = {"s3a": "s3", "gcs": "gs", "azure": "az"}  # spellings of one scheme, as obstore names it
 # the providers' standard variables, which a driver hands to its workers (storage_environment)
 _PROVIDER_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_")
 
@@ -76,10 +81,11 @@ class ObjectPath:
         parsed = urlparse(url)
         if not parsed.netloc:
             raise StoreError(f"{url}: no bucket in the URL; write {parsed.scheme}://BUCKET/PREFIX")
-        self.scheme, self.bucket = parsed.scheme.lower(), parsed.netloc
+        self.scheme, self.bucket = _SCHEMES.get(parsed.scheme.lower(), parsed.scheme.lower()), parsed.netloc
         self.key = str(PurePosixPath("/" + parsed.path.strip("/")))[1:]  # no leading or trailing slash
         self.options: tuple[tuple[str, str], ...] = tuple(sorted(
-            (str(k), str(v).lower() if isinstance(v, bool) else str(v)) for k, v in (options or {}).items()))
+            (_OPTION_ALIASES.get(str(k), str(k)), str(v).lower() if isinstance(v, bool) else str(v))
+            for k, v in (options or {}).items()))
 
     # -- the path part ---------------------------------------------------------------------------
     def __str__(self) -> str:
@@ -279,7 +285,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _fsspec_protocol(scheme: str) -> str:
-    return {"s3a": "s3", "gcs": "gs", "azure": "az", "abfss": "abfs"}.get(scheme, scheme)
+    return {"abfss": "abfs"}.get(scheme, scheme)
 
 
 def _split_options(scheme: str, options: tuple[tuple[str, str], ...]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -287,11 +293,8 @@ def _split_options(scheme: str, options: tuple[tuple[str, str], ...]) -> tuple[d
     environment: an ``http://`` endpoint needs ``allow_http``."""
     config = {k: v for k, v in options if k not in _CLIENT_OPTIONS}
     client = {k: v for k, v in options if k in _CLIENT_OPTIONS}
-    if scheme in ("s3", "s3a"):
-        endpoint = config.get("endpoint") or config.get("endpoint_url") or next(
-            (os.environ[v] for v in _ENDPOINT_ENV if os.environ.get(v)), "")
-        if "endpoint_url" in config:
-            config["endpoint"] = config.pop("endpoint_url")
+    if scheme == "s3":
+        endpoint = config.get("endpoint") or next((os.environ[v] for v in _ENDPOINT_ENV if os.environ.get(v)), "")
         if str(endpoint).startswith("http://"):
             client.setdefault("allow_http", "true")
     return config, client
