@@ -38,7 +38,7 @@ print(json.dumps({"steady": steady, "overall": result.images_per_second, "per_no
 def one_run(nodes: int, model: str, images: int) -> dict:
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
     try:
         for _ in range(nodes):
             cluster.add_node(num_cpus=1)

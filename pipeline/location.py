@@ -168,7 +168,8 @@ class ObjectPath:
     def is_dir(self) -> bool:
         """True when objects exist under this prefix (object storage has no empty folders;
         some servers list the prefixes of deleted objects, so objects are what counts)."""
-        first = next(iter(self._call("listing", obstore.list, self.key or None, chunk_size=1)), [])
+        first = self._call("listing", lambda store, prefix: next(iter(obstore.list(store, prefix, chunk_size=1)), []),
+                           self.key or None)
         return any(meta["path"] != self.key for meta in first)
 
     def exists(self) -> bool:
@@ -185,8 +186,9 @@ class ObjectPath:
     def keys(self) -> list[str]:
         """Every object under this prefix, as keys relative to it."""
         prefix = f"{self.key}/" if self.key else ""
-        return sorted(meta["path"][len(prefix):] for batch in self._call("listing", obstore.list, self.key or None)
-                      for meta in batch)
+        listed = self._call("listing", lambda store, key: [m["path"] for batch in obstore.list(store, key) for m in batch],
+                            self.key or None)
+        return sorted(path[len(prefix):] for path in listed)
 
     def rglob(self, pattern: str) -> Iterator["ObjectPath"]:
         return self.glob(f"**/{pattern}")

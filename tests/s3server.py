@@ -37,11 +37,14 @@ class S3Server:
         return "/".join([f"s3://{self.bucket}", *parts])
 
     def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a second: ``weed`` takes its time over a graceful stop,
+        and nothing of a test server needs to survive."""
         self.process.terminate()
         try:
-            self.process.wait(10)
+            self.process.wait(1)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
 
 
 def _free_port() -> int:

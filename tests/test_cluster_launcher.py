@@ -1,8 +1,10 @@
-"""ray_cluster.yaml is a file `ray up` accepts, and the batch job it documents is a real command."""
+"""ray_cluster.yaml is a file `ray up` accepts, with no shared filesystem, and the batch job it
+documents is a real command (tests/test_job_submit.py runs it on a cluster)."""
+import itertools
 import json
-import tomllib
 import re
 import shlex
+import tomllib
 from importlib import resources
 from pathlib import Path
 
@@ -34,21 +36,59 @@ def test_launcher_file_passes_rays_schema_and_keeps_work_off_the_head():
         jsonschema.validate(broken, _schema())
 
 
-def test_documented_job_command_names_real_options(tmp_path):
-    """The `ray job submit ... -- python -m rep_pipeline.cli.app extract ...` of the file's header
-    parses, and the wheel it ships is the one `pip wheel` builds from pyproject.toml."""
-    header = "".join(re.sub(r"^#\s?", "", line).rstrip("\\\n") for line in LAUNCHER.read_text().splitlines(True)
-                     if line.startswith("#   ") or line.startswith("#       "))
-    submit, job = header.split(" -- ", 1)
-    job = shlex.split(job)
-    assert job[:3] == ["python", "-m", "rep_pipeline.cli.app"]
-    runtime_env = json.loads(shlex.split(submit)[shlex.split(submit).index("--runtime-env-json") + 1])
-    version = tomllib.loads((LAUNCHER.parent / "pyproject.toml").read_text())["project"]["version"]
-    assert runtime_env["py_modules"] == [f"dist/rep_pipeline-{version}-py3-none-any.whl"]
-    args = job[3:] + ["--weights", "random"]  # the documented pretrained ones: no hub here
-    args[args.index("--data-root") + 1] = str(tmp_path / "cocostuff")  # not there: stops at the data check
-    args[args.index("--store") + 1] = str(tmp_path / "coco.zarr")
-    result = CliRunner().invoke(app, args)
+def documented_job() -> list[str]:
+    """The header's `ray job submit ... -- rep-pipeline run ...` line, as argv (one line, so the
+    test that runs it, tests/test_job_submit.py, runs what the file says)."""
+    lines = [line[1:].strip() for line in LAUNCHER.read_text().splitlines() if line.startswith("#   ray job submit ")]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])
+
+
+def _run_config_example() -> dict:
+    """The header's first indented block: the keys of run.yaml that become URLs."""
+    header = [line for line in LAUNCHER.read_text().splitlines() if line.startswith("#")]
+    first = next(i for i, line in enumerate(header) if line.startswith("#   "))
+    block = [line[4:] for line in itertools.takewhile(lambda line: line.startswith("#   "), header[first:])]
+    return yaml.safe_load("\n".join(block))
+
+
+def test_documented_job_command_names_real_options(tmp_path, monkeypatch):
+    """`ray job submit` with real options of its own; the job, `rep-pipeline run` (the package's
+    console script) with real options of `run`; the run config's paths all object-storage URLs."""
+    from ray.dashboard.modules.job.cli import submit as ray_job_submit
+
+    command = documented_job()
+    split = command.index("--")
+    submit, job = command[:split], command[split + 1:]
+    assert submit[:3] == ["ray", "job", "submit"]
+    known = {opt for param in ray_job_submit.params for opt in param.opts}
+    assert {a for a in submit[3:] if a.startswith("--")} <= known
+    assert submit[submit.index("--working-dir") + 1] == "." and submit[submit.index("--address") + 1].endswith(":8265")
+    scripts = tomllib.loads((LAUNCHER.parent / "pyproject.toml").read_text())["project"]["scripts"]
+    assert job[0] in scripts and job[1] == "run" and job[job.index("--address") + 1] == "auto"
+    monkeypatch.chdir(tmp_path)  # run.yaml is not here: the command parses, then stops at the config
+    result = CliRunner().invoke(app, job[1:])
     assert "No such option" not in result.output and "Usage:" not in result.output, result.output
-    assert result.exit_code == 2 and "cocostuff" in result.output  # the data-root error, named
-    assert not (tmp_path / "coco.zarr").exists()
+    assert result.exit_code == 2 and job[2] in result.output, result.output
+
+    example = _run_config_example()
+    paradigms = yaml.safe_load((LAUNCHER.parent / "configs/coco-paradigms.yaml").read_text())
+    assert {"store", "results", "report"} <= set(example) <= set(paradigms)
+    assert set(example["dataset"]) == {"root"} and "root" in paradigms["dataset"]
+    urls = [example["store"], example["results"], example["report"], example["dataset"]["root"]]
+    assert all(url.startswith("s3://") for url in urls)
+
+
+def test_nodes_install_the_package_from_the_shipped_checkout():
+    """No hand-kept dependency list: every node installs this checkout (file_mounts), so its
+    dependencies come from pyproject.toml; no shared filesystem is mounted."""
+    config = yaml.safe_load(LAUNCHER.read_text())
+    (remote, local), = config["file_mounts"].items()
+    assert local == "."
+    setup = " ".join(config["setup_commands"])
+    assert f'"{remote.replace("~", "$HOME")}"' in setup
+    for dependency in ("timm", "zarr", "pyarrow", "duckdb", "obstore"):
+        assert dependency not in setup
+    assert not re.search(r"mount|efs|fsx|/data\b", setup, re.I)
+    workers = [n for name, n in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert all("IamInstanceProfile" in n["node_config"] for n in workers)

@@ -52,7 +52,7 @@ print(json.dumps({"per_node": result.per_node, "cluster_nodes": nodes}))
 def cluster():
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+    c = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers = [c.add_node(num_cpus=2) for _ in range(2)]
     c.wait_for_nodes()
     yield c, workers
