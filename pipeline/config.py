@@ -40,8 +40,11 @@ IMAGE_SIZE = 320                 # S (PROTOCOL.md section 3)
 MAX_IMAGE_PIXELS = 100_000_000   # larger images are refused before they are decoded
 RANDOM_WEIGHTS_SEED = 0
 
-Embedding = Literal["queries", "keys", "values", "tokens"]
+# q, k, v, the block output x2 (tokens) and x1, the residual stream before the MLP (mid_tokens),
+# and norm2(x1) (mid_normed): PROTOCOL.md sections 2 and 8.1
+Embedding = Literal["queries", "keys", "values", "tokens", "mid_tokens", "mid_normed"]
 EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
+DEFAULT_EMBEDDINGS = ("queries", "keys", "values", "tokens", "mid_tokens")  # mid_normed on request
 KMeansMethod = Literal["online", "lloyd"]
 BackendName = Literal["numpy", "cupy"]
 
@@ -224,7 +227,10 @@ class ExtractConfig(Storage):
     data_root: Location | None = option(None, help="Dataset root folder (or object-storage URL).")
     splits: Csv | None = option(None, help="Comma-separated splits; default: the dataset's.")
     layers: Layers = option(None, help="Blocks to capture: '0,5,11', '6-11' or 'all' (default).")
-    embeddings: Embeddings = option(EMBEDDINGS, help="Any of queries,keys,values,tokens.", min_length=1)
+    embeddings: Embeddings = option(DEFAULT_EMBEDDINGS, help="Any of queries,keys,values,tokens,mid_tokens (x1, "
+                                    "before the MLP),mid_normed (norm2 of x1).", min_length=1)
+    class_embeddings: Annotated[tuple[Embedding, ...] | None, BeforeValidator(parse_csv)] = option(
+        None, help="Embeddings whose class token is kept too; default every captured one.")
     limit: int | None = option(None, help="Take the first N images of each split.", ge=1)
     image_size: int = option(IMAGE_SIZE, help="S: label grid and crop size.", ge=16)
     max_image_pixels: int = option(MAX_IMAGE_PIXELS, help="Refuse images (and labels) of more pixels than "
@@ -241,6 +247,19 @@ class ExtractConfig(Storage):
                                                   "(a one-off compile of 10 to 20 s).")
     dataset_options: KeyValues = option({}, help="Dataset option KEY=VALUE (value read as YAML); repeatable.",
                                         flag="option", short="o")
+
+    @model_validator(mode="after")
+    def _class_embeddings_are_captured(self) -> "ExtractConfig":
+        extra = [e for e in self.class_embeddings or () if e not in self.embeddings]
+        if extra:
+            raise ValueError(f"class_embeddings: {', '.join(extra)} not among the captured embeddings "
+                             f"({', '.join(self.embeddings)})")
+        return self
+
+    @property
+    def kept_class_embeddings(self) -> tuple[str, ...]:
+        """The embeddings whose class token is stored: ``class_embeddings``, or every captured one."""
+        return tuple(self.class_embeddings or self.embeddings)
 
 
 class ClusterConfig(Storage):

@@ -9,6 +9,7 @@ chunk's ``done`` flag is set only after everything else of it is written.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hashlib
 import json
@@ -190,11 +191,12 @@ class FeatureStore:
             "kind": layout.STORE_KIND, "schema_version": layout.SCHEMA_VERSION, "package_version": __version__})
         if meta.get("kind") != layout.STORE_KIND:
             raise StoreError(f"{self.path} is not a rep-pipeline feature store")
-        if meta.get("schema_version") != layout.SCHEMA_VERSION:
+        if meta.get("schema_version") not in layout.READABLE_SCHEMA_VERSIONS:
             raise StoreError(
                 f"feature store {self.path} has schema version {meta.get('schema_version')}; this "
-                f"rep-pipeline ({__version__}) reads version {layout.SCHEMA_VERSION}"
+                f"rep-pipeline ({__version__}) reads versions {', '.join(map(str, layout.READABLE_SCHEMA_VERSIONS))}"
             )
+        self.schema_version = int(meta["schema_version"])
 
     # -- listing ---------------------------------------------------------------------------
     @_metadata_read
@@ -260,6 +262,9 @@ class FeatureStore:
         _create(group, specs["labels"], (n, S, S), chunk_images)
         _create(group, specs["done"], (layout.n_chunks(n, chunk_images),), chunk_images)
         _create(group, specs["example_images"], (min(n, layout.EXAMPLE_IMAGES), S, S, 3), chunk_images)
+        for name in attrs.get("label_maps") or {}:
+            _create(group, dataclasses.replace(layout.EXTRA_LABELS, name=layout.extra_labels_array(name)), (n, S, S),
+                    chunk_images)
         group.attrs.update(attrs)  # last: a group with attributes is a complete group
         return DatasetSplit(group, path)
 
@@ -284,7 +289,7 @@ class FeatureStore:
     # -- summary -------------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """What is inside, how complete, how big: the data behind ``rep-pipeline store info``."""
-        out: dict[str, Any] = {"path": str(self.path), "schema_version": layout.SCHEMA_VERSION,
+        out: dict[str, Any] = {"path": str(self.path), "schema_version": self.schema_version,
                                "datasets": [], "models": []}
         for d, s in self.dataset_splits():
             ds = self.dataset_split(d, s)
@@ -353,10 +358,23 @@ class DatasetSplit(_Group):
     def bounds(self, chunk: int) -> tuple[int, int]:
         return layout.chunk_bounds(chunk, self.chunk_images, self.n_images)
 
-    def write_labels(self, chunk: int, labels: np.ndarray, images: np.ndarray | None = None) -> None:
-        """Labels of one chunk (and, for the first images of the split, their RGB crops)."""
+    @property
+    def label_maps(self) -> dict[str, list[str]]:
+        """Further label maps beside ``labels``: name -> classes (none for most datasets)."""
+        return dict(self.group.attrs.get("label_maps") or {})
+
+    def extra_labels(self, name: str) -> zarr.Array:
+        if name not in self.label_maps:
+            raise StoreError(f"{self.path} has no label map {name!r} (has: {', '.join(self.label_maps) or 'none'})")
+        return self.array(layout.extra_labels_array(name))
+
+    def write_labels(self, chunk: int, labels: np.ndarray, images: np.ndarray | None = None,
+                     extra: Mapping[str, np.ndarray] | None = None) -> None:
+        """Labels of one chunk (and, for the first images of the split, their RGB crops, and the
+        chunk's further label maps)."""
         start, stop = self.bounds(chunk)
         writes = [(self.labels, slice(start, stop), labels)]
+        writes += [(self.extra_labels(name), slice(start, stop), value) for name, value in (extra or {}).items()]
         examples = self.array("example_images")
         if images is not None and start < examples.shape[0]:
             writes.append((examples, slice(start, min(stop, examples.shape[0])), images[: examples.shape[0] - start]))
@@ -374,18 +392,29 @@ class ModelSplit(_Group):
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
 
-    n_images = property(lambda self: int(self.array("class_tokens").shape[1]))
+    n_images = property(lambda self: int(self.array("attention_mi").shape[1]))
     chunk_images = property(lambda self: int(self.group.attrs["chunk_images"]))
     n_chunks = property(lambda self: int(self.array("done").shape[0]))
     done = property(lambda self: self.array("done"))
     layers = property(lambda self: tuple(self.group.attrs["layers"]))
     embeddings = property(lambda self: tuple(self.group.attrs["embeddings"]))
+    class_embeddings = property(lambda self: layout.class_embeddings(self.group.attrs))
     finished = property(lambda self: bool(self.group.attrs.get("finished")))
 
     def features(self, embedding: str) -> zarr.Array:
         if embedding not in self.embeddings:
-            raise StoreError(f"{self.path} has no {embedding!r}; captured: {', '.join(self.embeddings)}")
+            raise StoreError(f"{self.path} has no array {embedding!r} (captured: {', '.join(self.embeddings)}); "
+                             f"`extract --embeddings ...,{embedding}` into a new store (or with --model-key) "
+                             f"produces it")
         return self.array(embedding)
+
+    def class_features(self, embedding: str) -> zarr.Array:
+        """The class token's ``embedding`` (layer, image, channel)."""
+        if embedding not in self.class_embeddings:
+            raise StoreError(f"{self.path} has no array {layout.class_array(embedding)!r} (class tokens of: "
+                             f"{', '.join(self.class_embeddings)}); `extract --embeddings ...,{embedding} "
+                             f"--class-embeddings ...,{embedding}` into a new store (or with --model-key) produces it")
+        return self.array(layout.class_array(embedding))
 
     def read_features(self, embedding: str, layer: int, start: int, stop: int) -> np.ndarray:
         """Images [start, stop) of block ``layer``'s ``embedding``; a chunk that cannot be read
@@ -413,8 +442,8 @@ class ModelSplit(_Group):
         and not written.)"""
         start, stop = layout.chunk_bounds(chunk, self.chunk_images, self.n_images)
         per_image = (slice(None), slice(start, stop))
-        writes = [(self.array(name), per_image, arrays[name]) for name in (*self.embeddings, "class_tokens",
-                                                                          "attention_mi")]
+        names = (*self.embeddings, *map(layout.class_array, self.class_embeddings), "attention_mi")
+        writes = [(self.array(name), per_image, arrays[name]) for name in names]
         if "attention_sum" in self.group:
             writes.append((self.array("attention_sum"), chunk, arrays["attention_sum"]))
         if provenance is not None and "provenance" in self.group:
@@ -449,9 +478,11 @@ class ModelSplit(_Group):
 
     @property
     def fingerprint_hash(self) -> str:
-        """What the features are: every fingerprint key, not the package version."""
+        """What the features are: every fingerprint key, not the package version (a key that
+        a version-1 group lacks is left out, so its hash is the one it had)."""
         attrs = self.attrs
-        return fingerprint_hash({k: attrs.get(k) for k in layout.MODEL_FINGERPRINT_KEYS})
+        return fingerprint_hash({k: attrs.get(k) for k in layout.MODEL_FINGERPRINT_KEYS
+                                 if k in attrs or k != layout.CLASS_EMBEDDINGS_ATTR})
 
     @property
     def request_sha256(self) -> str | None:
@@ -706,8 +737,9 @@ def _validate(path: str | Location) -> list[str]:
     meta = dict(root.attrs).get("rep_pipeline", {})
     if meta.get("kind") != layout.STORE_KIND:
         return [f"{path} is not a rep-pipeline feature store (no rep_pipeline.kind attribute)"]
-    if meta.get("schema_version") != layout.SCHEMA_VERSION:
-        return [f"{path} has schema version {meta.get('schema_version')}, this rep-pipeline reads {layout.SCHEMA_VERSION}"]
+    if meta.get("schema_version") not in layout.READABLE_SCHEMA_VERSIONS:
+        return [f"{path} has schema version {meta.get('schema_version')}, this rep-pipeline reads "
+                f"{', '.join(map(str, layout.READABLE_SCHEMA_VERSIONS))}"]
 
     def check_arrays(group: Any, where: str, specs: dict[str, layout.ArraySpec],
                      shapes: dict[str, tuple[int, ...]]) -> None:
@@ -737,9 +769,11 @@ def _validate(path: str | Location) -> list[str]:
                 continue
             n, S, c = attrs["n_images"], attrs["image_size"], attrs["chunk_images"]
             n_by_split[(ds_name, split)] = n
-            check_arrays(group, where, layout.DATASET_ARRAYS,
+            extra = {layout.extra_labels_array(m): layout.EXTRA_LABELS for m in attrs.get("label_maps") or {}}
+            check_arrays(group, where, {**layout.DATASET_ARRAYS, **extra},
                          {"image_ids": (n,), "labels": (n, S, S), "done": (layout.n_chunks(n, c),),
-                          "example_images": (min(n, layout.EXAMPLE_IMAGES), S, S, 3)})
+                          "example_images": (min(n, layout.EXAMPLE_IMAGES), S, S, 3),
+                          **{name: (n, S, S) for name in extra}})
     for model, m_group in root["models"].groups() if "models" in root else []:
         for ds_name, d_group in m_group.groups():
             for split, group in d_group.groups():
@@ -871,7 +905,7 @@ def _check_model_split(target: ModelSplit, label_chunks: set[int], report: Check
     done = target.done[:]
     bad_chunks = set(label_chunks) & set(np.flatnonzero(done).tolist())
     per_image = lambda c: bool(done[c[1]])  # noqa: E731  (layer, image chunk, ...)
-    for name in (*target.embeddings, "class_tokens", "attention_mi") if features else ():
+    for name in (*target.embeddings, *map(layout.class_array, target.class_embeddings), "attention_mi") if features else ():
         bad = _check_array(target.array(name), f"{target.path}/{name}", per_image, finite=True)
         report.problems += [p for _, p in bad]
         bad_chunks |= {c[1] for c, _ in bad}

@@ -6,15 +6,17 @@
       datasets/<dataset>/<split>/         attrs: dataset fingerprint (DATASET_ATTRS)
         image_ids     (image,)                    string
         labels        (image, y, x)               uint8, 255 = ignore, S x S grid
+        labels_<map>  (image, y, x)               uint8, a further label map (Pascal-Part's parts)
         done          (chunk,)                    bool, labels of image chunk i written
         example_images (example, y, x, rgb)       uint8, the first EXAMPLE_IMAGES crops, for figures
       models/<model>/<dataset>/<split>/   attrs: model fingerprint (MODEL_ATTRS), and the
                                           request that produced it (REQUEST_ATTRS)
         provenance    (chunk,)                    string, who wrote image chunk i (JSON)
-        queries|keys|values|tokens
+        queries|keys|values|tokens|mid_tokens|mid_normed
                       (layer, image, y, x, channel) float16, one chunk = one layer x one run
                                                   of ``chunk_images`` images
-        class_tokens  (layer, image, channel)     float16
+        class_<embedding> (layer, image, channel) float16, the class token's, for each of
+                                                  ``class_embeddings`` (class_tokens: tokens)
         attention_mi  (layer, image, head)        float32, I(K,Q) in nats (PROTOCOL.md s. 5)
         attention_sum (chunk, layer, query, key)  float32, while extracting: head-averaged
                                                   patch attention summed over a chunk's images
@@ -26,13 +28,20 @@
 
 ``layer`` indexes the captured layers, whose block numbers are the ``layers`` attribute.
 Every array carries ``dimension_names``, so ``xarray.open_zarr`` names the axes itself.
+
+Schema version 2 (PROTOCOL.md section 8.1) added ``mid_tokens`` (x1, the residual stream
+between a block's attention and MLP branches: the input of ``norm2``), ``mid_normed``
+(norm2(x1), on request), the class token of every captured embedding (``class_embeddings``)
+and further label maps. A version-1 store (no ``class_embeddings`` attribute: class tokens of
+``tokens`` only) stays readable.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 STORE_KIND = "rep-pipeline feature store"
 
 # Codecs were chosen with bench/codecs.py (docs/feature-store.md says why): float16 features
@@ -77,13 +86,22 @@ DATASET_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
 
 EXAMPLE_IMAGES = 8  # crops kept per split for the report's image grids
 
+# the embeddings a model group may hold (PROTOCOL.md sections 2 and 8.1)
+FEATURE_EMBEDDINGS = ("queries", "keys", "values", "tokens", "mid_tokens", "mid_normed")
 _FEATURE_DIMS = ("layer", "image", "y", "x", "channel")
+
+
+def class_array(embedding: str) -> str:
+    """The array of the class token's ``embedding``: ``class_<embedding>``."""
+    return f"class_{embedding}"
+
+
 MODEL_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
     *(ArraySpec(e, _FEATURE_DIMS, "float16", (1, IMAGES, FULL, FULL, FULL),
-                f"patch {e} per captured layer (PROTOCOL.md s. 2)", FEATURE_CODEC)
-      for e in ("queries", "keys", "values", "tokens")),
-    ArraySpec("class_tokens", ("layer", "image", "channel"), "float16", (FULL, IMAGES, FULL),
-              "class token per captured layer", FEATURE_CODEC),
+                f"patch {e} per captured layer (PROTOCOL.md s. 2, 8.1)", FEATURE_CODEC)
+      for e in FEATURE_EMBEDDINGS),
+    *(ArraySpec(class_array(e), ("layer", "image", "channel"), "float16", (FULL, IMAGES, FULL),
+                f"the class token's {e} per captured layer", FEATURE_CODEC) for e in FEATURE_EMBEDDINGS),
     ArraySpec("attention_mi", ("layer", "image", "head"), "float32", (FULL, IMAGES, FULL),
               "attention key-query mutual information I(K,Q), nats", ATTENTION_CODEC),
     ArraySpec("attention_sum", ("chunk", "layer", "query", "key"), "float32", (1, FULL, FULL, FULL),
@@ -104,6 +122,15 @@ CODEBOOK_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
     ArraySpec("done", ("layer",), "bool", (1,), "the layer's codebook is trained to the end"),
 )}
 
+def extra_labels_array(label_map: str) -> str:
+    """The dataset split's array of a further label map (``labels_<map>``)."""
+    return f"labels_{label_map}"
+
+
+EXTRA_LABELS = ArraySpec("labels_<map>", ("image", "y", "x"), "uint8", (IMAGES, FULL, FULL),
+                         "class id per pixel of a further label map (its classes: the label_maps attribute)",
+                         LABEL_CODEC)
+
 DATASET_ATTRS = ("dataset", "split", "n_images", "image_size", "classes", "palette", "ignore_index",
                  "image_ids_sha256", "chunk_images", "options")
 MODEL_ATTRS = ("model", "timm_name", "family", "weights_source", "weights_sha256", "image_size",
@@ -121,8 +148,15 @@ REQUEST_ATTRS = ("request", "request_sha256")
 # its ``attention_map`` stands (a chunk's attention is determined by the fingerprint), so the
 # recomputed chunks write features only, and the group is finished again once all are done.
 ATTENTION_FINAL = "attention_final"
+# version 2: which class-token arrays the group holds (absent in version 1: tokens only)
+CLASS_EMBEDDINGS_ATTR = "class_embeddings"
 # what must match for a writer to add to an existing model group (package_version may differ)
-MODEL_FINGERPRINT_KEYS = tuple(k for k in MODEL_ATTRS if k not in ("package_version", "finished"))
+MODEL_FINGERPRINT_KEYS = (*(k for k in MODEL_ATTRS if k not in ("package_version", "finished")), CLASS_EMBEDDINGS_ATTR)
+
+
+def class_embeddings(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """The embeddings whose class token a group holds (version 1: tokens)."""
+    return tuple(attrs.get(CLASS_EMBEDDINGS_ATTR) or ("tokens",))
 
 
 def dataset_path(dataset: str, split: str) -> str:
@@ -167,7 +201,8 @@ def model_array_shapes(attrs: dict[str, Any], n_images: int) -> dict[str, tuple[
     L, G, D, H = len(attrs["layers"]), attrs["grid"], attrs["embed_dim"], attrs["num_heads"]
     P, C = G * G, n_chunks(n_images, attrs["chunk_images"])
     shapes = {e: (L, n_images, G, G, D) for e in attrs["embeddings"]}
-    shapes.update(class_tokens=(L, n_images, D), attention_mi=(L, n_images, H), done=(C,))
+    shapes.update({class_array(e): (L, n_images, D) for e in class_embeddings(attrs)})
+    shapes.update(attention_mi=(L, n_images, H), done=(C,))
     final = attrs.get("finished") or attrs.get(ATTENTION_FINAL)
     shapes["attention_map" if final else "attention_sum"] = (L, P, P) if final else (C, L, P, P)
     return shapes

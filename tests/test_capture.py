@@ -221,3 +221,46 @@ def test_compiled_statistics_equal_the_eager_ones():
     torch.testing.assert_close(fused["attention_mi"], eager["attention_mi"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fused["attention_sum"], eager["attention_sum"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fused["keys"], eager["keys"])
+
+
+def _mlp_branch(blk, x):
+    """What the block adds after its attention branch: ls2(mlp(norm2(x))) (EvaBlock: gamma_2)."""
+    y = blk.mlp(blk.norm2(x))
+    if getattr(blk, "gamma_2", None) is not None:
+        return blk.gamma_2 * y
+    return blk.ls2(y) if hasattr(blk, "ls2") else y
+
+
+@pytest.mark.parametrize("name", TINY_MODELS)
+def test_mid_tokens_are_the_residual_stream_before_the_mlp(name):
+    """PROTOCOL.md 8.1: tokens - mid_tokens = ls2(mlp(norm2(mid_tokens))), mid_normed =
+    norm2(mid_tokens), and every class_<embedding> is the class token's (token 0) value."""
+    everything = ("queries", "keys", "values", "tokens", "mid_tokens", "mid_normed")
+    lm, cap, x = _setup(name, embeddings=everything, class_embeddings=everything, last_norm="before")
+    out = cap(x)
+    inputs = _block_inputs(lm.model, x)
+    D = lm.embed_dim
+    for layer, blk in enumerate(lm.model.blocks):
+        mid = out["mid_tokens"][layer].float().reshape(B, -1, D)
+        tokens = out["tokens"][layer].float().reshape(B, -1, D)
+        with torch.inference_mode():
+            branch = _mlp_branch(blk, mid)
+            normed = blk.norm2(mid)
+            _, k, v = _manual_qkv(blk.attn, blk.norm1(inputs[layer]))
+        torch.testing.assert_close(tokens - mid, branch, atol=2e-2, rtol=1e-2, msg=f"{name} layer {layer}")
+        torch.testing.assert_close(out["mid_normed"][layer].float().reshape(B, -1, D), normed, atol=2e-2, rtol=1e-2)
+        torch.testing.assert_close(out["class_keys"][layer].float(), k[:, 0], atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(out["class_values"][layer].float(), v[:, 0], atol=2e-3, rtol=2e-3)
+        class_mid, class_tokens = out["class_mid_tokens"][layer].float(), out["class_tokens"][layer].float()
+        with torch.inference_mode():
+            torch.testing.assert_close(class_tokens - class_mid, _mlp_branch(blk, class_mid), atol=2e-2, rtol=1e-2)
+
+
+def test_a_block_whose_norm2_is_not_before_the_mlp_is_refused_by_name():
+    from timm.models.vision_transformer import ResPostBlock
+
+    lm = build_model("tiny-vit", "random", seed=1)
+    lm.model.blocks[1] = ResPostBlock(lm.embed_dim, lm.num_heads)
+    FeatureCapture(lm, CaptureSpec(layers=(1,), embeddings=("keys",), class_embeddings=()))  # fine without x1
+    with pytest.raises(ConfigError, match="block 1 of tiny-vit is a ResPostBlock"):
+        FeatureCapture(lm, CaptureSpec(layers=(1,), embeddings=("keys", "mid_tokens")))

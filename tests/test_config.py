@@ -28,7 +28,7 @@ def test_strings_and_lists_pass_the_same_validators():
 @pytest.mark.parametrize("values,message", [
     ({"layers": "3-1"}, "layers: the range '3-1' runs backwards"),
     ({"layers": "a-b"}, "layers: cannot read 'a-b'"),
-    ({"embeddings": "keys,tokenz"}, "embeddings.1: Input should be 'queries', 'keys', 'values' or 'tokens'"),
+    ({"embeddings": "keys,tokenz"}, "embeddings.1: Input should be 'queries', 'keys', 'values', 'tokens', 'mid_tokens' or 'mid_normed'"),
     ({"embeddings": ""}, "embeddings: Tuple should have at least 1 item"),
     ({"rope": "sideways"}, "rope: Input should be 'before' or 'after'"),
     ({"limit": 0}, "limit: Input should be greater than or equal to 1"),

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .base import Item, SegmentationDataset, voc_palette
+from .base import Item, LabelMap, SegmentationDataset, voc_palette
 
 DATASETS: dict[str, type[SegmentationDataset]] = {}
 
@@ -23,6 +23,6 @@ def build_dataset(name: str, root: str | Path | None = None, **options: Any) -> 
     return cls(root, **options)
 
 
-from . import cityscapes, cocostuff, folder, synthetic, voc  # noqa: E402,F401  (they register)
+from . import ade150, cityscapes, cocostuff, folder, pascalpart, synthetic, voc  # noqa: E402,F401  (they register)
 
-__all__ = ["DATASETS", "Item", "SegmentationDataset", "build_dataset", "register_dataset", "voc_palette"]
+__all__ = ["DATASETS", "Item", "LabelMap", "SegmentationDataset", "build_dataset", "register_dataset", "voc_palette"]

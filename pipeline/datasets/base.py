@@ -23,6 +23,18 @@ class Item:
     image_id: str
     image_path: Path | None = None      # None: the dataset renders the image itself
     label_path: Path | None = None      # None: no labels (every pixel = ignore)
+    extra_labels: tuple[tuple[str, Path], ...] = ()  # (label map name, file) of further maps
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """A further label map of a dataset beside its primary one (Pascal-Part's parts beside its
+    objects): its own category of concepts, class list and raw-value table."""
+
+    name: str                     # the category, e.g. "pascalpart-parts"
+    classes: tuple[str, ...]
+    table: np.ndarray             # (256,) raw value -> class id or ignore_index
+    valid: np.ndarray             # (256,) bool: raw values that may appear
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -380,10 +392,47 @@ class SegmentationDataset:
         """Class ids of raw label values, every value checked first."""
         return self.check_label_values(raw, path)[raw]
 
+    # -- categories: the primary label map and any further ones ----------------------------------
+    @property
+    def category(self) -> str:
+        """The category of the primary label map's concepts (PROTOCOL.md section 9.2)."""
+        return self.name
+
+    def label_maps(self) -> tuple[LabelMap, ...]:
+        """Further label maps (none for most datasets)."""
+        return ()
+
+    def load_extra(self, item: Item, image_size: int, max_pixels: int | None = config.MAX_IMAGE_PIXELS
+                   ) -> dict[str, np.ndarray]:
+        """Class ids (S, S) uint8 of each further label map of ``item``, cropped as its image;
+        each file checked like the primary labels (pixel limit, size, values, whole file)."""
+        maps = {m.name: m for m in self.label_maps()}
+        out = {}
+        with _pil_bomb_check_off():
+            size = None
+            if item.image_path is not None and item.extra_labels:
+                with _open_header(item.image_path, "image", max_pixels) as header:
+                    size = header.size
+            for name, path in item.extra_labels:
+                label_map = maps[name]
+                with _open_header(path, f"{name} label", max_pixels) as raw:
+                    if size is not None and raw.size != size:
+                        raise SizeMismatchError(f"image {item.image_path} is {size[0]}x{size[1]} but its {name} "
+                                                f"label {path} is {raw.size[0]}x{raw.size[1]}")
+                    raw = self._as_label_image(_decode(raw, path, "label"), path)
+                    values = np.asarray(raw)
+                    bad = np.flatnonzero((np.bincount(values.ravel(), minlength=256) > 0) & ~label_map.valid)
+                    if bad.size:
+                        raise LabelValueError(f"label file {path} holds values {bad[:10].tolist()} outside the class "
+                                              f"table of {name} ({len(label_map.classes)} classes)")
+                    out[name] = label_map.table[np.asarray(resize_shorter_and_crop(raw, image_size, Image.NEAREST))]
+        return out
+
     def fingerprint(self, split: str, items: Sequence[Item], image_size: int) -> dict[str, Any]:
         """What identifies the labels this split produces; stored and checked on reuse."""
         ids = hashlib.sha256("\n".join(i.image_id for i in items).encode()).hexdigest()
-        return {
+        extra = {"label_maps": {m.name: list(m.classes) for m in self.label_maps()}} if self.label_maps() else {}
+        return {**extra,
             "dataset": self.name,
             "split": split,
             "n_images": len(items),
@@ -393,6 +442,15 @@ class SegmentationDataset:
             "image_ids_sha256": ids,
             "options": {k: v for k, v in sorted(self.options.items())},
         }
+
+    def _halves(self, ids: Sequence[str], split: str) -> list[str]:
+        """``train`` or ``val``: one half of a sample that comes as one split, by a permutation
+        of its sorted ids seeded with the ``split_seed`` option (PROTOCOL.md section 9.6)."""
+        ordered = sorted(ids)
+        perm = np.random.default_rng(int(self.options.get("split_seed", 0))).permutation(len(ordered))
+        half = len(ordered) // 2
+        chosen = perm[:half] if split == "train" else perm[half:]
+        return [ordered[i] for i in sorted(chosen)]
 
     def _require_dir(self, path: Path, what: str) -> Path:
         if not path.is_dir():

@@ -2,10 +2,14 @@
 
 For each chosen block the attention module's ``forward`` is swapped, for the duration of one
 pass, for a tapped twin that computes what timm's attention computes (to float rounding) and
-records q, k, v (heads concatenated along channels, patch tokens only) and the attention
-statistics of section 5, which share the patch softmax with the model's own attention
-output (``patch_attention``). Block outputs come from timm's own ``forward_intermediates``.
-Each attention class names its q/k/v projection in ``ATTENTION_TAPS``; the rest is shared.
+records q, k, v (heads concatenated along channels) and the attention statistics of
+section 5, which share the patch softmax with the model's own attention output
+(``patch_attention``). Block outputs come from timm's own ``forward_intermediates``; x1, the
+residual stream between a block's attention and MLP branches, is the input of its ``norm2``
+(a forward hook, which gives norm2(x1) as well; section 8.1). Each attention class names its
+q/k/v projection in ``ATTENTION_TAPS``, each block class whose ``norm2`` reads x1 is listed in
+``MID_TAPS``; the rest is shared. Every embedding is kept for the patch tokens and, on request,
+for the class token (prefix token 0, never rotated by RoPE).
 """
 from __future__ import annotations
 
@@ -18,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from timm.layers.attention import Attention
-from timm.models.eva import EvaAttention
+from timm.models.eva import EvaAttention, EvaBlock
+from timm.models.vision_transformer import Block
 
 from rep_pipeline.pipeline import config
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.pipeline.registry import LoadedModel
+from rep_pipeline.storage_schemas.feature_store import class_array
 
 QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # each (B, heads, N, head_dim)
 
@@ -52,11 +58,17 @@ ATTENTION_TAPS: dict[type, Callable[[torch.nn.Module, torch.Tensor], QKV]] = {
     EvaAttention: _project_eva,
 }
 
+# block classes whose norm2 takes x1 = x + ls1(attn(norm1(x))) (ResPostBlock and parallel
+# blocks do not: mid_tokens and mid_normed are refused for them by name)
+MID_TAPS: tuple[type, ...] = (Block, EvaBlock)
+MID_EMBEDDINGS = ("mid_tokens", "mid_normed")
+
 
 @dataclass(frozen=True)
 class CaptureSpec:
     layers: tuple[int, ...]
-    embeddings: tuple[str, ...] = config.EMBEDDINGS
+    embeddings: tuple[str, ...] = config.DEFAULT_EMBEDDINGS
+    class_embeddings: tuple[str, ...] = ("tokens",)  # whose class token is kept too
     rope: str = "before"        # q/k before or after rotary embedding
     last_norm: str = "after"    # last block's tokens after or before the final norm
     compile_statistics: bool = False  # fuse the attention statistics with torch.compile
@@ -216,12 +228,18 @@ class FeatureCapture:
         if loaded.num_prefix_tokens < 1:
             raise ConfigError(f"{loaded.spec.alias} has no class token; rep-pipeline needs one")
         for i in spec.layers:
+            block = self.model.blocks[i]
+            if set(MID_EMBEDDINGS) & set(spec.embeddings) and not isinstance(block, MID_TAPS):
+                raise ConfigError(f"block {i} of {loaded.spec.alias} is a {type(block).__name__}, whose norm2 does not "
+                                  f"take the residual stream x1; mid_tokens and mid_normed are captured from "
+                                  f"{', '.join(t.__name__ for t in MID_TAPS)} only")
             if type(self.model.blocks[i].attn) not in ATTENTION_TAPS:
                 raise ConfigError(
                     f"block {i} of {loaded.spec.alias} uses {type(self.model.blocks[i].attn).__name__}, "
                     f"which has no capture tap (known: {', '.join(t.__name__ for t in ATTENTION_TAPS)})"
                 )
         self._qkv_wanted = tuple(e for e in ("queries", "keys", "values") if e in spec.embeddings)
+        self._mid_wanted = tuple(e for e in MID_EMBEDDINGS if e in spec.embeddings)
         self._scratch = Scratch()  # the statistics' temporaries, reused by every layer and batch
 
     def _allocate(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -229,7 +247,7 @@ class FeatureCapture:
         G, D, H, P = lm.grid, lm.embed_dim, lm.num_heads, lm.grid * lm.grid
         half = dict(dtype=torch.float16, device=device)
         out = {e: torch.empty((L, batch, G, G, D), **half) for e in self.spec.embeddings}
-        out["class_tokens"] = torch.empty((L, batch, D), **half)
+        out.update({class_array(e): torch.empty((L, batch, D), **half) for e in self.spec.class_embeddings})
         out["attention_mi"] = torch.empty((L, batch, H), dtype=torch.float32, device=device)
         out["attention_sum"] = torch.zeros((L, P, P), dtype=torch.float32, device=device)
         return out
@@ -249,20 +267,39 @@ class FeatureCapture:
                 patch, prefix = final[:, npt:], final[:, :npt]
             if "tokens" in out:
                 out["tokens"][slot].view(B, -1, lm.embed_dim).copy_(patch)
-            out["class_tokens"][slot].copy_(prefix[:, 0])
+            if class_array("tokens") in out:
+                out[class_array("tokens")][slot].copy_(prefix[:, 0])
         return out
 
     @contextlib.contextmanager
     def _tapped(self, out: dict[str, torch.Tensor]) -> Iterator[None]:
         blocks = self.model.blocks
+        hooks = []
         for slot, i in enumerate(self.spec.layers):
             attn = blocks[i].attn
             attn.forward = self._make_forward(attn, out, slot)  # instance attribute shadows the method
+            if self._mid_wanted:
+                hooks.append(blocks[i].norm2.register_forward_hook(self._make_mid_hook(out, slot)))
         try:
             yield
         finally:
+            for hook in hooks:
+                hook.remove()
             for i in self.spec.layers:
                 del blocks[i].attn.forward
+
+    def _make_mid_hook(self, out: dict[str, torch.Tensor], slot: int) -> Callable:
+        """norm2's hook: its input is x1 (mid_tokens), its output norm2(x1) (mid_normed)."""
+        npt = self.loaded.num_prefix_tokens
+
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            for emb, x in (("mid_tokens", inputs[0]), ("mid_normed", output)):
+                if emb in out:
+                    out[emb][slot].view(x.shape[0], -1, x.shape[-1]).copy_(x[:, npt:])
+                if class_array(emb) in out:
+                    out[class_array(emb)][slot].copy_(x[:, 0])
+
+        return hook
 
     def _make_forward(self, attn: torch.nn.Module, out: dict[str, torch.Tensor], slot: int) -> Callable:
         project = ATTENTION_TAPS[type(attn)]
@@ -286,6 +323,8 @@ class FeatureCapture:
             for emb in wanted:  # (B, h, N, d) -> (B, P, h, d) patch rows, heads side by side
                 t = kept[emb][:, :, npt:].transpose(1, 2)
                 out[emb][slot].view(t.shape).copy_(t)
+                if class_array(emb) in out:  # the class token (never rotated), heads side by side
+                    out[class_array(emb)][slot].copy_(kept[emb][:, :, 0].reshape(B, -1))
             y = attention_with_statistics(q_rot, k_rot, v, attn.scale, npt, out["attention_mi"][slot],
                                           out["attention_sum"][slot], compiled, self._scratch)
             y = attn.norm(y.transpose(1, 2).reshape(B, N, -1))

@@ -47,8 +47,8 @@ class Extractor:
         self.loaded.model.to(self.device)
         layers = cfg.layers if cfg.layers is not None else tuple(range(self.loaded.depth))
         self.capture = FeatureCapture(
-            self.loaded, CaptureSpec(layers=layers, embeddings=cfg.embeddings, rope=cfg.rope, last_norm=cfg.last_norm,
-                                     compile_statistics=cfg.compile_statistics)
+            self.loaded, CaptureSpec(layers=layers, embeddings=cfg.embeddings, class_embeddings=cfg.kept_class_embeddings,
+                                     rope=cfg.rope, last_norm=cfg.last_norm, compile_statistics=cfg.compile_statistics)
         )
         self.dataset = build_dataset(cfg.dataset, cfg.data_root, **cfg.dataset_options)
         self._items: dict[str, list[Item]] = {}
@@ -68,7 +68,7 @@ class Extractor:
             raise self._init_error
         spec = self.capture.spec
         return dict(self.loaded.describe(), layers=list(spec.layers), embeddings=list(spec.embeddings),
-                    rope=spec.rope, last_norm=spec.last_norm)  # compile_statistics changes speed, not values
+                    class_embeddings=list(spec.class_embeddings), rope=spec.rope, last_norm=spec.last_norm)  # compile_statistics changes speed, not values
 
     @property
     def store(self) -> FeatureStore:
@@ -88,11 +88,14 @@ class Extractor:
             self._items[split] = self.dataset.items(split, self.cfg.limit)
         return self._items[split]
 
-    def load_batch(self, items: list[Item]) -> tuple[np.ndarray, np.ndarray]:
-        """Decode images in parallel: (B, S, S, 3) uint8 and (B, S, S) uint8 labels."""
-        pairs = list(self._decoder.map(
-            lambda it: self.dataset.load(it, self.cfg.image_size, max_pixels=self.cfg.max_image_pixels), items))
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+    def load_batch(self, items: list[Item]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Decode images in parallel: (B, S, S, 3) uint8, (B, S, S) uint8 labels, and the
+        further label maps (B, S, S) by name."""
+        S, limit = self.cfg.image_size, self.cfg.max_image_pixels
+        pairs = list(self._decoder.map(lambda it: (*self.dataset.load(it, S, max_pixels=limit),
+                                                   self.dataset.load_extra(it, S, max_pixels=limit)), items))
+        extra = {m.name: np.stack([p[2][m.name] for p in pairs]) for m in self.dataset.label_maps()}
+        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), extra
 
     def to_model_input(self, images: np.ndarray) -> torch.Tensor:
         """uint8 crops -> normalised float pixels at the model's input size."""
@@ -124,21 +127,21 @@ class Extractor:
         data, target = self.groups(model, split)
         start, stop = data.bounds(chunk)
         items = self.items(split)[start:stop]
-        images, labels = self.load_batch(items)
+        images, labels, extra = self.load_batch(items)
         t1 = time.perf_counter()
         arrays = self.features(images, [it.image_id for it in items])
         t2 = time.perf_counter()
         provenance = {"node": runner.node_id(), "host": socket.gethostname(), "pid": os.getpid(),
                       "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "seconds": round(t2 - t0, 3)}
-        self.write(data, target, chunk, labels, arrays, images, provenance)
+        self.write(data, target, chunk, labels, arrays, images, provenance, extra)
         t3 = time.perf_counter()
         return {"images": stop - start, "load_s": t1 - t0, "compute_s": t2 - t1, "write_wait_s": t3 - t2,
                 "pid": os.getpid(), "node": provenance["node"]}
 
     def write(self, data: DatasetSplit, target: ModelSplit, chunk: int, labels: np.ndarray,
               arrays: dict[str, np.ndarray], images: np.ndarray | None = None,
-              provenance: dict[str, Any] | None = None) -> None:
+              provenance: dict[str, Any] | None = None, extra_labels: dict[str, np.ndarray] | None = None) -> None:
         """Write one chunk: behind the next chunk's compute on a GPU, at once on a CPU.
 
         Waits first for (and re-raises errors of) the previous write. On a CPU the forward
@@ -149,7 +152,7 @@ class Extractor:
 
         def write() -> None:
             if not data.done[chunk]:
-                data.write_labels(chunk, labels, images)
+                data.write_labels(chunk, labels, images, extra_labels)
             target.write_chunk(chunk, arrays, provenance)
 
         if self._write_behind:

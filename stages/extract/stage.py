@@ -30,7 +30,7 @@ def request(cfg: ExtractConfig, dataset: SegmentationDataset, split: str, items:
     return {"model": spec.alias, "timm_name": spec.timm_name,
             "weights": weights_identity(spec, cfg.weights, cfg.seed), "image_size": cfg.image_size,
             "layers": "all" if cfg.layers is None else list(cfg.layers), "embeddings": list(cfg.embeddings),
-            "rope": cfg.rope, "last_norm": cfg.last_norm, "limit": cfg.limit, "chunk_images": cfg.chunk_images,
+            "class_embeddings": list(cfg.kept_class_embeddings), "rope": cfg.rope, "last_norm": cfg.last_norm, "limit": cfg.limit, "chunk_images": cfg.chunk_images,
             "dataset_fingerprint": fingerprint_hash(dataset.fingerprint(split, items, cfg.image_size))}
 
 
