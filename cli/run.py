@@ -18,7 +18,7 @@ import yaml
 from pydantic import Field
 
 from rep_pipeline.pipeline.config import (ClusterConfig, Comparison, EvaluateConfig, ExtractConfig, Options,
-                                          ReportConfig)
+                                          ProbeConfig, ReportConfig)
 from rep_pipeline.pipeline.datasets import DATASETS, build_dataset
 from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
 from rep_pipeline.pipeline.location import is_url
@@ -33,6 +33,7 @@ SET_BY_RUN = {
     "extract": {"store", "dataset", "data_root", "dataset_options", "limit", "splits", "storage_options", *MODEL_KEYS},
     "cluster": {"store", "model", "train_split", "dataset", "results", "storage_options"},
     "evaluate": {"store", "split", "results", "dataset", "storage_options"},
+    "probe": {"store", "model", "train_split", "split", "results", "dataset", "storage_options"},
 }
 
 
@@ -61,6 +62,7 @@ class _RunFile(Options):
     extract: dict[str, Any] = {}
     cluster: dict[str, Any] = {}
     evaluate: dict[str, Any] = {}
+    probe: dict[str, Any] | None = None  # direction probes of every model, when present
     comparisons: list[dict[str, Any]] = [{}]
 
 
@@ -73,6 +75,7 @@ class RunConfig:
     clusters: tuple[ClusterConfig, ...]
     evaluate: EvaluateConfig
     report: ReportConfig
+    probes: tuple[ProbeConfig, ...] = ()
 
     @classmethod
     def from_yaml(cls, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> "RunConfig":
@@ -97,8 +100,8 @@ class RunConfig:
         report_out = located(top.report or str(beside(results, "report")))
         storage = {"storage_options": {**top.storage_options, **dict(storage_options or {})}}
         ds = top.dataset
-        for section in ("extract", "cluster", "evaluate"):
-            owned = sorted(SET_BY_RUN[section] & set(getattr(top, section)))
+        for section in ("extract", "cluster", "evaluate", "probe"):
+            owned = sorted(SET_BY_RUN[section] & set(getattr(top, section) or {}))
             if owned:
                 raise ConfigError(f"{where}: {section}.{owned[0]}: set by the run itself (from the top-level keys); "
                                   f"remove it here")
@@ -122,12 +125,16 @@ class RunConfig:
                                                  "results": results}, f"{where}: cluster"))
         evaluate = EvaluateConfig.parse({**top.evaluate, **storage, "store": store, "split": ds.test_split, "results": results,
                                          "dataset": ds.name}, f"{where}: evaluate")
+        probes = tuple(ProbeConfig.parse({**top.probe, **storage, "store": store, "model": c.model,
+                                          "train_split": ds.train_split, "split": ds.test_split, "dataset": ds.name,
+                                          "results": results}, f"{where}: probe")
+                       for c in clusters) if top.probe is not None else ()
         comparisons = tuple(Comparison.parse(c, f"{where}: comparisons.{i}") for i, c in enumerate(top.comparisons))
         report = ReportConfig.parse({"results": results, "out": report_out, **storage,
                                      "comparisons": comparisons, "dataset": ds.name, "split": ds.test_split,
                                      "title": top.title}, where)
         cfg = cls(title=top.title or Path(where).stem, extracts=tuple(extracts), clusters=tuple(clusters),
-                  evaluate=evaluate, report=report)
+                  evaluate=evaluate, report=report, probes=probes)
         cfg.check(where)
         return cfg
 
@@ -162,7 +169,8 @@ class RunConfig:
         """(stage name, what it works on, its config) in the order they run."""
         return [*(("extract", c.model, e) for e, c in zip(self.extracts, self.clusters)),
                 *(("cluster", c.model, c) for c in self.clusters),
-                ("evaluate", self.evaluate.split, self.evaluate), ("report", str(self.report.out), self.report)]
+                ("evaluate", self.evaluate.split, self.evaluate),
+                *(("probe", p.model, p) for p in self.probes), ("report", str(self.report.out), self.report)]
 
 
 def _store_key(e: ExtractConfig, where: str, i: int) -> str:

@@ -323,6 +323,48 @@ class EvaluateConfig(Storage):
         return _default_results(data)
 
 
+ProbeObject = Literal["patch", "class_token"]
+ProbeRule = Literal["hyperplane", "cosine"]
+PROBE_TOKEN_TYPES = ("queries", "keys", "values", "mid_tokens", "tokens")  # q, k, v, x1, x2 (section 9.1)
+COSINE_SHOTS = (1, 5, 10, 50, 100, 500)
+
+
+class ProbeConfig(Storage):
+    """Direction probes: hyperplane and cosine templates per token type (PROTOCOL.md section 9)."""
+
+    store: Location = option(help="Feature store with the train and test splits' features.")
+    model: str = option(help="Model key in the store (alias or timm name).")
+    train_split: str = option(help="Split the templates are fitted on (cosine: supports drawn from).")
+    split: str = option(help="Test split the templates are evaluated on.")
+    dataset: str | None = option(None, help="Dataset, if the model has the splits in several.")
+    layers: Layers = option(None, help="Blocks, e.g. '11' or '6-11'; default the last captured one.")
+    embeddings: Annotated[tuple[Embedding, ...] | None, BeforeValidator(parse_csv)] = option(
+        None, help="Token types; default those of q, k, v, mid_tokens (x1), tokens (x2) the store holds.")
+    objects: Annotated[tuple[ProbeObject, ...], BeforeValidator(parse_csv)] = option(
+        ("patch", "class_token"), help="patch (segmentation) and/or class_token (classification).", min_length=1)
+    rules: Annotated[tuple[ProbeRule, ...], BeforeValidator(parse_csv)] = option(
+        ("hyperplane", "cosine"), help="hyperplane and/or cosine templates.", flag="rule", min_length=1)
+    shots: Annotated[tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(parse_csv)] = option(
+        COSINE_SHOTS, help="cosine: support images k.", min_length=1)
+    trials: int = option(10, help="cosine: trials per (concept, k).", ge=1)
+    query_images: int = option(50, help="cosine: query images with and without the concept, each.", ge=1)
+    seed: int = option(0, help="Seed of every sampling and of the hyperplane training.")
+    results: Location | None = option(None, help="Results folder; default <store>/../results.")
+    force: bool = option(False, help="Retrain hyperplane templates that are already stored.")
+    workers: int | None = option(None, help="Ray workers; default one per GPU, else one per node.", ge=1)
+    backend: BackendName | None = option(None, help="Array backend; default CuPy when a GPU is present.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def default_results(cls, data: Any) -> Any:
+        return _default_results(data)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What, besides the seed and the features, determines the hyperplane templates (A9)."""
+        return {"optimizer": "adam", "lr": 1e-3, "batch": 256, "rounds": 5, "epochs": 3, "negative_cap": 20,
+                "negatives_per_positive": 2}
+
+
 def _compare_alias(value: Any) -> Any:
     return {"paradigms": "models", "sizes": "models"}.get(value, value)
 

@@ -579,12 +579,16 @@ class ModelSplit(_Group):
             old_book, new_book = self.codebook(method, k, seed), self.codebook(method, k, seed, replacement=True)
             if old_book.fingerprint_hash == new_book.fingerprint_hash:
                 new_book.keep_finished(old_book)
-        folder = _location_of(self.group.store) / self.group.path / "codebooks"
+        self._swap_in("codebooks", name)
+
+    def _swap_in(self, parent: str, name: str) -> None:
+        """``<parent>/<name>.replacing`` becomes ``<parent>/<name>`` (see ``replace_codebook``)."""
+        folder = _location_of(self.group.store) / self.group.path / parent
         new, old = folder / (name + layout.REPLACEMENT_SUFFIX), folder / name
         if not new.is_dir():
-            raise StoreError(f"{self.path}/codebooks has no replacement of {name} to swap in")
+            raise StoreError(f"{self.path}/{parent} has no replacement of {name} to swap in")
         if isinstance(folder, ObjectPath):
-            self._copy_codebook(name, new, old)
+            self._copy_group(parent, name, new, old)
             return
         retired = folder / f".{name}.retired"
         if old.exists():
@@ -592,8 +596,8 @@ class ModelSplit(_Group):
         os.replace(new, old)
         shutil.rmtree(retired, ignore_errors=True)
 
-    def _copy_codebook(self, name: str, new: ObjectPath, old: ObjectPath) -> None:
-        books = self.group["codebooks"]
+    def _copy_group(self, parent: str, name: str, new: ObjectPath, old: ObjectPath) -> None:
+        books = self.group[parent]
         if name in books:
             for key in books[name].array_keys():
                 if key.endswith("_done"):
@@ -606,6 +610,63 @@ class ModelSplit(_Group):
         for rel in sorted(kept, key=lambda r: ("_done/" in r, r == "zarr.json")):
             (old / rel).write_bytes((new / rel).read_bytes())
         new.remove_tree()
+
+    # -- hyperplane templates (direction probes) ---------------------------------------------------
+    @_metadata_read
+    def templates_names(self) -> list[str]:
+        if "templates" not in self.group:
+            return []
+        return sorted(n for n, _ in self.group["templates"].groups()
+                      if not n.endswith(layout.REPLACEMENT_SUFFIX) and not n.startswith("."))
+
+    def _templates_attrs(self, seed: int, concepts: list[dict[str, Any]], hyperparameters: Mapping[str, Any]
+                         ) -> dict[str, Any]:
+        return {"concepts": [dict(c) for c in concepts], "seed": seed, "hyperparameters": dict(hyperparameters),
+                "features_fingerprint": self.fingerprint_hash, "schema_version": layout.SCHEMA_VERSION,
+                "package_version": __version__}
+
+    def trained_templates(self, seed: int, concepts: list[dict[str, Any]], hyperparameters: Mapping[str, Any]
+                          ) -> "Templates | None":
+        """The stored templates of ``seed`` if trained for these concepts, hyperparameters and
+        features, else None. Reads only."""
+        name = layout.templates_name(seed)
+        if name not in self.templates_names():
+            return None
+        found = Templates(self.group["templates"][name], f"{self.path}/templates/{name}", self)
+        wanted = self._templates_attrs(seed, concepts, hyperparameters)
+        same = fingerprint_hash({k: wanted[k] for k in layout.TEMPLATE_FINGERPRINT_KEYS}) == found.fingerprint_hash
+        return found if same else None
+
+    def require_templates(self, seed: int, concepts: list[dict[str, Any]], hyperparameters: Mapping[str, Any],
+                          embeddings: tuple[str, ...], force: bool = False) -> "Templates":
+        """The templates group of ``seed`` with arrays for ``embeddings``, created on first use;
+        one trained otherwise (other concepts, hyperparameters or features) is refused unless
+        ``force``: then a replacement is created beside it (``replace_templates`` swaps it in)."""
+        attrs = self._templates_attrs(seed, concepts, hyperparameters)
+        name = layout.templates_name(seed)
+        parent = self.group.require_group("templates")
+        if force:
+            name += layout.REPLACEMENT_SUFFIX
+        elif name in parent and dict(parent[name].attrs):
+            _check_same("template training", f"{self.path}/templates/{name}", dict(parent[name].attrs), attrs,
+                        layout.TEMPLATE_FINGERPRINT_KEYS)
+        if force or name not in parent or not dict(parent[name].attrs):
+            group = parent.create_group(name, overwrite=True)
+            group.attrs.update(attrs)
+        found = Templates(parent[name], f"{self.path}/templates/{name}", self)
+        for emb in embeddings:
+            found.require(emb)
+        return found
+
+    def templates(self, seed: int, replacement: bool = False) -> "Templates":
+        """The templates of ``seed`` (or, with ``replacement``, the ones training to replace them)."""
+        name = layout.templates_name(seed) + (layout.REPLACEMENT_SUFFIX if replacement else "")
+        if "templates" not in self.group or name not in self.group["templates"]:
+            raise StoreError(f"{self.path} has no templates {name} (has: {', '.join(self.templates_names()) or 'none'})")
+        return Templates(self.group["templates"][name], f"{self.path}/templates/{name}", self)
+
+    def replace_templates(self, seed: int) -> None:
+        self._swap_in("templates", layout.templates_name(seed))
 
     def attention_map(self) -> np.ndarray:
         if not self.finished:
@@ -630,8 +691,10 @@ class Codebook:
         attrs = self.attrs
         return fingerprint_hash({k: attrs.get(k) for k in layout.CODEBOOK_FINGERPRINT_KEYS})
 
-    def _require(self, embedding: str) -> tuple[zarr.Array, zarr.Array]:
-        if embedding not in self.group:
+    def require(self, embedding: str) -> tuple[zarr.Array, zarr.Array]:
+        """The centroid and done arrays of ``embedding``, created if absent (by the driver,
+        before workers write layers into them: two creating one array would race)."""
+        if f"{embedding}_done" not in self.group:
             L, k, D = len(self.features.layers), int(self.group.attrs["k"]), int(self.features.attrs["embed_dim"])
             spec = layout.CODEBOOK_ARRAYS
             _create(self.group, layout.ArraySpec(embedding, spec["centroids"].dims, "float32",
@@ -647,7 +710,7 @@ class Codebook:
 
     def write(self, embedding: str, layer: int, centroids: np.ndarray) -> None:
         """Store a finished layer's centroids, then mark it done."""
-        arr, done = self._require(embedding)
+        arr, done = self.require(embedding)
         slot = self.features.layer_slot(layer)
         arr[slot] = centroids
         done[slot] = True
@@ -663,6 +726,55 @@ class Codebook:
         if not self.is_done(embedding, layer):
             raise StoreError(f"{self.path} has no finished {embedding} codebook for layer {layer}")
         return self.group[embedding][self.features.layer_slot(layer)]
+
+
+@dataclass
+class Templates:
+    """Hyperplane templates (w, b) of one seed for every captured layer of some embeddings."""
+
+    group: zarr.Group
+    path: str
+    features: ModelSplit
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def concepts(self) -> list[dict[str, Any]]:
+        return list(self.group.attrs["concepts"])
+
+    @property
+    def fingerprint_hash(self) -> str:
+        attrs = self.attrs
+        return fingerprint_hash({k: attrs.get(k) for k in layout.TEMPLATE_FINGERPRINT_KEYS})
+
+    def require(self, embedding: str) -> None:
+        """Create the arrays of ``embedding`` (once, before workers write layers into them)."""
+        if f"{embedding}_done" in self.group:
+            return
+        L, C, D = len(self.features.layers), len(self.concepts), int(self.features.attrs["embed_dim"])
+        for spec, name, shape in ((layout.TEMPLATE_ARRAYS["weights"], embedding, (L, C, D)),
+                                  (layout.TEMPLATE_ARRAYS["bias"], f"{embedding}_bias", (L, C)),
+                                  (layout.TEMPLATE_ARRAYS["done"], f"{embedding}_done", (L,))):
+            _create(self.group, dataclasses.replace(spec, name=name), shape, 1)
+
+    def is_done(self, embedding: str, layer: int) -> bool:
+        if f"{embedding}_done" not in self.group:
+            return False
+        return bool(self.group[f"{embedding}_done"][self.features.layer_slot(layer)])
+
+    def write(self, embedding: str, layer: int, weights: np.ndarray, bias: np.ndarray) -> None:
+        """Store a layer's templates (every concept), then mark it done."""
+        slot = self.features.layer_slot(layer)
+        _write_together([(self.group[embedding], slot, weights), (self.group[f"{embedding}_bias"], slot, bias)])
+        self.group[f"{embedding}_done"][slot] = True
+
+    def read(self, embedding: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        if not self.is_done(embedding, layer):
+            raise StoreError(f"{self.path} has no finished {embedding} templates for layer {layer}")
+        slot = self.features.layer_slot(layer)
+        return self.group[embedding][slot], self.group[f"{embedding}_bias"][slot]
 
 
 class MapStore:

@@ -14,7 +14,8 @@ from importlib import import_module
 from types import ModuleType
 from typing import Any
 
-from rep_pipeline.pipeline.config import ClusterConfig, EvaluateConfig, ExtractConfig, Options, ReportConfig
+from rep_pipeline.pipeline.config import (ClusterConfig, EvaluateConfig, ExtractConfig, Options, ProbeConfig,
+                                          ReportConfig)
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                     "pass."),
     Stage("evaluate", EvaluateConfig, "Segment the test split with every finished codebook; write Parquet tables "
                                       "and maps."),
+    Stage("probe", ProbeConfig, "Fit hyperplane and cosine templates per token type and score them on the test "
+                                "split (direction probes)."),
     Stage("report", ReportConfig, "Draw the visual protocol and write a self-contained index.html."),
 )}
 

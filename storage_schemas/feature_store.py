@@ -25,6 +25,10 @@
         codebooks/<method>-k<K>-s<seed>/  attrs: training fingerprint (CODEBOOK_ATTRS)
           <embedding>       (layer, cluster, channel) float32, unit centroids
           <embedding>_done  (layer,)                  bool, layer trained to the end
+        templates/hyperplane-s<seed>/     attrs: concepts, training fingerprint (TEMPLATE_ATTRS)
+          <embedding>       (layer, concept, channel) float32, w of w.z - b >= 0
+          <embedding>_bias  (layer, concept)          float32, b
+          <embedding>_done  (layer,)                  bool
 
 ``layer`` indexes the captured layers, whose block numbers are the ``layers`` attribute.
 Every array carries ``dimension_names``, so ``xarray.open_zarr`` names the axes itself.
@@ -130,6 +134,23 @@ def extra_labels_array(label_map: str) -> str:
 EXTRA_LABELS = ArraySpec("labels_<map>", ("image", "y", "x"), "uint8", (IMAGES, FULL, FULL),
                          "class id per pixel of a further label map (its classes: the label_maps attribute)",
                          LABEL_CODEC)
+
+# hyperplane templates of the direction probes (PROTOCOL.md section 8.5), beside the codebooks:
+# ``<model group>/templates/hyperplane-s<seed>/``; the concept axis lists (object, category,
+# class id, name) in the ``concepts`` attribute
+TEMPLATE_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
+    ArraySpec("weights", ("layer", "concept", "channel"), "float32", (1, FULL, FULL),
+              "w of each concept's template w.z - b >= 0 (stored under the embedding's name)"),
+    ArraySpec("bias", ("layer", "concept"), "float32", (1, FULL), "b (stored as <embedding>_bias)"),
+    ArraySpec("done", ("layer",), "bool", (1,), "the layer's templates are trained (<embedding>_done)"),
+)}
+TEMPLATE_ATTRS = ("concepts", "seed", "hyperparameters", "features_fingerprint", "schema_version", "package_version")
+TEMPLATE_FINGERPRINT_KEYS = ("concepts", "seed", "hyperparameters", "features_fingerprint")
+
+
+def templates_name(seed: int) -> str:
+    return f"hyperplane-s{seed}"
+
 
 DATASET_ATTRS = ("dataset", "split", "n_images", "image_size", "classes", "palette", "ignore_index",
                  "image_ids_sha256", "chunk_images", "options")

@@ -45,6 +45,8 @@ MAP_ARRAYS: dict[str, MapArray] = {a.name: a for a in (
     MapArray("images", ("example", "y", "x", "rgb"), "the first test images as the model saw them"),
     MapArray("labels", ("example", "y", "x"), "their ground-truth class maps"),
     MapArray("attention", ("layer", "query", "key"), "image- and head-averaged patch attention"),
+    MapArray("truth", ("example", "y", "x"), "direction probes: 1 where the concept is, on the S x S grid"),
+    MapArray("decisions", ("example", "y", "x"), "direction probes: a template's patch decisions (G x G)"),
 )}
 
 
@@ -84,6 +86,11 @@ def ground_truth_maps(dataset: str, split: str) -> str:
 
 def attention_maps(dataset: str, split: str, model: str) -> str:
     return f"{dataset}/{split}/{model}/attention"
+
+
+def direction_maps(dataset: str, split: str, model: str) -> str:
+    """The maps of figure d4 (direction probes: example masks) of one model."""
+    return f"directions/{dataset}/{split}/{model}"
 
 
 def setting_maps(dataset: str, split: str, model: str, train_split: str, method: str, k: int, seed: int,

@@ -122,3 +122,53 @@ CORRELATIONS = _table(
     _field("rho", pa.float64(), "Spearman rank correlation", nullable=True),
     _field("n_pairs", pa.int32(), "(model, layer, embedding) points used"))
 
+
+# -- direction probes (PROTOCOL.md section 9.7) ------------------------------------------------
+_PROBE_SETTING = (
+    _field("model", pa.string(), "model key in the feature store"),
+    _field("dataset", pa.string(), "dataset name"),
+    _field("split", pa.string(), "test split the templates are evaluated on"),
+    _field("train_split", pa.string(), "split the templates are fitted on (cosine: supports drawn from)"),
+    _field("embedding", pa.string(), "queries (q) | keys (k) | values (v) | mid_tokens (x1) | tokens (x2) | "
+                                     "mid_normed (x_n)"),
+    _field("layer", pa.int16(), "block number (0-based; the paper's layer + 1)"),
+    _field("object", pa.string(), "patch | class_token"),
+    _field("rule", pa.string(), "hyperplane | cosine"),
+    _field("k_shot", pa.int32(), "cosine: support images k; null for hyperplane", nullable=True),
+)
+_CONCEPT = (
+    _field("concept_id", pa.int32(), "class id of the concept in its label map"),
+    _field("concept_name", pa.string(), "class name"),
+    _field("category", pa.string(), "the label map the concept comes from (section 9.2)"),
+)
+_PROBE_METRICS = tuple(
+    _field(name, pa.float64(), doc) for name, doc in (
+        ("accuracy", "balanced accuracy (TPR + TNR) / 2 (section 9.5)"),
+        ("precision", "balanced precision TPR / (TPR + FPR); 0 when both are 0"),
+        ("recall", "TPR"),
+        ("f1", "2 precision recall / (precision + recall); 0 when both are 0")))
+DIRECTION_PROBES = _table(
+    "direction_probes", *_PROBE_SETTING,
+    _field("trial", pa.int16(), "cosine: trial 0..N-1 (its supports and queries); 0 for hyperplane"),
+    *_CONCEPT,
+    _field("n_pos", pa.int64(), "positive test objects"), _field("n_neg", pa.int64(), "negative test objects"),
+    _field("tp", pa.int64(), "true positives"), _field("fp", pa.int64(), "false positives"),
+    _field("tn", pa.int64(), "true negatives"), _field("fn", pa.int64(), "false negatives"),
+    *_PROBE_METRICS,
+    _field("threshold", pa.float64(), "hyperplane: b of w.z - b >= 0; cosine: t = cos(theta)"),
+    _field("seed", pa.int64(), "seed of this template's sampling and training"),
+    _field("store_fingerprint", pa.string(), "hash of the test split's feature-group fingerprint"),
+    _field("train_store_fingerprint", pa.string(), "hash of the train split's feature-group fingerprint"))
+DIRECTION_SUMMARY = _table(
+    "direction_summary", *_PROBE_SETTING,
+    _field("category", pa.string(), "'all' or a category name"),
+    _field("n_concepts", pa.int32(), "concepts evaluated"),
+    *(f for m in _PROBE_METRICS for f in (
+        _field(m.name, pa.float64(), f"mean over concepts of {m.name} (cosine: then the mean over trials)"),
+        _field(f"{m.name}_std", pa.float64(), f"cosine: standard deviation over trials of the concept-mean "
+                                                f"{m.name}; null for hyperplane", nullable=True))),
+    _field("store_fingerprint", pa.string(), "hash of the test split's feature-group fingerprint"),
+    _field("train_store_fingerprint", pa.string(), "hash of the train split's feature-group fingerprint"))
+DIRECTION_SKIPPED = _table(
+    "direction_skipped", *_PROBE_SETTING, *_CONCEPT,
+    _field("reason", pa.string(), "why the concept was not evaluated (section 9.2, 9.4)"))

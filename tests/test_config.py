@@ -86,7 +86,9 @@ def _demo(tmp_path, **changes):
 
 def test_the_demo_config_validates_into_stage_configs(tmp_path):
     cfg = RunConfig.from_yaml(DEMO)
-    assert [name for name, _, _ in cfg.plan()] == ["extract", "extract", "cluster", "cluster", "evaluate", "report"]
+    assert [name for name, _, _ in cfg.plan()] == ["extract", "extract", "cluster", "cluster", "evaluate", "probe",
+                                                  "probe", "report"]
+    assert cfg.probes[0].shots == (1, 5) and cfg.probes[1].model == "tiny-dinov3"
     assert cfg.clusters[0].steps == 300 and cfg.clusters[0].k == (6,)
     assert cfg.extracts[0].splits == ("train", "val") and cfg.evaluate.split == "val"
     assert cfg.report.comparisons[1].models == ("tiny-dinov3",)

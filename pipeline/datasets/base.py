@@ -432,6 +432,8 @@ class SegmentationDataset:
         """What identifies the labels this split produces; stored and checked on reuse."""
         ids = hashlib.sha256("\n".join(i.image_id for i in items).encode()).hexdigest()
         extra = {"label_maps": {m.name: list(m.classes) for m in self.label_maps()}} if self.label_maps() else {}
+        if self.category != self.name:  # the primary map's category, where it is not the dataset's name
+            extra["category"] = self.category
         return {**extra,
             "dataset": self.name,
             "split": split,

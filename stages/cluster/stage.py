@@ -272,6 +272,9 @@ def plan_codebooks(cfg: ClusterConfig) -> tuple[str, list[GroupPlan], int]:
                 group.check_codebook(m, k, cfg.seed, cfg.hyperparameters(m))
     books = {(m, k): group.require_codebook(m, k, cfg.seed, cfg.hyperparameters(m), force=cfg.force)
              for m in cfg.methods for k in ks}
+    for book in books.values():  # every array made here, before workers write layers into them side by side
+        for emb in embeddings:
+            book.require(emb)
     plans, reused = [], 0
     for emb in embeddings:
         for layer in layers:

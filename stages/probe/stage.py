@@ -1,0 +1,404 @@
+"""The probe stage: which token type carries concepts best (PROTOCOL.md section 9).
+
+For one model, the train split's features fit the templates and the test split's features
+score them, per (embedding, layer) and per object: patches labelled by each label map of the
+dataset (one category of concepts per map, A1) or class tokens with image labels (A6). Both
+rules of ``templates`` run on every concept of every category. Workers (Ray actors, one per
+GPU or one per node) take the (embedding, layer) sets; hyperplane templates are stored beside
+the codebooks and reused by a rerun (``--force`` trains replacements and swaps them in whole).
+The driver writes ``direction_probes``, ``direction_summary`` and ``direction_skipped`` and
+the maps of figure d4.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+
+from rep_pipeline.pipeline import runner
+from rep_pipeline.pipeline.backend import get_backend
+from rep_pipeline.pipeline.config import PROBE_TOKEN_TYPES, ProbeConfig
+from rep_pipeline.pipeline.errors import ConfigError, StoreError
+from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
+from rep_pipeline.pipeline.progress import ImageProgress
+from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit, check_store_location, fingerprint_hash
+from rep_pipeline.storage_schemas import results as results_layout
+from rep_pipeline.storage_schemas.feature_store import MODEL_FINGERPRINT_KEYS, model_path, templates_name
+
+from . import templates
+from .templates import ObjectSet
+
+TABLES = ("direction_probes", "direction_summary", "direction_skipped")
+METRICS = ("accuracy", "precision", "recall", "f1")
+D4_EMBEDDINGS = {"hyperplane": "keys", "cosine": "queries"}  # [D] Sec. 4.5's choice for the masks
+
+
+@dataclass(frozen=True)
+class Category:
+    """One label map of the dataset: its concepts and, per split, its label maps."""
+
+    name: str
+    classes: tuple[str, ...]
+    train: np.ndarray  # (n, S, S) uint8 class ids, ignore_index where unlabelled
+    test: np.ndarray
+
+
+@dataclass
+class ProbeResult:
+    model: str
+    results: str
+    settings: int = 0
+    rows: int = 0
+    reused: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> list[str]:
+        return [f"probe {self.model}: {self.settings} (embedding, layer) settings, {self.rows} templates evaluated "
+                f"({self.reused} hyperplane layers reused) in {self.seconds:.1f} s; tables direction_probes, "
+                f"direction_summary, direction_skipped in {self.results}"]
+
+
+# -- what to probe --------------------------------------------------------------------------------
+def _groups(cfg: ProbeConfig, store: FeatureStore) -> tuple[str, ModelSplit, ModelSplit]:
+    """(dataset, train group, test group), both finished and of the same features."""
+    datasets = sorted({d for m, d, s in store.model_splits() if m == cfg.model and s in (cfg.train_split, cfg.split)
+                       and (cfg.dataset is None or d == cfg.dataset)})
+    if not datasets:
+        raise StoreError(f"{cfg.store} has no features of {cfg.model} for {cfg.train_split} or {cfg.split}; run extract")
+    if len(datasets) > 1:
+        raise ConfigError(f"{cfg.model} has {cfg.split} in several datasets ({', '.join(datasets)}); pass --dataset")
+    dataset = datasets[0]
+    groups = []
+    for split in (cfg.train_split, cfg.split):
+        group = store.model_split(cfg.model, dataset, split)
+        if not group.finished:
+            raise StoreError(f"{group.path} is not finished; run the same extract command to complete it")
+        groups.append(group)
+    train, test = groups
+    differ = [k for k in MODEL_FINGERPRINT_KEYS if k != "dataset_fingerprint" and train.attrs.get(k) != test.attrs.get(k)]
+    if differ:
+        raise StoreError(f"{train.path} and {test.path} hold different features ({', '.join(differ)} differ); "
+                         f"extract both splits with one command")
+    return dataset, train, test
+
+
+def _settings(cfg: ProbeConfig, group: ModelSplit) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """(embeddings, layers): the requested ones, each checked to be in the store (naming the
+    array and the extract option that produces it), or the defaults."""
+    embeddings = cfg.embeddings or tuple(e for e in PROBE_TOKEN_TYPES if e in group.embeddings)
+    if not embeddings:
+        raise StoreError(f"{group.path} holds none of {', '.join(PROBE_TOKEN_TYPES)}; extract with "
+                         f"--embeddings {','.join(PROBE_TOKEN_TYPES)}")
+    for emb in embeddings:
+        if "patch" in cfg.objects:
+            group.features(emb)
+        if "class_token" in cfg.objects:
+            group.class_features(emb)
+    layers = cfg.layers or (max(group.layers),)
+    for layer in layers:
+        group.layer_slot(layer)
+    return embeddings, layers
+
+
+def _categories(store: FeatureStore, dataset: str, cfg: ProbeConfig) -> list[Category]:
+    """Every label map of the dataset: the primary one (``labels``) and any further ones."""
+    train, test = store.dataset_split(dataset, cfg.train_split), store.dataset_split(dataset, cfg.split)
+    for data in (train, test):
+        if not data.done[:].all():
+            raise StoreError(f"{data.path}: labels of chunks {np.flatnonzero(~data.done[:])[:5].tolist()} are not "
+                             f"written; run the same extract command")
+    attrs = dict(test.group.attrs)
+    out = [Category(attrs.get("category", dataset), tuple(attrs["classes"]), train.labels[:], test.labels[:])]
+    for name, classes in test.label_maps.items():
+        out.append(Category(name, tuple(classes), train.extra_labels(name)[:], test.extra_labels(name)[:]))
+    return out
+
+
+def concept_axis(cfg: ProbeConfig, categories: list[Category]) -> list[dict[str, Any]]:
+    """The stored templates' concept axis: every (object, category, class) probed."""
+    return [{"object": obj, "category": c.name, "id": i, "name": name}
+            for obj in cfg.objects for c in categories for i, name in enumerate(c.classes)]
+
+
+# -- the work of one (embedding, layer) --------------------------------------------------------------
+def object_sets(features: np.ndarray, labels: np.ndarray, n_classes: int, obj: str, grid: int, ignore: int,
+                be: Any) -> ObjectSet:
+    """The objects of one split for one category: labelled patches (A1) or class tokens (A6)."""
+    n = labels.shape[0]
+    if obj == "class_token":
+        present, absent = templates.image_labels(labels, n_classes, ignore)
+        return ObjectSet(be.asarray(features.astype(np.float32)), present, absent, np.arange(n), n)
+    patch = templates.patch_labels(labels, grid, ignore).reshape(-1)
+    keep = np.flatnonzero(patch != ignore)
+    positive = patch[keep][:, None] == np.arange(n_classes)[None]
+    flat = features.reshape(n * grid * grid, -1)
+    return ObjectSet(be.asarray(flat[keep].astype(np.float32)), positive, ~positive,
+                     np.repeat(np.arange(n), grid * grid)[keep], n)
+
+
+class ProbeWorker:
+    """Probes its (embedding, layer) settings; owns its store handles (a Ray actor)."""
+
+    def __init__(self, cfg: ProbeConfig, dataset: str, settings: list[tuple[str, int]], replacing: bool):
+        self.cfg, self.dataset, self.settings, self.replacing = cfg, dataset, settings, replacing
+        self.done = 0
+
+    def progress(self) -> int:
+        return self.done
+
+    def run(self) -> dict[str, list[dict]]:
+        cfg = self.cfg
+        be = get_backend(cfg.backend)
+        device = "cuda" if be.name == "cupy" else "cpu"
+        store = FeatureStore(cfg.store, mode="a")
+        train, test = (store.model_split(cfg.model, self.dataset, s) for s in (cfg.train_split, cfg.split))
+        categories = _categories(store, self.dataset, cfg)
+        concepts = concept_axis(cfg, categories)
+        index = {(c["object"], c["category"], c["id"]): i for i, c in enumerate(concepts)}
+        book = train.templates(cfg.seed, replacement=self.replacing) if "hyperplane" in cfg.rules else None
+        examples = len(store.dataset_split(self.dataset, cfg.split).example_images())
+        out: dict[str, list[dict]] = {"rows": [], "skipped": [], "masks": []}
+        grid, ignore = int(train.attrs["grid"]), int(dict(test.group.attrs).get("ignore_index", 255))
+        for emb, layer in self.settings:
+            weights = np.zeros((len(concepts), int(train.attrs["embed_dim"])), np.float32)
+            bias = np.full(len(concepts), np.nan, np.float32)
+            reuse = book is not None and book.is_done(emb, layer)
+            if reuse:
+                weights, bias = book.read(emb, layer)
+            seed = int(np.random.default_rng([cfg.seed, PROBE_TOKEN_TYPES.index(emb) if emb in PROBE_TOKEN_TYPES
+                                              else 9, layer]).integers(2**31))
+            for obj in cfg.objects:
+                feats = {s: (g.read_features(emb, layer, 0, g.n_images) if obj == "patch"
+                             else g.class_features(emb)[g.layer_slot(layer)]) for s, g in (("train", train), ("test", test))}
+                for cat in categories:
+                    tr = object_sets(feats["train"], cat.train, len(cat.classes), obj, grid, ignore, be)
+                    te = object_sets(feats["test"], cat.test, len(cat.classes), obj, grid, ignore, be)
+                    ids = list(range(len(cat.classes)))
+                    where = {"embedding": emb, "layer": layer, "object": obj, "category": cat.name}
+                    if "hyperplane" in cfg.rules:
+                        slots = [index[(obj, cat.name, c)] for c in ids]
+                        if reuse:
+                            rows, skipped = [], []
+                            for c, slot in zip(ids, slots):
+                                why = templates._eligibility(tr, te, c)
+                                if why is not None:
+                                    skipped.append({"concept": c, "k_shot": None, "reason": why})
+                                else:
+                                    rows.append(templates.evaluate_hyperplane(weights[slot], float(bias[slot]), te, c,
+                                                                              seed))
+                        else:
+                            rows, fitted, skipped = templates.hyperplane_probe(tr, te, ids, seed, device)
+                            for c, (w, b) in fitted.items():
+                                weights[index[(obj, cat.name, c)]], bias[index[(obj, cat.name, c)]] = w, b
+                        out["rows"] += [dict(r, rule="hyperplane", **where) for r in rows]
+                        out["skipped"] += [dict(r, rule="hyperplane", **where) for r in skipped]
+                    if "cosine" in cfg.rules:
+                        rows, skipped = templates.cosine_probe(be, tr, te, ids, cfg.shots, cfg.trials,
+                                                               cfg.query_images, cfg.seed)
+                        out["rows"] += [dict(r, rule="cosine", **where) for r in rows]
+                        out["skipped"] += [dict(r, rule="cosine", **where) for r in skipped]
+                    if obj == "patch" and "hyperplane" in cfg.rules and emb == self._mask_embedding(train):
+                        out["masks"].append(self._masks(cat, weights, bias, index, obj, feats["test"], grid, examples,
+                                                        where))
+            if book is not None and not reuse:
+                book.write(emb, layer, weights, bias)
+            self.done += 1
+        return out
+
+    def _mask_embedding(self, train: ModelSplit) -> str:
+        """The embedding of figure d4's hyperplane masks: keys where probed, else the first."""
+        return "keys" if "keys" in [e for e, _ in self.settings] else self.settings[0][0]
+
+    def _masks(self, cat: Category, weights: np.ndarray, bias: np.ndarray, index: dict, obj: str,
+               test_feats: np.ndarray, grid: int, examples: int, where: dict) -> dict[str, Any]:
+        """Figure d4 (Fig. 15): for up to five concepts, the test image where the concept covers
+        the largest area, its ground truth and the hyperplane's patch decisions. The images are
+        chosen among the split's example images, the crops the store keeps; the concepts are
+        ordered by the driver by F1 (see ``_write_masks``)."""
+        areas = np.stack([(cat.test[:examples] == c).sum(axis=(1, 2)) for c in range(len(cat.classes))], 1)
+        candidates = [c for c in range(len(cat.classes)) if np.isfinite(bias[index[(obj, cat.name, c)]])
+                      and areas[:, c].max() > 0]
+        out = {**where, "concepts": [], "images": [], "decisions": []}
+        if not candidates:
+            return out
+        for c in candidates:
+            image = int(np.argmax(areas[:, c]))
+            slot = index[(obj, cat.name, c)]
+            z = test_feats[image].reshape(grid * grid, -1).astype(np.float32)
+            out["concepts"].append(c)
+            out["images"].append(image)
+            out["decisions"].append((z @ weights[slot] - bias[slot] >= 0).reshape(grid, grid))
+        return out
+
+
+# -- tables ---------------------------------------------------------------------------------------
+def _table_rows(cfg: ProbeConfig, dataset: str, categories: list[Category], out: dict[str, list[dict]],
+                fingerprints: tuple[str, str]) -> dict[str, list[dict]]:
+    names = {c.name: c.classes for c in categories}
+    setting = {"model": cfg.model, "dataset": dataset, "split": cfg.split, "train_split": cfg.train_split}
+    fp = {"store_fingerprint": fingerprints[1], "train_store_fingerprint": fingerprints[0]}
+    probes = [{**setting, "embedding": r["embedding"], "layer": r["layer"], "object": r["object"], "rule": r["rule"],
+               "k_shot": r["k_shot"], "trial": r["trial"], "concept_id": r["concept"],
+               "concept_name": names[r["category"]][r["concept"]], "category": r["category"],
+               **{k: r[k] for k in ("n_pos", "n_neg", "tp", "fp", "tn", "fn", *METRICS, "threshold", "seed")}, **fp}
+              for r in out["rows"]]
+    skipped = [{**setting, "embedding": r["embedding"], "layer": r["layer"], "object": r["object"], "rule": r["rule"],
+                "k_shot": r["k_shot"], "concept_id": r["concept"], "concept_name": names[r["category"]][r["concept"]],
+                "category": r["category"], "reason": r["reason"]} for r in out["skipped"]]
+    return {"direction_probes": probes, "direction_summary": summarise(probes, setting, fp),
+            "direction_skipped": skipped}
+
+
+def summarise(probes: list[dict], setting: dict[str, Any], fp: dict[str, str]) -> list[dict]:
+    """Per setting (and category, or "all"): the mean over concepts of each metric; for the
+    cosine rule per trial, then the mean and standard deviation over trials (section 9.4)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in probes:
+        key = (r["embedding"], r["layer"], r["object"], r["rule"], r["k_shot"])
+        for category in ("all", r["category"]):
+            groups.setdefault((*key, category), []).append(r)
+    out = []
+    for (emb, layer, obj, rule, k, category), rows in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
+        by_trial: dict[int, list[dict]] = {}
+        for r in rows:
+            by_trial.setdefault(r["trial"], []).append(r)
+        row = {**setting, "embedding": emb, "layer": layer, "object": obj, "rule": rule, "k_shot": k,
+               "category": category, "n_concepts": len({(r["category"], r["concept_id"]) for r in rows}), **fp}
+        for m in METRICS:
+            per_trial = [float(np.mean([r[m] for r in trial])) for _, trial in sorted(by_trial.items())]
+            row[m] = float(np.mean(per_trial))
+            row[f"{m}_std"] = statistics.pstdev(per_trial) if rule == "cosine" else None
+        out.append(row)
+    return out
+
+
+# -- the stage --------------------------------------------------------------------------------------
+def is_done(cfg: ProbeConfig) -> bool:
+    """The results hold summaries of every requested (embedding, layer, object, rule) for these
+    features, and the probe's options match the ones recorded with its masks. Reads only."""
+    if cfg.force or not cfg.store.exists() or not cfg.results.is_dir():
+        return False
+    try:
+        store = FeatureStore(cfg.store)
+        dataset, train, test = _groups(cfg, store)
+        embeddings, layers = _settings(cfg, train)
+        results = Results(cfg.results)
+        if "direction_summary" not in results.tables():
+            return False
+        have = {tuple(r.values()) for r in results.rows(
+            "SELECT DISTINCT embedding, layer, object, rule FROM direction_summary WHERE model = "
+            f"'{cfg.model}' AND train_split = '{cfg.train_split}' AND store_fingerprint = '{test.fingerprint_hash}' "
+            f"AND train_store_fingerprint = '{train.fingerprint_hash}'", dataset=dataset, split=cfg.split)}
+        recorded = results.maps().attrs(results_layout.direction_maps(dataset, cfg.split, cfg.model)).get("probe")
+    except StoreError:
+        return False
+    wanted = {(e, layer, o, r) for e in embeddings for layer in layers for o in cfg.objects for r in cfg.rules}
+    return wanted <= have and recorded == _options(cfg)
+
+
+def _options(cfg: ProbeConfig) -> dict[str, Any]:
+    return {"train_split": cfg.train_split, "shots": list(cfg.shots), "trials": cfg.trials,
+            "query_images": cfg.query_images, "seed": cfg.seed}
+
+
+def _split_settings(settings: list[tuple[str, int]], n: int) -> list[list[tuple[str, int]]]:
+    return [b for b in (settings[i::n] for i in range(n)) if b]
+
+
+def run_probe(cfg: ProbeConfig, *, address: str | None = None, progress: bool = True) -> ProbeResult:
+    """Fit and score every requested template; write the tables (and the templates)."""
+    t0 = time.perf_counter()
+    check_store_location(cfg.store, writable=True)
+    store = FeatureStore(cfg.store)
+    dataset, train, test = _groups(cfg, store)
+    embeddings, layers = _settings(cfg, train)
+    categories = _categories(store, dataset, cfg)
+    Results(cfg.results, mode="a")  # a results folder of another version is refused before any work
+    held = [Lease(leases_beside(cfg.results), f"probe-{cfg.split}", f"the probes of {cfg.split} in {cfg.results}"),
+            Lease(leases_beside(cfg.store), f"{model_path(cfg.model, dataset, cfg.train_split)}/templates",
+                  f"{cfg.store}/{model_path(cfg.model, dataset, cfg.train_split)}/templates")]
+    with leases(*held):
+        return _probe(cfg, address, progress, dataset, embeddings, layers, categories, t0)
+
+
+def _probe(cfg: ProbeConfig, address: str | None, progress: bool, dataset: str, embeddings: tuple[str, ...],
+           layers: tuple[int, ...], categories: list[Category], t0: float) -> ProbeResult:
+    store = FeatureStore(cfg.store, mode="a")
+    train = store.model_split(cfg.model, dataset, cfg.train_split)
+    test = store.model_split(cfg.model, dataset, cfg.split)
+    result = ProbeResult(cfg.model, str(cfg.results))
+    settings = [(e, layer) for e in embeddings for layer in layers]
+    replacing = False
+    if "hyperplane" in cfg.rules:
+        replacing = cfg.force and templates_name(cfg.seed) in train.templates_names()
+        book = train.require_templates(cfg.seed, concept_axis(cfg, categories), cfg.hyperparameters(), embeddings,
+                                       force=replacing)
+        result.reused = sum(book.is_done(e, layer) for e, layer in settings)
+    runner.ensure_ray(address)
+    gpus = runner.cluster_gpus() if cfg.backend != "numpy" else 0
+    n_workers = min(cfg.workers or gpus or len(runner.node_cpus()), len(settings))
+    cpus = 1 if gpus else runner.cpus_per_actor(n_workers)
+    pool = runner.ActorPool(ProbeWorker, [(cfg, dataset, b, replacing) for b in _split_settings(settings, n_workers)],
+                            num_cpus=cpus, num_gpus=1 if gpus else 0, max_concurrency=2)
+    out: dict[str, list[dict]] = {"rows": [], "skipped": [], "masks": []}
+    with pool, ImageProgress(f"probe {cfg.model}", len(settings), unit="setting", enabled=progress) as bar:
+        for part in pool.run_all("run", poll=bar.update):
+            for key in out:
+                out[key] += part[key]
+        bar.update(len(settings))
+    if replacing:  # every replacement layer is complete: swap them in
+        train.replace_templates(cfg.seed)
+    tables = _table_rows(cfg, dataset, categories, out, (train.fingerprint_hash, test.fingerprint_hash))
+    results = Results(cfg.results, mode="a")
+    with results.staged_maps() as maps:
+        _write_masks(maps, cfg, dataset, categories, out["masks"], tables["direction_probes"])
+    for table in TABLES:
+        for emb, layer in settings:
+            rows = [r for r in tables[table] if r["embedding"] == emb and r["layer"] == layer]
+            results.write_table(table, rows, dataset=dataset, model=cfg.model,
+                                part=f"{cfg.train_split}-{cfg.split}-{emb}-l{layer}")
+    result.settings, result.rows = len(settings), len(tables["direction_probes"])
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _write_masks(maps: Any, cfg: ProbeConfig, dataset: str, categories: list[Category], masks: list[dict],
+                 probes: list[dict]) -> None:
+    """Figure d4's inputs: per (category, embedding, layer), five concepts spanning the
+    hyperplane F1 range (Fig. 15), each on its test image, ground truth and patch decisions;
+    the probe's options on the model's group."""
+    images = FeatureStore(cfg.store).dataset_split(dataset, cfg.split).example_images()
+    base = results_layout.direction_maps(dataset, cfg.split, cfg.model)
+    by_name = {c.name: c for c in categories}
+    for m in masks:
+        f1 = {r["concept_id"]: r["f1"] for r in probes if r["rule"] == "hyperplane" and r["object"] == "patch"
+              and (r["embedding"], r["layer"], r["category"]) == (m["embedding"], m["layer"], m["category"])}
+        ranked = sorted((c for c in m["concepts"] if c in f1), key=lambda c: f1[c])
+        if not ranked:
+            continue
+        picks = list(dict.fromkeys(ranked[int(round(i))] for i in np.linspace(0, len(ranked) - 1, min(5, len(ranked)))))
+        at = [m["concepts"].index(c) for c in picks]
+        m = {**m, "concepts": picks, "images": [m["images"][i] for i in at], "decisions": [m["decisions"][i] for i in at]}
+        cat = by_name[m["category"]]
+        idx = np.asarray(m["images"])
+        maps.write(f"{base}/{m['category']}/{m['embedding']}-l{m['layer']}",
+                   attrs={"concepts": [int(c) for c in m["concepts"]], "names": [cat.classes[c] for c in m["concepts"]],
+                          "image_index": idx.tolist(), "embedding": m["embedding"], "layer": int(m["layer"])},
+                   truth=np.stack([cat.test[i] == c for i, c in zip(idx, m["concepts"])]).astype(np.uint8),
+                   decisions=np.stack(m["decisions"]).astype(np.uint8),
+                   images=_test_images(cfg, dataset, idx, images))
+    maps.write(base, attrs={"probe": _options(cfg)})
+
+
+def _test_images(cfg: ProbeConfig, dataset: str, index: np.ndarray, examples: np.ndarray) -> np.ndarray:
+    """The RGB crops of test images ``index`` (the store keeps the first few; others are black)."""
+    S = examples.shape[1]
+    out = np.zeros((len(index), S, S, 3), np.uint8)
+    for j, i in enumerate(index):
+        if i < len(examples):
+            out[j] = examples[i]
+    return out

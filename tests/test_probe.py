@@ -1,0 +1,161 @@
+"""The probe stage (PROTOCOL.md section 9) end to end: a store with planted structure, the
+tables against their raw counts, reruns and workers, stored templates, version-1 stores, and
+the whole path from a tiny model on the synthetic scenes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rep_pipeline.pipeline.config import ExtractConfig, ProbeConfig
+from rep_pipeline.pipeline.errors import StoreError
+from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.store import FeatureStore
+from rep_pipeline.stages.extract import run_extract
+from rep_pipeline.stages.probe import is_done, run_probe
+
+CLASSES = ("sky", "tree", "road")
+GRID, SIZE, DIM = 8, 64, 16
+
+
+def _planted_store(path, n=32, chunk=8, seed=0):
+    """Patches of class 0 share a direction in ``keys`` only (``queries`` are noise alone); each
+    image holds two of the three classes, so the cosine rule has images without each."""
+    store = FeatureStore(path, mode="a")
+    rng = np.random.default_rng(seed)
+    direction = np.zeros(DIM, np.float32)
+    direction[0] = 4.0
+    model_fp = {"model": "m", "timm_name": "-", "family": "-", "weights_source": "random:seed=0",
+                "weights_sha256": "-", "image_size": SIZE, "input_size": SIZE, "patch_size": SIZE // GRID,
+                "grid": GRID, "num_prefix_tokens": 1, "embed_dim": DIM, "num_heads": 1, "depth": 2,
+                "mean": [0, 0, 0], "std": [1, 1, 1], "layers": [0, 1], "embeddings": ["queries", "keys"],
+                "class_embeddings": ["queries", "keys"], "rope": "before", "last_norm": "after"}
+    for split in ("train", "val"):
+        fp = {"dataset": "synthetic", "split": split, "n_images": n, "image_size": SIZE, "classes": list(CLASSES),
+              "ignore_index": 255, "image_ids_sha256": split, "options": {}}
+        data = store.require_dataset_split(fp, [f"{split}{i}" for i in range(n)], np.zeros((3, 3), np.uint8), chunk)
+        group = store.require_model_split("m", data, model_fp)
+        for c in range(n // chunk):
+            pair = np.stack([rng.permutation(3)[:2] for _ in range(chunk)])              # two classes per image
+            patch = pair[np.arange(chunk)[:, None], rng.integers(0, 2, (chunk, GRID * GRID))]  # (chunk, P)
+            labels = np.kron(patch.reshape(chunk, GRID, GRID), np.ones((SIZE // GRID, SIZE // GRID))).astype(np.uint8)
+            data.write_labels(c, labels, np.zeros((chunk, SIZE, SIZE, 3), np.uint8))
+            noise = rng.standard_normal((2, 2, chunk, GRID * GRID, DIM)).astype(np.float32)
+            keys = noise[0] + (patch == 0)[None, :, :, None] * direction
+            arrays = {"queries": noise[1].reshape(2, chunk, GRID, GRID, DIM).astype(np.float16),
+                      "keys": keys.reshape(2, chunk, GRID, GRID, DIM).astype(np.float16),
+                      "class_queries": rng.standard_normal((2, chunk, DIM)).astype(np.float16),
+                      "class_keys": rng.standard_normal((2, chunk, DIM)).astype(np.float16),
+                      "attention_mi": np.ones((2, chunk, 1), np.float32),
+                      "attention_sum": np.full((2, GRID**2, GRID**2), 1 / GRID**2, np.float32)}
+            group.write_chunk(c, arrays)
+        group.finalize()
+    return path
+
+
+def _cfg(tmp_path, **kw):
+    kw.setdefault("shots", (1, 5, 50))  # 50: more support images than the split has, skipped
+    kw.setdefault("trials", 3)
+    kw.setdefault("query_images", 4)
+    return ProbeConfig(store=tmp_path / "s.zarr", model="m", train_split="train", split="val",
+                       results=tmp_path / "results", **kw)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory, ray_local):
+    tmp = tmp_path_factory.mktemp("planted")
+    _planted_store(tmp / "s.zarr")
+    cfg = _cfg(tmp, layers=(1,))
+    result = run_probe(cfg, progress=False)
+    return tmp, cfg, result
+
+
+def test_the_planted_token_type_ranks_first_by_a_clear_margin(planted):
+    tmp, cfg, result = planted
+    rows = Results(cfg.results).rows(
+        "SELECT embedding, rule, object, accuracy, f1 FROM direction_probes WHERE concept_id = 0 AND object = 'patch' "
+        "AND (rule = 'hyperplane' OR k_shot = 5)")
+    by = {(r["embedding"], r["rule"]): r for r in rows if r["rule"] == "hyperplane"}
+    assert by[("keys", "hyperplane")]["accuracy"] > 0.95
+    assert by[("keys", "hyperplane")]["accuracy"] - by[("queries", "hyperplane")]["accuracy"] > 0.3
+    cosine = [r for r in rows if r["rule"] == "cosine"]
+    mean = {e: np.mean([r["accuracy"] for r in cosine if r["embedding"] == e]) for e in ("keys", "queries")}
+    assert mean["keys"] - mean["queries"] > 0.2
+
+
+def test_balanced_metrics_and_summaries_equal_references_from_the_raw_counts(planted):
+    _, cfg, _ = planted
+    results = Results(cfg.results)
+    for r in results.rows("SELECT * FROM direction_probes"):
+        tpr, tnr = r["tp"] / r["n_pos"], r["tn"] / r["n_neg"]
+        fpr = r["fp"] / r["n_neg"]
+        precision = tpr / (tpr + fpr) if tpr + fpr else 0.0
+        f1 = 2 * precision * tpr / (precision + tpr) if precision + tpr else 0.0
+        assert r["tp"] + r["fn"] == r["n_pos"] and r["tn"] + r["fp"] == r["n_neg"]
+        np.testing.assert_allclose([r["accuracy"], r["precision"], r["recall"], r["f1"]],
+                                   [(tpr + tnr) / 2, precision, tpr, f1], atol=1e-12)
+    summary = results.rows("SELECT * FROM direction_summary WHERE rule = 'cosine' AND category = 'all' "
+                           "AND embedding = 'keys' AND object = 'patch' AND k_shot = 5")[0]
+    trials = results.rows("SELECT trial, avg(f1) AS f1 FROM direction_probes WHERE rule = 'cosine' AND "
+                          "embedding = 'keys' AND object = 'patch' AND k_shot = 5 GROUP BY trial ORDER BY trial")
+    per_trial = [t["f1"] for t in trials]
+    assert summary["f1"] == pytest.approx(np.mean(per_trial)) and summary["f1_std"] == pytest.approx(np.std(per_trial))
+    assert summary["n_concepts"] == 3
+    hyper = results.rows("SELECT * FROM direction_summary WHERE rule = 'hyperplane' AND category = 'all'")
+    assert hyper and all(r["f1_std"] is None for r in hyper)
+
+
+def test_a_rerun_reuses_the_templates_and_gives_identical_tables_with_two_workers(planted, tmp_path):
+    tmp, cfg, _ = planted
+    assert is_done(cfg)
+    first = Results(cfg.results).rows("SELECT * FROM direction_probes ORDER BY ALL")
+    again = run_probe(cfg.replace(workers=2), progress=False)
+    assert again.reused == 2  # both embeddings' layer: templates read back, not trained
+    assert Results(cfg.results).rows("SELECT * FROM direction_probes ORDER BY ALL") == first
+    _planted_store(tmp_path / "s.zarr")  # the same store built afresh: trained from scratch on two workers
+    fresh = _cfg(tmp_path, layers=(1,), workers=2)
+    run_probe(fresh, progress=False)
+    assert Results(fresh.results).rows("SELECT * FROM direction_probes ORDER BY ALL") == first
+
+
+def test_force_retrains_and_swaps_the_templates_in_whole(planted):
+    _, cfg, _ = planted
+    group = FeatureStore(cfg.store).model_split("m", "synthetic", "train")
+    before = group.templates(cfg.seed).read("keys", 1)
+    run_probe(cfg.replace(force=True), progress=False)
+    group = FeatureStore(cfg.store).model_split("m", "synthetic", "train")
+    assert group.templates_names() == ["hyperplane-s0"]
+    after = group.templates(cfg.seed).read("keys", 1)
+    np.testing.assert_array_equal(after[0], before[0])  # the same seed trains the same templates
+
+
+def test_skipped_concepts_are_listed_with_their_reason(planted):
+    _, cfg, _ = planted
+    skipped = Results(cfg.results).rows("SELECT * FROM direction_skipped")
+    assert skipped and all(r["reason"] for r in skipped)
+    assert {(r["rule"], r["k_shot"]) for r in skipped} == {("cosine", 50)}
+    assert not Results(cfg.results).rows("SELECT * FROM direction_probes WHERE k_shot = 50")
+
+
+def test_a_store_without_an_array_names_it_and_the_extract_option(tmp_path, hand_made_store):
+    hand_made_store(tmp_path / "s.zarr")  # keys and the class token of tokens only (as version 1)
+    cfg = ProbeConfig(store=tmp_path / "s.zarr", model="m", train_split="train", split="val",
+                      embeddings=("keys", "mid_tokens"), objects=("patch",))
+    with pytest.raises(StoreError, match="no array 'mid_tokens'.*--embeddings"):
+        run_probe(cfg, progress=False)
+    with pytest.raises(StoreError, match="no array 'class_keys'.*--class-embeddings"):
+        run_probe(cfg.replace(embeddings=("keys",), objects=("class_token",)), progress=False)
+    assert not (tmp_path / "results").exists()
+
+
+def test_the_whole_path_from_a_tiny_model_on_the_synthetic_scenes(ray_local, tmp_path):
+    extract = ExtractConfig(model="tiny-vit", weights="random", store=tmp_path / "s.zarr", chunk_images=8,
+                            layers=(2, 3), dataset_options={"sizes": {"train": 24, "val": 16}})
+    run_extract(extract, progress=False)
+    cfg = ProbeConfig(store=extract.store, model="tiny-vit", train_split="train", split="val", shots=(1, 5),
+                      trials=2, query_images=4)
+    result = run_probe(cfg, progress=False)
+    assert result.settings == 5 and is_done(cfg)  # five token types of the last captured block
+    summary = Results(cfg.results).rows("SELECT DISTINCT embedding, layer, object, rule FROM direction_summary")
+    assert {(r["embedding"], r["layer"]) for r in summary} == {
+        (e, 3) for e in ("queries", "keys", "values", "mid_tokens", "tokens")}
+    assert {r["object"] for r in summary} == {"patch", "class_token"}
