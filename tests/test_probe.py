@@ -17,9 +17,10 @@ CLASSES = ("sky", "tree", "road")
 GRID, SIZE, DIM = 8, 64, 16
 
 
-def _planted_store(path, n=32, chunk=8, seed=0):
+def _planted_store(path, n=32, chunk=8, seed=0, version=2):
     """Patches of class 0 share a direction in ``keys`` only (``queries`` are noise alone); each
-    image holds two of the three classes, so the cosine rule has images without each."""
+    image holds two of the three classes, so the cosine rule has images without each. With
+    ``version=1``, as schema 1 wrote it: class tokens of ``tokens`` only, no ``class_embeddings``."""
     store = FeatureStore(path, mode="a")
     rng = np.random.default_rng(seed)
     direction = np.zeros(DIM, np.float32)
@@ -28,7 +29,9 @@ def _planted_store(path, n=32, chunk=8, seed=0):
                 "weights_sha256": "-", "image_size": SIZE, "input_size": SIZE, "patch_size": SIZE // GRID,
                 "grid": GRID, "num_prefix_tokens": 1, "embed_dim": DIM, "num_heads": 1, "depth": 2,
                 "mean": [0, 0, 0], "std": [1, 1, 1], "layers": [0, 1], "embeddings": ["queries", "keys"],
-                "class_embeddings": ["queries", "keys"], "rope": "before", "last_norm": "after"}
+                "rope": "before", "last_norm": "after"}
+    if version == 2:
+        model_fp["class_embeddings"] = ["queries", "keys"]
     for split in ("train", "val"):
         fp = {"dataset": "synthetic", "split": split, "n_images": n, "image_size": SIZE, "classes": list(CLASSES),
               "ignore_index": 255, "image_ids_sha256": split, "options": {}}
@@ -43,12 +46,18 @@ def _planted_store(path, n=32, chunk=8, seed=0):
             keys = noise[0] + (patch == 0)[None, :, :, None] * direction
             arrays = {"queries": noise[1].reshape(2, chunk, GRID, GRID, DIM).astype(np.float16),
                       "keys": keys.reshape(2, chunk, GRID, GRID, DIM).astype(np.float16),
-                      "class_queries": rng.standard_normal((2, chunk, DIM)).astype(np.float16),
-                      "class_keys": rng.standard_normal((2, chunk, DIM)).astype(np.float16),
+                      **({"class_queries": rng.standard_normal((2, chunk, DIM)).astype(np.float16),
+                          "class_keys": rng.standard_normal((2, chunk, DIM)).astype(np.float16)} if version == 2 else
+                         {"class_tokens": rng.standard_normal((2, chunk, DIM)).astype(np.float16)}),
                       "attention_mi": np.ones((2, chunk, 1), np.float32),
                       "attention_sum": np.full((2, GRID**2, GRID**2), 1 / GRID**2, np.float32)}
             group.write_chunk(c, arrays)
         group.finalize()
+    if version == 1:
+        import zarr
+
+        root = zarr.open_group(str(path), mode="a")
+        root.attrs["rep_pipeline"] = {**root.attrs["rep_pipeline"], "schema_version": 1}
     return path
 
 
@@ -159,3 +168,42 @@ def test_the_whole_path_from_a_tiny_model_on_the_synthetic_scenes(ray_local, tmp
     assert {(r["embedding"], r["layer"]) for r in summary} == {
         (e, 3) for e in ("queries", "keys", "values", "mid_tokens", "tokens")}
     assert {r["object"] for r in summary} == {"patch", "class_token"}
+
+
+def test_a_version_1_store_stays_readable_by_every_stage(ray_local, tmp_path):
+    from rep_pipeline.pipeline.config import ClusterConfig, EvaluateConfig
+    from rep_pipeline.pipeline.store import check_store, validate_store
+    from rep_pipeline.stages.cluster import run_cluster
+    from rep_pipeline.stages.evaluate import run_evaluate
+
+    _planted_store(tmp_path / "s.zarr", version=1)
+    assert validate_store(tmp_path / "s.zarr") == [] and FeatureStore(tmp_path / "s.zarr").schema_version == 1
+    assert check_store(tmp_path / "s.zarr").problems == []
+    run_cluster(ClusterConfig(store=tmp_path / "s.zarr", model="m", train_split="train", k=(3,), methods=("lloyd",),
+                              init_batches=2, batch_images=8, embeddings=("keys",)), progress=False)
+    run_evaluate(EvaluateConfig(store=tmp_path / "s.zarr", split="val"), progress=False)
+    probe = _cfg(tmp_path, objects=("patch",), rules=("cosine",), shots=(1,), trials=2)
+    run_probe(probe, progress=False)
+    assert Results(probe.results).rows("SELECT DISTINCT embedding FROM direction_summary ORDER BY 1") == [
+        {"embedding": "keys"}, {"embedding": "queries"}]
+    with pytest.raises(StoreError, match="no array 'class_queries'.*--class-embeddings"):
+        run_probe(probe.replace(objects=("class_token",)), progress=False)
+
+
+def test_pascal_part_objects_and_parts_are_two_categories_of_one_run(ray_local, tmp_path, shared_datasets):
+    extract = ExtractConfig(model="tiny-vit", weights="random", store=tmp_path / "s.zarr", chunk_images=9,
+                            layers=(3,), dataset="pascalpart", data_root=shared_datasets / "pascalpart-sample")
+    run_extract(extract, progress=False)
+    data = FeatureStore(extract.store).dataset_split("pascalpart", "train")
+    assert list(data.label_maps) == ["pascalpart-parts"] and data.extra_labels("pascalpart-parts")[:].max() > 0
+    cfg = ProbeConfig(store=extract.store, model="tiny-vit", train_split="train", split="val", objects=("patch",),
+                      rules=("hyperplane",), embeddings=("keys", "tokens"))
+    run_probe(cfg, progress=False)
+    results = Results(cfg.results)
+    seen = {r["category"] for r in results.rows("SELECT category FROM direction_probes UNION ALL "
+                                                "SELECT category FROM direction_skipped")}
+    assert seen == {"pascalpart-objects", "pascalpart-parts"}
+    names = {r["concept_name"] for r in results.rows("SELECT concept_name FROM direction_probes WHERE "
+                                                     "category = 'pascalpart-parts' UNION ALL SELECT concept_name "
+                                                     "FROM direction_skipped WHERE category = 'pascalpart-parts'")}
+    assert "person:head" in names

@@ -79,6 +79,12 @@ CASES = [
      "test_object_storage.py::test_a_store_url_that_cannot_be_used_is_refused_before_any_work"),
     ("input", "a torn chunk object in a bucket, found, repaired and recomputed; a codebook swapped in without rename",
      "test_object_storage.py::test_check_repair_and_codebook_replacement_on_object_storage"),
+    # schema 2 and the probes
+    ("input", "a probe needing an array the store lacks (mid_tokens, class_<embedding>): named with the extract option",
+     "test_probe.py::test_a_store_without_an_array_names_it_and_the_extract_option"),
+    ("input", "a version-1 store read by every stage", "test_probe.py::test_a_version_1_store_stays_readable_by_every_stage"),
+    ("input", "a block whose norm2 does not read x1 (ResPostBlock)",
+     "test_capture.py::test_a_block_whose_norm2_is_not_before_the_mlp_is_refused_by_name"),
     # kill points
     ("kill", "Ctrl-C during extract", "test_extract.py::test_interrupted_run_resumes_to_the_single_run_result"),
     ("kill", "a chunk half written", "test_extract.py::test_half_written_chunk_is_redone"),
