@@ -35,7 +35,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
         level, notice.level = notice.level, logging.ERROR
         try:
-            ray.init(num_cpus=num_cpus or os.cpu_count(), **kwargs)
+            # "local": a new instance of this process's own, never one a `ray start` left on the machine
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), **kwargs)
         finally:
             notice.setLevel(level)
         _end_with_this_process()

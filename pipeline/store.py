@@ -805,8 +805,10 @@ class MapStore:
 
     def adopt(self, staging: "MapStore") -> None:
         """Move every group written into ``staging`` here, replacing groups of the same path:
-        maps computed aside join the results only once all of them are complete."""
-        for path in dict.fromkeys(staging.written):
+        maps computed aside join the results only once all of them are complete. A group
+        written together with groups under it moves as a whole, with them."""
+        written = list(dict.fromkeys(staging.written))
+        for path in (p for p in written if not any(p.startswith(q + "/") for q in written)):
             parent = path.rsplit("/", 1)[0] if "/" in path else ""
             if parent:
                 self.root.require_group(parent)

@@ -93,6 +93,11 @@ def direction_maps(dataset: str, split: str, model: str) -> str:
     return f"directions/{dataset}/{split}/{model}"
 
 
+def direction_masks(dataset: str, split: str, model: str, category: str, embedding: str, layer: int) -> str:
+    """One (category, embedding, layer)'s masks under ``direction_maps``."""
+    return f"{direction_maps(dataset, split, model)}/{category}/{embedding}-l{layer}"
+
+
 def setting_maps(dataset: str, split: str, model: str, train_split: str, method: str, k: int, seed: int,
                  embedding: str, layer: int) -> str:
     """The maps of one evaluated setting (a codebook applied to one layer's features)."""

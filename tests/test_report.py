@@ -35,11 +35,11 @@ def demo_run(ray_local, tmp_path_factory):
 
 def test_run_performs_every_stage_then_skips_them(demo_run, tmp_path):
     cfg, first = demo_run
-    assert [s[2] for s in first.stages] == ["done"] * 6
+    assert [s[2] for s in first.stages] == ["done"] * 8
     assert first.report.is_file()
     again = run_all(cfg, progress=False, say=lambda _: None)
     assert [(s[0], s[2]) for s in again.stages] == [("extract", "skipped")] * 2 + [("cluster", "skipped")] * 2 + [
-        ("evaluate", "skipped"), ("report", "done")]
+        ("evaluate", "skipped")] + [("probe", "skipped")] * 2 + [("report", "done")]
 
 
 def test_every_shipped_config_parses(tmp_path):
@@ -56,12 +56,14 @@ def test_report_files_and_a_fixed_layer_comparison(demo_run, tmp_path):
     cfg, _ = demo_run
     result = run_report(ReportConfig(results=cfg.report.results, out=tmp_path / "r",
                                      comparisons=(Comparison(compare="models", embedding="tokens", layer=2),)))
-    names = {p.name for p in result.figures}
+    names = {p.name for p in result.figures if p.parent.name != "directions"}  # the demo's probes: their own test
     panels = (*COMPARISON_PANELS, *SUMMARY_PANELS)
     assert names == {f"{p.file}.{ext}" for p in panels for ext in ("png", "svg")}  # every panel, both formats
     assert all(p.stat().st_size > 0 for p in result.figures)
     page = result.index.read_text()
-    assert page.count("<img") == len(panels) and "http" not in page.split("<body>")[1]  # self-contained
+    directions = sum(p.parent.name == "directions" for p in result.figures) // 2
+    assert directions and page.count("<img") == len(panels) + directions
+    assert "http" not in page.split("<body>")[1]  # self-contained
     for p in panels:
         assert html.escape(p.caption) in page and html.escape(p.reading) in page
     with pytest.raises(ConfigError, match="no evaluated layer 7"):

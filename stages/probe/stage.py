@@ -289,20 +289,19 @@ def is_done(cfg: ProbeConfig) -> bool:
         results = Results(cfg.results)
         if "direction_summary" not in results.tables():
             return False
-        have = {tuple(r.values()) for r in results.rows(
-            "SELECT DISTINCT embedding, layer, object, rule FROM direction_summary WHERE model = "
-            f"'{cfg.model}' AND train_split = '{cfg.train_split}' AND store_fingerprint = '{test.fingerprint_hash}' "
-            f"AND train_store_fingerprint = '{train.fingerprint_hash}'", dataset=dataset, split=cfg.split)}
-        recorded = results.maps().attrs(results_layout.direction_maps(dataset, cfg.split, cfg.model)).get("probe")
+        recorded = results.maps().attrs(results_layout.direction_maps(dataset, cfg.split, cfg.model))
     except StoreError:
         return False
     wanted = {(e, layer, o, r) for e in embeddings for layer in layers for o in cfg.objects for r in cfg.rules}
-    return wanted <= have and recorded == _options(cfg)
+    done = {tuple(s) for s in recorded.get("settings", [])}
+    return recorded.get("probe") == _record(cfg, train, test) and wanted <= done
 
 
-def _options(cfg: ProbeConfig) -> dict[str, Any]:
+def _record(cfg: ProbeConfig, train: ModelSplit, test: ModelSplit) -> dict[str, Any]:
+    """What the probes of a run depend on besides their settings: options and features."""
     return {"train_split": cfg.train_split, "shots": list(cfg.shots), "trials": cfg.trials,
-            "query_images": cfg.query_images, "seed": cfg.seed}
+            "query_images": cfg.query_images, "seed": cfg.seed, "hyperparameters": cfg.hyperparameters(),
+            "store_fingerprint": test.fingerprint_hash, "train_store_fingerprint": train.fingerprint_hash}
 
 
 def _split_settings(settings: list[tuple[str, int]], n: int) -> list[list[tuple[str, int]]]:
@@ -354,8 +353,18 @@ def _probe(cfg: ProbeConfig, address: str | None, progress: bool, dataset: str, 
         train.replace_templates(cfg.seed)
     tables = _table_rows(cfg, dataset, categories, out, (train.fingerprint_hash, test.fingerprint_hash))
     results = Results(cfg.results, mode="a")
+    record = _record(cfg, train, test)
+    done = [[e, layer, o, r] for e, layer in settings for o in cfg.objects for r in cfg.rules]
+    try:  # the settings of an earlier run with the same options and features stay done
+        before = results.maps().attrs(results_layout.direction_maps(dataset, cfg.split, cfg.model))
+        if before.get("probe") == record:
+            done += [s for s in before.get("settings", []) if s not in done]
+    except StoreError:
+        pass
     with results.staged_maps() as maps:
         _write_masks(maps, cfg, dataset, categories, out["masks"], tables["direction_probes"])
+        maps.write(results_layout.direction_maps(dataset, cfg.split, cfg.model),
+                   attrs={"probe": record, "settings": done})
     for table in TABLES:
         for emb, layer in settings:
             rows = [r for r in tables[table] if r["embedding"] == emb and r["layer"] == layer]
@@ -385,13 +394,13 @@ def _write_masks(maps: Any, cfg: ProbeConfig, dataset: str, categories: list[Cat
         m = {**m, "concepts": picks, "images": [m["images"][i] for i in at], "decisions": [m["decisions"][i] for i in at]}
         cat = by_name[m["category"]]
         idx = np.asarray(m["images"])
-        maps.write(f"{base}/{m['category']}/{m['embedding']}-l{m['layer']}",
+        maps.write(results_layout.direction_masks(dataset, cfg.split, cfg.model, m["category"], m["embedding"],
+                                                  m["layer"]),
                    attrs={"concepts": [int(c) for c in m["concepts"]], "names": [cat.classes[c] for c in m["concepts"]],
                           "image_index": idx.tolist(), "embedding": m["embedding"], "layer": int(m["layer"])},
                    truth=np.stack([cat.test[i] == c for i, c in zip(idx, m["concepts"])]).astype(np.uint8),
                    decisions=np.stack(m["decisions"]).astype(np.uint8),
                    images=_test_images(cfg, dataset, idx, images))
-    maps.write(base, attrs={"probe": _options(cfg)})
 
 
 def _test_images(cfg: ProbeConfig, dataset: str, index: np.ndarray, examples: np.ndarray) -> np.ndarray:

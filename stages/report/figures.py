@@ -1,4 +1,5 @@
-"""The figures of the visual protocol (PROTOCOL.md section 6), one function per panel.
+"""The figures of the visual protocol (PROTOCOL.md section 6) and of the direction probes
+(section 9.7, d1-d5), one function per panel.
 
 Each ``plot_*`` draws on the axes (or figure) it is given and creates them only when none
 is given, as xarray's plot helpers do; none writes files (the report stage does). matplotlib
@@ -177,3 +178,122 @@ def plot_scatter(x: Sequence[float], y: Sequence[float], *, xlabel: str, ylabel:
     ax.set_ylabel(ylabel)
     ax.set_title("Spearman rho = " + ("n/a" if rho is None or not np.isfinite(rho) else f"{rho:.2f}"))
     return ax
+
+
+# -- direction probes (PROTOCOL.md section 9.7) --------------------------------------------------
+TOKEN_TYPES = {"queries": "q", "keys": "k", "values": "v", "mid_tokens": "x1", "tokens": "x2", "mid_normed": "x_n"}
+METRIC_NAMES = {"accuracy": "accuracy", "f1": "F1", "precision": "precision", "recall": "recall"}
+
+
+def token_label(embedding: str) -> str:
+    """The paper's name of a token type (q, k, v, x1, x2, x_n); other embeddings by name."""
+    return TOKEN_TYPES.get(embedding, embedding)
+
+
+def _ordered(values: Sequence[Any], key: str) -> list[Any]:
+    """Distinct values in the order token types are shown (for embeddings), else as they come."""
+    seen = list(dict.fromkeys(values))
+    if key == "embedding":
+        rank = list(TOKEN_TYPES)
+        return sorted(seen, key=lambda e: (rank.index(e) if e in rank else len(rank), str(e)))
+    return seen
+
+
+def _label(value: Any, key: str) -> str:
+    return token_label(value) if key == "embedding" else str(value)
+
+
+def _std(row: Any, metric: str) -> float:
+    value = row.get(f"{metric}_std") if hasattr(row, "get") else None
+    return float("nan") if value is None else float(value)
+
+
+def plot_token_bars(rows: Sequence[Any], *, metric: str = "f1", x: str = "embedding", hue: str = "model",
+                    title: str = "", legend: bool = True, ax: Any = None) -> Any:
+    """(d1)/(d2) one group of bars per ``x`` value (token types, in the order q, k, v, x1, x2,
+    x_n; or categories), one bar per ``hue`` value (models; or token types); error bars are the
+    rows' ``<metric>_std`` where it is given (cosine: std over trials). ``rows`` are mappings
+    with the keys ``x``, ``hue``, ``metric`` and optionally ``<metric>_std``."""
+    xs = _ordered([r[x] for r in rows], x)
+    hues = _ordered([r[hue] for r in rows], hue)
+    ax = _axes(ax, (max(3.0, 0.28 * len(xs) * max(1, len(hues)) + 1.2), 2.6))
+    width = 0.8 / max(1, len(hues))
+    value = {(r[x], r[hue]): (float(r[metric]), _std(r, metric)) for r in rows}
+    for i, h in enumerate(hues):
+        vals = [value.get((v, h), (np.nan, np.nan)) for v in xs]
+        means, stds = np.array([m for m, _ in vals]), np.array([s for _, s in vals])
+        yerr = np.nan_to_num(stds) if np.isfinite(stds).any() else None
+        colour = COLOURS[i % len(COLOURS)]
+        ax.bar(np.arange(len(xs)) + (i - (len(hues) - 1) / 2) * width, means, width, yerr=yerr, capsize=2,
+               label=_label(h, hue), color=colour, error_kw={"elinewidth": 0.8})
+    ax.set_xticks(np.arange(len(xs)), [_label(v, x) for v in xs], rotation=0 if x == "embedding" else 30,
+                  ha="center" if x == "embedding" else "right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel(METRIC_NAMES.get(metric, metric))
+    ax.set_title(title)
+    if legend and hues:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+def plot_metric_curves(rows: Sequence[Any], *, x: str = "k_shot", metric: str = "accuracy", line: str = "embedding",
+                       log_x: bool = False, xlabel: str | None = None, title: str = "", ax: Any = None) -> Any:
+    """(d3)/(d5) ``metric`` against ``x`` (k support images; or the block), one line per
+    ``line`` value (token types), error bars = ``<metric>_std`` where given."""
+    ax = _axes(ax, (3.6, 2.6))
+    ticks: set[Any] = set()
+    for i, value in enumerate(_ordered([r[line] for r in rows], line)):
+        mine = sorted((r for r in rows if r[line] == value), key=lambda r: r[x])
+        xs = [r[x] for r in mine]
+        ys = [float(r[metric]) for r in mine]
+        stds = np.array([_std(r, metric) for r in mine])
+        ticks |= set(xs)
+        ax.errorbar(xs, ys, yerr=np.nan_to_num(stds) if np.isfinite(stds).any() else None, marker="o", markersize=3,
+                    capsize=2, elinewidth=0.8, label=_label(value, line), color=COLOURS[i % len(COLOURS)])
+    if log_x:
+        ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(sorted(ticks), [str(t) for t in sorted(ticks)])
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(METRIC_NAMES.get(metric, metric))
+    ax.set_title(title)
+    if ticks:
+        ax.legend(fontsize=7)
+    return ax
+
+
+def upsample_nearest(mask: np.ndarray, size: int) -> np.ndarray:
+    """A (G, G) patch map shown on the (size, size) pixel grid, each pixel taking its patch's value."""
+    mask = np.asarray(mask)
+    rows = np.arange(size) * mask.shape[0] // size
+    cols = np.arange(size) * mask.shape[1] // size
+    return mask[rows[:, None], cols[None, :]]
+
+
+def plot_concept_masks(images: np.ndarray, truth: np.ndarray, decisions: np.ndarray, labels: Sequence[str], *,
+                       title: str = "", fig: Any = None) -> Any:
+    """(d4) one row per concept: the test image, the concept's ground-truth mask and the
+    template's patch decisions, nearest-upsampled from G x G to the image's S x S; the row is
+    labelled ``labels[i]`` (the concept's name and F1). ``fig`` may be a figure or a subfigure."""
+    n = len(labels)
+    fig = fig or pyplot().figure(figsize=(3 * 1.25 + 1.4, 1.25 * max(n, 1) + 0.4))
+    axes = fig.subplots(max(n, 1), 3, squeeze=False)
+    size = int(np.asarray(truth).shape[-1]) if n else 1
+    for i in range(n):
+        shown = [images[i], truth[i], upsample_nearest(decisions[i], size)]
+        for j, picture in enumerate(shown):
+            ax = axes[i, j]
+            if j == 0:
+                ax.imshow(picture, interpolation="nearest")
+            else:
+                ax.imshow(picture, cmap="Greys_r", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([]), ax.set_yticks([])
+            for side in ax.spines.values():  # a thin frame: white masks stay apart from the page
+                side.set_visible(True), side.set_edgecolor("0.6"), side.set_linewidth(0.5)
+        axes[i, 0].set_ylabel(labels[i], rotation=0, ha="right", va="center", fontsize=7)
+    for j, name in enumerate(("image", "ground truth", "decisions")):
+        axes[0, j].set_title(name, fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    return fig

@@ -1,8 +1,11 @@
 """The report's panels, registered in page order: a new figure is one ``@panel`` function here.
 
 A comparison panel draws ``(data, rows)`` (the report's ``ReportData`` and the compared
-settings) into a new figure; a summary panel draws ``(data, k, method)`` once per report.
-Each carries its caption and how to read it, which the page prints beneath the figure.
+settings) into a new figure; a summary panel draws ``(data, k, method)`` once per report; a
+directions panel draws ``(data)`` once, in the "direction probes" section, when the results
+hold direction probes (PROTOCOL.md section 9.7). Each carries its caption and how to read it,
+which the page prints beneath the figure, and may carry ``when(*args)``: the panel is drawn
+only where that holds (d5 needs several probed blocks, d4 the stored masks).
 """
 from __future__ import annotations
 
@@ -29,20 +32,32 @@ class Panel:
     caption: str
     reading: str
     draw: Callable[..., Any]
+    when: Callable[..., bool] | None = None  # drawn only where it holds (same arguments as draw)
+
+    def applies(self, *args: Any) -> bool:
+        return self.when is None or bool(self.when(*args))
 
 
 COMPARISON_PANELS: tuple[Panel, ...] = ()
 SUMMARY_PANELS: tuple[Panel, ...] = ()
+DIRECTION_PANELS: tuple[Panel, ...] = ()
 
 
-def panel(key: str, file: str, caption: str, reading: str, *, summary: bool = False) -> Callable:
+def panel(key: str, file: str, caption: str, reading: str, *, summary: bool = False, directions: bool = False,
+          when: Callable[..., bool] | None = None) -> Callable:
     """Register the decorated ``draw(...) -> Figure`` as a panel of every comparison (or, with
-    ``summary``, of the report's summary section)."""
+    ``summary``, of the report's summary section; with ``directions``, of its direction-probe
+    section), drawn only where ``when`` (if given) holds."""
+    if summary and directions:
+        raise ValueError(f"panel {key!r}: summary or directions, not both")
+
     def register(draw: Callable[..., Any]) -> Callable[..., Any]:
-        global COMPARISON_PANELS, SUMMARY_PANELS
-        p = Panel(key, file, caption, reading, draw)
+        global COMPARISON_PANELS, SUMMARY_PANELS, DIRECTION_PANELS
+        p = Panel(key, file, caption, reading, draw, when)
         if summary:
             SUMMARY_PANELS += (p,)
+        elif directions:
+            DIRECTION_PANELS += (p,)
         else:
             COMPARISON_PANELS += (p,)
         return draw
@@ -145,4 +160,143 @@ def correlations(data: Any, k: int, method: str) -> Any:
     figures.plot_scatter([kq_by[(p["model"], p["layer"])] for p in kq], [p["nmi"] for p in kq],
                          xlabel="I(K,Q) (nats)", ylabel="NMI of keys/queries", rho=rho.get("kq_nmi_vs_attention_mi"),
                          groups=[p["embedding"] for p in kq], ax=b)
+    return fig
+
+
+# -- direction probes (PROTOCOL.md section 9.7) --------------------------------------------------
+_TOKENS = ("Token types: q, k, v = queries, keys, values; x1 = the block's mid tokens (after attention), "
+           "x2 = its output tokens, x_n = the normed mid tokens. Block numbers count from 0 (the paper's layer = "
+           "block + 1).")
+_PROBE_METRICS = ("accuracy", "f1", "precision", "recall")
+
+
+def _groups(rows: list[dict[str, Any]], *keys: str) -> list[tuple[Any, ...]]:
+    return list(dict.fromkeys(tuple(r[k] for k in keys) for r in rows))
+
+
+def _setting(obj: str, rule: str, k: int | None = None) -> str:
+    return f"{obj.replace('_', ' ')}, {rule}" + (f", k = {k}" if rule == "cosine" and k is not None else "")
+
+
+def _series(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows labelled by model and block, for a legend: '<model> (block <b>)'."""
+    return [dict(r, series=f"{r['model']} (block {r['layer']})") for r in rows]
+
+
+def _grid(n: int, width: float, height: float, columns: int = 4) -> tuple[Any, list[Any]]:
+    cols = min(columns, max(n, 1))
+    rows = -(-max(n, 1) // cols)
+    fig = figures.pyplot().figure(figsize=(width * cols, height * rows), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
+@panel("d1", "d1_token_types", "(d1) direction probes per token type",
+       "Balanced accuracy, F1, precision and recall of the concept templates per token type, the mean over "
+       "concepts of every category, models side by side; one row per object (patch tokens: segmentation; class "
+       "token: classification) and rule (hyperplane: a trained linear template; cosine: the mean direction of k "
+       "support images with the F1-best threshold, at the largest k probed, error bars = std over trials). Each "
+       "model at its last probed block. " + _TOKENS, directions=True)
+def direction_token_types(data: Any) -> Any:
+    rows = _series(data.direction_rows())
+    groups = _groups(rows, "object", "rule")
+    fig, subs = _rows_of_panels(len(groups), 2.7 * len(_PROBE_METRICS) + 1.6)
+    for sub, (obj, rule) in zip(subs, groups):
+        mine = [r for r in rows if (r["object"], r["rule"]) == (obj, rule)]
+        sub.suptitle(_setting(obj, rule, mine[0]["k_shot"]), fontsize=9)
+        for j, (ax, metric) in enumerate(zip(sub.subplots(1, len(_PROBE_METRICS)), _PROBE_METRICS)):
+            figures.plot_token_bars(mine, metric=metric, hue="series", legend=j == len(_PROBE_METRICS) - 1, ax=ax)
+    return fig
+
+
+def _rows_of_panels(n: int, width: float, height: float = 2.5) -> tuple[Any, list[Any]]:
+    """A figure of ``n`` rows, each a subfigure with its own title."""
+    fig = figures.pyplot().figure(figsize=(width, height * n), layout="constrained")
+    return fig, list(fig.subfigures(n, 1, squeeze=False)[:, 0])
+
+
+@panel("d2", "d2_categories", "(d2) direction probes per category",
+       "F1, precision and recall per category of concepts (one category per label map), one bar per token type; "
+       "one row per model, object and rule, as in (d1) (last probed block; cosine at the largest k, error bars = "
+       "std over trials). " + _TOKENS, directions=True)
+def direction_categories(data: Any) -> Any:
+    rows = data.direction_rows(per_category=True)
+    groups = _groups(rows, "model", "object", "rule")
+    n_bars = len({r["category"] for r in rows}) * len({r["embedding"] for r in rows})
+    fig, subs = _rows_of_panels(len(groups), 3 * max(2.8, 0.2 * n_bars + 1.0) + 1.0, 2.7)
+    for sub, (model, obj, rule) in zip(subs, groups):
+        mine = [r for r in rows if (r["model"], r["object"], r["rule"]) == (model, obj, rule)]
+        sub.suptitle(f"{model} (block {mine[0]['layer']}): {_setting(obj, rule, mine[0]['k_shot'])}", fontsize=9)
+        for j, (ax, metric) in enumerate(zip(sub.subplots(1, 3), ("f1", "precision", "recall"))):
+            figures.plot_token_bars(mine, metric=metric, x="category", hue="embedding", legend=j == 2, ax=ax)
+    return fig
+
+
+def _has_cosine(data: Any) -> bool:
+    return any(r["rule"] == "cosine" for r in data.direction_rows())
+
+
+@panel("d3", "d3_shots", "(d3) cosine templates against the number of support images",
+       "Balanced accuracy of the cosine templates against k, the support images per trial (log scale), one line "
+       "per token type, error bars = std over trials; one panel per model and object, each model at its last "
+       "probed block. " + _TOKENS, directions=True, when=_has_cosine)
+def direction_shots(data: Any) -> Any:
+    rows = [r for r in data.direction_rows(every_shot=True) if r["rule"] == "cosine"]
+    groups = _groups(rows, "model", "object")
+    fig, axes = _grid(len(groups), 3.4, 2.6)
+    for ax, (model, obj) in zip(axes, groups):
+        mine = [r for r in rows if (r["model"], r["object"]) == (model, obj)]
+        figures.plot_metric_curves(mine, x="k_shot", metric="accuracy", log_x=True, xlabel="k (support images)",
+                                   title=f"{model} (block {mine[0]['layer']}): {obj.replace('_', ' ')}", ax=ax)
+    return fig
+
+
+def _has_masks(data: Any) -> bool:
+    return bool(data.direction_masks())
+
+
+@panel("d4", "d4_masks", "(d4) concept masks of the hyperplane templates",
+       "Per model and category, up to five concepts spanning the range of the hyperplane templates' F1 (row label: "
+       "the concept and its F1), each on the test image where it covers the largest area: the image, the concept's "
+       "ground-truth mask (white) and the template's patch decisions (white: positive), nearest-upsampled from the "
+       "patch grid to the image. Keys' templates where keys were probed, at the model's last probed block. Images "
+       "beyond the few the store keeps are shown black. " + _TOKENS, directions=True, when=_has_masks)
+def direction_masks(data: Any) -> Any:
+    masks = data.direction_masks()
+    models = list(dict.fromkeys(m["model"] for m in masks))
+    categories = list(dict.fromkeys(m["category"] for m in masks))
+    heights = [max(len(m["names"]) for m in masks if m["model"] == model) for model in models]
+    fig = figures.pyplot().figure(figsize=(5.2 * len(categories), 1.25 * sum(heights) + 0.6 * len(models)))
+    subs = fig.subfigures(len(models), len(categories), squeeze=False, height_ratios=[h + 0.5 for h in heights])
+    for i, model in enumerate(models):
+        for j, category in enumerate(categories):
+            m = next((m for m in masks if (m["model"], m["category"]) == (model, category)), None)
+            if m is None:
+                continue
+            labels = [f"{name}\nF1 {f1:.2f}" for name, f1 in zip(m["names"], m["f1"])]
+            figures.plot_concept_masks(m["images"], m["truth"], m["decisions"], labels, fig=subs[i, j],
+                                       title=f"{model}: {category} "
+                                             f"({figures.token_label(m['embedding'])}, block {m['layer']})")
+    return fig
+
+
+def _several_layers(data: Any) -> bool:
+    rows = data.direction_rows(every_layer=True)
+    return any(len({r["layer"] for r in rows if r["model"] == model}) > 1 for model in {r["model"] for r in rows})
+
+
+@panel("d5", "d5_layers", "(d5) direction probes against the block",
+       "F1 of the templates (mean over the concepts of every category) against the block, one line per token type; "
+       "one panel per model, object and rule (cosine at the largest k, error bars = std over trials). " + _TOKENS,
+       directions=True, when=_several_layers)
+def direction_layers(data: Any) -> Any:
+    rows = data.direction_rows(every_layer=True)
+    groups = _groups(rows, "model", "object", "rule")
+    fig, axes = _grid(len(groups), 3.4, 2.6)
+    for ax, (model, obj, rule) in zip(axes, groups):
+        mine = [r for r in rows if (r["model"], r["object"], r["rule"]) == (model, obj, rule)]
+        figures.plot_metric_curves(mine, x="layer", metric="f1", xlabel="block (0-based)",
+                                   title=f"{model}: {_setting(obj, rule, mine[0]['k_shot'])}", ax=ax)
     return fig
