@@ -11,7 +11,8 @@ Extracts (once, untimed; ``--store`` keeps it between runs) the last block's fiv
 - probe: ``run_probe`` with its defaults (both rules, both objects, every concept, k in
   {1, ..., 500}, ten trials), one worker, templates trained afresh each round (``--force``).
 
-Prints the medians and the ratio probe / read (target: at most 3).
+Prints the medians and the ratio probe / read (target: at most 3), and the same for the cosine
+rule alone (``probe --rule cosine``), to show what the hyperplanes' fixed schedule costs.
 """
 from __future__ import annotations
 
@@ -61,17 +62,22 @@ def main() -> None:
         cfg = ProbeConfig(store=store, model=args.model, train_split=splits[0], split=splits[1], workers=1,
                           results=Path(tmp) / "results")
         run_probe(cfg, progress=False)  # warm-up: imports, the Ray instance, templates
-        times: dict[str, list[float]] = {"read": [], "probe": []}
+        times: dict[str, list[float]] = {"read": [], "probe": [], "cosine": []}
         for _ in range(args.rounds):
             times["read"].append(read_pass(store, args.model, splits, PROBE_TOKEN_TYPES))
             t0 = time.perf_counter()
             result = run_probe(cfg.replace(force=True), progress=False)
             times["probe"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            run_probe(cfg.replace(rules=("cosine",), results=Path(tmp) / "cosine"), progress=False)
+            times["cosine"].append(time.perf_counter() - t0)
     read, probe = statistics.median(times["read"]), statistics.median(times["probe"])
+    cosine = statistics.median(times["cosine"])
     print(f"{args.model} (random weights), last block, {len(PROBE_TOKEN_TYPES)} token types, COCO-Stuff sample "
           f"{splits[0]} -> {splits[1]}: {result.rows} templates evaluated per run")
     print(f"  one read pass {read:.2f} s, probe {probe:.2f} s, ratio {probe / read:.1f}x "
           f"(rounds: {', '.join(f'{p / r:.1f}x' for r, p in zip(times['read'], times['probe']))})")
+    print(f"  cosine rule alone {cosine:.2f} s, ratio {cosine / read:.1f}x")
 
 
 if __name__ == "__main__":

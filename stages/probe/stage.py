@@ -125,19 +125,33 @@ def concept_axis(cfg: ProbeConfig, categories: list[Category]) -> list[dict[str,
 
 
 # -- the work of one (embedding, layer) --------------------------------------------------------------
-def object_sets(features: np.ndarray, labels: np.ndarray, n_classes: int, obj: str, grid: int, ignore: int,
-                be: Any) -> ObjectSet:
-    """The objects of one split for one category: labelled patches (A1) or class tokens (A6)."""
-    n = labels.shape[0]
-    if obj == "class_token":
-        present, absent = templates.image_labels(labels, n_classes, ignore)
-        return ObjectSet(be.asarray(features.astype(np.float32)), present, absent, np.arange(n), n)
-    patch = templates.patch_labels(labels, grid, ignore).reshape(-1)
-    keep = np.flatnonzero(patch != ignore)
-    positive = patch[keep][:, None] == np.arange(n_classes)[None]
-    flat = features.reshape(n * grid * grid, -1)
-    return ObjectSet(be.asarray(flat[keep].astype(np.float32)), positive, ~positive,
-                     np.repeat(np.arange(n), grid * grid)[keep], n)
+@dataclass(frozen=True)
+class Objects:
+    """Which rows of a split's features are objects of one category, and their labels: the
+    same for every embedding and layer, so computed once."""
+
+    rows: np.ndarray | None  # patch objects: the labelled patches (A1); class tokens: every image
+    positive: np.ndarray
+    negative: np.ndarray
+    image: np.ndarray
+    n_images: int
+
+    @classmethod
+    def of(cls, labels: np.ndarray, n_classes: int, obj: str, grid: int, ignore: int) -> "Objects":
+        n = labels.shape[0]
+        if obj == "class_token":
+            present, absent = templates.image_labels(labels, n_classes, ignore)
+            return cls(None, present, absent, np.arange(n), n)
+        patch = templates.patch_labels(labels, grid, ignore).reshape(-1)
+        keep = np.flatnonzero(patch != ignore)
+        positive = patch[keep][:, None] == np.arange(n_classes)[None]
+        return cls(keep, positive, ~positive, np.repeat(np.arange(n), grid * grid)[keep], n)
+
+    def with_features(self, features: np.ndarray, be: Any) -> ObjectSet:
+        """The ``ObjectSet`` of these objects' rows of ``features`` ((n, G, G, D) or (n, D))."""
+        flat = features.reshape(-1, features.shape[-1])
+        rows = flat if self.rows is None else flat[self.rows]
+        return ObjectSet(be.asarray(rows.astype(np.float32)), self.positive, self.negative, self.image, self.n_images)
 
 
 class ProbeWorker:
@@ -163,6 +177,8 @@ class ProbeWorker:
         examples = len(store.dataset_split(self.dataset, cfg.split).example_images())
         out: dict[str, list[dict]] = {"rows": [], "skipped": [], "masks": []}
         grid, ignore = int(train.attrs["grid"]), int(dict(test.group.attrs).get("ignore_index", 255))
+        objects = {(obj, cat.name, split): Objects.of(getattr(cat, split), len(cat.classes), obj, grid, ignore)
+                   for obj in cfg.objects for cat in categories for split in ("train", "test")}
         for emb, layer in self.settings:
             weights = np.zeros((len(concepts), int(train.attrs["embed_dim"])), np.float32)
             bias = np.full(len(concepts), np.nan, np.float32)
@@ -175,21 +191,15 @@ class ProbeWorker:
                 feats = {s: (g.read_features(emb, layer, 0, g.n_images) if obj == "patch"
                              else g.class_features(emb)[g.layer_slot(layer)]) for s, g in (("train", train), ("test", test))}
                 for cat in categories:
-                    tr = object_sets(feats["train"], cat.train, len(cat.classes), obj, grid, ignore, be)
-                    te = object_sets(feats["test"], cat.test, len(cat.classes), obj, grid, ignore, be)
+                    tr = objects[(obj, cat.name, "train")].with_features(feats["train"], be)
+                    te = objects[(obj, cat.name, "test")].with_features(feats["test"], be)
                     ids = list(range(len(cat.classes)))
                     where = {"embedding": emb, "layer": layer, "object": obj, "category": cat.name}
                     if "hyperplane" in cfg.rules:
                         slots = [index[(obj, cat.name, c)] for c in ids]
                         if reuse:
-                            rows, skipped = [], []
-                            for c, slot in zip(ids, slots):
-                                why = templates._eligibility(tr, te, c)
-                                if why is not None:
-                                    skipped.append({"concept": c, "k_shot": None, "reason": why})
-                                else:
-                                    rows.append(templates.evaluate_hyperplane(weights[slot], float(bias[slot]), te, c,
-                                                                              seed))
+                            stored = {c: (weights[slot], float(bias[slot])) for c, slot in zip(ids, slots)}
+                            rows, skipped = templates.evaluate_hyperplanes(tr, te, stored, ids, seed)
                         else:
                             rows, fitted, skipped = templates.hyperplane_probe(tr, te, ids, seed, device)
                             for c, (w, b) in fitted.items():

@@ -541,6 +541,25 @@ def evaluate_hyperplane(w: np.ndarray, b: float, test: ObjectSet, concept: int, 
     return _row(concept, None, 0, counts, b, seed)
 
 
+def evaluate_hyperplanes(train: ObjectSet, test: ObjectSet, fitted: dict[int, tuple[np.ndarray, float]],
+                         concepts: Sequence[int], seed: int) -> tuple[list[dict], list[dict]]:
+    """(rows, skipped) of stored templates ``fitted`` {concept: (w, b)}, as ``hyperplane_probe``
+    would give them: the same eligibility (A8), every eligible concept in one product."""
+    skipped, ids = [], []
+    for c in concepts:
+        why = _eligibility(train, test, c)
+        if why is not None:
+            skipped.append({"concept": int(c), "k_shot": None, "reason": why})
+        else:
+            ids.append(int(c))
+    if not ids:
+        return [], skipped
+    w = np.stack([np.asarray(fitted[c][0], np.float32) for c in ids])
+    b = np.asarray([fitted[c][1] for c in ids], np.float32)
+    counts = _hyperplane_counts(test.features, w, b, test.positive[:, ids], test.negative[:, ids])
+    return [_row(c, None, 0, counts[i], float(b[i]), seed) for i, c in enumerate(ids)], skipped
+
+
 def hyperplane_probe(train: ObjectSet, test: ObjectSet, concepts: Sequence[int], seed: int, device: str = "cpu", *,
                      trace: Callable[[RoundTrace], None] | None = None,
                      **hyper: Any) -> tuple[list[dict], dict[int, tuple[np.ndarray, float]], list[dict]]:
