@@ -154,3 +154,27 @@ def test_cocostuff_sample_labels_follow_the_protocol_table(shared_datasets):
             expected = np.vectorize(lut.__getitem__)(raw)
             assert np.array_equal(label, expected), item.label_path
             assert label.shape == (320, 320)
+
+
+def test_ade150_and_pascal_part_samples_are_halved_and_read_whole(shared_datasets):
+    """The one-split samples become train and val halves, disjoint, by a seeded permutation
+    (another seed, other halves); every label value is in its class table; Pascal-Part carries
+    its parts as a second label map (PROTOCOL.md 9.2, 9.6)."""
+    from rep_pipeline.pipeline.datasets import build_dataset
+
+    for name, folder, n_classes in (("ade150", "ade20k-sample", 150), ("pascalpart", "pascalpart-sample", 21)):
+        dataset = build_dataset(name, shared_datasets / folder)
+        train, val = ([i.image_id for i in dataset.items(s)] for s in ("train", "val"))
+        assert dataset.splits() == ("train", "val") and len(dataset.classes) == n_classes
+        assert not set(train) & set(val) and abs(len(train) - len(val)) <= 1
+        other = build_dataset(name, shared_datasets / folder, split_seed=1)
+        assert sorted(i.image_id for i in other.items("train")) != sorted(train)
+        for item in dataset.items("val")[:3]:
+            image, label = dataset.load(item, 64)
+            assert image.shape == (64, 64, 3) and (label[label != 255] < n_classes).all()
+            extra = dataset.load_extra(item, 64)
+            assert set(extra) == {m.name for m in dataset.label_maps()}
+    parts = build_dataset("pascalpart", shared_datasets / "pascalpart-sample")
+    assert parts.category == "pascalpart-objects" and parts.label_maps()[0].classes[0] == "person:head"
+    fp = parts.fingerprint("val", parts.items("val"), 64)
+    assert fp["label_maps"] == {"pascalpart-parts": list(parts.part_classes)} and fp["category"] == "pascalpart-objects"
