@@ -165,7 +165,8 @@ def _default_text(info: FieldInfo) -> str | None:
 
 def _parameters(model: type[Options], exclude: set[str] = frozenset()) -> list[inspect.Parameter]:
     params = []
-    for name, info in model.model_fields.items():
+    own = model.__dict__.get("__annotations__", {})  # the stage's own options first, shared ones after
+    for name, info in sorted(model.model_fields.items(), key=lambda item: item[0] not in own):
         if name in exclude:
             continue
         type_, choices = _cli_type(info)

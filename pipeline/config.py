@@ -216,6 +216,29 @@ def _is_location(info: Any) -> bool:
         info.annotation)
 
 
+class ResultsBeside(Storage):
+    """A stage that writes a results folder, by default beside its feature store."""
+
+    results: Location | None = option(None, help="Results folder; default <store>/../results.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def default_results(cls, data: Any) -> Any:
+        return _default_results(data)
+
+
+class OnBackend(Options):
+    """A stage whose array code runs on NumPy or CuPy."""
+
+    backend: BackendName | None = option(None, help="Array backend; default CuPy when a GPU is present.")
+
+
+class OnWorkers(OnBackend):
+    """A stage whose work Ray workers share."""
+
+    workers: int | None = option(None, help="Ray workers; default one per GPU, else one per node.", ge=1)
+
+
 # -- the stages ------------------------------------------------------------------------------
 class ExtractConfig(Storage):
     """What the extract stage captures, from which data, into which store."""
@@ -262,7 +285,7 @@ class ExtractConfig(Storage):
         return tuple(self.class_embeddings or self.embeddings)
 
 
-class ClusterConfig(Storage):
+class ClusterConfig(ResultsBeside, OnWorkers):
     """Which codebooks to fit, on which features, and how (PROTOCOL.md section 4)."""
 
     store: Location = option(help="Feature store written by extract.")
@@ -284,15 +307,7 @@ class ClusterConfig(Storage):
     log_every: int = option(25, help="online: steps between training-curve rows.", ge=1)
     host_cache_bytes: int = option(4 * 2**30, help="Keep the features in host memory when they fit in this.",
                                    ge=0)
-    results: Location | None = option(None, help="Results folder for training curves; default <store>/../results.")
     force: bool = option(False, help="Retrain codebooks that are already finished.")
-    workers: int | None = option(None, help="Ray workers; default one per GPU, else one per node.", ge=1)
-    backend: BackendName | None = option(None, help="Array backend; default CuPy when a GPU is present.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def default_results(cls, data: Any) -> Any:
-        return _default_results(data)
 
     def hyperparameters(self, method: str) -> dict[str, Any]:
         """What, besides K, seed and the features, determines a codebook of ``method``."""
@@ -303,24 +318,17 @@ class ClusterConfig(Storage):
                 "batch_images": self.batch_images}
 
 
-class EvaluateConfig(Storage):
+class EvaluateConfig(ResultsBeside, OnBackend):
     """Which features to evaluate on which test split, and where results go (section 5)."""
 
     store: Location = option(help="Feature store with features and codebooks.")
     split: str = option(help="Test split to segment and score.")
-    results: Location | None = option(None, help="Results folder; default <store>/../results.")
     models: Csv | None = option(None, help="Comma-separated models; default all with the split.", flag="model")
     dataset: str | None = option(None, help="Only this dataset.")
     n_examples: int = option(feature_store.EXAMPLE_IMAGES, help="Predicted maps kept per setting.",
                              flag="examples", ge=0, le=feature_store.EXAMPLE_IMAGES)
     images_per_step: int = option(4, help="Images upsampled at once (bounds the n x S x S x sum K scores).", ge=1)
     seed: int = option(0, help="Seed of the random shifts of the bias-aware MI.")
-    backend: BackendName | None = option(None, help="Array backend; default CuPy when a GPU is present.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def default_results(cls, data: Any) -> Any:
-        return _default_results(data)
 
 
 ProbeObject = Literal["patch", "class_token"]
@@ -329,7 +337,7 @@ PROBE_TOKEN_TYPES = ("queries", "keys", "values", "mid_tokens", "tokens")  # q, 
 COSINE_SHOTS = (1, 5, 10, 50, 100, 500)
 
 
-class ProbeConfig(Storage):
+class ProbeConfig(ResultsBeside, OnWorkers):
     """Direction probes: hyperplane and cosine templates per token type (PROTOCOL.md section 9)."""
 
     store: Location = option(help="Feature store with the train and test splits' features.")
@@ -349,15 +357,7 @@ class ProbeConfig(Storage):
     trials: int = option(10, help="cosine: trials per (concept, k).", ge=1)
     query_images: int = option(50, help="cosine: query images with and without the concept, each.", ge=1)
     seed: int = option(0, help="Seed of every sampling and of the hyperplane training.")
-    results: Location | None = option(None, help="Results folder; default <store>/../results.")
     force: bool = option(False, help="Retrain hyperplane templates that are already stored.")
-    workers: int | None = option(None, help="Ray workers; default one per GPU, else one per node.", ge=1)
-    backend: BackendName | None = option(None, help="Array backend; default CuPy when a GPU is present.")
-
-    @model_validator(mode="before")
-    @classmethod
-    def default_results(cls, data: Any) -> Any:
-        return _default_results(data)
 
     def hyperparameters(self) -> dict[str, Any]:
         """What, besides the seed and the features, determines the hyperplane templates (A9)."""

@@ -18,7 +18,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, ClassVar, Iterator, Mapping
 
 import numpy as np
 import zarr
@@ -675,9 +675,11 @@ class ModelSplit(_Group):
 
 
 @dataclass
-class Codebook:
-    """Centroids of one (method, K, seed) for every captured layer of some embeddings."""
+class _Trained:
+    """A group trained on a model group's features (a codebook, templates): its attributes and
+    the hash of those that say what it was trained as (``FINGERPRINT_KEYS``)."""
 
+    FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = ()
     group: zarr.Group
     path: str
     features: ModelSplit
@@ -689,7 +691,14 @@ class Codebook:
     @property
     def fingerprint_hash(self) -> str:
         attrs = self.attrs
-        return fingerprint_hash({k: attrs.get(k) for k in layout.CODEBOOK_FINGERPRINT_KEYS})
+        return fingerprint_hash({k: attrs.get(k) for k in self.FINGERPRINT_KEYS})
+
+
+@dataclass
+class Codebook(_Trained):
+    """Centroids of one (method, K, seed) for every captured layer of some embeddings."""
+
+    FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = layout.CODEBOOK_FINGERPRINT_KEYS
 
     def require(self, embedding: str) -> tuple[zarr.Array, zarr.Array]:
         """The centroid and done arrays of ``embedding``, created if absent (by the driver,
@@ -729,25 +738,14 @@ class Codebook:
 
 
 @dataclass
-class Templates:
+class Templates(_Trained):
     """Hyperplane templates (w, b) of one seed for every captured layer of some embeddings."""
 
-    group: zarr.Group
-    path: str
-    features: ModelSplit
-
-    @property
-    def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs)
+    FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = layout.TEMPLATE_FINGERPRINT_KEYS
 
     @property
     def concepts(self) -> list[dict[str, Any]]:
         return list(self.group.attrs["concepts"])
-
-    @property
-    def fingerprint_hash(self) -> str:
-        attrs = self.attrs
-        return fingerprint_hash({k: attrs.get(k) for k in layout.TEMPLATE_FINGERPRINT_KEYS})
 
     def require(self, embedding: str) -> None:
         """Create the arrays of ``embedding`` (once, before workers write layers into them)."""

@@ -140,8 +140,8 @@ def hang(split, chunk, stats):
         Path(marker).touch()
         time.sleep(600)
 
-cfg = ExtractConfig(model="tiny-vit", weights="random", store=Path(store), chunk_images=2, splits=("train",),
-                    dataset_options=json.loads(options))
+cfg = ExtractConfig(model="tiny-vit", weights="random", store=store, chunk_images=2, splits=("train",),
+                    dataset_options=json.loads(options))  # store: a path or an object-storage URL
 run_extract(cfg, address=address, progress=False, on_chunk_done=hang)
 """
 

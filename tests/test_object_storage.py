@@ -25,6 +25,7 @@ from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore, check_store
 from rep_pipeline.stages.cluster import run_cluster
 from rep_pipeline.stages.extract import run_extract
+from test_extract import _HANGING_DRIVER
 
 SYNTH = {"sizes": {"train": 10, "val": 6}}
 CLI = [sys.executable, "-m", "rep_pipeline.cli.app"]
@@ -186,25 +187,6 @@ def test_the_whole_run_on_object_storage_equals_the_local_run(ray_local, s3, sha
     assert not as_location(s3.url("features.zarr.leases")).exists()  # every lease released
 
 
-_HANGING_DRIVER = """
-import json, sys, time
-from pathlib import Path
-from rep_pipeline.pipeline.config import ExtractConfig
-from rep_pipeline.stages.extract import run_extract
-
-store, marker, address, options = sys.argv[1:5]
-seen = []
-
-def hang(split, chunk, stats):
-    seen.append(chunk)
-    if len(seen) == 2:  # stop here until killed, chunks still in flight on the actors
-        Path(marker).touch()
-        time.sleep(600)
-
-cfg = ExtractConfig(model="tiny-vit", weights="random", store=store, chunk_images=2, splits=("train",),
-                    dataset_options=json.loads(options))
-run_extract(cfg, address=address, progress=False, on_chunk_done=hang)
-"""
 
 
 def test_a_killed_driver_resumes_on_object_storage_to_the_single_run_result(ray_local, s3, tmp_path):
