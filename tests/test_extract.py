@@ -146,12 +146,10 @@ run_extract(cfg, address=address, progress=False, on_chunk_done=hang)
 """
 
 
-def test_killed_driver_resumes_to_the_single_run_result(ray_local, tmp_path):
-    reference = _cfg(tmp_path, store="ref.zarr", splits=("train",), chunk_images=2)
-    run_extract(reference, progress=False)
-    cfg = _cfg(tmp_path, splits=("train",), chunk_images=2)
-    marker = tmp_path / "hanging"
-    driver = subprocess.Popen([sys.executable, "-c", _HANGING_DRIVER, str(cfg.store), str(marker),
+def kill_a_driver_midway(ray_local, store, marker) -> None:
+    """Run ``_HANGING_DRIVER`` on ``store`` and SIGKILL it with chunks in flight; return once
+    Ray has ended its actors."""
+    driver = subprocess.Popen([sys.executable, "-c", _HANGING_DRIVER, str(store), str(marker),
                                ray_local.get_runtime_context().gcs_address, json.dumps(SYNTH)])
     try:
         deadline = time.monotonic() + 180
@@ -166,6 +164,13 @@ def test_killed_driver_resumes_to_the_single_run_result(ray_local, tmp_path):
     while ray_local.available_resources().get("CPU", 0) < 2:
         assert time.monotonic() < deadline, "the killed driver's actors were not ended"
         time.sleep(0.2)
+
+
+def test_killed_driver_resumes_to_the_single_run_result(ray_local, tmp_path):
+    reference = _cfg(tmp_path, store="ref.zarr", splits=("train",), chunk_images=2)
+    run_extract(reference, progress=False)
+    cfg = _cfg(tmp_path, splits=("train",), chunk_images=2)
+    kill_a_driver_midway(ray_local, cfg.store, tmp_path / "hanging")
     target = FeatureStore(cfg.store).model_split("tiny-vit", "synthetic", "train")
     done_before = set(np.flatnonzero(target.done[:]).tolist())
     assert 2 <= len(done_before) < 5 and not target.finished

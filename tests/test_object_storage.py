@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore, check_store
 from rep_pipeline.stages.cluster import run_cluster
 from rep_pipeline.stages.extract import run_extract
-from test_extract import _HANGING_DRIVER
+from test_extract import kill_a_driver_midway
 
 SYNTH = {"sizes": {"train": 10, "val": 6}}
 CLI = [sys.executable, "-m", "rep_pipeline.cli.app"]
@@ -194,22 +193,7 @@ def test_a_killed_driver_resumes_on_object_storage_to_the_single_run_result(ray_
                               splits=("train",), dataset_options=SYNTH)
     run_extract(reference, progress=False)
     cfg = reference.replace(store=s3.url("s.zarr"))
-    marker = tmp_path / "hanging"
-    driver = subprocess.Popen([sys.executable, "-c", _HANGING_DRIVER, str(cfg.store), str(marker),
-                               ray_local.get_runtime_context().gcs_address, json.dumps(SYNTH)])
-    try:
-        deadline = time.monotonic() + 180
-        while not marker.exists():
-            assert driver.poll() is None, "the driver exited before it was killed"
-            assert time.monotonic() < deadline, "the driver never got two chunks done"
-            time.sleep(0.1)
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    deadline = time.monotonic() + 60
-    while ray_local.available_resources().get("CPU", 0) < 2:
-        assert time.monotonic() < deadline, "the killed driver's actors were not ended"
-        time.sleep(0.2)
+    kill_a_driver_midway(ray_local, cfg.store, tmp_path / "hanging")
     target = FeatureStore(cfg.store).model_split("tiny-vit", "synthetic", "train")
     done_before = set(np.flatnonzero(target.done[:]).tolist())
     assert 2 <= len(done_before) < 5 and not target.finished

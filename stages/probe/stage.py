@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,7 +25,7 @@ from rep_pipeline.pipeline.errors import ConfigError, StoreError
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
-from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit, check_store_location, fingerprint_hash
+from rep_pipeline.pipeline.store import FeatureStore, ModelSplit, check_store_location
 from rep_pipeline.storage_schemas import results as results_layout
 from rep_pipeline.storage_schemas.feature_store import MODEL_FINGERPRINT_KEYS, model_path, templates_name
 
@@ -388,10 +388,8 @@ def _probe(cfg: ProbeConfig, address: str | None, progress: bool, dataset: str, 
 def _write_masks(maps: Any, cfg: ProbeConfig, dataset: str, categories: list[Category], masks: list[dict],
                  probes: list[dict]) -> None:
     """Figure d4's inputs: per (category, embedding, layer), five concepts spanning the
-    hyperplane F1 range (Fig. 15), each on its test image, ground truth and patch decisions;
-    the probe's options on the model's group."""
+    hyperplane F1 range (Fig. 15), each on its test image, ground truth and patch decisions."""
     images = FeatureStore(cfg.store).dataset_split(dataset, cfg.split).example_images()
-    base = results_layout.direction_maps(dataset, cfg.split, cfg.model)
     by_name = {c.name: c for c in categories}
     for m in masks:
         f1 = {r["concept_id"]: r["f1"] for r in probes if r["rule"] == "hyperplane" and r["object"] == "patch"
