@@ -46,7 +46,9 @@ MAP_ARRAYS: dict[str, MapArray] = {a.name: a for a in (
     MapArray("labels", ("example", "y", "x"), "their ground-truth class maps"),
     MapArray("attention", ("layer", "query", "key"), "image- and head-averaged patch attention"),
     MapArray("truth", ("example", "y", "x"), "direction probes: 1 where the concept is, on the S x S grid"),
-    MapArray("decisions", ("example", "y", "x"), "direction probes: a template's patch decisions (G x G)"),
+    MapArray("decisions", ("example", "y", "x"), "direction probes: a hyperplane template's patch decisions (G x G)"),
+    MapArray("cosine_decisions", ("example", "y", "x"), "direction probes: a cosine template's patch decisions "
+                                                         "(G x G)"),
 )}
 
 

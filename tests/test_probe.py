@@ -207,3 +207,16 @@ def test_pascal_part_objects_and_parts_are_two_categories_of_one_run(ray_local, 
                                                      "category = 'pascalpart-parts' UNION ALL SELECT concept_name "
                                                      "FROM direction_skipped WHERE category = 'pascalpart-parts'")}
     assert "person:head" in names
+
+
+def test_the_masks_of_figure_d4_hold_both_rules(planted):
+    _, cfg, _ = planted
+    maps = Results(cfg.results).maps()
+    from rep_pipeline.storage_schemas.results import direction_masks
+
+    path = direction_masks("synthetic", "val", "m", "synthetic", "keys", 1)
+    attrs = maps.attrs(path)
+    assert attrs["cosine_embedding"] == "queries" and 1 <= len(attrs["concepts"]) <= 3
+    hyper, cosine = maps.read(path, "decisions"), maps.read(path, "cosine_decisions")
+    assert hyper.shape == cosine.shape == (len(attrs["concepts"]), GRID, GRID)
+    assert maps.read(path, "truth").shape == (len(attrs["concepts"]), SIZE, SIZE)

@@ -291,3 +291,16 @@ def test_hyperplane_finds_a_planted_direction():
     acc = {r["concept"]: r["accuracy"] for r in rows}
     # raw features, A9's Adam at lr 1e-3 for 15 short epochs: the bias is still far from trained
     assert acc[0] > 0.8 and acc[0] > acc[1] + 0.15
+
+
+def test_cosine_template_reproduces_a_trial_of_the_probe():
+    """The d4 figure's cosine masks come from ``cosine_template``: the same support and the same
+    threshold as the probe's trial."""
+    from rep_pipeline.pipeline.backend import get_backend
+    from rep_pipeline.stages.probe.templates import cosine_probe, cosine_template
+
+    train, test = _patches(seed=1, planted=2.0), _patches(seed=2, planted=2.0)
+    rows, _ = cosine_probe(get_backend("numpy"), train, test, [0, 1], [5], trials=3, query_images=4, seed=7)
+    for r in rows:
+        a, t = cosine_template(train, r["concept"], 5, 7, trial=r["trial"])
+        assert t == pytest.approx(r["threshold"], rel=1e-5) and a.shape == (8,)

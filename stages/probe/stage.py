@@ -175,7 +175,7 @@ class ProbeWorker:
         index = {(c["object"], c["category"], c["id"]): i for i, c in enumerate(concepts)}
         book = train.templates(cfg.seed, replacement=self.replacing) if "hyperplane" in cfg.rules else None
         examples = len(store.dataset_split(self.dataset, cfg.split).example_images())
-        out: dict[str, list[dict]] = {"rows": [], "skipped": [], "masks": []}
+        out: dict[str, list[dict]] = {"rows": [], "skipped": [], "masks": [], "cosine_masks": []}
         grid, ignore = int(train.attrs["grid"]), int(dict(test.group.attrs).get("ignore_index", 255))
         objects = {(obj, cat.name, split): Objects.of(getattr(cat, split), len(cat.classes), obj, grid, ignore)
                    for obj in cfg.objects for cat in categories for split in ("train", "test")}
@@ -214,10 +214,30 @@ class ProbeWorker:
                     if obj == "patch" and "hyperplane" in cfg.rules and emb == self._mask_embedding(train):
                         out["masks"].append(self._masks(cat, weights, bias, index, obj, feats["test"], grid, examples,
                                                         where))
+                    if obj == "patch" and "cosine" in cfg.rules and emb == D4_EMBEDDINGS["cosine"]:
+                        out["cosine_masks"].append(self._cosine_masks(cat, tr, feats["test"], grid, examples, where))
             if book is not None and not reuse:
                 book.write(emb, layer, weights, bias)
             self.done += 1
         return out
+
+    def _cosine_masks(self, cat: Category, tr: ObjectSet, test_feats: np.ndarray, grid: int, examples: int,
+                      where: dict) -> dict[str, Any]:
+        """Figure d4's cosine column: per concept, the patch decisions of its cosine template
+        (trial 0 at the largest k its train images allow) on the image ``_masks`` chooses."""
+        areas = np.stack([(cat.test[:examples] == c).sum(axis=(1, 2)) for c in range(len(cat.classes))], 1)
+        have = (np.stack([np.bincount(tr.image[tr.positive[:, c]], minlength=tr.n_images) for c in
+                          range(len(cat.classes))], 1) > 0).sum(0)
+        decisions = {}
+        for c in range(len(cat.classes)):
+            ks = [k for k in self.cfg.shots if k <= have[c]]
+            if not ks or areas[:, c].max() == 0:
+                continue
+            a, t = templates.cosine_template(tr, c, max(ks), self.cfg.seed)
+            z = test_feats[int(np.argmax(areas[:, c]))].reshape(grid * grid, -1).astype(np.float32)
+            cos = z @ a / (np.linalg.norm(z, axis=1) * np.linalg.norm(a) + 1e-30)
+            decisions[c] = (cos >= t).reshape(grid, grid)
+        return {**where, "decisions": decisions}
 
     def _mask_embedding(self, train: ModelSplit) -> str:
         """The embedding of figure d4's hyperplane masks: keys where probed, else the first."""
@@ -353,7 +373,7 @@ def _probe(cfg: ProbeConfig, address: str | None, progress: bool, dataset: str, 
     cpus = 1 if gpus else runner.cpus_per_actor(n_workers)
     pool = runner.ActorPool(ProbeWorker, [(cfg, dataset, b, replacing) for b in _split_settings(settings, n_workers)],
                             num_cpus=cpus, num_gpus=1 if gpus else 0, max_concurrency=2)
-    out: dict[str, list[dict]] = {"rows": [], "skipped": [], "masks": []}
+    out: dict[str, list[dict]] = {"rows": [], "skipped": [], "masks": [], "cosine_masks": []}
     with pool, ImageProgress(f"probe {cfg.model}", len(settings), unit="setting", enabled=progress) as bar:
         for part in pool.run_all("run", poll=bar.update):
             for key in out:
@@ -372,7 +392,7 @@ def _probe(cfg: ProbeConfig, address: str | None, progress: bool, dataset: str, 
     except StoreError:
         pass
     with results.staged_maps() as maps:
-        _write_masks(maps, cfg, dataset, categories, out["masks"], tables["direction_probes"])
+        _write_masks(maps, cfg, dataset, categories, out["masks"], out["cosine_masks"], tables["direction_probes"])
         maps.write(results_layout.direction_maps(dataset, cfg.split, cfg.model),
                    attrs={"probe": record, "settings": done})
     for table in TABLES:
@@ -386,9 +406,12 @@ def _probe(cfg: ProbeConfig, address: str | None, progress: bool, dataset: str, 
 
 
 def _write_masks(maps: Any, cfg: ProbeConfig, dataset: str, categories: list[Category], masks: list[dict],
-                 probes: list[dict]) -> None:
+                 cosine: list[dict], probes: list[dict]) -> None:
     """Figure d4's inputs: per (category, embedding, layer), five concepts spanning the
-    hyperplane F1 range (Fig. 15), each on its test image, ground truth and patch decisions."""
+    hyperplane F1 range (Fig. 15), each on its test image, ground truth and patch decisions
+    of the hyperplane template and, where queries were probed with the cosine rule, of the
+    queries' cosine template ([D] Sec. 4.5)."""
+    cosine_of = {(m["category"], m["layer"]): m["decisions"] for m in cosine}
     images = FeatureStore(cfg.store).dataset_split(dataset, cfg.split).example_images()
     by_name = {c.name: c for c in categories}
     for m in masks:
@@ -402,13 +425,18 @@ def _write_masks(maps: Any, cfg: ProbeConfig, dataset: str, categories: list[Cat
         m = {**m, "concepts": picks, "images": [m["images"][i] for i in at], "decisions": [m["decisions"][i] for i in at]}
         cat = by_name[m["category"]]
         idx = np.asarray(m["images"])
+        cos = cosine_of.get((m["category"], m["layer"]), {})
+        extra = {}
+        if all(c in cos for c in m["concepts"]):
+            extra["cosine_decisions"] = np.stack([cos[c] for c in m["concepts"]]).astype(np.uint8)
         maps.write(results_layout.direction_masks(dataset, cfg.split, cfg.model, m["category"], m["embedding"],
                                                   m["layer"]),
                    attrs={"concepts": [int(c) for c in m["concepts"]], "names": [cat.classes[c] for c in m["concepts"]],
-                          "image_index": idx.tolist(), "embedding": m["embedding"], "layer": int(m["layer"])},
+                          "image_index": idx.tolist(), "embedding": m["embedding"], "layer": int(m["layer"]),
+                          "cosine_embedding": D4_EMBEDDINGS["cosine"] if extra else None},
                    truth=np.stack([cat.test[i] == c for i, c in zip(idx, m["concepts"])]).astype(np.uint8),
                    decisions=np.stack(m["decisions"]).astype(np.uint8),
-                   images=_test_images(cfg, dataset, idx, images))
+                   images=_test_images(cfg, dataset, idx, images), **extra)
 
 
 def _test_images(cfg: ProbeConfig, dataset: str, index: np.ndarray, examples: np.ndarray) -> np.ndarray:

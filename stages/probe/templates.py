@@ -265,6 +265,26 @@ def _draw(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
     return rng.choice(pool, size=n, replace=False)
 
 
+def cosine_template(train: ObjectSet, concept: int, k: int, seed: int, trial: int = 0) -> tuple[np.ndarray, float]:
+    """The direction a and threshold t of one trial of ``cosine_probe`` with two splits (the
+    same support images, drawn from the same generator), for figures: (a (D,), t)."""
+    images = _Images.of(train)
+    rng = np.random.default_rng([seed + trial, int(concept), int(k)])
+    support = _draw(rng, images.containing(concept), k)
+    x = train.features.get() if hasattr(train.features, "get") else np.asarray(train.features)
+    chosen = np.isin(train.image, support)
+    pos, neg = chosen & train.positive[:, concept], chosen & train.negative[:, concept]
+    a = x[pos].mean(0)
+    objects = np.flatnonzero(pos | neg)
+    cos = x[objects] @ a / (np.linalg.norm(x[objects], axis=1) * np.linalg.norm(a) + 1e-30)
+    is_pos = pos[objects]
+    candidates = np.unique(cos)[::-1]  # highest first: among equal F1 the largest t wins
+    tp = np.array([(is_pos & (cos >= t)).sum() for t in candidates])
+    fp = np.array([(~is_pos & (cos >= t)).sum() for t in candidates])
+    f1 = 2 * tp / (tp + fp + is_pos.sum())
+    return a, float(candidates[int(np.argmax(f1))])
+
+
 def cosine_probe(be: Backend, train: ObjectSet, test: ObjectSet, concepts: Sequence[int], ks: Sequence[int],
                  trials: int, query_images: int, seed: int) -> tuple[list[dict], list[dict]]:
     """Section 9.4 for every concept, k and trial; returns (rows, skipped).

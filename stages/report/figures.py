@@ -272,16 +272,21 @@ def upsample_nearest(mask: np.ndarray, size: int) -> np.ndarray:
 
 
 def plot_concept_masks(images: np.ndarray, truth: np.ndarray, decisions: np.ndarray, labels: Sequence[str], *,
-                       title: str = "", fig: Any = None) -> Any:
+                       title: str = "", fig: Any = None, cosine: np.ndarray | None = None,
+                       decision_titles: tuple[str, str] = ("decisions", "cosine")) -> Any:
     """(d4) one row per concept: the test image, the concept's ground-truth mask and the
-    template's patch decisions, nearest-upsampled from G x G to the image's S x S; the row is
-    labelled ``labels[i]`` (the concept's name and F1). ``fig`` may be a figure or a subfigure."""
+    template's patch decisions (and, given ``cosine``, a second template's), nearest-upsampled
+    from G x G to the image's S x S; the row is labelled ``labels[i]`` (the concept's name and
+    F1). ``fig`` may be a figure or a subfigure."""
     n = len(labels)
-    fig = fig or pyplot().figure(figsize=(3 * 1.25 + 1.4, 1.25 * max(n, 1) + 0.4))
-    axes = fig.subplots(max(n, 1), 3, squeeze=False)
+    columns = 3 if cosine is None else 4
+    fig = fig or pyplot().figure(figsize=(columns * 1.25 + 1.4, 1.25 * max(n, 1) + 0.4))
+    axes = fig.subplots(max(n, 1), columns, squeeze=False)
     size = int(np.asarray(truth).shape[-1]) if n else 1
     for i in range(n):
         shown = [images[i], truth[i], upsample_nearest(decisions[i], size)]
+        if cosine is not None:
+            shown.append(upsample_nearest(cosine[i], size))
         for j, picture in enumerate(shown):
             ax = axes[i, j]
             if j == 0:
@@ -292,7 +297,7 @@ def plot_concept_masks(images: np.ndarray, truth: np.ndarray, decisions: np.ndar
             for side in ax.spines.values():  # a thin frame: white masks stay apart from the page
                 side.set_visible(True), side.set_edgecolor("0.6"), side.set_linewidth(0.5)
         axes[i, 0].set_ylabel(labels[i], rotation=0, ha="right", va="center", fontsize=7)
-    for j, name in enumerate(("image", "ground truth", "decisions")):
+    for j, name in enumerate(("image", "ground truth", *decision_titles[:columns - 2])):
         axes[0, j].set_title(name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=8)

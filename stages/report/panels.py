@@ -260,8 +260,10 @@ def _has_masks(data: Any) -> bool:
 @panel("d4", "d4_masks", "(d4) concept masks of the hyperplane templates",
        "Per model and category, up to five concepts spanning the range of the hyperplane templates' F1 (row label: "
        "the concept and its F1), each on the test image where it covers the largest area: the image, the concept's "
-       "ground-truth mask (white) and the template's patch decisions (white: positive), nearest-upsampled from the "
-       "patch grid to the image. Keys' templates where keys were probed, at the model's last probed block. Images "
+       "ground-truth mask (white) and the patch decisions (white: positive) of the hyperplane template on keys and, "
+       "where queries were probed with the cosine rule, of the cosine template on queries (trial 0, the largest k "
+       "the concept allows), nearest-upsampled from the patch grid to the image ([D] Sec. 4.5). At the model's "
+       "last probed block; keys' hyperplanes where keys were probed, else the first token type's. Images "
        "beyond the few the store keeps are shown black. " + _TOKENS, directions=True, when=_has_masks)
 def direction_masks(data: Any) -> Any:
     masks = data.direction_masks()
@@ -276,9 +278,11 @@ def direction_masks(data: Any) -> Any:
             if m is None:
                 continue
             labels = [f"{name}\nF1 {f1:.2f}" for name, f1 in zip(m["names"], m["f1"])]
-            figures.plot_concept_masks(m["images"], m["truth"], m["decisions"], labels, fig=subs[i, j],
-                                       title=f"{model}: {category} "
-                                             f"({figures.token_label(m['embedding'])}, block {m['layer']})")
+            figures.plot_concept_masks(
+                m["images"], m["truth"], m["decisions"], labels, fig=subs[i, j], cosine=m["cosine"],
+                decision_titles=(f"hyperplane ({figures.token_label(m['embedding'])})",
+                                 f"cosine ({figures.token_label(m['cosine_embedding'] or '')})"),
+                title=f"{model}: {category} (block {m['layer']})")
     return fig
 
 

@@ -125,8 +125,10 @@ class ReportData:
                     f"SELECT concept_id, f1 FROM direction_probes WHERE rule = 'hyperplane' AND object = 'patch' "
                     f"AND model = {_sql(model)} AND embedding = {_sql(embedding)} AND layer = {int(layer)} "
                     f"AND category = {_sql(category)}")}
+                cosine = self.maps.read(path, "cosine_decisions") if attrs.get("cosine_embedding") else None
                 out.append({"model": model, "category": category, "embedding": embedding, "layer": layer,
                             "names": list(attrs["names"]), "f1": [f1.get(c, float("nan")) for c in attrs["concepts"]],
+                            "cosine": cosine, "cosine_embedding": attrs.get("cosine_embedding"),
                             **{name: self.maps.read(path, name) for name in ("images", "truth", "decisions")}})
                 break
         return out
