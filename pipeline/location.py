@@ -42,7 +42,9 @@ _ENDPOINT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT")
 # fsspec/s3fs and boto spellings a user may bring, as obstore's keys
 _OPTION_ALIASES = {"endpoint_url": "endpoint", "key": "access_key_id", "secret": "secret_access_key",
                    "token": "session_token", "region_name": "region", "aws_access_key_id": "access_key_id",
-                   "aws_secret_access_key": "secret_access_key", "aws_session_token": "session_token"}
+                   "aws_secret_access_key": "secret_access_key", "aws_session_token": "session_token",
+                   "aws_endpoint": "endpoint", "aws_endpoint_url": "endpoint", "aws_region": "region",
+                   "aws_allow_http": "allow_http"}
 _SCHEMES = {"s3a": "s3", "gcs": "gs", "azure": "az"}  # spellings of one scheme, as obstore names it
 # the providers' standard variables, which a driver hands to its workers (storage_environment)
 _PROVIDER_ENV_PREFIXES = ("AWS_", "GOOGLE_", "AZURE_")

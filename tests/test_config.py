@@ -146,3 +146,19 @@ def test_a_run_config_takes_urls_and_storage_options_for_every_stage(tmp_path):
         RunConfig.from_dict({**raw, "extract": {"storage_options": {"region": "x"}}}, base=tmp_path)
     with pytest.raises(ConfigError, match="store: .*unknown storage scheme 'ftp'"):
         ExtractConfig.parse({"model": "tiny-vit", "store": "ftp://host/x.zarr"}, "cli")
+
+
+def test_storage_options_in_any_usual_spelling_reach_obstore(monkeypatch):
+    from rep_pipeline.pipeline.location import _split_options, as_location
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    for spelling in ("endpoint", "endpoint_url", "aws_endpoint", "aws_endpoint_url"):
+        url = as_location("s3://bucket/store.zarr", {spelling: "http://127.0.0.1:9000", "key": "k", "region_name": "r"})
+        config, client = _split_options(url.scheme, url.options)
+        assert config == {"endpoint": "http://127.0.0.1:9000", "access_key_id": "k", "region": "r"}
+        assert client == {"allow_http": "true"}  # an http:// endpoint is allowed by itself
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9001")  # from the environment alone, too
+    assert _split_options("s3", ())[1] == {"allow_http": "true"}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.example.org")
+    assert _split_options("s3", ()) == ({}, {})
+    assert str(as_location("gcs://b/x")) == "gs://b/x" and str(as_location("s3a://b/x/")) == "s3://b/x"
