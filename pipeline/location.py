@@ -26,7 +26,7 @@ import io
 import os
 import shutil
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlparse
 
 import obstore
@@ -243,10 +243,14 @@ class ObjectPath:
             raise FileNotFoundError(f"{self} does not exist")
         self._call("deleting", obstore.delete, self.key)
 
-    def copy_tree_to(self, target: "ObjectPath") -> None:
-        """Copy every object under this prefix to the same keys under ``target``."""
-        keys = self.keys()
-        for rel in keys:
+    def mirror_to(self, target: "ObjectPath", last: Callable[[str], bool] = lambda rel: False) -> None:
+        """Make ``target`` hold exactly this prefix's objects (object storage has no rename):
+        objects only it holds are removed, then every object here is copied over on the server,
+        those ``last`` picks after the others."""
+        mine = self.keys()
+        for rel in set(target.keys()) - set(mine):
+            (target / rel).unlink(missing_ok=True)
+        for rel in sorted(mine, key=last):
             self._call("copying", obstore.copy, f"{self.key}/{rel}", f"{target.key}/{rel}")
 
     def remove_tree(self) -> None:

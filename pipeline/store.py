@@ -603,12 +603,7 @@ class ModelSplit(_Group):
                 if key.endswith("_done"):
                     books[name][key][:] = False
             books[name].attrs.update(dict(books[name + layout.REPLACEMENT_SUFFIX].attrs))
-        kept = set(new.keys())
-        for rel in old.keys():  # arrays the replacement does not have
-            if rel not in kept and rel != "zarr.json":
-                (old / rel).unlink(missing_ok=True)
-        for rel in sorted(kept, key=lambda r: ("_done/" in r, r == "zarr.json")):
-            (old / rel).write_bytes((new / rel).read_bytes())
+        new.mirror_to(old, last=lambda rel: "_done/" in rel)  # done flags last
         new.remove_tree()
 
     # -- hyperplane templates (direction probes) ---------------------------------------------------
@@ -811,11 +806,8 @@ class MapStore:
             if parent:
                 self.root.require_group(parent)
             target = self.path / path
-            if isinstance(target, ObjectPath):  # no rename: copy, then drop what was there only before
-                fresh = set((staging.path / path).keys())
-                for rel in set(target.keys()) - fresh:
-                    (target / rel).unlink(missing_ok=True)
-                (staging.path / path).copy_tree_to(target)
+            if isinstance(target, ObjectPath):
+                (staging.path / path).mirror_to(target)
                 continue
             if target.exists():
                 shutil.rmtree(target)

@@ -20,7 +20,7 @@ import numpy as np
 
 from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.backend import get_backend
-from rep_pipeline.pipeline.config import PROBE_TOKEN_TYPES, ProbeConfig
+from rep_pipeline.pipeline.config import EMBEDDINGS, PROBE_TOKEN_TYPES, ProbeConfig
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
@@ -157,8 +157,10 @@ class Objects:
 class ProbeWorker:
     """Probes its (embedding, layer) settings; owns its store handles (a Ray actor)."""
 
-    def __init__(self, cfg: ProbeConfig, dataset: str, settings: list[tuple[str, int]], replacing: bool):
+    def __init__(self, cfg: ProbeConfig, dataset: str, settings: list[tuple[str, int]], replacing: bool,
+                 mask_embedding: str):
         self.cfg, self.dataset, self.settings, self.replacing = cfg, dataset, settings, replacing
+        self.mask_embedding = mask_embedding  # figure d4's hyperplanes: one embedding for every worker
         self.done = 0
 
     def progress(self) -> int:
@@ -179,14 +181,15 @@ class ProbeWorker:
         grid, ignore = int(train.attrs["grid"]), int(dict(test.group.attrs).get("ignore_index", 255))
         objects = {(obj, cat.name, split): Objects.of(getattr(cat, split), len(cat.classes), obj, grid, ignore)
                    for obj in cfg.objects for cat in categories for split in ("train", "test")}
+        # figure d4: the example image where each concept covers the largest area (-1: none)
+        shown = {cat.name: _largest_area(cat.test[:examples], len(cat.classes)) for cat in categories}
         for emb, layer in self.settings:
             weights = np.zeros((len(concepts), int(train.attrs["embed_dim"])), np.float32)
             bias = np.full(len(concepts), np.nan, np.float32)
             reuse = book is not None and book.is_done(emb, layer)
             if reuse:
                 weights, bias = book.read(emb, layer)
-            seed = int(np.random.default_rng([cfg.seed, PROBE_TOKEN_TYPES.index(emb) if emb in PROBE_TOKEN_TYPES
-                                              else 9, layer]).integers(2**31))
+            seed = int(np.random.default_rng([cfg.seed, EMBEDDINGS.index(emb), layer]).integers(2**31))
             for obj in cfg.objects:
                 feats = {s: (g.read_features(emb, layer, 0, g.n_images) if obj == "patch"
                              else g.class_features(emb)[g.layer_slot(layer)]) for s, g in (("train", train), ("test", test))}
@@ -211,58 +214,51 @@ class ProbeWorker:
                                                                cfg.query_images, cfg.seed)
                         out["rows"] += [dict(r, rule="cosine", **where) for r in rows]
                         out["skipped"] += [dict(r, rule="cosine", **where) for r in skipped]
-                    if obj == "patch" and "hyperplane" in cfg.rules and emb == self._mask_embedding(train):
-                        out["masks"].append(self._masks(cat, weights, bias, index, obj, feats["test"], grid, examples,
-                                                        where))
+                    if obj == "patch" and "hyperplane" in cfg.rules and emb == self.mask_embedding:
+                        slots = np.asarray([index[(obj, cat.name, c)] for c in ids])
+                        out["masks"].append(_hyperplane_masks(shown[cat.name], weights[slots], bias[slots],
+                                                              feats["test"], grid, where))
                     if obj == "patch" and "cosine" in cfg.rules and emb == D4_EMBEDDINGS["cosine"]:
-                        out["cosine_masks"].append(self._cosine_masks(cat, tr, feats["test"], grid, examples, where))
+                        out["cosine_masks"].append(self._cosine_masks(shown[cat.name], tr, feats["test"], grid, where))
             if book is not None and not reuse:
                 book.write(emb, layer, weights, bias)
             self.done += 1
         return out
 
-    def _cosine_masks(self, cat: Category, tr: ObjectSet, test_feats: np.ndarray, grid: int, examples: int,
+    def _cosine_masks(self, shown: np.ndarray, tr: ObjectSet, test_feats: np.ndarray, grid: int,
                       where: dict) -> dict[str, Any]:
         """Figure d4's cosine column: per concept, the patch decisions of its cosine template
-        (trial 0 at the largest k its train images allow) on the image ``_masks`` chooses."""
-        areas = np.stack([(cat.test[:examples] == c).sum(axis=(1, 2)) for c in range(len(cat.classes))], 1)
-        have = (np.stack([np.bincount(tr.image[tr.positive[:, c]], minlength=tr.n_images) for c in
-                          range(len(cat.classes))], 1) > 0).sum(0)
+        (trial 0 at the largest k its train images allow) on the image ``shown`` names."""
+        have = np.array([np.unique(tr.image[tr.positive[:, c]]).size for c in range(len(shown))])
         decisions = {}
-        for c in range(len(cat.classes)):
+        for c in np.flatnonzero(shown >= 0):
             ks = [k for k in self.cfg.shots if k <= have[c]]
-            if not ks or areas[:, c].max() == 0:
-                continue
-            a, t = templates.cosine_template(tr, c, max(ks), self.cfg.seed)
-            z = test_feats[int(np.argmax(areas[:, c]))].reshape(grid * grid, -1).astype(np.float32)
-            cos = z @ a / (np.linalg.norm(z, axis=1) * np.linalg.norm(a) + 1e-30)
-            decisions[c] = (cos >= t).reshape(grid, grid)
+            if ks:
+                a, t = templates.cosine_template(tr, int(c), max(ks), self.cfg.seed)
+                z = test_feats[shown[c]].reshape(grid * grid, -1).astype(np.float32)
+                cos = z @ a / (np.linalg.norm(z, axis=1) * np.linalg.norm(a) + 1e-30)
+                decisions[int(c)] = (cos >= t).reshape(grid, grid)
         return {**where, "decisions": decisions}
 
-    def _mask_embedding(self, train: ModelSplit) -> str:
-        """The embedding of figure d4's hyperplane masks: keys where probed, else the first."""
-        return "keys" if "keys" in [e for e, _ in self.settings] else self.settings[0][0]
 
-    def _masks(self, cat: Category, weights: np.ndarray, bias: np.ndarray, index: dict, obj: str,
-               test_feats: np.ndarray, grid: int, examples: int, where: dict) -> dict[str, Any]:
-        """Figure d4 (Fig. 15): for up to five concepts, the test image where the concept covers
-        the largest area, its ground truth and the hyperplane's patch decisions. The images are
-        chosen among the split's example images, the crops the store keeps; the concepts are
-        ordered by the driver by F1 (see ``_write_masks``)."""
-        areas = np.stack([(cat.test[:examples] == c).sum(axis=(1, 2)) for c in range(len(cat.classes))], 1)
-        candidates = [c for c in range(len(cat.classes)) if np.isfinite(bias[index[(obj, cat.name, c)]])
-                      and areas[:, c].max() > 0]
-        out = {**where, "concepts": [], "images": [], "decisions": []}
-        if not candidates:
-            return out
-        for c in candidates:
-            image = int(np.argmax(areas[:, c]))
-            slot = index[(obj, cat.name, c)]
-            z = test_feats[image].reshape(grid * grid, -1).astype(np.float32)
-            out["concepts"].append(c)
-            out["images"].append(image)
-            out["decisions"].append((z @ weights[slot] - bias[slot] >= 0).reshape(grid, grid))
-        return out
+def _largest_area(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Per class, the image (of ``labels`` (n, S, S)) where it covers the most pixels; -1 where
+    it covers none."""
+    areas = np.zeros((len(labels) + 1, n_classes), np.int64)  # a row of zeros: argmax 0 where none covers it
+    for i, image in enumerate(labels):
+        areas[i + 1] = np.bincount(image.ravel(), minlength=256)[:n_classes]
+    return areas.argmax(0) - 1
+
+
+def _hyperplane_masks(shown: np.ndarray, weights: np.ndarray, bias: np.ndarray, test_feats: np.ndarray, grid: int,
+                      where: dict) -> dict[str, Any]:
+    """Figure d4's hyperplane column: for each concept with a trained template, its patch
+    decisions on the image ``shown`` names (the driver keeps five spanning the F1 range)."""
+    concepts = [int(c) for c in np.flatnonzero((shown >= 0) & np.isfinite(bias))]
+    z = test_feats[shown[concepts]].reshape(len(concepts), grid * grid, -1).astype(np.float32)
+    said = np.einsum("npd,nd->np", z, weights[concepts]) - bias[concepts, None] >= 0
+    return {**where, "concepts": concepts, "images": [int(shown[c]) for c in concepts],
+            "decisions": list(said.reshape(len(concepts), grid, grid))}
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -371,7 +367,9 @@ def _probe(cfg: ProbeConfig, address: str | None, progress: bool, dataset: str, 
     gpus = runner.cluster_gpus() if cfg.backend != "numpy" else 0
     n_workers = min(cfg.workers or gpus or len(runner.node_cpus()), len(settings))
     cpus = 1 if gpus else runner.cpus_per_actor(n_workers)
-    pool = runner.ActorPool(ProbeWorker, [(cfg, dataset, b, replacing) for b in _split_settings(settings, n_workers)],
+    mask_embedding = D4_EMBEDDINGS["hyperplane"] if D4_EMBEDDINGS["hyperplane"] in embeddings else embeddings[0]
+    pool = runner.ActorPool(ProbeWorker, [(cfg, dataset, b, replacing, mask_embedding)
+                                          for b in _split_settings(settings, n_workers)],
                             num_cpus=cpus, num_gpus=1 if gpus else 0, max_concurrency=2)
     out: dict[str, list[dict]] = {"rows": [], "skipped": [], "masks": [], "cosine_masks": []}
     with pool, ImageProgress(f"probe {cfg.model}", len(settings), unit="setting", enabled=progress) as bar:
@@ -436,14 +434,4 @@ def _write_masks(maps: Any, cfg: ProbeConfig, dataset: str, categories: list[Cat
                           "cosine_embedding": D4_EMBEDDINGS["cosine"] if extra else None},
                    truth=np.stack([cat.test[i] == c for i, c in zip(idx, m["concepts"])]).astype(np.uint8),
                    decisions=np.stack(m["decisions"]).astype(np.uint8),
-                   images=_test_images(cfg, dataset, idx, images), **extra)
-
-
-def _test_images(cfg: ProbeConfig, dataset: str, index: np.ndarray, examples: np.ndarray) -> np.ndarray:
-    """The RGB crops of test images ``index`` (the store keeps the first few; others are black)."""
-    S = examples.shape[1]
-    out = np.zeros((len(index), S, S, 3), np.uint8)
-    for j, i in enumerate(index):
-        if i < len(examples):
-            out[j] = examples[i]
-    return out
+                   images=images[idx], **extra)

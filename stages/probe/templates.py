@@ -277,12 +277,12 @@ def cosine_template(train: ObjectSet, concept: int, k: int, seed: int, trial: in
     a = x[pos].mean(0)
     objects = np.flatnonzero(pos | neg)
     cos = x[objects] @ a / (np.linalg.norm(x[objects], axis=1) * np.linalg.norm(a) + 1e-30)
-    is_pos = pos[objects]
-    candidates = np.unique(cos)[::-1]  # highest first: among equal F1 the largest t wins
-    tp = np.array([(is_pos & (cos >= t)).sum() for t in candidates])
-    fp = np.array([(~is_pos & (cos >= t)).sum() for t in candidates])
+    order = np.argsort(-cos, kind="stable")                   # highest first
+    cos, is_pos = cos[order], pos[objects][order]
+    last = np.r_[cos[1:] != cos[:-1], True]                   # the last of each run of equal cosines
+    tp, fp = np.cumsum(is_pos)[last], np.cumsum(~is_pos)[last]  # counts at t = each distinct cosine
     f1 = 2 * tp / (tp + fp + is_pos.sum())
-    return a, float(candidates[int(np.argmax(f1))])
+    return a, float(cos[last][int(np.argmax(f1))])             # among equal F1 the largest t
 
 
 def cosine_probe(be: Backend, train: ObjectSet, test: ObjectSet, concepts: Sequence[int], ks: Sequence[int],
