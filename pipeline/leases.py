@@ -118,10 +118,8 @@ class Lease:
         try:
             if is_local(self.path):
                 return json.loads(self.path.read_text())
-            meta = self.path.head()
-            if meta is None:
-                return None
-            return {**json.loads(self.path.read_text()), "_etag": meta["e_tag"]}
+            data, etag = self.path.read_versioned()
+            return {**json.loads(data), "_etag": etag}
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 

@@ -122,12 +122,6 @@ class ObjectPath:
     suffix = property(lambda self: PurePosixPath(self.key).suffix)
     parent = property(lambda self: self._at(str(PurePosixPath(self.key).parent).lstrip(".")))
 
-    def with_name(self, name: str) -> "ObjectPath":
-        return self.parent / name
-
-    def relative_to(self, other: "ObjectPath") -> PurePosixPath:
-        return PurePosixPath(self.key).relative_to(other.key)
-
     # -- the client ------------------------------------------------------------------------------
     @property
     def _bucket_store(self) -> Any:
@@ -206,10 +200,15 @@ class ObjectPath:
                 yield self / rel
 
     def read_bytes(self) -> bytes:
+        return self.read_versioned()[0]
+
+    def read_versioned(self) -> tuple[bytes, str | None]:
+        """The object and its entity tag, from one request (what a conditional write names)."""
         try:
-            return bytes(self._call("reading", obstore.get, self.key).bytes())
+            got = self._call("reading", obstore.get, self.key)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"{self} does not exist") from exc
+        return bytes(got.bytes()), got.meta.get("e_tag")
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
