@@ -257,6 +257,23 @@ def query(
     console.print(table)
 
 
+@app.command("partpairs")
+@friendly_errors
+def partpairs(
+    data_root: Path = typer.Option(..., "--data-root", help="Pascal-Part folder (images/, objects/, parts/, "
+                                                             "part_ids.txt)."),
+    out: Path = typer.Option(..., "--out", help="New folder for the SPair-format pair set (read it with "
+                                                "`extract --dataset spair71k --data-root OUT --splits test`)."),
+) -> None:
+    """Write an SPair-format keypoint pair set from Pascal-Part annotations (PROTOCOL.md s. 11.5)."""
+    from rep_pipeline.pipeline.datasets.partpairs import build_partpairs
+
+    summary = build_partpairs(data_root, out)
+    console.print(f"{out}: {summary.n_pairs} pairs, {summary.n_keypoints} keypoints from {summary.n_images} images")
+    for category, counts in sorted(summary.per_category.items()):
+        console.print(f"  {category}: {counts}")
+
+
 @app.command("models")
 @friendly_errors
 def list_models_cmd(pattern: str = typer.Argument("*", help="Glob over aliases and timm names.")) -> None:

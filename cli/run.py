@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping
 import yaml
 from pydantic import Field
 
-from rep_pipeline.pipeline.config import (ClusterConfig, Comparison, EvaluateConfig, ExtractConfig, Options,
-                                          ProbeConfig, ReportConfig)
+from rep_pipeline.pipeline.config import (ClusterConfig, Comparison, CorrespondConfig, EvaluateConfig, ExtractConfig,
+                                          Options, ProbeConfig, ReportConfig)
 from rep_pipeline.pipeline.datasets import DATASETS, build_dataset
 from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
 from rep_pipeline.pipeline.location import is_url
@@ -29,11 +29,13 @@ from rep_pipeline.storage_schemas.results import beside, default_results
 # run-level keys -> the stage options they fill
 DATASET_KEYS = {"name": "dataset", "root": "data_root", "options": "dataset_options", "limit": "limit"}
 MODEL_KEYS = ("model", "weights", "model_key", "seed")
+MODEL_OVERRIDES = ("last_norm", "layers")  # extract options a models entry may set for itself (12.1: before/after)
 SET_BY_RUN = {
     "extract": {"store", "dataset", "data_root", "dataset_options", "limit", "splits", "storage_options", *MODEL_KEYS},
     "cluster": {"store", "model", "train_split", "dataset", "results", "storage_options"},
     "evaluate": {"store", "split", "results", "dataset", "storage_options"},
     "probe": {"store", "model", "train_split", "split", "results", "dataset", "storage_options"},
+    "correspond": {"store", "model", "split", "results", "storage_options"},
 }
 
 
@@ -47,6 +49,16 @@ class _Dataset(Options):
     limit: Any = None
     train_split: str = Field(description="Split the codebooks are fitted on.")
     test_split: str = Field(description="Split they are evaluated on.")
+
+
+class _KeypointDataset(Options):
+    """The correspond section's dataset: a keypoint dataset, extracted for every model too."""
+
+    name: Any
+    root: Any = None
+    options: Any = None
+    limit: Any = None
+    split: str = Field(description="Split whose keypoint pairs are transferred.")
 
 
 class _RunFile(Options):
@@ -63,6 +75,7 @@ class _RunFile(Options):
     cluster: dict[str, Any] = {}
     evaluate: dict[str, Any] = {}
     probe: dict[str, Any] | None = None  # direction probes of every model, when present
+    correspond: dict[str, Any] | None = None  # keypoint transfer of every model on its own dataset, when present
     comparisons: list[dict[str, Any]] = [{}]
 
 
@@ -76,6 +89,8 @@ class RunConfig:
     evaluate: EvaluateConfig
     report: ReportConfig
     probes: tuple[ProbeConfig, ...] = ()
+    keypoint_extracts: tuple[ExtractConfig, ...] = ()  # the models on the correspond section's dataset
+    corresponds: tuple[CorrespondConfig, ...] = ()
 
     @classmethod
     def from_yaml(cls, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> "RunConfig":
@@ -100,7 +115,7 @@ class RunConfig:
         report_out = located(top.report or str(beside(results, "report")))
         storage = {"storage_options": {**top.storage_options, **dict(storage_options or {})}}
         ds = top.dataset
-        for section in ("extract", "cluster", "evaluate", "probe"):
+        for section in ("extract", "cluster", "evaluate", "probe", "correspond"):
             owned = sorted(SET_BY_RUN[section] & set(getattr(top, section) or {}))
             if owned:
                 raise ConfigError(f"{where}: {section}.{owned[0]}: set by the run itself (from the top-level keys); "
@@ -108,17 +123,26 @@ class RunConfig:
         data = {DATASET_KEYS[k]: v for k, v in ds.model_dump().items() if k in DATASET_KEYS and v is not None}
         if "data_root" in data:
             data["data_root"] = located(str(data["data_root"]))
-        extracts, clusters = [], []
+        extracts, clusters, keypoint_extracts = [], [], []
         for i, entry in enumerate(top.models):
             entry = {"model": entry} if isinstance(entry, str) else entry
             if not isinstance(entry, Mapping):
                 raise ConfigError(f"{where}: models.{i}: expected a model name or a mapping, got {entry!r}")
-            unknown = sorted(set(entry) - set(MODEL_KEYS))
+            unknown = sorted(set(entry) - set(MODEL_KEYS) - set(MODEL_OVERRIDES))
             if unknown:
-                raise ConfigError(f"{where}: models.{i}.{unknown[0]}: unknown key; allowed: {', '.join(MODEL_KEYS)}")
+                raise ConfigError(f"{where}: models.{i}.{unknown[0]}: unknown key; allowed: "
+                                  f"{', '.join(MODEL_KEYS + MODEL_OVERRIDES)}")
             e = ExtractConfig.parse({**top.extract, **data, **entry, "store": store, **storage,
                                      "splits": (ds.train_split, ds.test_split)}, f"{where}: models.{i} / extract")
             extracts.append(e)
+            if top.correspond is not None:  # the same features of the keypoint dataset
+                kp = _keypoint_dataset(top.correspond, where)
+                kp_data = {DATASET_KEYS[k]: v for k, v in kp.model_dump().items() if k in DATASET_KEYS and v is not None}
+                if "data_root" in kp_data:
+                    kp_data["data_root"] = located(str(kp_data["data_root"]))
+                keypoint_extracts.append(ExtractConfig.parse(
+                    {**top.extract, **kp_data, **entry, "store": store, **storage, "splits": (kp.split,)},
+                    f"{where}: models.{i} / correspond.dataset"))
             clusters.append(ClusterConfig.parse({**top.cluster, **storage, "store": store,
                                                  "model": _store_key(e, where, i),
                                                  "train_split": ds.train_split, "dataset": ds.name,
@@ -129,12 +153,20 @@ class RunConfig:
                                           "train_split": ds.train_split, "split": ds.test_split, "dataset": ds.name,
                                           "results": results}, f"{where}: probe")
                        for c in clusters) if top.probe is not None else ()
+        corresponds = ()
+        if top.correspond is not None:
+            kp = _keypoint_dataset(top.correspond, where)
+            options = {k: v for k, v in top.correspond.items() if k != "dataset"}
+            corresponds = tuple(CorrespondConfig.parse({**options, **storage, "store": store, "model": c.model,
+                                                        "split": kp.split, "dataset": kp.name, "results": results},
+                                                       f"{where}: correspond") for c in clusters)
         comparisons = tuple(Comparison.parse(c, f"{where}: comparisons.{i}") for i, c in enumerate(top.comparisons))
         report = ReportConfig.parse({"results": results, "out": report_out, **storage,
                                      "comparisons": comparisons, "dataset": ds.name, "split": ds.test_split,
                                      "title": top.title}, where)
         cfg = cls(title=top.title or Path(where).stem, extracts=tuple(extracts), clusters=tuple(clusters),
-                  evaluate=evaluate, report=report, probes=probes)
+                  evaluate=evaluate, report=report, probes=probes, keypoint_extracts=tuple(keypoint_extracts),
+                  corresponds=corresponds)
         cfg.check(where)
         return cfg
 
@@ -147,7 +179,7 @@ class RunConfig:
                 if model not in keys:
                     raise ConfigError(f"{where}: comparisons.{i}.models: {model!r} is not a model of this run "
                                       f"(models: {', '.join(keys)})")
-        for i, e in enumerate(self.extracts):
+        for i, e in enumerate(self.extracts + self.keypoint_extracts):
             if e.dataset not in DATASETS:
                 raise ConfigError(f"{where}: dataset.name: unknown dataset {e.dataset!r}; available: "
                                   f"{', '.join(sorted(DATASETS))}")
@@ -168,9 +200,19 @@ class RunConfig:
     def plan(self) -> list[tuple[str, str, Options]]:
         """(stage name, what it works on, its config) in the order they run."""
         return [*(("extract", c.model, e) for e, c in zip(self.extracts, self.clusters)),
+                *(("extract", f"{c.model} on {e.dataset}", e) for e, c in zip(self.keypoint_extracts, self.clusters)),
                 *(("cluster", c.model, c) for c in self.clusters),
                 ("evaluate", self.evaluate.split, self.evaluate),
-                *(("probe", p.model, p) for p in self.probes), ("report", str(self.report.out), self.report)]
+                *(("probe", p.model, p) for p in self.probes),
+                *(("correspond", c.model, c) for c in self.corresponds),
+                ("report", str(self.report.out), self.report)]
+
+
+def _keypoint_dataset(section: Mapping[str, Any], where: str) -> _KeypointDataset:
+    if not isinstance(section.get("dataset"), Mapping):
+        raise ConfigError(f"{where}: correspond.dataset: required, a mapping with name and split (e.g. "
+                          f"{{name: spair71k, root: data/SPair-71k, split: test}})")
+    return _KeypointDataset.parse(section["dataset"], f"{where}: correspond.dataset")  # type: ignore[return-value]
 
 
 def _store_key(e: ExtractConfig, where: str, i: int) -> str:

@@ -365,6 +365,26 @@ class ProbeConfig(ResultsBeside, OnWorkers):
                 "negatives_per_positive": 2}
 
 
+CORRESPONDENCE_EMBEDDINGS = ("queries", "keys", "values", "tokens")  # section 11.2
+PCK_ALPHAS = (0.05, 0.10, 0.15)  # section 11.4; the headline is 0.10
+
+
+class CorrespondConfig(ResultsBeside, OnWorkers):
+    """Zero-shot keypoint transfer and PCK per layer and embedding (PROTOCOL.md section 11)."""
+
+    store: Location = option(help="Feature store with a keypoint split's features (extract --dataset spair71k...).")
+    model: str = option(help="Model key in the store (alias or timm name).")
+    split: str = option(help="Split whose keypoint pairs are transferred.")
+    dataset: str | None = option(None, help="Dataset, if the model has the split in several.")
+    layers: Layers = option(None, help="Blocks, e.g. '6-11'; default every captured one.")
+    embeddings: Annotated[tuple[Embedding, ...] | None, BeforeValidator(parse_csv)] = option(
+        None, help="Default those of queries, keys, values, tokens the store holds.")
+    alphas: Annotated[tuple[Annotated[float, Field(gt=0)], ...], BeforeValidator(parse_csv)] = option(
+        PCK_ALPHAS, help="PCK thresholds, fractions of the target box's longer side.", flag="alpha", min_length=1)
+    keep_matches: bool = option(False, help="Also write every prediction (table correspondence_matches).")
+    examples: int = option(3, help="Keypoints whose cosine heatmaps are kept for figure c3.", ge=0)
+
+
 def _compare_alias(value: Any) -> Any:
     return {"paradigms": "models", "sizes": "models"}.get(value, value)
 

@@ -30,13 +30,13 @@ import pyarrow.parquet as pq
 
 from rep_pipeline import __version__
 from rep_pipeline.storage_schemas import results as layout
-from rep_pipeline.storage_schemas.tables import SCHEMAS, TABLES_VERSION
+from rep_pipeline.storage_schemas.tables import SCHEMAS, TABLES_VERSION, VIEWS
 
 from .errors import QueryError, StoreError
 from .location import ObjectPath, as_location, is_local, remove_tree
 from .store import MapStore, check_store_location
 
-_TABLES = f"tables: {', '.join(SCHEMAS)}"
+_TABLES = f"tables: {', '.join(SCHEMAS)}; views: {', '.join(VIEWS)}"
 # set before the sandbox is locked: nothing may be installed or loaded behind a query's back, and
 # no spill folder (DuckDB leaves its temp_directory, ./.tmp by default, open even in the sandbox)
 _DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False, "temp_directory": ""}
@@ -162,6 +162,10 @@ class Results:
                      if v is not None and col in SCHEMAS[table].names]
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_parts"
                         + (f" WHERE {' AND '.join(where)}" if where else ""))
+        for view, (needs, sql, parts) in VIEWS.items():
+            present = [part for table, part in parts.items() if table in found]
+            if needs in found and present:
+                con.execute(f"CREATE VIEW {view} AS " + sql.format(scores=" UNION ALL ".join(present)))
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")
         return con
@@ -200,6 +204,34 @@ def _query_error(exc: duckdb.Error) -> QueryError:
         return QueryError(f"refused: rep-pipeline query reads the result tables only, with no access to files, "
                           f"databases or extensions ({exc})")
     return QueryError(f"query failed: {exc} ({_TABLES})")
+
+
+def feature_group_row(model: str, dataset: str, split: str, group: Any) -> dict[str, Any]:
+    """The ``feature_groups`` row of a store's model group (a ``ModelSplit``): what its model
+    key stands for, so views can pair groups of one model (``ln_ablation``)."""
+    a = group.attrs
+    return {"model": model, "dataset": dataset, "split": split, "alias": a.get("model") or model,
+            "timm_name": a.get("timm_name") or "", "weights_sha256": a.get("weights_sha256"),
+            "last_norm": a.get("last_norm") or "after", "rope": a.get("rope") or "before",
+            "depth": int(a.get("depth") or max(group.layers) + 1), "image_size": int(a.get("image_size") or 0),
+            "store_fingerprint": group.fingerprint_hash}
+
+
+def write_parquet(path: Path | ObjectPath, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> None:
+    """``rows`` cast to ``schema`` as one Parquet file, written whole (see ``_write_whole``)."""
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), buffer)
+    _write_whole(path, buffer.getvalue())
+
+
+def read_parquet(path: Path | ObjectPath, schema: pa.Schema) -> pa.Table:
+    """One Parquet file read and cast to ``schema``; a file that does not parse or lacks a
+    column is a ``StoreError`` naming it."""
+    try:
+        data = path.read_bytes() if not is_local(path) else Path(path).read_bytes()
+        return pq.read_table(io.BytesIO(data)).select(schema.names).cast(schema)
+    except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+        raise StoreError(f"{path} cannot be read as {schema.metadata.get(b'table', b'a table').decode()}: {exc}") from exc
 
 
 def _write_whole(path: Path | ObjectPath, data: bytes) -> None:

@@ -236,8 +236,12 @@ class FeatureStore:
         attrs = dict(dataset_fingerprint, chunk_images=chunk_images)
         path = layout.dataset_path(attrs["dataset"], attrs["split"])
         if path in self.root:
-            _check_same("dataset configuration", f"{self.path}/{path}", dict(self.root[path].attrs), attrs,
+            stored = _dataset_attrs(self.root[path])
+            _check_same("dataset configuration", f"{self.path}/{path}", stored, attrs,
                         tuple(k for k in layout.DATASET_ATTRS if k != "palette"))
+            # the model groups over it hash the split's fingerprint as it is stored
+            dataset_fingerprint = {k: v for k, v in dict(self.root[path].attrs).items()
+                                   if k not in ("palette", "chunk_images")}
         path = layout.model_path(model, attrs["dataset"], attrs["split"])
         if path in self.root and dict(self.root[path].attrs):
             wanted = dict(fingerprint, dataset_fingerprint=fingerprint_hash(dataset_fingerprint),
@@ -252,7 +256,7 @@ class FeatureStore:
         path = layout.dataset_path(attrs["dataset"], attrs["split"])
         if path in self.root:
             group = self.root[path]
-            _check_same("dataset configuration", f"{self.path}/{path}", dict(group.attrs), attrs,
+            _check_same("dataset configuration", f"{self.path}/{path}", _dataset_attrs(group), attrs,
                         tuple(k for k in layout.DATASET_ATTRS if k != "palette"))
             return DatasetSplit(group, path)
         group = self.root.require_group(path)
@@ -260,6 +264,7 @@ class FeatureStore:
         specs = layout.DATASET_ARRAYS
         _create(group, specs["image_ids"], (n,), chunk_images)[:] = np.asarray(image_ids, dtype=object)
         _create(group, specs["labels"], (n, S, S), chunk_images)
+        _create(group, specs["geometry"], (n, len(layout.GEOMETRY_FIELDS)), chunk_images)
         _create(group, specs["done"], (layout.n_chunks(n, chunk_images),), chunk_images)
         _create(group, specs["example_images"], (min(n, layout.EXAMPLE_IMAGES), S, S, 3), chunk_images)
         for name in attrs.get("label_maps") or {}:
@@ -310,6 +315,13 @@ class FeatureStore:
                               for name in ms.codebook_names() for book in [ms.codebook(*layout.parse_codebook_name(name))]},
                 **_sizes(ms.group)})
         return out
+
+
+def _dataset_attrs(group: zarr.Group) -> dict[str, Any]:
+    """A dataset split's stored attributes, its options completed with the geometry a split
+    written before the option existed was placed by (``crop``), for comparisons."""
+    attrs = dict(group.attrs)
+    return {**attrs, "options": layout.dataset_options(attrs)}
 
 
 def _sizes(group: zarr.Group) -> dict[str, int]:
@@ -369,11 +381,13 @@ class DatasetSplit(_Group):
         return self.array(layout.extra_labels_array(name))
 
     def write_labels(self, chunk: int, labels: np.ndarray, images: np.ndarray | None = None,
-                     extra: Mapping[str, np.ndarray] | None = None) -> None:
-        """Labels of one chunk (and, for the first images of the split, their RGB crops, and the
-        chunk's further label maps)."""
+                     extra: Mapping[str, np.ndarray] | None = None, geometry: np.ndarray | None = None) -> None:
+        """Labels of one chunk (and, for the first images of the split, their RGB crops, the
+        chunk's further label maps and the geometry rows of its images)."""
         start, stop = self.bounds(chunk)
         writes = [(self.labels, slice(start, stop), labels)]
+        if geometry is not None and "geometry" in self.group:
+            writes.append((self.array("geometry"), slice(start, stop), np.asarray(geometry, dtype=np.int32)))
         writes += [(self.extra_labels(name), slice(start, stop), value) for name, value in (extra or {}).items()]
         examples = self.array("example_images")
         if images is not None and start < examples.shape[0]:
@@ -383,6 +397,54 @@ class DatasetSplit(_Group):
 
     def example_images(self) -> np.ndarray:
         return self.array("example_images")[:]
+
+    @property
+    def geometry_mode(self) -> str:
+        """``crop`` or ``pad``: how the split's images lie on the grid (PROTOCOL.md section 8.2)."""
+        return str(layout.dataset_options(dict(self.group.attrs))["geometry"])
+
+    def geometry(self) -> np.ndarray:
+        """(image, 6) int32 rows [W, H, W', H', ox, oy]; a split written before the array
+        existed is an error naming it and what produces it."""
+        if "geometry" not in self.group:
+            raise StoreError(f"{self.path} has no array 'geometry' (written by extract since schema 2's keypoint "
+                             f"support); extract the split into a new store to produce it")
+        return self.array("geometry")[:]
+
+    # -- keypoint pairs (PROTOCOL.md section 8.3) ------------------------------------------------------
+    @property
+    def _pairs_file(self) -> Location:
+        return _location_of(self.group.store) / self.path / layout.KEYPOINT_PAIRS_FILE
+
+    def has_keypoint_pairs(self) -> bool:
+        return self._pairs_file.is_file()
+
+    def write_keypoint_pairs(self, rows: list[dict[str, Any]]) -> None:
+        """The split's keypoint pairs, stamped with its fingerprint's hash, in one write (a
+        reader sees no file or the whole one). Every image id must be one of the split's."""
+        from .results import write_parquet  # the one module that writes Parquet
+
+        known = set(self.image_ids())
+        unknown = sorted({r[side] for r in rows for side in ("src_image_id", "trg_image_id")} - known)
+        if unknown:
+            raise StoreError(f"{self.path}: keypoint pairs name images that are not in the split: {unknown[:5]}")
+        stamp = fingerprint_hash(self.fingerprint)
+        write_parquet(self._pairs_file, [dict(r, dataset_fingerprint=stamp) for r in rows], layout.KEYPOINT_PAIRS)
+
+    def keypoint_pairs(self) -> Any:
+        """The split's keypoint pairs as a pyarrow table (``layout.KEYPOINT_PAIRS``); a split
+        without them is an error naming the file and what produces it."""
+        from .results import read_parquet
+
+        if not self.has_keypoint_pairs():
+            raise StoreError(f"{self.path} has no {layout.KEYPOINT_PAIRS_FILE}: extract a keypoint dataset "
+                             f"(spair71k, or synthetic-pairs) to produce it")
+        table = read_parquet(self._pairs_file, layout.KEYPOINT_PAIRS)
+        stamps = set(table.column("dataset_fingerprint").to_pylist())
+        if stamps - {fingerprint_hash(self.fingerprint)}:
+            raise FingerprintMismatchError(f"{self._pairs_file} was written for another version of {self.path}; "
+                                           f"extract the split into a new store")
+        return table
 
 
 @dataclass
@@ -877,7 +939,8 @@ def _validate(path: str | Location) -> list[str]:
             check_arrays(group, where, {**layout.DATASET_ARRAYS, **extra},
                          {"image_ids": (n,), "labels": (n, S, S), "done": (layout.n_chunks(n, c),),
                           "example_images": (min(n, layout.EXAMPLE_IMAGES), S, S, 3),
-                          **{name: (n, S, S) for name in extra}})
+                          **{name: (n, S, S) for name in extra},
+                          **({"geometry": (n, len(layout.GEOMETRY_FIELDS))} if "geometry" in group else {})})
     for model, m_group in root["models"].groups() if "models" in root else []:
         for ds_name, d_group in m_group.groups():
             for split, group in d_group.groups():

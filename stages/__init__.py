@@ -14,8 +14,8 @@ from importlib import import_module
 from types import ModuleType
 from typing import Any
 
-from rep_pipeline.pipeline.config import (ClusterConfig, EvaluateConfig, ExtractConfig, Options, ProbeConfig,
-                                          ReportConfig)
+from rep_pipeline.pipeline.config import (ClusterConfig, CorrespondConfig, EvaluateConfig, ExtractConfig, Options,
+                                          ProbeConfig, ReportConfig)
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                       "and maps."),
     Stage("probe", ProbeConfig, "Fit hyperplane and cosine templates per token type and score them on the test "
                                 "split (direction probes)."),
+    Stage("correspond", CorrespondConfig, "Transfer keypoints between images by nearest upsampled features; write "
+                                          "PCK per layer and embedding (zero-shot correspondence)."),
     Stage("report", ReportConfig, "Draw the visual protocol and write a self-contained index.html."),
 )}
 

@@ -7,7 +7,11 @@
         image_ids     (image,)                    string
         labels        (image, y, x)               uint8, 255 = ignore, S x S grid
         labels_<map>  (image, y, x)               uint8, a further label map (Pascal-Part's parts)
+        geometry      (image, field)              int32, [W, H, W', H', ox, oy]: how each image
+                                                  lies on the grid (PROTOCOL.md s. 8.2)
         done          (chunk,)                    bool, labels of image chunk i written
+        keypoint_pairs.parquet                    keypoint datasets: one row per (pair, keypoint)
+                                                  (KEYPOINT_PAIRS; zarr ignores the file)
         example_images (example, y, x, rgb)       uint8, the first EXAMPLE_IMAGES crops, for figures
       models/<model>/<dataset>/<split>/   attrs: model fingerprint (MODEL_ATTRS), and the
                                           request that produced it (REQUEST_ATTRS)
@@ -43,6 +47,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+import pyarrow as pa
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)
@@ -83,12 +89,49 @@ DATASET_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
     ArraySpec("image_ids", ("image",), "str", (FULL,), "image ids in list order"),
     ArraySpec("labels", ("image", "y", "x"), "uint8", (IMAGES, FULL, FULL),
               "class id per pixel on the S x S grid; 255 = ignore", LABEL_CODEC),
+    ArraySpec("geometry", ("image", "field"), "int32", (IMAGES, FULL),
+              "[W, H, W', H', ox, oy] of each image: original size, resized size, offset on the grid"),
     ArraySpec("done", ("chunk",), "bool", (1,), "labels of image chunk i are written"),
     ArraySpec("example_images", ("example", "y", "x", "rgb"), "uint8", (1, FULL, FULL, FULL),
               "RGB crops of the first images of the split, as the model saw them, for figures"),
 )}
 
 EXAMPLE_IMAGES = 8  # crops kept per split for the report's image grids
+# the columns of ``geometry`` (PROTOCOL.md section 8.2); a version-2 split written before it
+# existed has none, and a stage that needs it says so
+GEOMETRY_FIELDS = ("W", "H", "W_resized", "H_resized", "ox", "oy")
+DEFAULT_GEOMETRY = "crop"  # what a split whose options name no geometry was placed by
+
+
+def dataset_options(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A dataset split's ``options`` attribute, with the geometry it was placed by (splits
+    written before the option existed: ``crop``)."""
+    return {"geometry": DEFAULT_GEOMETRY, **dict(attrs.get("options") or {})}
+
+
+# keypoint pairs of a split (PROTOCOL.md section 8.3): ``<split group>/keypoint_pairs.parquet``
+KEYPOINT_PAIRS_FILE = "keypoint_pairs.parquet"
+
+
+def _kp_field(name: str, type_: pa.DataType, doc: str, nullable: bool = False) -> pa.Field:
+    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
+
+
+KEYPOINT_PAIRS = pa.schema([
+    _kp_field("pair_id", pa.string(), "the pair's id (SPair: its annotation file's name)"),
+    _kp_field("category", pa.string(), "object category of the pair"),
+    _kp_field("src_image_id", pa.string(), "source image, an id of the split's image_ids"),
+    _kp_field("trg_image_id", pa.string(), "target image, an id of the split's image_ids"),
+    _kp_field("kp_id", pa.int16(), "keypoint id within the category"),
+    _kp_field("kp_name", pa.string(), "keypoint name, where the dataset names it", nullable=True),
+    *(_kp_field(f"{side}_{axis}", pa.float64(), f"{side} keypoint {axis}, original pixels")
+      for side in ("src", "trg") for axis in ("x", "y")),
+    *(_kp_field(f"{side}_bbox_{c}", pa.float64(), f"{side} object box {c}, original pixels")
+      for side in ("src", "trg") for c in ("x1", "y1", "x2", "y2")),
+    *(_kp_field(flag, pa.int8(), f"SPair's {flag} flag", nullable=True)
+      for flag in ("viewpoint_variation", "scale_variation", "truncation", "occlusion")),
+    _kp_field("dataset_fingerprint", pa.string(), "hash of the dataset split's fingerprint"),
+], metadata={"table": "keypoint_pairs"})
 
 # the embeddings a model group may hold (PROTOCOL.md sections 2 and 8.1)
 FEATURE_EMBEDDINGS = ("queries", "keys", "values", "tokens", "mid_tokens", "mid_normed")

@@ -9,6 +9,10 @@
         <dataset>/<split>/ground_truth/     counts, aggregate, images, labels; attrs: classes,
                                             palette, example_ids, evaluation (its options)
         <dataset>/<split>/<model>/attention/            attention
+        directions/<dataset>/<split>/<model>/<category>/<embedding>-l<L>/
+                                            truth, decisions, cosine_decisions, images (figure d4)
+        correspondence/<dataset>/<split>/<model>/<embedding>/example-<j>/
+                                            source, target, cosine (figure c3)
         <dataset>/<split>/<model>/<train_split>/<method>-k<K>-s<seed>/<embedding>/layer_<L>/
                                             counts, aggregate, examples
 
@@ -47,6 +51,10 @@ MAP_ARRAYS: dict[str, MapArray] = {a.name: a for a in (
     MapArray("attention", ("layer", "query", "key"), "image- and head-averaged patch attention"),
     MapArray("truth", ("example", "y", "x"), "direction probes: 1 where the concept is, on the S x S grid"),
     MapArray("decisions", ("example", "y", "x"), "direction probes: a hyperplane template's patch decisions (G x G)"),
+    MapArray("source", ("y", "x", "rgb"), "correspondence: the source image on the grid, as the model saw it"),
+    MapArray("target", ("y", "x", "rgb"), "correspondence: the target image on the grid"),
+    MapArray("cosine", ("layer", "y", "x"), "correspondence: cos(f, upsampled target feature) per layer; NaN on "
+                                            "padding"),
     MapArray("cosine_decisions", ("example", "y", "x"), "direction probes: a cosine template's patch decisions "
                                                          "(G x G)"),
 )}
@@ -98,6 +106,16 @@ def direction_maps(dataset: str, split: str, model: str) -> str:
 def direction_masks(dataset: str, split: str, model: str, category: str, embedding: str, layer: int) -> str:
     """One (category, embedding, layer)'s masks under ``direction_maps``."""
     return f"{direction_maps(dataset, split, model)}/{category}/{embedding}-l{layer}"
+
+
+def correspondence_maps(dataset: str, split: str, model: str) -> str:
+    """The maps of figure c3 (correspondence heatmaps) of one model; attrs record the run."""
+    return f"correspondence/{dataset}/{split}/{model}"
+
+
+def correspondence_example(dataset: str, split: str, model: str, embedding: str, example: int) -> str:
+    """One example keypoint's heatmaps (every layer of one embedding) under ``correspondence_maps``."""
+    return f"{correspondence_maps(dataset, split, model)}/{embedding}/example-{example}"
 
 
 def setting_maps(dataset: str, split: str, model: str, train_split: str, method: str, k: int, seed: int,

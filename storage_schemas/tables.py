@@ -172,3 +172,95 @@ DIRECTION_SUMMARY = _table(
 DIRECTION_SKIPPED = _table(
     "direction_skipped", *_PROBE_SETTING, *_CONCEPT,
     _field("reason", pa.string(), "why the concept was not evaluated (section 9.2, 9.4)"))
+
+
+# -- zero-shot correspondence (PROTOCOL.md section 11.6) ------------------------------------------
+_CORRESPONDENCE_SETTING = (
+    _field("model", pa.string(), "model key in the feature store"),
+    _field("dataset", pa.string(), "dataset name"),
+    _field("split", pa.string(), "split whose keypoint pairs are transferred"),
+    _field("embedding", pa.string(), "queries | keys | values | tokens (or another captured embedding)"),
+    _field("layer", pa.int16(), "block number (0-based; the paper's layer + 1)"),
+    _field("alpha", pa.float64(), "PCK threshold: alpha max(w_bb, h_bb) of the target box"),
+)
+_PCK = (
+    _field("pck_point", pa.float64(), "correct keypoints / keypoints, pooled over pairs (Table 3's 'per point')"),
+    _field("pck_image", pa.float64(), "mean over pairs of each pair's fraction of correct keypoints"),
+    _field("n_pairs", pa.int32(), "pairs"),
+    _field("n_keypoints", pa.int32(), "keypoints"),
+)
+_CORRESPONDENCE_RUN = (
+    _field("image_size", pa.int32(), "S, the grid the features are upsampled to"),
+    _field("geometry", pa.string(), "crop | pad: how the images lie on the grid"),
+    _field("last_norm", pa.string(), "last-layer tokens before or after the final norm"),
+    _field("rope", pa.string(), "RoPE models: q and k before or after the rotation"),
+    _field("store_fingerprint", pa.string(), "hash of the feature group's fingerprint"),
+    _field("pairs_fingerprint", pa.string(), "hash of keypoint_pairs.parquet's rows"),
+)
+CORRESPONDENCE = _table("correspondence", *_CORRESPONDENCE_SETTING, *_PCK, *_CORRESPONDENCE_RUN)
+CORRESPONDENCE_BY_CATEGORY = _table(
+    "correspondence_by_category", *_CORRESPONDENCE_SETTING,
+    _field("category", pa.string(), "object category"), *_PCK, *_CORRESPONDENCE_RUN)
+CORRESPONDENCE_BEST = _table(
+    "correspondence_best", *_CORRESPONDENCE_SETTING[:4], _CORRESPONDENCE_SETTING[5],
+    _field("best_layer", pa.int16(), "block with the highest pck_point for this embedding"),
+    _field("pck_point", pa.float64(), "its pck_point"),
+    _field("model_best", pa.bool_(), "this (embedding, best_layer) is the model's best over all embeddings"),
+    _field("n_layers", pa.int16(), "layers compared"),
+    _field("store_fingerprint", pa.string(), "hash of the feature group's fingerprint"))
+CORRESPONDENCE_MATCHES = _table(
+    "correspondence_matches",
+    _field("model", pa.string(), "model key in the feature store"),
+    _field("dataset", pa.string(), "dataset name"), _field("split", pa.string(), "split"),
+    _field("pair_id", pa.string(), "pair id of keypoint_pairs"), _field("kp_id", pa.int16(), "keypoint id"),
+    _field("category", pa.string(), "object category"),
+    _field("embedding", pa.string(), "embedding"), _field("layer", pa.int16(), "block number"),
+    _field("pred_x", pa.float64(), "predicted target x, original pixels"),
+    _field("pred_y", pa.float64(), "predicted target y, original pixels"),
+    _field("gt_x", pa.float64(), "ground-truth target x, original pixels"),
+    _field("gt_y", pa.float64(), "ground-truth target y, original pixels"),
+    _field("error", pa.float64(), "||pred - gt||_2, original pixels"),
+    _field("threshold", pa.float64(), "max(w_bb, h_bb) of the target box: correct at alpha iff "
+                                      "error <= alpha * threshold"),
+    _field("score", pa.float64(), "the cosine at the prediction"))
+
+# which feature group a model key of the results is (what the ln_ablation view pairs by)
+FEATURE_GROUPS = _table(
+    "feature_groups",
+    _field("model", pa.string(), "model key in the feature store"),
+    _field("dataset", pa.string(), "dataset name"), _field("split", pa.string(), "split"),
+    _field("alias", pa.string(), "the registry alias (or timm name) the group's features come from"),
+    _field("timm_name", pa.string(), "timm model name"),
+    _field("weights_sha256", pa.string(), "hash of the weights", nullable=True),
+    _field("last_norm", pa.string(), "last-layer tokens before or after the final norm"),
+    _field("rope", pa.string(), "RoPE q and k before or after the rotation"),
+    _field("depth", pa.int16(), "blocks of the model"),
+    _field("image_size", pa.int32(), "S"),
+    _field("store_fingerprint", pa.string(), "hash of the feature group's fingerprint"))
+
+
+# -- views: derived tables DuckDB computes on the fly from the tables above ---------------------------
+# The final-LayerNorm ablation (PROTOCOL.md section 12.1): last-block tokens of two groups of one
+# model (same alias and weights), extracted with last_norm before and after the final norm, on
+# both tasks. ``{scores}`` is the UNION ALL of LN_ABLATION_SCORES over the tables present.
+LN_ABLATION_SCORES = {
+    "segmentation": """
+        SELECT g.alias, g.weights_sha256, s.dataset, 'segmentation' AS task,
+               'miou (K=' || s.k || ', ' || s.method || ')' AS measure, g.last_norm, avg(s.miou) AS value
+        FROM segmentation s JOIN feature_groups g ON s.model = g.model AND s.dataset = g.dataset
+        WHERE s.embedding = 'tokens' AND s.layer = g.depth - 1 GROUP BY ALL""",
+    "correspondence": """
+        SELECT g.alias, g.weights_sha256, c.dataset, 'correspondence' AS task, 'pck_point@0.10' AS measure,
+               g.last_norm, avg(c.pck_point) AS value
+        FROM correspondence c JOIN feature_groups g ON c.model = g.model AND c.dataset = g.dataset
+            AND c.split = g.split
+        WHERE c.embedding = 'tokens' AND c.layer = g.depth - 1 AND abs(c.alpha - 0.10) < 1e-9 GROUP BY ALL""",
+}
+LN_ABLATION = """
+    WITH scores AS ({scores})
+    SELECT b.alias AS model, b.dataset, b.task, b.measure, b.value AS before, a.value AS after,
+           a.value - b.value AS diff, a.value - b.value AS difference
+    FROM scores b JOIN scores a ON a.alias = b.alias AND a.weights_sha256 IS NOT DISTINCT FROM b.weights_sha256
+        AND a.dataset = b.dataset AND a.task = b.task AND a.measure = b.measure
+    WHERE b.last_norm = 'before' AND a.last_norm = 'after'"""
+VIEWS = {"ln_ablation": ("feature_groups", LN_ABLATION, LN_ABLATION_SCORES)}  # name: (needs, sql, parts by table)

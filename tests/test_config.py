@@ -86,8 +86,10 @@ def _demo(tmp_path, **changes):
 
 def test_the_demo_config_validates_into_stage_configs(tmp_path):
     cfg = RunConfig.from_yaml(DEMO)
-    assert [name for name, _, _ in cfg.plan()] == ["extract", "extract", "cluster", "cluster", "evaluate", "probe",
-                                                  "probe", "report"]
+    assert [name for name, _, _ in cfg.plan()] == ["extract"] * 4 + ["cluster", "cluster", "evaluate", "probe",
+                                                                     "probe", "correspond", "correspond", "report"]
+    assert [e.dataset for e in cfg.extracts + cfg.keypoint_extracts] == ["synthetic"] * 2 + ["synthetic-pairs"] * 2
+    assert cfg.keypoint_extracts[0].splits == ("test",) and cfg.corresponds[1].examples == 2
     assert cfg.probes[0].shots == (1, 5) and cfg.probes[1].model == "tiny-dinov3"
     assert cfg.clusters[0].steps == 300 and cfg.clusters[0].k == (6,)
     assert cfg.extracts[0].splits == ("train", "val") and cfg.evaluate.split == "val"

@@ -46,7 +46,7 @@ def test_store_holds_exactly_what_the_model_captures(ray_local, tmp_path, name):
     assert stored.finished and stored.layers == (0, 3)
     extractor = Extractor(cfg)  # the same computation in this process, no Ray, no store
     items = extractor.items("val")
-    images, labels, _ = extractor.load_batch(items)
+    images, labels, _, _ = extractor.load_batch(items)
     direct = extractor.features(images, [i.image_id for i in items])
     for emb in ("queries", "keys", "values", "tokens", "class_tokens", "attention_mi"):
         np.testing.assert_allclose(stored.group[emb][:].astype(np.float32), direct[emb].astype(np.float32),

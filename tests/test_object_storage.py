@@ -155,6 +155,8 @@ def test_the_whole_run_on_object_storage_equals_the_local_run(ray_local, s3, sha
            "models": [{"model": "tiny-vit", "weights": "random"}],
            "extract": {"layers": [0, 2], "chunk_images": 2, "embeddings": ["keys", "tokens"]},
            "cluster": {"k": [5], "steps": 20, "init_batches": 2, "batch_images": 2},
+           "correspond": {"dataset": {"name": "synthetic-pairs", "options": {"pairs": 2}, "split": "test"},
+                          "examples": 1, "keep_matches": True},
            "comparisons": [{"compare": "layers", "embedding": "keys", "models": ["tiny-vit"]}]}
     remote = {**run, "store": s3.url("features.zarr"), "dataset": {**run["dataset"], "root": str(data)}}
     local = {**run, "store": str(tmp_path / "local/features.zarr"),
@@ -172,6 +174,9 @@ def test_the_whole_run_on_object_storage_equals_the_local_run(ray_local, s3, sha
     sql = "SELECT layer, embedding, round(miou, 6) AS miou FROM segmentation ORDER BY layer, embedding"
     remote_rows = _cli("query", s3.url("results"), sql).stdout
     assert remote_rows == _cli("query", tmp_path / "local/results", sql).stdout and "keys" in remote_rows
+    sql = "SELECT pair_id, kp_id, embedding, layer, pred_x, pred_y FROM correspondence_matches ORDER BY ALL"
+    remote_rows = _cli("query", s3.url("results"), sql, "--limit", "1000").stdout
+    assert remote_rows == _cli("query", tmp_path / "local/results", sql, "--limit", "1000").stdout and "pair" in remote_rows
     for name, want in _arrays(tmp_path / "local/features.zarr", "tiny-vit", "train2017", "cocostuff27").items():
         got = _arrays(s3.url("features.zarr"), "tiny-vit", "train2017", "cocostuff27")[name]
         np.testing.assert_array_equal(got, want, err_msg=name)

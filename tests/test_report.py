@@ -35,18 +35,19 @@ def demo_run(ray_local, tmp_path_factory):
 
 def test_run_performs_every_stage_then_skips_them(demo_run, tmp_path):
     cfg, first = demo_run
-    assert [s[2] for s in first.stages] == ["done"] * 8
+    assert [s[2] for s in first.stages] == ["done"] * 12
     assert first.report.is_file()
     again = run_all(cfg, progress=False, say=lambda _: None)
-    assert [(s[0], s[2]) for s in again.stages] == [("extract", "skipped")] * 2 + [("cluster", "skipped")] * 2 + [
-        ("evaluate", "skipped")] + [("probe", "skipped")] * 2 + [("report", "done")]
+    assert [(s[0], s[2]) for s in again.stages] == [("extract", "skipped")] * 4 + [("cluster", "skipped")] * 2 + [
+        ("evaluate", "skipped")] + [("probe", "skipped")] * 2 + [("correspond", "skipped")] * 2 + [("report", "done")]
 
 
 def test_every_shipped_config_parses(tmp_path):
     for path in sorted(DEMO.parent.glob("*.yaml")):
         raw = yaml.safe_load(path.read_text())
-        if raw["dataset"].get("root"):  # the data of the paper's configs is not on this machine
-            raw["dataset"]["root"] = str(tmp_path)
+        for section in (raw["dataset"], (raw.get("correspond") or {}).get("dataset") or {}):
+            if section.get("root"):  # the data of the paper's configs is not on this machine
+                section["root"] = str(tmp_path)
         raw["models"] = [dict(m, weights="random") if isinstance(m, dict) else m for m in raw["models"]]
         cfg = RunConfig.from_dict(raw, base=tmp_path, where=str(path))
         assert cfg.extracts and cfg.report.comparisons, path
@@ -56,13 +57,15 @@ def test_report_files_and_a_fixed_layer_comparison(demo_run, tmp_path):
     cfg, _ = demo_run
     result = run_report(ReportConfig(results=cfg.report.results, out=tmp_path / "r",
                                      comparisons=(Comparison(compare="models", embedding="tokens", layer=2),)))
-    names = {p.name for p in result.figures if p.parent.name != "directions"}  # the demo's probes: their own test
+    names = {p.name for p in result.figures if p.parent.name != "directions"  # probes, correspondence: own tests
+             and not p.parent.name.startswith("correspondence-")}
     panels = (*COMPARISON_PANELS, *SUMMARY_PANELS)
     assert names == {f"{p.file}.{ext}" for p in panels for ext in ("png", "svg")}  # every panel, both formats
     assert all(p.stat().st_size > 0 for p in result.figures)
     page = result.index.read_text()
     directions = sum(p.parent.name == "directions" for p in result.figures) // 2
-    assert directions and page.count("<img") == len(panels) + directions
+    correspondence = sum(p.parent.name.startswith("correspondence-") for p in result.figures) // 2
+    assert directions and correspondence and page.count("<img") == len(panels) + directions + correspondence
     assert "http" not in page.split("<body>")[1]  # self-contained
     for p in panels:
         assert html.escape(p.caption) in page and html.escape(p.reading) in page

@@ -23,6 +23,7 @@ def build_dataset(name: str, root: str | Path | None = None, **options: Any) -> 
     return cls(root, **options)
 
 
-from . import ade150, cityscapes, cocostuff, folder, pascalpart, synthetic, voc  # noqa: E402,F401  (they register)
+from . import (ade150, cityscapes, cocostuff, folder, pascalpart, spair,  # noqa: E402,F401  (they register)
+               synthetic, synthetic_pairs, voc)
 
 __all__ = ["DATASETS", "Item", "LabelMap", "SegmentationDataset", "build_dataset", "register_dataset", "voc_palette"]

@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 from .. import config
 from ..errors import ConfigError, DataRootError, EmptySplitError, ImageReadError, LabelValueError, SizeMismatchError
 from ..location import as_location, is_local
+from .geometry import GEOMETRIES, PAD_FILL_RGB, place, placement
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,8 @@ def voc_palette(n: int = 256) -> np.ndarray:
 
 
 def resize_shorter_and_crop(img: Image.Image, size: int, resample: int) -> Image.Image:
-    """Resize the shorter side to ``size``, then centre-crop ``size`` x ``size``."""
-    w, h = img.size
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), resample)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    """Resize the shorter side to ``size``, then centre-crop ``size`` x ``size`` (``crop``)."""
+    return place(img, size, "crop", resample, 0)
 
 
 # -- reading files: the size limit before decoding, every PIL mode to 8-bit RGB ---------------
@@ -251,14 +246,23 @@ class SegmentationDataset:
     needs_root: ClassVar[bool] = True          # False: the dataset makes its own images
     root_layout: ClassVar[str] = "the dataset"  # what --data-root must hold, for the error
     options_allowed: ClassVar[tuple[str, ...]] = ()  # the dataset options (``-o KEY=VALUE``) it reads
+    default_geometry: ClassVar[str] = "crop"  # PROTOCOL.md section 3; keypoint datasets: pad (8.2)
 
     def __init__(self, root: str | Path | None = None, **options: Any):
-        unknown = sorted(set(options) - set(self.options_allowed))
+        allowed = ("geometry", *self.options_allowed)  # every dataset takes the geometry option
+        unknown = sorted(set(options) - set(allowed))
         if unknown:
-            allowed = ", ".join(self.options_allowed) or "none"
-            raise ConfigError(f"{self.name}: unknown dataset option {unknown[0]!r}; it takes: {allowed}")
+            raise ConfigError(f"{self.name}: unknown dataset option {unknown[0]!r}; it takes: {', '.join(allowed)}")
+        geometry = options.get("geometry", self.default_geometry)
+        if geometry not in GEOMETRIES:
+            raise ConfigError(f"{self.name}: dataset option geometry={geometry!r}; one of {', '.join(GEOMETRIES)}")
         self.root = as_location(root) if root is not None else None  # a folder, or an object-storage URL
-        self.options = options
+        self.options = {**options, "geometry": geometry}
+
+    @property
+    def geometry(self) -> str:
+        """How images are placed on the S x S grid: ``crop`` or ``pad`` (``geometry.py``)."""
+        return str(self.options["geometry"])
 
     # -- what subclasses provide ---------------------------------------------------------
     @property
@@ -311,7 +315,15 @@ class SegmentationDataset:
 
     def load(self, item: Item, image_size: int, max_pixels: int | None = config.MAX_IMAGE_PIXELS
              ) -> tuple[np.ndarray, np.ndarray]:
-        """(RGB uint8 (S, S, 3), class ids uint8 (S, S)) after resize and centre crop.
+        """(RGB uint8 (S, S, 3), class ids uint8 (S, S)) placed by the dataset's geometry."""
+        image, label, _ = self.load_placed(item, image_size, max_pixels)
+        return image, label
+
+    def load_placed(self, item: Item, image_size: int, max_pixels: int | None = config.MAX_IMAGE_PIXELS
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(RGB uint8 (S, S, 3), class ids uint8 (S, S), geometry int32 (6,)): the image placed
+        on the grid by the dataset's geometry (``crop`` or ``pad``) and the row that maps grid
+        positions back to its pixels.
 
         Files of more than ``max_pixels`` pixels are refused from their header, before
         decoding; label values are checked on the whole file, not only the crop."""
@@ -321,10 +333,16 @@ class SegmentationDataset:
                 label = np.full((image_size, image_size), self.ignore_index, dtype=np.uint8)
             else:
                 table = self.check_label_values(np.asarray(raw), item.label_path or item.image_id)
-                cropped = resize_shorter_and_crop(raw, image_size, Image.NEAREST)
-                label = table[np.asarray(cropped)]
-            image = resize_shorter_and_crop(image, image_size, Image.BILINEAR)
-        return np.asarray(image, dtype=np.uint8), label
+                label = table[np.asarray(self._place_label(raw, image_size))]
+            geometry = np.asarray(placement(*image.size, image_size, self.geometry), dtype=np.int32)
+            image = place(image, image_size, self.geometry, Image.BILINEAR, PAD_FILL_RGB)
+        return np.asarray(image, dtype=np.uint8), label, geometry
+
+    def _place_label(self, raw: Image.Image, image_size: int) -> Image.Image:
+        """A raw label image on the grid (nearest); padding gets the raw value of ``ignore``."""
+        ignore = int(np.flatnonzero(self._raw_label_table()[0] == self.ignore_index)[-1]) \
+            if self.geometry == "pad" else 0
+        return place(raw, image_size, self.geometry, Image.NEAREST, ignore)
 
     def _read_pair(self, item: Item, max_pixels: int | None = config.MAX_IMAGE_PIXELS
                    ) -> tuple[Image.Image, Image.Image | None]:
@@ -425,7 +443,9 @@ class SegmentationDataset:
                     if bad.size:
                         raise LabelValueError(f"label file {path} holds values {bad[:10].tolist()} outside the class "
                                               f"table of {name} ({len(label_map.classes)} classes)")
-                    out[name] = label_map.table[np.asarray(resize_shorter_and_crop(raw, image_size, Image.NEAREST))]
+                    placed = place(raw, image_size, self.geometry, Image.NEAREST,
+                                   int(np.flatnonzero(label_map.table == self.ignore_index)[-1]))
+                    out[name] = label_map.table[np.asarray(placed)]
         return out
 
     def fingerprint(self, split: str, items: Sequence[Item], image_size: int) -> dict[str, Any]:
@@ -442,8 +462,15 @@ class SegmentationDataset:
             "classes": list(self.classes),
             "ignore_index": self.ignore_index,
             "image_ids_sha256": ids,
-            "options": {k: v for k, v in sorted(self.options.items())},
+            "options": {k: v for k, v in sorted(self.options.items())},  # geometry included (8.2)
         }
+
+    # -- keypoint pairs (PROTOCOL.md sections 8.3, 11) -------------------------------------------
+    def keypoint_pairs(self, split: str, items: Sequence[Item]) -> list[dict[str, Any]] | None:
+        """The split's keypoint pairs, one dict per (pair, keypoint) with the columns of
+        ``storage_schemas.feature_store.KEYPOINT_PAIRS`` but ``dataset_fingerprint``; None for a
+        dataset without pairs (most). Checked here, before anything is written."""
+        return None
 
     def _halves(self, ids: Sequence[str], split: str) -> list[str]:
         """``train`` or ``val``: one half of a sample that comes as one split, by a permutation

@@ -22,7 +22,7 @@ from rep_pipeline.pipeline.config import EvaluateConfig
 from rep_pipeline.pipeline.errors import StoreError
 from rep_pipeline.pipeline.leases import Lease, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
-from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.results import Results, feature_group_row
 from rep_pipeline.pipeline.store import Codebook, DatasetSplit, FeatureStore, MapStore, ModelSplit, fingerprint_hash
 from rep_pipeline.pipeline.streaming import FeatureStream, check_finite
 from rep_pipeline.storage_schemas import results as layout
@@ -190,6 +190,8 @@ def run_evaluate(cfg: EvaluateConfig, *, address: str | None = None, progress: b
                 rows = _evaluate_model(cfg, be, maps, store.dataset_split(t.dataset, cfg.split), t, progress)
                 parts += [(table, rows[table], t.dataset, t.model) for table in TABLES]
                 parts.append(_attention(cfg, maps, t))
+                parts.append(("feature_groups", [feature_group_row(t.model, t.dataset, cfg.split, t.group)], t.dataset,
+                              t.model))
                 result.settings += len(rows["segmentation"])
                 result.models.append(t.model)
         for table, rows, dataset, model in parts:  # after the maps: a table row never points at a missing map

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.config import ExtractConfig
 from rep_pipeline.pipeline.datasets import Item, build_dataset
+from rep_pipeline.pipeline.datasets.geometry import inside
 from rep_pipeline.pipeline.errors import NonFiniteFeaturesError, RepPipelineError
 from rep_pipeline.pipeline.registry import build_model
 from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit
@@ -88,25 +89,33 @@ class Extractor:
             self._items[split] = self.dataset.items(split, self.cfg.limit)
         return self._items[split]
 
-    def load_batch(self, items: list[Item]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """Decode images in parallel: (B, S, S, 3) uint8, (B, S, S) uint8 labels, and the
-        further label maps (B, S, S) by name."""
+    def load_batch(self, items: list[Item]) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """Decode images in parallel: (B, S, S, 3) uint8, (B, S, S) uint8 labels, the further
+        label maps (B, S, S) by name, and the geometry rows (B, 6)."""
         S, limit = self.cfg.image_size, self.cfg.max_image_pixels
-        pairs = list(self._decoder.map(lambda it: (*self.dataset.load(it, S, max_pixels=limit),
-                                                   self.dataset.load_extra(it, S, max_pixels=limit)), items))
-        extra = {m.name: np.stack([p[2][m.name] for p in pairs]) for m in self.dataset.label_maps()}
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]), extra
+        loaded = list(self._decoder.map(lambda it: (*self.dataset.load_placed(it, S, max_pixels=limit),
+                                                    self.dataset.load_extra(it, S, max_pixels=limit)), items))
+        extra = {m.name: np.stack([p[3][m.name] for p in loaded]) for m in self.dataset.label_maps()}
+        return (np.stack([p[0] for p in loaded]), np.stack([p[1] for p in loaded]), extra,
+                np.stack([p[2] for p in loaded]))
 
-    def to_model_input(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 crops -> normalised float pixels at the model's input size."""
+    def to_model_input(self, images: np.ndarray, geometry: np.ndarray | None = None) -> torch.Tensor:
+        """uint8 grid images -> normalised float pixels at the model's input size; with ``pad``
+        geometry rows, the padding is set to 0, the model's mean colour (PROTOCOL.md s. 8.2)."""
         x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.loaded.input_size:
             x = F.interpolate(x, size=self.loaded.input_size, mode="bilinear", align_corners=False)
-        return x * self._scale - self._shift
+        x = x * self._scale - self._shift
+        if geometry is not None and self.dataset.geometry == "pad":
+            S = images.shape[1]
+            shown = torch.from_numpy(np.stack([inside(g, S) for g in geometry])[:, None].astype(np.float32))
+            x = x * F.interpolate(shown.to(self.device), size=x.shape[-1], mode="nearest")
+        return x
 
-    def features(self, images: np.ndarray, image_ids: list[str]) -> dict[str, np.ndarray]:
+    def features(self, images: np.ndarray, image_ids: list[str], geometry: np.ndarray | None = None
+                 ) -> dict[str, np.ndarray]:
         """Captured arrays of one batch, on the host, finite-checked."""
-        out = self.capture(self.to_model_input(images))
+        out = self.capture(self.to_model_input(images, geometry))
         for name, tensor in out.items():
             if name != "attention_sum" and not all_finite(tensor):
                 raise NonFiniteFeaturesError(
@@ -127,21 +136,22 @@ class Extractor:
         data, target = self.groups(model, split)
         start, stop = data.bounds(chunk)
         items = self.items(split)[start:stop]
-        images, labels, extra = self.load_batch(items)
+        images, labels, extra, geometry = self.load_batch(items)
         t1 = time.perf_counter()
-        arrays = self.features(images, [it.image_id for it in items])
+        arrays = self.features(images, [it.image_id for it in items], geometry)
         t2 = time.perf_counter()
         provenance = {"node": runner.node_id(), "host": socket.gethostname(), "pid": os.getpid(),
                       "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       "seconds": round(t2 - t0, 3)}
-        self.write(data, target, chunk, labels, arrays, images, provenance, extra)
+        self.write(data, target, chunk, labels, arrays, images, provenance, extra, geometry)
         t3 = time.perf_counter()
         return {"images": stop - start, "load_s": t1 - t0, "compute_s": t2 - t1, "write_wait_s": t3 - t2,
                 "pid": os.getpid(), "node": provenance["node"]}
 
     def write(self, data: DatasetSplit, target: ModelSplit, chunk: int, labels: np.ndarray,
               arrays: dict[str, np.ndarray], images: np.ndarray | None = None,
-              provenance: dict[str, Any] | None = None, extra_labels: dict[str, np.ndarray] | None = None) -> None:
+              provenance: dict[str, Any] | None = None, extra_labels: dict[str, np.ndarray] | None = None,
+              geometry: np.ndarray | None = None) -> None:
         """Write one chunk: behind the next chunk's compute on a GPU, at once on a CPU.
 
         Waits first for (and re-raises errors of) the previous write. On a CPU the forward
@@ -152,7 +162,7 @@ class Extractor:
 
         def write() -> None:
             if not data.done[chunk]:
-                data.write_labels(chunk, labels, images, extra_labels)
+                data.write_labels(chunk, labels, images, extra_labels, geometry)
             target.write_chunk(chunk, arrays, provenance)
 
         if self._write_behind:

@@ -1,5 +1,6 @@
-"""The figures of the visual protocol (PROTOCOL.md section 6) and of the direction probes
-(section 9.7, d1-d5), one function per panel.
+"""The figures of the visual protocol (PROTOCOL.md section 6), of the direction probes
+(section 9.7, d1-d5) and of the zero-shot correspondence (section 11.6, c1-c4), one function
+per panel.
 
 Each ``plot_*`` draws on the axes (or figure) it is given and creates them only when none
 is given, as xarray's plot helpers do; none writes files (the report stage does). matplotlib
@@ -302,3 +303,244 @@ def plot_concept_masks(images: np.ndarray, truth: np.ndarray, decisions: np.ndar
     if title:
         fig.suptitle(title, fontsize=8)
     return fig
+
+
+# -- zero-shot correspondence (PROTOCOL.md section 11.6, c1-c4) --------------------------------------
+CORRESPONDENCE_EMBEDDINGS = ("keys", "queries", "values", "tokens")  # Table 3's order: K / Q / V / T
+CORRESPONDENCE_LETTERS = {"keys": "K", "queries": "Q", "values": "V", "tokens": "T"}
+MAX_HEATMAP_LAYERS = 12
+
+
+def embedding_order(embeddings: Sequence[str]) -> list[str]:
+    """Distinct embeddings in Table 3's order (keys, queries, values, tokens), others after by name."""
+    rank = list(CORRESPONDENCE_EMBEDDINGS)
+    return sorted(dict.fromkeys(embeddings), key=lambda e: (rank.index(e) if e in rank else len(rank), str(e)))
+
+
+def embedding_colour(embedding: str) -> str:
+    """One colour per embedding on every correspondence figure (K, Q, V, T first)."""
+    rank = list(CORRESPONDENCE_EMBEDDINGS)
+    if embedding in rank:
+        return COLOURS[rank.index(embedding)]
+    return COLOURS[len(rank) + sum(map(ord, str(embedding))) % (len(COLOURS) - len(rank))]
+
+
+def plot_pck_layers(rows: Sequence[Any], *, metric: str = "pck_point", title: str = "", ylabel: str = "PCK (%)",
+                    legend: bool = True, ax: Any = None) -> Any:
+    """(c1) PCK (in %) against the layer, one line per embedding (K, Q, V, T order), each line's
+    best layer marked with a larger dot. ``rows`` are mappings with ``embedding``, ``layer``
+    (the 0-based block) and ``metric``; the x axis shows the paper's 1-based layer (block + 1)."""
+    ax = _axes(ax, (3.6, 2.6))
+    ticks: set[int] = set()
+    for emb in embedding_order([r["embedding"] for r in rows]):
+        mine = sorted((r for r in rows if r["embedding"] == emb), key=lambda r: r["layer"])
+        xs = [int(r["layer"]) + 1 for r in mine]
+        ys = [100 * float(r[metric]) for r in mine]
+        ticks |= set(xs)
+        colour = embedding_colour(emb)
+        ax.plot(xs, ys, marker="o", markersize=2.5, linewidth=1.2, color=colour, label=emb)
+        if ys and np.isfinite(ys).any():
+            best = int(np.nanargmax(ys))
+            ax.plot([xs[best]], [ys[best]], marker="o", markersize=6, color=colour, markeredgecolor="white",
+                    linestyle="none")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(12, max(len(ticks), 1))))
+    ax.set_xlabel("layer (1-based: block + 1)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend and ticks:
+        ax.legend(fontsize=7)
+    return ax
+
+
+def plot_pck_table(rows: Sequence[Any], embeddings: Sequence[str], *, differences: Sequence[Any] = (),
+                   title: str = "", ax: Any = None) -> Any:
+    """(c2) Table 3's layout as a table figure: per model (``rows``: mappings with ``label``,
+    ``pck`` {embedding: fraction} and ``best`` text, e.g. '9/12'), the best-layer PCK in % of each
+    embedding, the row's highest in bold; then the ``differences`` rows (``label``, ``pck``
+    {embedding: fraction difference}), shaded green where positive and red where negative."""
+    header = ["model", *[CORRESPONDENCE_LETTERS.get(e, e) for e in embeddings], "best layer"]
+    body: list[list[str]] = []
+    for r in rows:
+        body.append([r["label"], *[_pct(r["pck"].get(e)) for e in embeddings], r.get("best", "")])
+    for d in differences:
+        body.append([d["label"], *[_pct(d["pck"].get(e), signed=True) for e in embeddings], ""])
+    n_cols = len(header)
+    ax = _axes(ax, (1.1 * n_cols + 1.6, 0.3 * (len(body) + 1) + 0.4))
+    ax.axis("off")
+    if not body:
+        return ax
+    table = ax.table(cellText=body, colLabels=header, loc="upper center", cellLoc="center",
+                     colWidths=[0.34] + [0.12] * len(embeddings) + [0.16])
+    table.auto_set_font_size(False)
+    table.set_fontsize(7.5)
+    table.scale(1.0, 1.3)
+    for (i, j), cell in table.get_celld().items():
+        cell.set_edgecolor("0.85")
+        if i == 0:
+            cell.set_text_props(weight="bold")
+            cell.set_facecolor("0.93")
+    for i, r in enumerate(rows, start=1):
+        values = [r["pck"].get(e) for e in embeddings]
+        finite = [v for v in values if v is not None and np.isfinite(v)]
+        for j, v in enumerate(values, start=1):
+            if finite and v == max(finite):
+                table[i, j].set_text_props(weight="bold")
+    for i, d in enumerate(differences, start=len(rows) + 1):
+        table[i, 0].set_text_props(style="italic")
+        for j, e in enumerate(embeddings, start=1):
+            v = d["pck"].get(e)
+            if v is not None and np.isfinite(v) and v != 0:
+                table[i, j].set_facecolor("#d9f0d3" if v > 0 else "#f6d5d5")
+    ax.set_title(title)
+    return ax
+
+
+def _pct(value: Any, signed: bool = False) -> str:
+    if value is None or not np.isfinite(value):
+        return "-"
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def shown_layers(n: int, best: int | None = None, limit: int = MAX_HEATMAP_LAYERS) -> list[int]:
+    """Indices of the layer columns of a heatmap row: all ``n`` when at most ``limit``, else
+    ``limit`` evenly spaced (first and last included) plus ``best``, the best layer's index."""
+    if n <= limit:
+        return list(range(n))
+    picked = set(np.linspace(0, n - 1, limit).round().astype(int).tolist())
+    if best is not None and 0 <= best < n:
+        picked.add(int(best))
+    return sorted(picked)
+
+
+def shrink(image: np.ndarray, max_pixels: int | None) -> np.ndarray:
+    """``image`` (H, W[, C]) averaged over f x f blocks, f the smallest integer that brings its
+    longer side to at most ``max_pixels`` (None: as it is); NaN spreads to its block. A panel
+    about an inch wide shows no more, and the page and SVG stay small."""
+    image = np.asarray(image)
+    f = 1 if not max_pixels else -(-max(image.shape[:2]) // max_pixels)
+    if f <= 1:
+        return image
+    h, w = image.shape[0] // f * f, image.shape[1] // f * f
+    blocks = image[:h, :w].astype(np.float32).reshape(h // f, f, w // f, f, *image.shape[2:]).mean(axis=(1, 3))
+    return blocks.round().astype(image.dtype) if image.dtype == np.uint8 else blocks
+
+
+def _show(ax: Any, image: np.ndarray, max_pixels: int | None, **kwargs: Any) -> Any:
+    """``imshow`` of ``image`` shrunk to ``max_pixels``, on its original pixel coordinates."""
+    h, w = np.asarray(image).shape[:2]
+    return ax.imshow(shrink(image, max_pixels), extent=(-0.5, w - 0.5, h - 0.5, -0.5), **kwargs)
+
+
+def _image_axes(ax: Any) -> None:
+    ax.set_xticks([]), ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+
+
+def plot_source_point(image: np.ndarray, point: Sequence[float], *, title: str = "", max_pixels: int | None = 160,
+                      ax: Any = None) -> Any:
+    """(c3) the source image with its keypoint ([row, col], grid pixels) as a red dot (the image
+    shown at most ``max_pixels`` wide, see ``shrink``)."""
+    ax = _axes(ax, (1.6, 1.6))
+    _show(ax, image, max_pixels, interpolation="nearest")
+    ax.plot([point[1]], [point[0]], marker="o", markersize=5, color="red", markeredgecolor="white",
+            markeredgewidth=0.6, linestyle="none")
+    ax.set_title(title, fontsize=7)
+    _image_axes(ax)
+    return ax
+
+
+def plot_cosine_map(target: np.ndarray, cosine: np.ndarray, *, truth: Sequence[float] | None = None,
+                    prediction: Sequence[float] | None = None, radius: float | None = None, best: bool = False,
+                    title: str = "", cmap: str = "plasma", opacity: float = 0.6, max_pixels: int | None = 160,
+                    ax: Any = None) -> Any:
+    """(c3) the target image with a cosine map over it: the map in ``cmap``, scaled to its own
+    minimum and maximum and alpha-blended (``opacity``); NaN (padding) left transparent. The
+    ground truth ``truth`` ([row, col], grid pixels) a green circle with a white circle of
+    ``radius`` grid pixels around it, the argmax ``prediction`` a green cross; ``best`` frames
+    the panel red. Image and map are shown at most ``max_pixels`` wide (``shrink``); the marks
+    stay on the grid's pixel coordinates."""
+    ax = _axes(ax, (1.6, 1.6))
+    _show(ax, target, max_pixels, interpolation="nearest")
+    values = np.ma.masked_invalid(np.asarray(cosine, dtype=np.float32))
+    colours = pyplot().get_cmap(cmap).with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+    if values.count():
+        _show(ax, values.filled(np.nan), max_pixels, cmap=colours, alpha=opacity, vmin=float(values.min()),
+              vmax=float(values.max()), interpolation="bilinear")
+    if truth is not None:
+        from matplotlib.patches import Circle
+
+        if radius is not None and np.isfinite(radius) and radius > 0:
+            ax.add_patch(Circle((truth[1], truth[0]), radius, fill=False, edgecolor="white", linewidth=0.9))
+        ax.plot([truth[1]], [truth[0]], marker="o", markersize=5, markerfacecolor="none", markeredgecolor="lime",
+                markeredgewidth=1.2, linestyle="none")
+    if prediction is not None:
+        ax.plot([prediction[1]], [prediction[0]], marker="x", markersize=5, color="lime", markeredgewidth=1.4,
+                linestyle="none")
+    ax.set_xlim(-0.5, np.asarray(target).shape[1] - 0.5)
+    ax.set_ylim(np.asarray(target).shape[0] - 0.5, -0.5)
+    ax.set_title(title, fontsize=7, color="red" if best else "black")
+    ax.set_xticks([]), ax.set_yticks([])
+    for side in ax.spines.values():
+        side.set_visible(best)
+        if best:
+            side.set_edgecolor("red"), side.set_linewidth(2.2)
+    return ax
+
+
+def plot_correspondence_heatmaps(examples: Sequence[Any], *, max_layers: int = MAX_HEATMAP_LAYERS,
+                                 fig: Any = None) -> Any:
+    """(c3) one row per example (mappings with ``label``, ``source``, ``target``, ``cosine``
+    (layer, S, S), ``layers`` (blocks, 0-based), ``source_point``, ``target_point``,
+    ``predictions``, ``radius``, ``best_layer``): the source image with its keypoint, then the
+    target's cosine map per layer (at most ``max_layers`` evenly spaced plus the best, which is
+    framed red). Columns are titled with the 1-based layer. ``fig`` may be a subfigure."""
+    picks = []
+    for e in examples:
+        layers = [int(v) for v in e["layers"]]
+        best = layers.index(int(e["best_layer"])) if e.get("best_layer") is not None and \
+            int(e["best_layer"]) in layers else None
+        picks.append((shown_layers(len(layers), best, max_layers), best))
+    columns = 1 + max([len(p) for p, _ in picks] + [1])
+    rows = max(len(examples), 1)
+    fig = fig or pyplot().figure(figsize=(1.05 * columns + 1.3, 1.12 * rows + 0.3))
+    axes = fig.subplots(rows, columns, squeeze=False)
+    for i, (e, (idx, best)) in enumerate(zip(examples, picks)):
+        layers = [int(v) for v in e["layers"]]
+        plot_source_point(e["source"], e["source_point"], title="source" if i == 0 else "", ax=axes[i, 0])
+        axes[i, 0].set_ylabel(e.get("label", ""), rotation=0, ha="right", va="center", fontsize=7)
+        for j, k in enumerate(idx, start=1):
+            plot_cosine_map(e["target"], e["cosine"][k], truth=e["target_point"], prediction=e["predictions"][k],
+                            radius=e.get("radius"), best=k == best, title=f"layer {layers[k] + 1}", ax=axes[i, j])
+        for ax in axes[i, len(idx) + 1:]:
+            ax.set_visible(False)
+    for ax in axes[len(examples):].ravel():
+        ax.set_visible(False)
+    fig.subplots_adjust(wspace=0.04, hspace=0.25)
+    return fig
+
+
+def plot_ln_ablation(rows: Sequence[Any], *, title: str = "", ylabel: str = "%", ax: Any = None) -> Any:
+    """(c4) the final-norm ablation: per model (``rows``: mappings with ``model``, ``before``,
+    ``after``, fractions), a bar before and a bar after the final norm, in %, the difference
+    (after minus before, points) written above the pair."""
+    ax = _axes(ax, (max(3.0, 0.7 * len(rows) + 1.4), 2.6))
+    x = np.arange(len(rows))
+    before = np.array([100 * float(r["before"]) for r in rows])
+    after = np.array([100 * float(r["after"]) for r in rows])
+    ax.bar(x - 0.2, before, 0.4, color=GT_COLOUR, label="before final norm")
+    ax.bar(x + 0.2, after, 0.4, color=COLOURS[0], label="after final norm")
+    top = np.nanmax(np.concatenate([before, after, [0.0]]))
+    for xi, b, a in zip(x, before, after):
+        ax.text(xi, max(a, b) + 0.02 * (top or 1), f"{a - b:+.2f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, [str(r["model"]) for r in rows], rotation=30 if len(rows) > 3 else 0,
+                  ha="right" if len(rows) > 3 else "center")
+    ax.set_xlim(-0.75, len(rows) - 0.25)
+    ax.set_ylim(0, (top or 1) * 1.22)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if len(rows):
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax

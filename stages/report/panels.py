@@ -3,9 +3,12 @@
 A comparison panel draws ``(data, rows)`` (the report's ``ReportData`` and the compared
 settings) into a new figure; a summary panel draws ``(data, k, method)`` once per report; a
 directions panel draws ``(data)`` once, in the "direction probes" section, when the results
-hold direction probes (PROTOCOL.md section 9.7). Each carries its caption and how to read it,
-which the page prints beneath the figure, and may carry ``when(*args)``: the panel is drawn
-only where that holds (d5 needs several probed blocks, d4 the stored masks).
+hold direction probes (PROTOCOL.md section 9.7); a correspondence panel draws ``(data,
+dataset, split)`` once per keypoint dataset and split, in its "zero-shot correspondence"
+section, when the results hold the ``correspondence`` table (section 11.6). Each carries its
+caption and how to read it, which the page prints beneath the figure, and may carry
+``when(*args)``: the panel is drawn only where that holds (d5 needs several probed blocks, d4
+the stored masks, c3 the stored heatmaps, c4 a before/after pair of the final norm).
 """
 from __future__ import annotations
 
@@ -41,23 +44,29 @@ class Panel:
 COMPARISON_PANELS: tuple[Panel, ...] = ()
 SUMMARY_PANELS: tuple[Panel, ...] = ()
 DIRECTION_PANELS: tuple[Panel, ...] = ()
+CORRESPONDENCE_PANELS: tuple[Panel, ...] = ()
 
 
 def panel(key: str, file: str, caption: str, reading: str, *, summary: bool = False, directions: bool = False,
-          when: Callable[..., bool] | None = None) -> Callable:
+          correspondence: bool = False, when: Callable[..., bool] | None = None) -> Callable:
     """Register the decorated ``draw(...) -> Figure`` as a panel of every comparison (or, with
     ``summary``, of the report's summary section; with ``directions``, of its direction-probe
-    section), drawn only where ``when`` (if given) holds."""
-    if summary and directions:
-        raise ValueError(f"panel {key!r}: summary or directions, not both")
+    section; with ``correspondence``, of each zero-shot correspondence section), drawn only where
+    ``when`` (if given) holds."""
+    kinds = [name for name, on in (("summary", summary), ("directions", directions),
+                                   ("correspondence", correspondence)) if on]
+    if len(kinds) > 1:
+        raise ValueError(f"panel {key!r}: one of summary, directions or correspondence, not {' and '.join(kinds)}")
 
     def register(draw: Callable[..., Any]) -> Callable[..., Any]:
-        global COMPARISON_PANELS, SUMMARY_PANELS, DIRECTION_PANELS
+        global COMPARISON_PANELS, SUMMARY_PANELS, DIRECTION_PANELS, CORRESPONDENCE_PANELS
         p = Panel(key, file, caption, reading, draw, when)
         if summary:
             SUMMARY_PANELS += (p,)
         elif directions:
             DIRECTION_PANELS += (p,)
+        elif correspondence:
+            CORRESPONDENCE_PANELS += (p,)
         else:
             COMPARISON_PANELS += (p,)
         return draw
@@ -303,4 +312,110 @@ def direction_layers(data: Any) -> Any:
         mine = [r for r in rows if (r["model"], r["object"], r["rule"]) == (model, obj, rule)]
         figures.plot_metric_curves(mine, x="layer", metric="f1", xlabel="block (0-based)",
                                    title=f"{model}: {_setting(obj, rule, mine[0]['k_shot'])}", ax=ax)
+    return fig
+
+
+# -- zero-shot correspondence (PROTOCOL.md section 11.6) -----------------------------------------
+_LAYERS = ("Layers are numbered from 1 as in [U] (layer = block + 1). Embeddings: keys (K), queries (Q), values "
+           "(V) and tokens (T, the block's output; the last block's after the final norm unless stated), heads "
+           "concatenated.")
+
+
+def _model_rows(data: Any, dataset: str, split: str) -> list[list[Any]]:
+    """The models' subplot layout: a row per family, Base left of Large, where any family has
+    both (``correspondence_pairs``); else every model in rows of four."""
+    models = [m["model"] for m in data.correspondence_models(dataset, split)]
+    pairs = data.correspondence_pairs(dataset, split)
+    if not pairs:
+        return [models[i:i + 4] for i in range(0, len(models), 4)]
+    paired = {m for pair in pairs for m in pair}
+    return [list(pair) for pair in pairs] + [[m, None] for m in models if m not in paired]
+
+
+@panel("c1", "c1_pck_layers", "(c1) PCK@0.10 against the layer",
+       "PCK per point (%, correct keypoints of every pair pooled; a keypoint is correct when the cosine argmax "
+       "lands within alpha max(w_bb, h_bb) of the target's ground truth, alpha = 0.10 or, where 0.10 was not "
+       "scored, the nearest alpha, named in the titles) against the layer, one line per embedding, the larger "
+       "dot at each line's best layer; one panel per model, Base and Large of a family side by side, on one "
+       "y scale ([U] Fig. 15). Look for where in depth each embedding peaks, and whether the last layer drops. "
+       + _LAYERS, correspondence=True)
+def pck_layers(data: Any, dataset: str, split: str) -> Any:
+    rows = data.correspondence_rows(dataset, split)
+    alpha = data.correspondence_alpha(dataset, split)
+    grid = _model_rows(data, dataset, split)
+    cols = max(len(r) for r in grid)
+    fig = figures.pyplot().figure(figsize=(3.5 * cols, 2.7 * len(grid)), layout="constrained")
+    axes = fig.subplots(len(grid), cols, squeeze=False, sharey=True)
+    for i, models in enumerate(grid):
+        for j in range(cols):
+            model = models[j] if j < len(models) else None
+            if model is None:
+                axes[i, j].set_visible(False)
+                continue
+            figures.plot_pck_layers([r for r in rows if r["model"] == model], title=model, legend=(i, j) == (0, 0),
+                                    ylabel=f"PCK@{alpha:.2f} (%)", ax=axes[i, j])
+    top = max([100 * r["pck_point"] for r in rows if r["pck_point"] is not None] + [1.0])
+    axes[0, 0].set_ylim(0, min(100.0, top * 1.1))
+    return fig
+
+
+@panel("c2", "c2_best_layers", "(c2) best-layer PCK@0.10 per embedding (Table 3)",
+       "Per model, PCK@0.10 per point (%) of each embedding at its own best layer (K / Q / V / T), the row's "
+       "highest in bold, and the model's best layer (1-based, over the model's depth: '9/12' is block 8 of 12); "
+       "below, for each family with a Base and a Large model (aliases '<family>-b<patch>' and '<family>-l<patch>'), "
+       "Large minus Base in percentage points, green where Large is better. [U] finds Large better for every "
+       "model and embedding, and tokens best for most models. The best layer is selected on the evaluated split. "
+       + _LAYERS, correspondence=True)
+def best_layers(data: Any, dataset: str, split: str) -> Any:
+    best = data.correspondence_best(dataset, split)
+    embeddings = figures.embedding_order([e for b in best for e in b["pck"]])
+    letter = lambda e: figures.CORRESPONDENCE_LETTERS.get(e, e)  # noqa: E731
+    rows = [{"label": b["model"] if b["alias"] == b["model"] else f"{b['model']} ({b['alias']})", "pck": b["pck"],
+             "best": f"{b['best_layer'] + 1}/{b['depth']} ({letter(b['best_embedding'])})"} for b in best]
+    differences = [{"label": f"{d['family']}: Large - Base", "pck": d["pck"]}
+                   for d in data.correspondence_differences(dataset, split)]
+    n = len(rows) + len(differences)
+    fig = figures.pyplot().figure(figsize=(1.0 * len(embeddings) + 4.2, 0.28 * (n + 1) + 0.5))
+    figures.plot_pck_table(rows, embeddings, differences=differences,
+                           title=f"PCK@{data.correspondence_alpha(dataset, split):.2f} per point (%), best layer "
+                                 f"per embedding", ax=fig.subplots())
+    return fig
+
+
+def _has_heatmaps(data: Any, dataset: str, split: str) -> bool:
+    return bool(data.correspondence_examples(dataset, split))
+
+
+@panel("c3", "c3_heatmaps", "(c3) cosine heatmaps of example keypoints",
+       "One row per model, embedding and stored example keypoint: the source image with the keypoint (red dot), "
+       "then per layer the target image under the cosine similarity between the keypoint's upsampled feature and "
+       "every target pixel's (colour map 'plasma', dark blue low to yellow high, scaled to each map's own range; "
+       "padding transparent). The ground truth is the green circle, the prediction (the cosine argmax) the green "
+       "cross, and the white circle of radius alpha max(w_bb, h_bb) (alpha = 0.10) around the ground truth is the "
+       "region where a prediction counts as correct; the embedding's best layer (highest PCK@0.10) is framed "
+       "and titled red ([U] Figs. 16-19). At most 12 evenly spaced layers are shown, plus the best. " + _LAYERS,
+       correspondence=True, when=_has_heatmaps)
+def heatmaps(data: Any, dataset: str, split: str) -> Any:
+    return figures.plot_correspondence_heatmaps(data.correspondence_examples(dataset, split))
+
+
+def _has_ablation(data: Any, dataset: str, split: str) -> bool:
+    return bool(data.ln_ablation(dataset, split))
+
+
+@panel("c4", "c4_final_norm", "(c4) last-layer tokens before and after the final norm (Table 5)",
+       "Per model, the score of its last block's tokens taken before (grey) and after (blue) the model's final "
+       "LayerNorm, with the difference (after minus before, points) above each pair; one panel per task: "
+       "segmentation mIoU (%, K and method in the title, the report's dataset) and correspondence PCK@0.10 "
+       "(%, this keypoint dataset) ([U] App. 0.A.11, Table 5; PROTOCOL.md section 12.1). Models are paired by "
+       "alias and weights (the view ln_ablation). [U] finds the norm lifts DINOv3's segmentation by about 15 "
+       "mIoU points and moves its correspondence by a few.", correspondence=True, when=_has_ablation)
+def final_norm(data: Any, dataset: str, split: str) -> Any:
+    rows = data.ln_ablation(dataset, split)
+    groups = _groups(rows, "task", "measure", "dataset")
+    fig, axes = _grid(len(groups), 0.75 * max(len({r["model"] for r in rows}), 2) + 2.4, 2.7, columns=2)
+    for ax, (task, measure, ds) in zip(axes, groups):
+        mine = [r for r in rows if (r["task"], r["measure"], r["dataset"]) == (task, measure, ds)]
+        name = measure.replace("miou", "mIoU").replace("pck_point@", "PCK@")
+        figures.plot_ln_ablation(mine, title=f"{task}: {name}, {ds}", ylabel=f"{name.split(' ')[0]} (%)", ax=ax)
     return fig

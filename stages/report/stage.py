@@ -3,15 +3,21 @@
 Reads only the results folder (tables and maps through ``pipeline.results``); draws every
 panel of ``panels.COMPARISON_PANELS`` for each comparison and the ``SUMMARY_PANELS`` once,
 and, when the results hold direction probes (``rep-pipeline probe``), the ``DIRECTION_PANELS``
-once in a "direction probes" section; writes each as PNG and SVG under ``<out>/<section>/``,
+once in a "direction probes" section, and, when they hold zero-shot correspondence
+(``rep-pipeline correspond``), the ``CORRESPONDENCE_PANELS`` once per keypoint (dataset, split)
+in a "zero-shot correspondence" section; writes each as PNG and SVG under ``<out>/<section>/``,
 and an ``index.html`` that embeds the PNGs, so it opens anywhere without network or companion
-files. Results of probes alone make a page of that section alone.
+files. Results of probes or of correspondence alone make a page of those sections alone.
+Correspondence is of a keypoint dataset (SPair-71k, partpairs, synthetic pairs), not of the
+segmentation's dataset: ``--dataset``/``--split`` choose the segmentation's, and pick among the
+keypoint datasets only where they match no segmentation or direction probes.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
+import itertools
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +34,7 @@ from rep_pipeline.pipeline.results import Results
 from rep_pipeline.storage_schemas import results as layout
 
 from . import figures
-from .panels import COMPARISON_PANELS, DIRECTION_PANELS, SUMMARY_PANELS, Panel, Row
+from .panels import COMPARISON_PANELS, CORRESPONDENCE_PANELS, DIRECTION_PANELS, SUMMARY_PANELS, Panel, Row
 
 
 @dataclass
@@ -42,7 +48,10 @@ class ReportResult:
 
 class ReportData:
     """The results of one (dataset, split), as the panels read them: its segmentation results
-    (``segmented``) and its direction probes (``directions``), one of them at least."""
+    (``segmented``) and its direction probes (``directions``); and, whatever dataset those are of,
+    the zero-shot correspondence of every keypoint (dataset, split) the results hold
+    (``correspondence_sets``). One of them at least; without segmentation and direction probes,
+    ``dataset`` and ``split`` are None."""
 
     def __init__(self, cfg: ReportConfig):
         self.cfg = cfg
@@ -51,18 +60,26 @@ class ReportData:
         tables = self.results.tables()
         found = {table: [tuple(r.values()) for r in self.results.rows(
             f"SELECT DISTINCT dataset, split FROM {table} ORDER BY ALL")] if table in tables else []
-            for table in ("segmentation", "direction_summary")}
+            for table in ("segmentation", "direction_summary", "correspondence")}
         if not any(found.values()):
-            raise StoreError(f"{cfg.results} holds neither segmentation results nor direction probes; run "
-                             f"`rep-pipeline evaluate` or `rep-pipeline probe`")
-        pairs = sorted({*found["segmentation"], *found["direction_summary"]})
-        pairs = [p for p in pairs if (cfg.dataset in (None, p[0])) and (cfg.split in (None, p[1]))]
-        if len(pairs) != 1:
+            raise StoreError(f"{cfg.results} holds neither segmentation results, direction probes nor "
+                             f"correspondence; run `rep-pipeline evaluate`, `rep-pipeline probe` or "
+                             f"`rep-pipeline correspond`")
+        requested = lambda p: (cfg.dataset in (None, p[0])) and (cfg.split in (None, p[1]))  # noqa: E731
+        every = sorted({*found["segmentation"], *found["direction_summary"]})
+        pairs = [p for p in every if requested(p)]
+        keypoints = [p for p in found["correspondence"] if requested(p)]
+        # correspondence is of its own keypoint dataset: all of it is drawn, unless the request
+        # names none of the segmentation results and some of the correspondence
+        self.correspondence_sets: list[tuple[str, str]] = (
+            keypoints if not pairs and keypoints and (cfg.dataset or cfg.split) else list(found["correspondence"]))
+        if len(pairs) > 1 or (not pairs and (every and not keypoints or not self.correspondence_sets)):
             raise ConfigError(f"the results hold {len(pairs)} (dataset, split) pairs matching the request "
-                              f"({pairs[:6]}); choose one with --dataset and --split")
-        self.dataset, self.split = pairs[0]
-        self.segmented = pairs[0] in found["segmentation"]
-        self.directions = pairs[0] in found["direction_summary"]
+                              f"({(pairs or every)[:6]}); choose one with --dataset and --split")
+        self.dataset, self.split = pairs[0] if pairs else (None, None)
+        self.segmented = bool(pairs) and pairs[0] in found["segmentation"]
+        self.directions = bool(pairs) and pairs[0] in found["direction_summary"]
+        self._correspondence: dict[tuple[str, str], dict[str, Any]] = {}
         if self.segmented:
             self._read_ground_truth()
 
@@ -138,8 +155,138 @@ class ReportData:
         hyperplane F1 of up to five concepts, their images, ground-truth masks and patch decisions."""
         return self._direction_masks
 
+    # -- zero-shot correspondence (PROTOCOL.md section 11) ----------------------------------------
+    def _keypoint_set(self, dataset: str, split: str) -> dict[str, Any]:
+        """Everything the c-panels read of one keypoint (dataset, split), read once."""
+        key = (dataset, split)
+        if key not in self._correspondence:
+            rows = self.results.rows("SELECT * FROM correspondence ORDER BY model, embedding, layer, alpha",
+                                     dataset=dataset, split=split)
+            groups = {g["model"]: g for g in self.results.rows(
+                "SELECT * FROM feature_groups ORDER BY model", dataset=dataset, split=split)} \
+                if "feature_groups" in self.results.tables() else {}
+            alphas = sorted({r["alpha"] for r in rows})
+            alpha = min(alphas, key=lambda a: (abs(a - HEADLINE_ALPHA), a))
+            self._correspondence[key] = {"rows": rows, "groups": groups, "alpha": alpha, "alphas": alphas,
+                                         "models": _shown_models(rows, groups)}
+        return self._correspondence[key]
+
+    def correspondence_alpha(self, dataset: str, split: str) -> float:
+        """The headline alpha of the c-panels: 0.10 where it was scored, else the nearest one."""
+        return self._keypoint_set(dataset, split)["alpha"]
+
+    def correspondence_models(self, dataset: str, split: str) -> list[dict[str, Any]]:
+        """The model keys drawn, Base before Large of each family: per key its ``alias``
+        (``feature_groups``; else the key), ``family`` and ``size`` (the alias split as
+        '<family>-<size letter><patch>', None where it is not of that form), ``depth`` (blocks:
+        ``feature_groups``, else the deepest scored block + 1) and ``last_norm``. A key whose
+        group has its last tokens before the final norm is left to c4 where its alias has a key
+        after the norm here."""
+        return self._keypoint_set(dataset, split)["models"]
+
+    def correspondence_pairs(self, dataset: str, split: str) -> list[tuple[str, str]]:
+        """(Base, Large) model keys of one family: the aliases '<family>-b<patch>' and
+        '<family>-l<patch>', where the family has exactly one of each among the keys drawn."""
+        models = self.correspondence_models(dataset, split)
+        out = []
+        for family in dict.fromkeys(m["family"] for m in models if m["family"]):
+            base = [m["model"] for m in models if m["family"] == family and m["size"] == "b"]
+            large = [m["model"] for m in models if m["family"] == family and m["size"] == "l"]
+            if len(base) == 1 and len(large) == 1:
+                out.append((base[0], large[0]))
+        return out
+
+    def correspondence_rows(self, dataset: str, split: str, *, alpha: float | None = None) -> list[dict[str, Any]]:
+        """``correspondence`` rows of the models drawn at ``alpha`` (default the headline alpha)."""
+        data = self._keypoint_set(dataset, split)
+        alpha = data["alpha"] if alpha is None else alpha
+        shown = {m["model"] for m in data["models"]}
+        return [r for r in data["rows"] if r["model"] in shown and abs(r["alpha"] - alpha) < 1e-9]
+
+    def correspondence_best(self, dataset: str, split: str) -> list[dict[str, Any]]:
+        """Table 3 per model drawn, at the headline alpha: ``pck`` {embedding: the best layer's
+        pck_point} and ``layer`` {embedding: that block}, ties to the earliest block; the model's
+        best (``best_embedding``, ``best_layer``: highest pck_point, then the earliest block, then
+        the embedding's name, as ``correspondence_best``) and ``depth``."""
+        rows = self.correspondence_rows(dataset, split)
+        out = []
+        for m in self.correspondence_models(dataset, split):
+            mine = [r for r in rows if r["model"] == m["model"]]
+            best: dict[str, dict[str, Any]] = {}
+            for r in sorted(mine, key=lambda r: (-_finite(r["pck_point"]), r["layer"])):
+                best.setdefault(r["embedding"], r)
+            if not best:
+                continue
+            top = min(best, key=lambda e: (-_finite(best[e]["pck_point"]), best[e]["layer"], e))
+            out.append({**m, "pck": {e: r["pck_point"] for e, r in best.items()},
+                        "layer": {e: int(r["layer"]) for e, r in best.items()},
+                        "best_embedding": top, "best_layer": int(best[top]["layer"])})
+        return out
+
+    def correspondence_differences(self, dataset: str, split: str) -> list[dict[str, Any]]:
+        """'Large minus Base' of each pair (``correspondence_pairs``): per embedding, the
+        difference of the best-layer pck_point (fractions)."""
+        best = {b["model"]: b for b in self.correspondence_best(dataset, split)}
+        out = []
+        for base, large in self.correspondence_pairs(dataset, split):
+            if base in best and large in best:
+                b, lg = best[base], best[large]
+                out.append({"family": b["family"], "base": base, "large": large,
+                            "pck": {e: lg["pck"][e] - b["pck"][e] for e in b["pck"] if e in lg["pck"]}})
+        return out
+
+    def correspondence_summary(self, dataset: str, split: str) -> dict[str, Any]:
+        """Pairs, keypoints, grid sizes and geometries of the rows (for the section's text)."""
+        rows = self._keypoint_set(dataset, split)["rows"]
+        return {**{column: sorted({r[column] for r in rows}) for column in ("n_pairs", "n_keypoints", "image_size",
+                                                                           "geometry")},
+                "alphas": self._keypoint_set(dataset, split)["alphas"]}
+
+    def correspondence_examples(self, dataset: str, split: str) -> list[dict[str, Any]]:
+        """Figure c3's inputs: per model drawn, embedding (K, Q, V, T order) and stored example
+        keypoint j = 0, 1, ...: its attrs (layers, source_point, target_point, predictions,
+        radius, best_layer, ...) and arrays ``source``, ``target``, ``cosine`` (float32, NaN on
+        padding), with ``model`` and a row ``label``."""
+        data = self._keypoint_set(dataset, split)
+        if "examples" in data:
+            return data["examples"]
+        out = []
+        for m in data["models"]:
+            try:
+                recorded = self.maps.attrs(layout.correspondence_maps(dataset, split, m["model"]))
+            except StoreError:
+                continue
+            scored = {r["embedding"] for r in data["rows"] if r["model"] == m["model"]}
+            for embedding in figures.embedding_order([s[0] for s in recorded.get("settings", [])] + sorted(scored)):
+                for j in itertools.count():
+                    path = layout.correspondence_example(dataset, split, m["model"], embedding, j)
+                    try:
+                        attrs = self.maps.attrs(path)
+                    except StoreError:
+                        break
+                    example = {**attrs, "model": m["model"], "embedding": embedding, "example": j,
+                               **{name: self.maps.read(path, name) for name in ("source", "target")},
+                               "cosine": self.maps.read(path, "cosine").astype(np.float32)}
+                    example["label"] = (f"{m['model']}\n{embedding}\n{attrs.get('category', '')} "
+                                        f"kp {attrs.get('kp_id', j)}")
+                    out.append(example)
+        data["examples"] = out
+        return out
+
+    def ln_ablation(self, dataset: str, split: str) -> list[dict[str, Any]]:
+        """Rows of the ``ln_ablation`` view (section 12.1; none where the view is not there) that
+        belong with this keypoint dataset: its correspondence rows, and the segmentation rows of
+        the report's dataset (of every dataset where the report has none)."""
+        try:
+            rows = self.results.rows("SELECT * FROM ln_ablation ORDER BY task DESC, measure, dataset, model")
+        except StoreError:  # no feature_groups, so no view
+            return []
+        return [r for r in rows if (r["task"] == "correspondence" and r["dataset"] == dataset)
+                or (r["task"] == "segmentation" and (not self.segmented or r["dataset"] == self.dataset))]
+
     def rows(self, sql: str) -> list[dict[str, Any]]:
-        """Rows of ``sql``; every table holds only this dataset's and split's rows."""
+        """Rows of ``sql``; every table holds only this dataset's and split's rows (all rows where
+        the report has no segmentation or direction probes)."""
         return self.results.rows(sql, dataset=self.dataset, split=self.split)
 
     def classwise(self, condition: str) -> np.ndarray:
@@ -155,6 +302,32 @@ class ReportData:
     def attention(self, model: str, layer: int) -> np.ndarray:
         path = layout.attention_maps(self.dataset, self.split, model)
         return self.maps.read(path, "attention")[self.maps.attrs(path)["layers"].index(layer)]
+
+HEADLINE_ALPHA = 0.10  # PROTOCOL.md section 11.4
+_ALIAS = re.compile(r"^(?P<family>.+)-(?P<size>[sblgh])(?P<patch>\d+)$")  # dino-b16, dinov2-reg-l14, clip-l14
+_SIZES = "sblgh"
+
+
+def _finite(value: Any) -> float:
+    return float(value) if value is not None and np.isfinite(value) else float("-inf")
+
+
+def _shown_models(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The model keys of ``rows`` the c-panels draw, ordered by family and then size (see
+    ``ReportData.correspondence_models``)."""
+    models = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        g = groups.get(model, {})
+        alias = g.get("alias") or model
+        match = _ALIAS.match(alias)
+        depth = g.get("depth") or max(int(r["layer"]) for r in rows if r["model"] == model) + 1
+        models.append({"model": model, "alias": alias, "family": match["family"] if match else None,
+                       "size": match["size"] if match else None, "depth": int(depth),
+                       "last_norm": g.get("last_norm") or "after"})
+    after = {m["alias"] for m in models if m["last_norm"] != "before"}
+    models = [m for m in models if m["last_norm"] != "before" or m["alias"] not in after]
+    return sorted(models, key=lambda m: (m["family"] or m["alias"], _SIZES.index(m["size"]) if m["size"] else
+                                         len(_SIZES), m["alias"], m["model"]))
 
 
 def _sql(value: str) -> str:
@@ -245,6 +418,36 @@ def _directions_section(data: ReportData, out: Path, written: list[Path]) -> str
     return _section("direction probes", DIRECTION_PANELS, (data,), out / "directions", written, head=head)
 
 
+
+def _correspondence_section(data: ReportData, dataset: str, split: str, out: Path, written: list[Path]) -> str:
+    """The zero-shot correspondence of one keypoint (dataset, split): Table 3 as a table, then
+    the c-panels."""
+    alpha = data.correspondence_alpha(dataset, split)
+    info = data.correspondence_summary(dataset, split)
+    best = data.correspondence_best(dataset, split)
+    embeddings = figures.embedding_order([e for b in best for e in b["pck"]])
+    pct = lambda v, signed=False: "" if v is None or not np.isfinite(v) else (f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}")  # noqa: E731
+    rows = [[b["model"], b["alias"], *[pct(b["pck"].get(e)) for e in embeddings],
+             f"{b['best_layer'] + 1}/{b['depth']}", b["best_embedding"]] for b in best]
+    rows += [[f"{d['family']}: Large minus Base", f"{d['large']} - {d['base']}",
+              *[pct(d["pck"].get(e), True) for e in embeddings], "", ""]
+             for d in data.correspondence_differences(dataset, split)]
+    listed = lambda values: ", ".join(map(str, values)) or "?"  # noqa: E731
+    head = (f"<p>Keypoint transfer by the cosine argmax of upsampled patch features (PROTOCOL.md section 11) on "
+            f"{html.escape(dataset)} / {html.escape(split)}: {listed(info['n_pairs'])} pairs, "
+            f"{listed(info['n_keypoints'])} keypoints, grid S = {listed(info['image_size'])}, geometry "
+            f"{html.escape(listed(info['geometry']))}; alphas scored {listed(info['alphas'])}. The table gives, per "
+            f"model, PCK@{alpha:.2f} per point (%, pooled over every keypoint) of each embedding at its best layer, "
+            f"and the model's best layer, 1-based as in [U] Table 3 (layer = block + 1, of the model's depth), with "
+            f"its embedding; then, for each family with a Base and a Large model, Large minus Base "
+            f"(percentage points). The best layer is selected on this split, as in [U].</p>"
+            + _table(["model", "alias", *[f"{figures.CORRESPONDENCE_LETTERS.get(e, e)} ({e})" for e in embeddings],
+                      "best layer", "best embedding"], rows))
+    title = f"zero-shot correspondence: {dataset} / {split}"
+    return _section(title, CORRESPONDENCE_PANELS, (data, dataset, split),
+                    out / f"correspondence-{_slug(dataset)}-{_slug(split)}", written, head=head)
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else html.escape(str(v)))  # noqa: E731
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
@@ -299,13 +502,26 @@ def _draw(cfg: ReportConfig, data: ReportData, chosen: list, seg: dict[str, Any]
                                  (data, seg["k"], seg["method"]), out / "correlations", written))
     if data.directions:
         sections.append(_directions_section(data, out, written))
-    intro = (f"Dataset {html.escape(data.dataset)}, test split {html.escape(data.split)}. " +
-             (f"Ground truth: NMI {data.gt['nmi']:.3f} (bias-aware {data.gt['nmi_bias_aware']:.3f})." if data.segmented
-              else "The results hold no segmentation of this split (`rep-pipeline evaluate` writes it): only the "
-                   "direction probes are shown."))
+    for dataset, split in data.correspondence_sets:
+        sections.append(_correspondence_section(data, dataset, split, out, written))
+    keypoints = ", ".join(f"{html.escape(d)} / {html.escape(s)}" for d, s in data.correspondence_sets)
+    if data.dataset is None:
+        intro = (f"Zero-shot correspondence on {keypoints}. The results hold no segmentation and no direction probes "
+                 f"(`rep-pipeline evaluate` and `rep-pipeline probe` write them): only the correspondence is shown.")
+    else:
+        intro = (f"Dataset {html.escape(data.dataset)}, test split {html.escape(data.split)}. " +
+                 (f"Ground truth: NMI {data.gt['nmi']:.3f} (bias-aware {data.gt['nmi_bias_aware']:.3f})."
+                  if data.segmented else "The results hold no segmentation of this split (`rep-pipeline evaluate` "
+                                         "writes it): only the direction probes are shown" +
+                  (" (and the zero-shot correspondence)." if keypoints else ".")))
+        if keypoints:
+            intro += f" Zero-shot correspondence on {keypoints}."
+    title = cfg.title or (f"{data.dataset} / {data.split}" if data.dataset is not None
+                          else "zero-shot correspondence: " + ", ".join(f"{d} / {s}" for d, s in
+                                                                         data.correspondence_sets))
     index = out / "index.html"
     out.mkdir(parents=True, exist_ok=True)
-    index.write_text(PAGE.format(title=html.escape(cfg.title or f"{data.dataset} / {data.split}"), intro=intro,
+    index.write_text(PAGE.format(title=html.escape(title), intro=intro,
                                  sections="\n".join(sections)))
     return index, written
 

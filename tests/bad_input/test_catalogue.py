@@ -85,6 +85,17 @@ CASES = [
     ("input", "a version-1 store read by every stage", "test_probe.py::test_a_version_1_store_stays_readable_by_every_stage"),
     ("input", "a block whose norm2 does not read x1 (ResPostBlock)",
      "test_capture.py::test_a_block_whose_norm2_is_not_before_the_mlp_is_refused_by_name"),
+    # keypoint datasets and correspondence
+    ("input", "a malformed SPair pair annotation: each field, named with its file",
+     "test_spair.py::test_a_malformed_annotation_is_refused_naming_the_file_and_field"),
+    ("input", "SPair files missing or unreadable", "test_spair.py::test_files_that_are_missing_or_unreadable_are_named"),
+    ("input", "SPair pair lists missing or repeating a pair",
+     "test_spair.py::test_pair_lists_that_are_missing_or_repeat_a_pair_are_named"),
+    ("input", "partpairs into an existing folder, or failing midway",
+     "test_partpairs.py::test_an_existing_output_is_refused_and_an_error_leaves_nothing"),
+    ("input", "correspond without keypoint pairs or a captured embedding",
+     "test_correspond.py::test_refusals_name_what_is_missing"),
+    ("input", "an unknown geometry", "test_geometry.py::test_geometry_is_an_option_of_every_dataset_and_part_of_the_fingerprint"),
     # kill points
     ("kill", "Ctrl-C during extract", "test_extract.py::test_interrupted_run_resumes_to_the_single_run_result"),
     ("kill", "a chunk half written", "test_extract.py::test_half_written_chunk_is_redone"),

@@ -41,7 +41,7 @@ print(json.dumps({"code": code, "loaded": sorted({"torch", "timm"} & set(sys.mod
      "missing.safetensors does not exist"),
     (["extract", "--model", "tiny-vit", "--weights", "random", "--store", "{tmp}/file.zarr"], "is a file"),
     (["extract", "--model", "tiny-vit", "--weights", "random", "-o", "bogus=1", "--store", "{tmp}/s.zarr"],
-     "synthetic: unknown dataset option 'bogus'; it takes: sizes, native_size, seed, layout_bias"),
+     "synthetic: unknown dataset option 'bogus'; it takes: geometry, sizes, native_size, seed, layout_bias"),
     (["cluster", "--store", "{tmp}/none.zarr", "--model", "m", "--train-split", "train"], "does not exist"),
     (["evaluate", "--store", "{tmp}/none.zarr", "--split", "val"], "does not exist"),
     (["query", "{tmp}/none", "SELECT 1"], "does not exist"),
