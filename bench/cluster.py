@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from rep_pipeline.pipeline.backend import get_backend
-from rep_pipeline.stages.cluster.kmeans import LloydKMeans, l2_normalize
+from rep_pipeline.pipeline.kmeans import LloydKMeans, l2_normalize
 
 
 def planted(n: int, dim: int, k: int = 40, seed: int = 0) -> np.ndarray:

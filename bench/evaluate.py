@@ -17,7 +17,7 @@ import numpy as np
 
 from rep_pipeline.pipeline.backend import get_backend
 from rep_pipeline.stages.evaluate import segment, upsample
-from rep_pipeline.stages.cluster.kmeans import l2_normalize
+from rep_pipeline.pipeline.kmeans import l2_normalize
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from rep_pipeline.stages.cluster.kmeans import LloydKMeans, OnlineKMeans, PCAInit, l2_normalize
+from rep_pipeline.pipeline.kmeans import LloydKMeans, OnlineKMeans, PCAInit, l2_normalize
 
 
 def _planted(k=6, d=32, n=6000, noise=0.15, seed=0, shared=0.0):

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from rep_pipeline.stages.evaluate.metrics import (aggregate_map, confusion_matrix, hungarian_match, position_class_counts,
+from rep_pipeline.pipeline.metrics import (aggregate_map, confusion_matrix, hungarian_match, position_class_counts,
                                                   positional_effect, positional_scores, random_shifts,
                                                   segmentation_scores, shifted_counts, spearman)
 

@@ -30,7 +30,7 @@ from rep_pipeline.pipeline.streaming import FeatureKey, FeatureStream, check_fin
 from rep_pipeline.storage_schemas.feature_store import model_path
 from rep_pipeline.storage_schemas.results import curve_part
 
-from .kmeans import LloydKMeans, OnlineKMeans, PCAInit, l2_normalize
+from rep_pipeline.pipeline.kmeans import LloydKMeans, OnlineKMeans, PCAInit, l2_normalize
 
 
 @dataclass(frozen=True)

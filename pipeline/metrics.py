@@ -1,0 +1,151 @@
+"""The evaluation formulas of PROTOCOL.md section 5, as array functions on counts.
+
+Everything here works on accumulated counts (a confusion matrix, position-by-class counts),
+so the evaluate stage can stream over the test split once and compute every figure after.
+Natural logarithms throughout; 0 log 0 = 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import spearmanr
+
+
+def confusion_matrix(clusters: Any, labels: Any, k: int, n_classes: int, ignore: int, xp: Any = np) -> Any:
+    """(k, n_classes) pixel counts of cluster x class; ignore pixels dropped. ``xp`` is NumPy
+    or CuPy, whichever holds the maps."""
+    keep = labels != ignore
+    flat = clusters[keep].astype(xp.int64) * n_classes + labels[keep].astype(xp.int64)
+    return xp.bincount(flat, minlength=k * n_classes).reshape(k, n_classes)
+
+
+def hungarian_match(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster -> class, whether each cluster was matched one-to-one by the Hungarian step)."""
+    rows, cols = linear_sum_assignment(confusion, maximize=True)
+    mapping = confusion.argmax(axis=1)          # majority class for the clusters left over
+    mapping[rows] = cols
+    matched = np.zeros(confusion.shape[0], dtype=bool)
+    matched[rows] = True
+    return mapping, matched
+
+
+@dataclass
+class SegmentationScores:
+    miou: float
+    pixel_accuracy: float
+    iou: np.ndarray            # (classes,), NaN where the union is empty
+
+
+def segmentation_scores(confusion: np.ndarray, mapping: np.ndarray) -> SegmentationScores:
+    """mIoU over classes with a non-empty union, per-class IoU and pixel accuracy."""
+    c = confusion.shape[1]
+    mapped = np.zeros((c, c), dtype=np.int64)  # predicted class x true class
+    np.add.at(mapped, mapping, confusion)
+    tp = np.diag(mapped).astype(np.float64)
+    union = mapped.sum(0) + mapped.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / union, np.nan)
+    total = mapped.sum()
+    return SegmentationScores(miou=float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan"),
+                              pixel_accuracy=float(tp.sum() / total) if total else float("nan"),
+                              iou=iou)
+
+
+@dataclass
+class PositionalEffect:
+    classwise_mi: np.ndarray   # (classes,) I_c
+    mi: float
+    entropy: float             # H(C)
+    nmi: float
+
+
+def positional_effect(counts: np.ndarray) -> PositionalEffect:
+    """MI between pixel position and class from ``counts`` (positions..., classes):
+    n(p, c) images whose pixel p has class c."""
+    n = counts.reshape(-1, counts.shape[-1]).astype(np.float64)
+    total = n.sum()
+    if total == 0:
+        nan = float("nan")
+        return PositionalEffect(np.full(n.shape[1], np.nan), nan, nan, nan)
+    joint = n / total
+    p_pos = joint.sum(1, keepdims=True)
+    p_cls = joint.sum(0, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(joint > 0, joint * np.log(joint / (p_pos * p_cls)), 0.0)
+        h = float(-np.sum(np.where(p_cls > 0, p_cls * np.log(p_cls), 0.0)))
+    classwise = terms.sum(0)
+    mi = float(classwise.sum())
+    return PositionalEffect(classwise, mi, h, mi / h if h > 0 else float("nan"))
+
+
+@dataclass
+class PositionalScores:
+    mi: float
+    nmi: float
+    mi_null: float
+    nmi_bias_aware: float      # (mi - mi_null) / H(C); NaN where H(C) = 0 (a single class)
+    classwise_mi: np.ndarray
+
+
+def positional_scores(counts: np.ndarray, null_counts: np.ndarray) -> PositionalScores:
+    """MI, NMI and the bias-aware NMI of position and class, from the counts of the maps and of
+    the same maps randomly shifted (``shifted_counts``)."""
+    pe, null = positional_effect(counts), positional_effect(null_counts)
+    bias_aware = (pe.mi - null.mi) / pe.entropy if pe.entropy > 0 else float("nan")
+    return PositionalScores(pe.mi, pe.nmi, null.mi, bias_aware, pe.classwise_mi)
+
+
+def roll_maps(maps: Any, dy: Any, dx: Any, xp: Any = np) -> Any:
+    """Every map (images, S, S) cyclically shifted by its own offset (dy[i], dx[i])."""
+    n_img, S, _ = maps.shape
+    rows = (xp.arange(S)[None, :] + dy[:, None]) % S
+    cols = (xp.arange(S)[None, :] + dx[:, None]) % S
+    return maps[xp.arange(n_img)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def random_shifts(n_images: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One random cyclic offset (dy, dx) per image, the same for every map of that image."""
+    rng = np.random.default_rng([seed, 7])
+    return rng.integers(0, size, n_images), rng.integers(0, size, n_images)
+
+
+def shifted_counts(maps: Any, n_classes: int, ignore: int | None, dy: Any, dx: Any, xp: Any = np) -> Any:
+    """Position-by-class counts of ``maps`` (images, S, S) after shifting every map by its own
+    cyclic offset (``random_shifts``): what the counts look like when position carries no
+    information, for the bias-aware NMI."""
+    return position_class_counts(roll_maps(maps, dy, dx, xp=xp), n_classes, ignore, xp=xp)
+
+
+def position_class_counts(maps: Any, n_classes: int, ignore: int | None = None, xp: Any = np) -> Any:
+    """(S, S, classes) counts n(p, c) of ``maps`` (images, S, S); ignore pixels dropped.
+    ``xp`` is NumPy or CuPy, whichever holds ``maps``."""
+    n_img, S, _ = maps.shape
+    flat = maps.reshape(n_img, -1).astype(xp.int64)
+    idx = xp.arange(S * S)[None, :] * n_classes + flat
+    if ignore is not None:
+        idx = idx[flat != ignore]
+    return xp.bincount(idx.ravel(), minlength=S * S * n_classes).reshape(S, S, n_classes)
+
+
+def aggregate_map(counts: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """A[y, x] = sum_k W~[k, y, x] palette[k]: the per-pixel class frequencies (normalised
+    over classes) mixed into one RGB image, uint8 (S, S, 3). Pixels never labelled: black."""
+    weights = counts.astype(np.float64)
+    norm = weights.sum(-1, keepdims=True)
+    mixed = np.divide(weights, norm, out=np.zeros_like(weights), where=norm > 0) @ palette[: counts.shape[-1]].astype(np.float64)
+    return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    """(Spearman rho, number of finite pairs); NaN when fewer than three pairs."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    keep = np.isfinite(x) & np.isfinite(y)
+    if keep.sum() < 3:
+        return float("nan"), int(keep.sum())
+    return float(spearmanr(x[keep], y[keep]).statistic), int(keep.sum())
+
+
+__all__ = ["confusion_matrix", "hungarian_match", "SegmentationScores", "segmentation_scores", "PositionalEffect", "positional_effect", "PositionalScores", "positional_scores", "roll_maps", "random_shifts", "shifted_counts", "position_class_counts", "aggregate_map", "spearman"]
