@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.config import ExtractConfig
 from rep_pipeline.pipeline.datasets import Item, build_dataset
-from rep_pipeline.pipeline.datasets.geometry import inside
+from rep_pipeline.pipeline.model_input import ModelInput
 from rep_pipeline.pipeline.errors import NonFiniteFeaturesError, RepPipelineError
 from rep_pipeline.pipeline.registry import build_model
 from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit
@@ -59,9 +58,7 @@ class Extractor:
         self._writer = ThreadPoolExecutor(max_workers=1)
         self._pending_write: Future | None = None
         self._write_behind = self.device.type != "cpu"
-        mean = torch.tensor(self.loaded.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.loaded.std, device=self.device).view(1, 3, 1, 1)
-        self._scale, self._shift = 1.0 / (255.0 * std), mean / std
+        self._input = ModelInput(self.loaded, self.device)
 
     def fingerprint(self) -> dict[str, Any]:
         """What produced the features: model, weights hash, geometry and capture options."""
@@ -100,17 +97,8 @@ class Extractor:
                 np.stack([p[2] for p in loaded]))
 
     def to_model_input(self, images: np.ndarray, geometry: np.ndarray | None = None) -> torch.Tensor:
-        """uint8 grid images -> normalised float pixels at the model's input size; with ``pad``
-        geometry rows, the padding is set to 0, the model's mean colour (PROTOCOL.md s. 8.2)."""
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
-        if x.shape[-1] != self.loaded.input_size:
-            x = F.interpolate(x, size=self.loaded.input_size, mode="bilinear", align_corners=False)
-        x = x * self._scale - self._shift
-        if geometry is not None and self.dataset.geometry == "pad":
-            S = images.shape[1]
-            shown = torch.from_numpy(np.stack([inside(g, S) for g in geometry])[:, None].astype(np.float32))
-            x = x * F.interpolate(shown.to(self.device), size=x.shape[-1], mode="nearest")
-        return x
+        """uint8 grid images -> the model's normalised input (``pipeline.model_input``)."""
+        return self._input(images, geometry, pad=self.dataset.geometry == "pad")
 
     def features(self, images: np.ndarray, image_ids: list[str], geometry: np.ndarray | None = None
                  ) -> dict[str, np.ndarray]:
