@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping
 import yaml
 from pydantic import Field
 
-from rep_pipeline.pipeline.config import (ClusterConfig, Comparison, CorrespondConfig, EvaluateConfig, ExtractConfig,
-                                          Options, ProbeConfig, ReportConfig)
+from rep_pipeline.pipeline.config import (ClusterConfig, Comparison, CorrespondConfig, EvaluateConfig, ExplainConfig,
+                                          ExtractConfig, Options, ProbeConfig, ReportConfig)
 from rep_pipeline.pipeline.datasets import DATASETS, build_dataset
 from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
 from rep_pipeline.pipeline.location import is_url
@@ -36,6 +36,8 @@ SET_BY_RUN = {
     "evaluate": {"store", "split", "results", "dataset", "storage_options"},
     "probe": {"store", "model", "train_split", "split", "results", "dataset", "storage_options"},
     "correspond": {"store", "model", "split", "results", "storage_options"},
+    "explain": {"store", "model", "split", "train_split", "dataset", "data_root", "weights", "seed", "results",
+                "storage_options"},
 }
 
 
@@ -76,6 +78,7 @@ class _RunFile(Options):
     evaluate: dict[str, Any] = {}
     probe: dict[str, Any] | None = None  # direction probes of every model, when present
     correspond: dict[str, Any] | None = None  # keypoint transfer of every model on its own dataset, when present
+    explain: dict[str, Any] | None = None  # ULTra maps, concepts and scores of every model, when present
     comparisons: list[dict[str, Any]] = [{}]
 
 
@@ -91,6 +94,7 @@ class RunConfig:
     probes: tuple[ProbeConfig, ...] = ()
     keypoint_extracts: tuple[ExtractConfig, ...] = ()  # the models on the correspond section's dataset
     corresponds: tuple[CorrespondConfig, ...] = ()
+    explains: tuple[ExplainConfig, ...] = ()
 
     @classmethod
     def from_yaml(cls, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> "RunConfig":
@@ -115,7 +119,7 @@ class RunConfig:
         report_out = located(top.report or str(beside(results, "report")))
         storage = {"storage_options": {**top.storage_options, **dict(storage_options or {})}}
         ds = top.dataset
-        for section in ("extract", "cluster", "evaluate", "probe", "correspond"):
+        for section in ("extract", "cluster", "evaluate", "probe", "correspond", "explain"):
             owned = sorted(SET_BY_RUN[section] & set(getattr(top, section) or {}))
             if owned:
                 raise ConfigError(f"{where}: {section}.{owned[0]}: set by the run itself (from the top-level keys); "
@@ -160,13 +164,19 @@ class RunConfig:
             corresponds = tuple(CorrespondConfig.parse({**options, **storage, "store": store, "model": c.model,
                                                         "split": kp.split, "dataset": kp.name, "results": results},
                                                        f"{where}: correspond") for c in clusters)
+        explains = tuple(ExplainConfig.parse({**top.explain, **storage, "store": store, "model": c.model,
+                                              "split": ds.test_split, "train_split": ds.train_split,
+                                              "dataset": ds.name, "results": results, "weights": e.weights,
+                                              "seed": e.seed, **({"data_root": e.data_root} if e.data_root else {})},
+                                             f"{where}: explain")
+                         for e, c in zip(extracts, clusters)) if top.explain is not None else ()
         comparisons = tuple(Comparison.parse(c, f"{where}: comparisons.{i}") for i, c in enumerate(top.comparisons))
         report = ReportConfig.parse({"results": results, "out": report_out, **storage,
                                      "comparisons": comparisons, "dataset": ds.name, "split": ds.test_split,
                                      "title": top.title}, where)
         cfg = cls(title=top.title or Path(where).stem, extracts=tuple(extracts), clusters=tuple(clusters),
                   evaluate=evaluate, report=report, probes=probes, keypoint_extracts=tuple(keypoint_extracts),
-                  corresponds=corresponds)
+                  corresponds=corresponds, explains=explains)
         cfg.check(where)
         return cfg
 
@@ -205,6 +215,7 @@ class RunConfig:
                 ("evaluate", self.evaluate.split, self.evaluate),
                 *(("probe", p.model, p) for p in self.probes),
                 *(("correspond", c.model, c) for c in self.corresponds),
+                *(("explain", x.model, x) for x in self.explains),
                 ("report", str(self.report.out), self.report)]
 
 

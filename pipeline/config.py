@@ -385,6 +385,57 @@ class CorrespondConfig(ResultsBeside, OnWorkers):
     examples: int = option(3, help="Keypoints whose cosine heatmaps are kept for figure c3.", ge=0)
 
 
+ExplainScalar = Literal["sum", "energy"]  # f_s (ULTra_S), f_e (ULTra_E); ULTra_W is not built (s. 10.7)
+Perturbation = Literal["mask", "noise"]
+ITIOU_TAUS = tuple(round(0.05 * i, 2) for i in range(21))  # section 10.5's sweep, 0.00..1.00
+
+
+class ExplainConfig(ResultsBeside, OnWorkers):
+    """ULTra explanation maps of latent tokens, per-image concepts and their scores (PROTOCOL.md s. 10)."""
+
+    store: Location = option(help="Feature store with the split's features (the maps go into its model group).")
+    model: str = option(help="Model key in the store (alias or timm name).")
+    split: str = option(help="Split to explain and score.")
+    train_split: str | None = option(None, help="Split whose segments fit the K = C codebook of the 'dataset' "
+                                                "scoring (explained too); without it only the per-image scores.")
+    dataset: str | None = option(None, help="Dataset, if the model has the split in several.")
+    weights: str = option("pretrained", help="pretrained | random | PATH: the weights the store's features came "
+                                             "from (checked against its fingerprint).", min_length=1)
+    seed: int = option(RANDOM_WEIGHTS_SEED, help="Seed of --weights random.")
+    data_root: Location | None = option(None, help="Dataset root: the images are read again (same adapter, "
+                                                   "geometry and fingerprint as the store's).")
+    layers: Layers = option(None, help="Blocks to explain; default the middle and the last captured one.")
+    embedding: Embedding = option("tokens", help="The explained embedding (A14: tokens).")
+    f: ExplainScalar = option("sum", help="sum (ULTra_S, f = sum_d z_d) or energy (ULTra_E, f = <z, z>).")
+    limit: int = option(200, help="Explain the first N images of each split.", ge=1)
+    zeta: float = option(0.4, help="Cut distance of the per-image clustering (cosine, average linkage).", ge=0)
+    k_img: int | None = option(None, help="Cut each image into this many clusters instead of at zeta.", ge=1)
+    aggregate: Literal["sum", "mean"] = option("sum", help="Concept maps: sum (Eq. 7) or mean of their tokens' maps.")
+    taus: Annotated[tuple[Annotated[float, Field(ge=0, le=1)], ...], BeforeValidator(parse_csv)] = option(
+        ITIOU_TAUS, help="ITIoU thresholds of the min-max scaled maps (headline 0.2).", min_length=1)
+    perturbations: Annotated[tuple[Perturbation, ...], BeforeValidator(parse_csv)] = option(
+        ("mask", "noise"), help="Perturbation tests: mask and/or noise.", flag="perturbation")
+    rho: float = option(0.5, help="Fraction of the other patches each perturbation set covers.", ge=0, le=0.5)
+    tokens_per_image: int = option(10, help="Tokens of each image put to the perturbation test.", ge=0)
+    draw_seed: int = option(0, help="Seed of the perturbation test's token draws, noise and bootstrap.")
+    memory_budget: int = option(2 * 2**30, help="Bytes of attention gradients held at once (sets the chunk of "
+                                               "target tokens, s. 10.8).", ge=1)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", help="Where the model runs; auto: a GPU if present.")
+    threads_per_worker: int | None = option(None, help="Torch threads per CPU actor.", flag="threads", ge=1)
+    max_image_pixels: int = option(MAX_IMAGE_PIXELS, help="Refuse images of more pixels than this.", ge=1)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What, besides the weights and the features, the stored maps depend on."""
+        return {"f": self.f, "embedding": self.embedding}
+
+    def choices(self) -> dict[str, Any]:
+        """What the run's scores depend on besides the maps (part of its run id)."""
+        return {"zeta": None if self.k_img else self.zeta, "k_img": self.k_img, "linkage": "average",
+                "metric": "cosine", "aggregate": self.aggregate, "taus": list(self.taus),
+                "perturbations": list(self.perturbations), "rho": self.rho,
+                "tokens_per_image": self.tokens_per_image, "draw_seed": self.draw_seed, "train_split": self.train_split}
+
+
 def _compare_alias(value: Any) -> Any:
     return {"paradigms": "models", "sizes": "models"}.get(value, value)
 

@@ -21,7 +21,8 @@ class ModelInput:
         self._scale, self._shift = 1.0 / (255.0 * std), mean / std
 
     def __call__(self, images: np.ndarray, geometry: np.ndarray | None = None, pad: bool = False) -> torch.Tensor:
-        x = torch.from_numpy(images).to(self.device).permute(0, 3, 1, 2).float()
+        pixels = torch.from_numpy(images if images.flags.writeable else images.copy())  # zarr reads are read-only
+        x = pixels.to(self.device).permute(0, 3, 1, 2).float()
         if x.shape[-1] != self.loaded.input_size:
             x = F.interpolate(x, size=self.loaded.input_size, mode="bilinear", align_corners=False)
         x = x * self._scale - self._shift

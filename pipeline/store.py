@@ -725,6 +725,38 @@ class ModelSplit(_Group):
     def replace_templates(self, seed: int) -> None:
         self._swap_in("templates", layout.templates_name(seed))
 
+    # -- ULTra explanation maps (PROTOCOL.md section 8.4) -------------------------------------------
+    def require_explanations(self, f: str, embedding: str, layers: tuple[int, ...], n_images: int,
+                             hyperparameters: Mapping[str, Any]) -> "Explanations":
+        """The explanation group of (f, embedding), created with its arrays on first use (by the
+        driver, before workers write chunks into it); one made with other choices is refused."""
+        name = layout.explanations_name(f, embedding)
+        P = int(self.attrs["grid"]) ** 2
+        attrs = {"f": f, "embedding": embedding, "layers": list(layers), "order": "latest_left",
+                 "self_fill": "max_other", "hyperparameters": dict(hyperparameters), "n_images": n_images,
+                 "features_fingerprint": self.fingerprint_hash, "schema_version": layout.SCHEMA_VERSION,
+                 "package_version": __version__}
+        parent = self.group.require_group("explanations")
+        if name in parent and dict(parent[name].attrs):
+            _check_same("explanation", f"{self.path}/explanations/{name}", dict(parent[name].attrs), attrs,
+                        layout.EXPLANATION_FINGERPRINT_KEYS)
+            return Explanations(parent[name], f"{self.path}/explanations/{name}", self)
+        group = parent.create_group(name, overwrite=True)
+        specs, L, c = layout.EXPLANATION_ARRAYS, len(layers), self.chunk_images
+        _create(group, specs["maps"], (L, n_images, P, P), c)
+        _create(group, specs["class_maps"], (L, n_images, P), c)
+        _create(group, specs["done"], (L, layout.n_chunks(n_images, c)), c)
+        group.attrs.update(attrs)  # last: a group with attributes is complete
+        return Explanations(group, f"{self.path}/explanations/{name}", self)
+
+    def explanations(self, f: str, embedding: str) -> "Explanations":
+        name = layout.explanations_name(f, embedding)
+        if "explanations" not in self.group or name not in self.group["explanations"]:
+            have = sorted(n for n, _ in self.group["explanations"].groups()) if "explanations" in self.group else []
+            raise StoreError(f"{self.path} has no explanations {name} (has: {', '.join(have) or 'none'}); run "
+                             f"`rep-pipeline explain`")
+        return Explanations(self.group["explanations"][name], f"{self.path}/explanations/{name}", self)
+
     def attention_map(self) -> np.ndarray:
         if not self.finished:
             raise StoreError(f"{self.path} is not finished; run the same extract command to complete it")
@@ -830,6 +862,55 @@ class Templates(_Trained):
             raise StoreError(f"{self.path} has no finished {embedding} templates for layer {layer}")
         slot = self.features.layer_slot(layer)
         return self.group[embedding][slot], self.group[f"{embedding}_bias"][slot]
+
+
+@dataclass
+class Explanations(_Trained):
+    """ULTra explanation maps of one (f, embedding) for some layers over the first ``n_images``
+    images of a model group (PROTOCOL.md section 8.4), written a (layer, image chunk) at a time."""
+
+    FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = layout.EXPLANATION_FINGERPRINT_KEYS
+
+    layers = property(lambda self: tuple(self.group.attrs["layers"]))
+    n_images = property(lambda self: int(self.group.attrs["n_images"]))
+
+    def slot(self, layer: int) -> int:
+        if layer not in self.layers:
+            raise StoreError(f"{self.path} has no layer {layer}; explained layers: {list(self.layers)}")
+        return self.layers.index(layer)
+
+    def bounds(self, chunk: int) -> tuple[int, int]:
+        return layout.chunk_bounds(chunk, self.features.chunk_images, self.n_images)
+
+    @property
+    def n_chunks(self) -> int:
+        return layout.n_chunks(self.n_images, self.features.chunk_images)
+
+    def is_done(self, layer: int, chunk: int) -> bool:
+        return bool(self.group["done"][self.slot(layer), chunk])
+
+    def pending(self) -> list[int]:
+        """Image chunks with any layer not written yet."""
+        return [int(c) for c in np.flatnonzero(~self.group["done"][:].all(axis=0))]
+
+    def write(self, layer: int, chunk: int, maps: np.ndarray, class_maps: np.ndarray) -> None:
+        """One (layer, image chunk) of maps and class maps, then its done flag."""
+        start, stop = self.bounds(chunk)
+        slot = self.slot(layer)
+        _write_together([(self.group["maps"], (slot, slice(start, stop)), maps.astype(np.float16)),
+                         (self.group["class_maps"], (slot, slice(start, stop)), class_maps.astype(np.float16))])
+        self.group["done"][slot, chunk] = True
+
+    def read(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(maps (n, P, P), class maps (n, P)) of images [start, stop) at ``layer``, as float32."""
+        slot = self.slot(layer)
+        maps, class_maps = _read_together([(self.group["maps"], (slot, slice(start, stop))),
+                                           (self.group["class_maps"], (slot, slice(start, stop)))])
+        for value in (maps, class_maps):
+            if isinstance(value, BaseException):
+                raise StoreError(f"{self.path} (layer {layer}, images {start}..{stop - 1}) cannot be read: "
+                                 f"{value}") from value
+        return np.asarray(maps, np.float32), np.asarray(class_maps, np.float32)
 
 
 class MapStore:

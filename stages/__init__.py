@@ -14,7 +14,8 @@ from importlib import import_module
 from types import ModuleType
 from typing import Any
 
-from rep_pipeline.pipeline.config import (ClusterConfig, CorrespondConfig, EvaluateConfig, ExtractConfig, Options,
+from rep_pipeline.pipeline.config import (ClusterConfig, CorrespondConfig, EvaluateConfig, ExplainConfig, ExtractConfig,
+                                          Options,
                                           ProbeConfig, ReportConfig)
 
 
@@ -45,6 +46,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
                                 "split (direction probes)."),
     Stage("correspond", CorrespondConfig, "Transfer keypoints between images by nearest upsampled features; write "
                                           "PCK per layer and embedding (zero-shot correspondence)."),
+    Stage("explain", ExplainConfig, "ULTra: explanation maps of latent tokens, per-image concepts and segments, "
+                                    "their scores and the perturbation test."),
     Stage("report", ReportConfig, "Draw the visual protocol and write a self-contained index.html."),
 )}
 

@@ -29,6 +29,11 @@
         codebooks/<method>-k<K>-s<seed>/  attrs: training fingerprint (CODEBOOK_ATTRS)
           <embedding>       (layer, cluster, channel) float32, unit centroids
           <embedding>_done  (layer,)                  bool, layer trained to the end
+        explanations/<f>-<embedding>/     attrs: ULTra's choices and the features' fingerprint
+                                          (EXPLANATION_ATTRS; PROTOCOL.md s. 8.4, 10.2)
+          maps        (layer, image, query, key)  float16, row i = S_i of patch token i (self-filled)
+          class_maps  (layer, image, key)         float16, the class token's map
+          done        (layer, chunk)              bool, the chunk's rows of that layer written
         templates/hyperplane-s<seed>/     attrs: concepts, training fingerprint (TEMPLATE_ATTRS)
           <embedding>       (layer, concept, channel) float32, w of w.z - b >= 0
           <embedding>_bias  (layer, concept)          float32, b
@@ -189,6 +194,28 @@ TEMPLATE_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
 )}
 TEMPLATE_ATTRS = ("concepts", "seed", "hyperparameters", "features_fingerprint", "schema_version", "package_version")
 TEMPLATE_FINGERPRINT_KEYS = ("concepts", "seed", "hyperparameters", "features_fingerprint")
+
+
+# ULTra explanation maps (PROTOCOL.md section 8.4), beside the codebooks:
+# ``<model group>/explanations/<f>-<embedding>/``; ``layer`` indexes the ``layers`` attribute and
+# ``image`` the first ``n_images`` images of the split
+EXPLANATION_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
+    ArraySpec("maps", ("layer", "image", "query", "key"), "float16", (1, IMAGES, FULL, FULL),
+              "row i: S_i of patch token i over the P patch columns, after the self-fill, before min-max scaling",
+              FEATURE_CODEC),
+    ArraySpec("class_maps", ("layer", "image", "key"), "float16", (1, IMAGES, FULL),
+              "the class token's map S_0 over the P patch columns", FEATURE_CODEC),
+    ArraySpec("done", ("layer", "chunk"), "bool", (1, 1), "the chunk's maps of that layer are written"),
+)}
+EXPLANATION_ATTRS = ("f", "embedding", "layers", "order", "self_fill", "hyperparameters", "n_images",
+                     "features_fingerprint", "schema_version", "package_version")
+EXPLANATION_FINGERPRINT_KEYS = ("f", "embedding", "layers", "order", "self_fill", "hyperparameters", "n_images",
+                                "features_fingerprint")
+
+
+def explanations_name(f: str, embedding: str) -> str:
+    """``sum-tokens``: the group of ULTra_S maps of ``tokens`` (f: sum | energy | learned)."""
+    return f"{f}-{embedding}"
 
 
 def templates_name(seed: int) -> str:

@@ -13,6 +13,9 @@
                                             truth, decisions, cosine_decisions, images (figure d4)
         correspondence/<dataset>/<split>/<model>/<embedding>/example-<j>/
                                             source, target, cosine (figure c3)
+        ultra/<dataset>/<split>/<model>/<run id>/layer_<L>/
+                                            segments, images, labels, token_maps, class_maps,
+                                            linkage, cuts (figures u1 to u3)
         <dataset>/<split>/<model>/<train_split>/<method>-k<K>-s<seed>/<embedding>/layer_<L>/
                                             counts, aggregate, examples
 
@@ -55,6 +58,11 @@ MAP_ARRAYS: dict[str, MapArray] = {a.name: a for a in (
     MapArray("target", ("y", "x", "rgb"), "correspondence: the target image on the grid"),
     MapArray("cosine", ("layer", "y", "x"), "correspondence: cos(f, upsampled target feature) per layer; NaN on "
                                             "padding"),
+    MapArray("segments", ("image", "y", "x"), "ULTra: each test image's segment map (per-image ids)"),
+    MapArray("token_maps", ("example", "token", "key"), "ULTra: S_i of a few patch tokens of the example images"),
+    MapArray("class_maps", ("example", "key"), "ULTra: the class token's map of the example images"),
+    MapArray("linkage", ("example", "merge", "field"), "ULTra: the example images' dendrograms (scipy linkage)"),
+    MapArray("cuts", ("example", "zeta", "y", "x"), "ULTra: the example images' segments at several cuts"),
     MapArray("cosine_decisions", ("example", "y", "x"), "direction probes: a cosine template's patch decisions "
                                                          "(G x G)"),
 )}
@@ -116,6 +124,11 @@ def correspondence_maps(dataset: str, split: str, model: str) -> str:
 def correspondence_example(dataset: str, split: str, model: str, embedding: str, example: int) -> str:
     """One example keypoint's heatmaps (every layer of one embedding) under ``correspondence_maps``."""
     return f"{correspondence_maps(dataset, split, model)}/{embedding}/example-{example}"
+
+
+def ultra_maps(dataset: str, split: str, model: str, run_id: str, layer: int) -> str:
+    """One ULTra run's maps at one layer (segments, examples of figures u1 to u3)."""
+    return f"ultra/{dataset}/{split}/{model}/{run_id[:16]}/layer_{layer}"
 
 
 def setting_maps(dataset: str, split: str, model: str, train_split: str, method: str, k: int, seed: int,

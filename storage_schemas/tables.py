@@ -33,7 +33,8 @@ _SETTING = (
     _field("embedding", pa.string(), "queries | keys | values | tokens"),
     _field("layer", pa.int16(), "block number (0-based)"),
     _field("k", pa.int32(), "number of clusters"),
-    _field("method", pa.string(), "online | lloyd"),
+    _field("method", pa.string(), "online | lloyd; ULTra's segments clustered by descriptors: ultra_s | ultra_e | "
+                                  "ultra_w (PROTOCOL.md s. 10.4)"),
     _field("seed", pa.int32(), "k-means seed"),
 )
 
@@ -223,6 +224,52 @@ CORRESPONDENCE_MATCHES = _table(
     _field("threshold", pa.float64(), "max(w_bb, h_bb) of the target box: correct at alpha iff "
                                       "error <= alpha * threshold"),
     _field("score", pa.float64(), "the cosine at the prediction"))
+
+# -- ULTra (PROTOCOL.md section 10.9) ------------------------------------------------------------------
+_ULTRA_RUN = (
+    _field("run_id", pa.string(), "hash of the run's choices and features (ultra_runs)"),
+    _field("model", pa.string(), "model key in the feature store"),
+    _field("dataset", pa.string(), "dataset name"),
+    _field("split", pa.string(), "split the maps explain"),
+)
+ULTRA_RUNS = _table(
+    "ultra_runs", *_ULTRA_RUN,
+    _field("embedding", pa.string(), "the explained embedding (tokens by default)"),
+    _field("f", pa.string(), "sum (ULTra_S) | energy (ULTra_E) | learned (ULTra_W)"),
+    _field("layers", pa.list_(pa.int16()), "explained blocks (0-based)"),
+    _field("zeta", pa.float64(), "cut distance of the per-image clustering", nullable=True),
+    _field("k_img", pa.int32(), "clusters per image instead of a cut distance", nullable=True),
+    _field("linkage", pa.string(), "average"), _field("metric", pa.string(), "cosine"),
+    _field("aggregate", pa.string(), "sum | mean: concept maps of the clusters (Eq. 7)"),
+    _field("self_fill", pa.string(), "max_other"), _field("order", pa.string(), "latest_left"),
+    _field("n_images", pa.int32(), "explained images"),
+    _field("store_fingerprint", pa.string(), "hash of the feature group's fingerprint"))
+ULTRA_ORACLE = _table(
+    "ultra_oracle", *_ULTRA_RUN, _field("layer", pa.int16(), "block number"),
+    _field("miou", pa.float64(), "per-image Hungarian matching, pixels pooled (an optimistic bound, s. 10.4)"),
+    _field("pixel_accuracy", pa.float64(), "the same matching's pixel accuracy"),
+    _field("mean_segments_per_image", pa.float64(), "segments per image"),
+    _field("n_images", pa.int32(), "images"))
+ULTRA_ITIOU = _table(
+    "ultra_itiou", *_ULTRA_RUN, _field("layer", pa.int16(), "block number"),
+    _field("tau", pa.float64(), "threshold of the min-max scaled upsampled map"),
+    _field("itiou", pa.float64(), "mean over images of the image's token-class IoU (s. 10.5)", nullable=True),
+    _field("n_images", pa.int32(), "images with a labelled token"),
+    _field("n_tokens", pa.int64(), "labelled tokens"))
+ULTRA_PERTURBATION = _table(
+    "ultra_perturbation", *_ULTRA_RUN, _field("layer", pa.int16(), "block number"),
+    _field("perturbation", pa.string(), "mask | noise"),
+    _field("fraction", pa.float64(), "rho: the fraction of the other patches perturbed"),
+    _field("tokens_per_image", pa.int32(), "tokens drawn per image"),
+    *(_field(name, pa.float64(), doc, nullable=True) for name, doc in (
+        ("neg_mean", "mean over images of the mean distance, least relevant patches perturbed"),
+        ("neg_std", "standard deviation over images of that"),
+        ("pos_mean", "the same, most relevant patches perturbed"), ("pos_std", "its standard deviation"),
+        ("diff_mean", "mean over images of positive - negative"),
+        ("diff_ci_low", "95 % bootstrap interval of diff_mean over images (1,000 draws), low end"),
+        ("diff_ci_high", "its high end"))),
+    _field("n_images", pa.int32(), "images"), _field("seed", pa.int64(), "seed of the token draws and noise"))
+
 
 # which feature group a model key of the results is (what the ln_ablation view pairs by)
 FEATURE_GROUPS = _table(

@@ -1,0 +1,94 @@
+"""The explain stage (PROTOCOL.md section 10) end to end on a real tiny model: the maps in the
+store against the explainer run directly, the ULTra tables against their per-image parts, the
+dataset scoring in the section 5 tables, resume, and refusals before anything is written."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from rep_pipeline.pipeline.config import ExplainConfig, ExtractConfig
+from rep_pipeline.pipeline.errors import FingerprintMismatchError, StoreError
+from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.store import FeatureStore
+from rep_pipeline.stages.explain import is_done, run_explain
+from rep_pipeline.stages.extract import run_extract
+from rep_pipeline.storage_schemas import results as layout
+
+SIZE, MODEL = 64, "tiny-vit"
+
+
+@pytest.fixture(scope="module")
+def explained(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("explain")
+    store = root / "features.zarr"
+    run_extract(ExtractConfig(model=MODEL, weights="random", store=store, image_size=SIZE, chunk_images=4,
+                              embeddings="tokens", dataset_options={"sizes": {"train": 6, "val": 5}}), progress=False)
+    cfg = ExplainConfig(store=store, model=MODEL, split="val", train_split="train", weights="random",
+                        tokens_per_image=3, taus="0,0.2,0.5,1")
+    return root, store, cfg, run_explain(cfg, progress=False)
+
+
+def test_the_maps_in_the_store_are_the_explainers(explained):
+    import torch
+
+    from rep_pipeline.pipeline.datasets import build_dataset
+    from rep_pipeline.pipeline.model_input import ModelInput
+    from rep_pipeline.pipeline.registry import build_model
+    from rep_pipeline.stages.explain.rollout import Explainer
+
+    _, store, cfg, result = explained
+    group = FeatureStore(store).model_split(MODEL, "synthetic", "val")
+    book = group.explanations("sum", "tokens")
+    assert book.layers == (1, 3) and book.n_images == 5 and not book.pending()
+    assert result.images == 11 and result.images_explained == 11
+    loaded = build_model(MODEL, "random", SIZE)
+    dataset = build_dataset("synthetic", sizes={"train": 6, "val": 5})
+    image, _, geometry = dataset.load_placed(dataset.items("val")[4], SIZE)
+    x = ModelInput(loaded, torch.device("cpu"))(image[None], geometry[None])
+    direct = Explainer(loaded, (1, 3)).explain(x)
+    for layer in (1, 3):
+        maps, class_maps = book.read(layer, 4, 5)
+        np.testing.assert_allclose(maps[0], direct[layer].maps.numpy(), rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(class_maps[0], direct[layer].class_map.numpy(), rtol=2e-3, atol=1e-3)
+
+
+def test_tables_hold_every_layer_tau_and_perturbation(explained):
+    root, _, cfg, result = explained
+    results = Results(root / "results")
+    runs = results.rows("SELECT * FROM ultra_runs")
+    assert len(runs) == 1 and runs[0]["run_id"] == result.run_id and list(runs[0]["layers"]) == [1, 3]
+    oracle = results.rows("SELECT * FROM ultra_oracle ORDER BY layer")
+    assert [r["layer"] for r in oracle] == [1, 3] and all(0 <= r["miou"] <= 1 for r in oracle)
+    itiou = results.rows("SELECT * FROM ultra_itiou")
+    assert len(itiou) == 2 * 4 and {r["tau"] for r in itiou} == {0.0, 0.2, 0.5, 1.0}
+    pert = results.rows("SELECT * FROM ultra_perturbation")
+    assert {(r["layer"], r["perturbation"]) for r in pert} == {(1, "mask"), (1, "noise"), (3, "mask"), (3, "noise")}
+    assert all(r["tokens_per_image"] == 3 and r["n_images"] == 5 for r in pert)
+    assert all(r["diff_ci_low"] <= r["diff_mean"] <= r["diff_ci_high"] for r in pert)
+    seg = results.rows("SELECT * FROM segmentation WHERE method = 'ultra_s' ORDER BY layer")
+    assert [r["layer"] for r in seg] == [1, 3] and {r["k"] for r in seg} == {6}
+    assert {r["codebook_fingerprint"] for r in seg} == {result.run_id}
+    confusion = results.rows("SELECT layer, sum(pixels) AS n FROM confusion WHERE method = 'ultra_s' GROUP BY layer")
+    labelled = int((FeatureStore(cfg.store).dataset_split("synthetic", "val").labels[:] != 255).sum())
+    assert {r["n"] for r in confusion} == {labelled}
+    segments = results.maps().read(layout.ultra_maps("synthetic", "val", MODEL, result.run_id, 3), "segments")
+    assert segments.shape == (5, SIZE, SIZE)
+
+
+def test_a_rerun_is_done_and_reuses_the_stored_maps(explained):
+    root, _, cfg, result = explained
+    assert is_done(cfg) and not is_done(cfg.replace(zeta=0.2))
+    again = run_explain(cfg.replace(zeta=0.2), progress=False)
+    assert again.images_explained == 0 and again.run_id != result.run_id
+    assert len(Results(root / "results").rows("SELECT * FROM ultra_runs")) == 2
+
+
+def test_other_weights_are_refused_before_anything_is_written(explained, tmp_path):
+    _, store, cfg, _ = explained
+    with pytest.raises(FingerprintMismatchError, match="weights"):
+        run_explain(cfg.replace(seed=1, f="energy", results=tmp_path / "r"), progress=False)
+    group = FeatureStore(store).model_split(MODEL, "synthetic", "val")
+    with pytest.raises(StoreError, match="no explanations energy-tokens"):
+        group.explanations("energy", "tokens")
+    with pytest.raises(StoreError, match="no layer 7"):
+        run_explain(cfg.replace(layers="7", results=tmp_path / "r"), progress=False)
