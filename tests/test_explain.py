@@ -92,3 +92,31 @@ def test_other_weights_are_refused_before_anything_is_written(explained, tmp_pat
         group.explanations("energy", "tokens")
     with pytest.raises(StoreError, match="no layer 7"):
         run_explain(cfg.replace(layers="7", results=tmp_path / "r"), progress=False)
+
+
+def test_real_coco_stuff_images_are_read_again_and_checked(ray_local, shared_datasets, tmp_path):
+    """On the real sample: the images are re-read from --data-root (the check of every image's
+    tokens against the store passes), and a data root of other images is refused."""
+    coco = shared_datasets / "cocostuff-sample"
+    store = tmp_path / "coco.zarr"
+    run_extract(ExtractConfig(model=MODEL, weights="random", store=store, dataset="cocostuff27", data_root=coco,
+                              splits="val2017", limit=2, image_size=SIZE, embeddings="tokens"), progress=False)
+    cfg = ExplainConfig(store=store, model=MODEL, split="val2017", weights="random", data_root=coco, layers="3",
+                        tokens_per_image=2, perturbations="mask", taus="0.2")
+    result = run_explain(cfg, progress=False)
+    assert result.images_explained == 2
+    rows = Results(tmp_path / "results").rows("SELECT * FROM ultra_itiou")
+    assert len(rows) == 1 and rows[0]["n_tokens"] > 0
+    other = tmp_path / "other"
+    for sub in ("images/val2017", "annotations/val2017", "curated/val2017"):
+        (other / sub).mkdir(parents=True)
+    ids = (coco / "curated/val2017/Coco164kFull_Stuff_Coarse_7.txt").read_text().split()
+    (other / "curated/val2017/Coco164kFull_Stuff_Coarse_7.txt").write_text("\n".join(ids[2:4]) + "\n")
+    for i in ids[2:4]:
+        (other / f"images/val2017/{i}.jpg").write_bytes((coco / f"images/val2017/{i}.jpg").read_bytes())
+        (other / f"annotations/val2017/{i}.png").write_bytes((coco / f"annotations/val2017/{i}.png").read_bytes())
+    (other / "categories_stuffthingmaps.tsv").write_bytes((coco / "categories_stuffthingmaps.tsv").read_bytes()) \
+        if (coco / "categories_stuffthingmaps.tsv").exists() else None
+    with pytest.raises(FingerprintMismatchError, match="not the ones the store was extracted from"):
+        run_explain(cfg.replace(data_root=other, results=tmp_path / "r2"), progress=False)
+    assert not (tmp_path / "r2").exists()

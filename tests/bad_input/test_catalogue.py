@@ -95,6 +95,9 @@ CASES = [
      "test_partpairs.py::test_an_existing_output_is_refused_and_an_error_leaves_nothing"),
     ("input", "correspond without keypoint pairs or a captured embedding",
      "test_correspond.py::test_refusals_name_what_is_missing"),
+    ("input", "explain with other weights or a block not captured: refused before anything is written",
+     "test_explain.py::test_other_weights_are_refused_before_anything_is_written"),
+    ("input", "explain with a data root of other images", "test_explain.py::test_real_coco_stuff_images_are_read_again_and_checked"),
     ("input", "an unknown geometry", "test_geometry.py::test_geometry_is_an_option_of_every_dataset_and_part_of_the_fingerprint"),
     # kill points
     ("kill", "Ctrl-C during extract", "test_extract.py::test_interrupted_run_resumes_to_the_single_run_result"),
