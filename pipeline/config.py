@@ -385,7 +385,7 @@ class CorrespondConfig(ResultsBeside, OnWorkers):
     examples: int = option(3, help="Keypoints whose cosine heatmaps are kept for figure c3.", ge=0)
 
 
-ExplainScalar = Literal["sum", "energy"]  # f_s (ULTra_S), f_e (ULTra_E); ULTra_W is not built (s. 10.7)
+ExplainScalar = Literal["sum", "energy", "learned"]  # f_s (ULTra_S), f_e (ULTra_E), f_w (ULTra_W, s. 10.7)
 Perturbation = Literal["mask", "noise"]
 ITIOU_TAUS = tuple(round(0.05 * i, 2) for i in range(21))  # section 10.5's sweep, 0.00..1.00
 
@@ -406,7 +406,9 @@ class ExplainConfig(ResultsBeside, OnWorkers):
                                                    "geometry and fingerprint as the store's).")
     layers: Layers = option(None, help="Blocks to explain; default the middle and the last captured one.")
     embedding: Embedding = option("tokens", help="The explained embedding (A14: tokens).")
-    f: ExplainScalar = option("sum", help="sum (ULTra_S, f = sum_d z_d) or energy (ULTra_E, f = <z, z>).")
+    f: ExplainScalar = option("sum", help="sum (ULTra_S, f = sum_d z_d), energy (ULTra_E, f = <z, z>) or learned "
+                                          "(ULTra_W: unit vectors fitted on the train split first, s. 10.7).")
+    fit_images: int = option(256, help="learned: train images the projections are fitted on.", ge=1)
     limit: int = option(200, help="Explain the first N images of each split.", ge=1)
     zeta: float = option(0.4, help="Cut distance of the per-image clustering (cosine, average linkage).", ge=0)
     k_img: int | None = option(None, help="Cut each image into this many clusters instead of at zeta.", ge=1)
@@ -425,8 +427,19 @@ class ExplainConfig(ResultsBeside, OnWorkers):
     max_image_pixels: int = option(MAX_IMAGE_PIXELS, help="Refuse images of more pixels than this.", ge=1)
 
     def hyperparameters(self) -> dict[str, Any]:
-        """What, besides the weights and the features, the stored maps depend on."""
-        return {"f": self.f, "embedding": self.embedding}
+        """What, besides the weights and the features, the stored maps depend on (learned: the
+        fitting choices of section 10.7 as well)."""
+        fit = {"fit": {"train_split": self.train_split, "fit_images": self.fit_images, "perturbation": "noise",
+                       "delta": 0.3, "init": "ones", "optimizer": "adam", "lr": 1e-3, "epochs": 1, "batch": 8,
+                       "zeta": self.zeta, "k_img": self.k_img, "aggregate": self.aggregate,
+                       "seed": self.draw_seed}} if self.f == "learned" else {}
+        return {"f": self.f, "embedding": self.embedding, **fit}
+
+    @model_validator(mode="after")
+    def _learned_needs_a_train_split(self) -> "ExplainConfig":
+        if self.f == "learned" and not self.train_split:
+            raise ValueError("f: learned fits its projections on --train-split; name one")
+        return self
 
     def choices(self) -> dict[str, Any]:
         """What the run's scores depend on besides the maps (part of its run id)."""

@@ -146,6 +146,10 @@ class ActorPool:
                 out.append(None)
         return out
 
+    def call_one(self, method: str, *args: Any) -> Any:
+        """``method(*args)`` on the first actor (work that one process does, such as a fit)."""
+        return _get(getattr(self.actors[0], method).remote(*args))
+
     def map_unordered(self, method: str, tasks: Iterable[tuple], in_flight_per_actor: int = config.TASKS_IN_FLIGHT_PER_ACTOR,
                       ) -> Iterator[tuple[tuple, Any]]:
         """Yield ``(task, method(*task))`` as results arrive, keeping each actor busy. A task

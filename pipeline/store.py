@@ -901,6 +901,20 @@ class Explanations(_Trained):
                          (self.group["class_maps"], (slot, slice(start, stop)), class_maps.astype(np.float16))])
         self.group["done"][slot, chunk] = True
 
+    def write_projections(self, projections: Mapping[int, np.ndarray], fit: Mapping[str, Any]) -> None:
+        """ULTra_W's fitted unit vectors (layer -> (N, D)), written once before any map, and what
+        the fit reported (``fit`` attribute: losses, pairs, steps)."""
+        w = np.stack([np.asarray(projections[layer], np.float32) for layer in self.layers])
+        _create(self.group, layout.EXPLANATION_ARRAYS["projections"], w.shape, 1)[:] = w
+        self.group.attrs["fit"] = json.loads(json.dumps(dict(fit), default=float))
+
+    def projections(self) -> dict[int, np.ndarray] | None:
+        """The fitted vectors by layer, or None before the fit is stored."""
+        if "projections" not in self.group or "fit" not in self.group.attrs:
+            return None
+        w = self.group["projections"][:]
+        return {layer: w[i] for i, layer in enumerate(self.layers)}
+
     def read(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """(maps (n, P, P), class maps (n, P)) of images [start, stop) at ``layer``, as float32."""
         slot = self.slot(layer)

@@ -34,6 +34,7 @@
           maps        (layer, image, query, key)  float16, row i = S_i of patch token i (self-filled)
           class_maps  (layer, image, key)         float16, the class token's map
           done        (layer, chunk)              bool, the chunk's rows of that layer written
+          projections (layer, token, channel)     float32, learned only: ULTra_W's w_i (s. 10.7)
         templates/hyperplane-s<seed>/     attrs: concepts, training fingerprint (TEMPLATE_ATTRS)
           <embedding>       (layer, concept, channel) float32, w of w.z - b >= 0
           <embedding>_bias  (layer, concept)          float32, b
@@ -206,6 +207,8 @@ EXPLANATION_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
     ArraySpec("class_maps", ("layer", "image", "key"), "float16", (1, IMAGES, FULL),
               "the class token's map S_0 over the P patch columns", FEATURE_CODEC),
     ArraySpec("done", ("layer", "chunk"), "bool", (1, 1), "the chunk's maps of that layer are written"),
+    ArraySpec("projections", ("layer", "token", "channel"), "float32", (1, FULL, FULL),
+              "ULTra_W (f = learned): the unit vectors w_i of f_w(z_i) = <z_i, w_i>, fitted first (s. 10.7)"),
 )}
 EXPLANATION_ATTRS = ("f", "embedding", "layers", "order", "self_fill", "hyperparameters", "n_images",
                      "features_fingerprint", "schema_version", "package_version")

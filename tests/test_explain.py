@@ -120,3 +120,20 @@ def test_real_coco_stuff_images_are_read_again_and_checked(ray_local, shared_dat
     with pytest.raises(FingerprintMismatchError, match="not the ones the store was extracted from"):
         run_explain(cfg.replace(data_root=other, results=tmp_path / "r2"), progress=False)
     assert not (tmp_path / "r2").exists()
+
+
+def test_ultra_w_fits_its_projections_first_and_keeps_them(explained):
+    """f = learned (section 10.7): unit vectors fitted on the train split's ULTra_S segments,
+    stored beside the maps, used for every map; a rerun reuses them."""
+    root, store, cfg, _ = explained
+    learned = cfg.replace(f="learned", fit_images=2, k_img=3, layers="3", perturbations="noise", taus="0.2")
+    run_explain(learned, progress=False)
+    book = FeatureStore(store).model_split(MODEL, "synthetic", "train").explanations("learned", "tokens")
+    w = book.projections()[3]
+    np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, rtol=1e-5)
+    assert book.attrs["hyperparameters"]["fit"]["fit_images"] == 2 and book.attrs["fit"]["3"]["n_images"] == 2
+    seg = Results(root / "results").rows("SELECT * FROM segmentation WHERE method = 'ultra_w'")
+    assert [r["layer"] for r in seg] == [3]
+    assert run_explain(learned.replace(taus="0.5"), progress=False).images_explained == 0
+    with pytest.raises(Exception, match="learned fits its projections on --train-split"):
+        ExplainConfig(store=store, model=MODEL, split="val", f="learned")

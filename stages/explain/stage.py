@@ -36,7 +36,7 @@ from rep_pipeline.storage_schemas import feature_store as store_layout
 from rep_pipeline.storage_schemas import results as layout
 
 SECTION5 = ("segmentation", "per_class_iou", "classwise_mi", "confusion", "matching")
-METHODS = {"sum": "ultra_s", "energy": "ultra_e"}
+METHODS = {"sum": "ultra_s", "energy": "ultra_e", "learned": "ultra_w"}
 EXAMPLES = 4           # images whose maps, dendrograms and segmentations figures u1 to u3 show
 EXAMPLE_TOKENS = 4     # tokens per example image in figures u1, u2
 EXAMPLE_ZETAS = (0.2, 0.4, 0.6)  # figure u3's cuts
@@ -156,6 +156,40 @@ class ExplainWorker:
         self.input = ModelInput(self.loaded, self.device)
         self.datasets = {name: _dataset(cfg, dataset, s) for name, s in self.splits.items()}
 
+    def fit(self) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
+        """ULTra_W (section 10.7): the ULTra_S maps of the first ``fit_images`` train images, then
+        the unit vectors of every explained layer fitted on their segments."""
+        from .learned import fit_projections
+        from .rollout import Explainer
+
+        if self._init_error is not None:
+            raise self._init_error
+        cfg, s = self.cfg, self.splits[self.cfg.train_split]
+        S, G = int(s.data.group.attrs["image_size"]), int(s.group.attrs["grid"])
+        attrs = s.group.attrs
+        ulta_s = Explainer(self.loaded, self.layers, cfg.embedding, "sum", attrs.get("last_norm", "after"),
+                           attrs.get("rope", "before"), cfg.memory_budget)
+        dataset = self.datasets[s.name]
+        images, maps = [], {layer: [] for layer in self.layers}
+        for item in dataset.items(s.name, s.data.n_images)[: cfg.fit_images]:
+            image, _, geometry = dataset.load_placed(item, S, cfg.max_image_pixels)
+            x = self.input(image[None], geometry[None], pad=dataset.geometry == "pad")
+            out = ulta_s.explain(x)
+            images.append(x[0])
+            for layer in self.layers:
+                maps[layer].append(out[layer].maps.numpy())
+        fitted, reports = {}, {}
+        for layer in self.layers:
+            fitted[layer], choices = fit_projections(ulta_s, images, maps[layer], layer, G, S, zeta=cfg.zeta,
+                                                     k=cfg.k_img, aggregate=cfg.aggregate, seed=cfg.draw_seed)
+            reports[str(layer)] = {k: choices[k] for k in ("n_images", "n_pairs", "steps", "loss_per_step")
+                                   if k in choices}
+        return fitted, reports
+
+    def use_projections(self, projections: dict[int, np.ndarray]) -> None:
+        """Explain with f_w and these vectors from now on."""
+        self.projections = {layer: np.array(w) for layer, w in projections.items()}  # writable copies
+
     def fingerprint(self) -> dict[str, Any]:
         if self._init_error is not None:
             raise self._init_error
@@ -181,7 +215,8 @@ class ExplainWorker:
         if all(book.is_done(layer, chunk) for layer in self.layers):
             maps = {layer: book.read(layer, start, stop) for layer in self.layers}
         else:
-            out = [self.explainer.explain(x[i:i + 1]) for i in range(stop - start)]
+            w = getattr(self, "projections", None) if self.cfg.f == "learned" else None
+            out = [self.explainer.explain(x[i:i + 1], w=w) for i in range(stop - start)]
             explained = stop - start
             for layer in self.layers:
                 m = np.stack([o[layer].maps.numpy() for o in out])
@@ -320,6 +355,13 @@ def _explain(cfg: ExplainConfig, address: str | None, progress: bool, dataset: s
         # checked: now the groups the workers write into (created once, by the driver)
         books = {s.name: s.group.require_explanations(cfg.f, cfg.embedding, layers, s.n_images,
                                                       cfg.hyperparameters()) for s in splits}
+        if cfg.f == "learned":  # ULTra_W: the vectors first (fitted once, kept with the maps)
+            train = books[cfg.train_split]
+            if train.projections() is None:
+                fitted, report = pool.call_one("fit")
+                for book in books.values():
+                    book.write_projections(fitted, report)
+            pool.call_all("use_projections", train.projections())
         with ImageProgress(f"explain {cfg.model}", result.images, enabled=progress) as bar:
             for _, part in pool.map_unordered("process", tasks):
                 parts.append(part)

@@ -1,6 +1,6 @@
 """The figures of the visual protocol (PROTOCOL.md section 6), of the direction probes
-(section 9.7, d1-d5) and of the zero-shot correspondence (section 11.6, c1-c4), one function
-per panel.
+(section 9.7, d1-d5), of the ULTra explanations (section 10.9, u1-u7) and of the zero-shot
+correspondence (section 11.6, c1-c4), one function per panel.
 
 Each ``plot_*`` draws on the axes (or figure) it is given and creates them only when none
 is given, as xarray's plot helpers do; none writes files (the report stage does). matplotlib
@@ -543,4 +543,234 @@ def plot_ln_ablation(rows: Sequence[Any], *, title: str = "", ylabel: str = "%",
     ax.set_title(title)
     if len(rows):
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+# -- ULTra explanations (PROTOCOL.md section 10.9, u1-u7) ------------------------------------------
+ULTRA_SCALARS = {"sum": "ULTra_S", "energy": "ULTra_E", "learned": "ULTra_W"}  # ultra_runs.f
+ULTRA_TAU = 0.2  # the headline threshold of the masks and of ITIoU (section 10.5)
+ULTRA_CMAP = "inferno"  # explanation maps: dark (irrelevant) to bright yellow (relevant)
+SEGMENT_CMAP = "tab20"  # per-image segment ids: arbitrary labels, a qualitative map
+
+
+def minmax(values: np.ndarray, axis: int | tuple[int, ...] | None = None) -> np.ndarray:
+    """M(S) = (S - min S) / (max S - min S) over ``axis`` (float32), 0 where the map is constant."""
+    values = np.asarray(values, dtype=np.float32)
+    lo = values.min(axis=axis, keepdims=True)
+    span = values.max(axis=axis, keepdims=True) - lo
+    return (values - lo) / np.where(span > 0, span, 1.0)
+
+
+def scaled_map(patch_map: np.ndarray, grid: int, size: int) -> np.ndarray:
+    """M(S~): a (G * G,) patch map (row-major), upsampled bilinearly to (size, size) with
+    align_corners=False (torch's formula, as the explain and evaluate stages) and min-max
+    scaled; the map a ULTra mask thresholds (section 10.5)."""
+    from rep_pipeline.pipeline.segscore import bilinear_matrix
+
+    u = bilinear_matrix(grid, size)
+    return minmax(u @ np.asarray(patch_map, dtype=np.float32).reshape(grid, grid) @ u.T)
+
+
+def patch_centre(patch: int, grid: int, size: int) -> tuple[float, float]:
+    """(row, col) of the centre of patch ``patch`` (row-major on the G x G grid) in the pixel
+    coordinates of an image of ``size`` x ``size`` as ``imshow`` draws it."""
+    r, c = divmod(int(patch), grid)
+    return (r + 0.5) * size / grid - 0.5, (c + 0.5) * size / grid - 0.5
+
+
+def relevance_sets(patch_map: np.ndarray, own: int, rho: float) -> tuple[np.ndarray, np.ndarray]:
+    """The perturbation test's sets (section 10.6) of the token of patch ``own``: the other
+    patches ordered by S_i descending (ties by index), positive = the first m, negative = the
+    last m, m = floor(rho (P - 1)); the explain stage's own convention (``perturb.relevance_sets``)."""
+    s = np.asarray(patch_map, dtype=np.float64).ravel()
+    m = int(np.floor(rho * (s.size - 1) + 1e-9))
+    order = np.argsort(-s, kind="stable")
+    order = order[order != own]
+    return order[:m], order[order.size - m:]
+
+
+def _mark(ax: Any, point: tuple[float, float], colour: str = "cyan") -> None:
+    ax.plot([point[1]], [point[0]], marker="o", markersize=4, color=colour, markeredgecolor="black",
+            markeredgewidth=0.6, linestyle="none")
+
+
+def plot_explanation_map(image: np.ndarray, patch_map: np.ndarray, grid: int, *, token: int | None = None,
+                         tau: float | None = None, title: str = "", opacity: float = 0.6, ax: Any = None) -> Any:
+    """(u1) ``image`` under M(S~) of ``patch_map`` (G * G values) in ``ULTRA_CMAP`` (alpha
+    ``opacity``); (u2) with ``tau``, the binary mask M(S~) >= tau instead: the image where the
+    mask holds, darkened elsewhere. ``token`` (a patch index) is marked with a dot."""
+    ax = _axes(ax, (1.4, 1.4))
+    image = np.asarray(image)
+    size = image.shape[0]
+    scaled = scaled_map(patch_map, grid, size)
+    if tau is None:
+        ax.imshow(image, interpolation="nearest")
+        ax.imshow(scaled, cmap=ULTRA_CMAP, vmin=0, vmax=1, alpha=opacity, interpolation="nearest")
+    else:
+        mask = scaled >= tau
+        shown = image.astype(np.float32) * np.where(mask, 1.0, 0.15)[..., None]
+        ax.imshow(shown.round().astype(np.uint8), interpolation="nearest")
+        ax.contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=0.6)
+    if token is not None:
+        _mark(ax, patch_centre(token, grid, size))
+    ax.set_xlim(-0.5, size - 0.5), ax.set_ylim(size - 0.5, -0.5)
+    ax.set_title(title, fontsize=7)
+    _image_axes(ax)
+    return ax
+
+
+def plot_token_maps(image: np.ndarray, maps: np.ndarray, tokens: Sequence[int | None], layers: Sequence[int],
+                    grid: int, *, tau: float | None = None, title: str = "", fig: Any = None) -> Any:
+    """(u1)/(u2) one example image: rows = the class token (``tokens[i]`` None: no dot) then each
+    chosen token, columns = ``layers``; ``maps`` (layer, row, G * G) the rows' S_i per layer, each
+    shown by ``plot_explanation_map`` (with ``tau``: its binary mask). ``fig`` may be a subfigure."""
+    fig = fig or pyplot().figure(figsize=(1.2 * len(layers) + 1.0, 1.2 * len(tokens) + 0.3))
+    axes = fig.subplots(len(tokens), len(layers), squeeze=False)
+    for i, token in enumerate(tokens):
+        for j, layer in enumerate(layers):
+            plot_explanation_map(image, maps[j][i], grid, token=token, tau=tau,
+                                 title=f"block {layer}" if i == 0 else "", ax=axes[i, j])
+        name = "class token" if token is None else "token {}\n(row {}, col {})".format(token, *divmod(int(token), grid))
+        axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    return fig
+
+
+def colour_segments(segments: np.ndarray, image: np.ndarray | None = None, opacity: float = 0.65) -> np.ndarray:
+    """Per-image segment ids -> RGB in ``SEGMENT_CMAP`` (ids modulo its 20 colours), blended over
+    ``image`` with ``opacity`` where given."""
+    colours = np.asarray(pyplot().get_cmap(SEGMENT_CMAP).colors)[:, :3]
+    rgb = colours[np.asarray(segments, dtype=np.int64) % len(colours)]
+    if image is not None:
+        rgb = opacity * rgb + (1 - opacity) * np.asarray(image, dtype=np.float64) / 255
+    return (rgb.clip(0, 1) * 255).round().astype(np.uint8)
+
+
+def plot_dendrogram(linkage: np.ndarray, *, cuts: Sequence[float] = (), colour_below: float | None = None,
+                    title: str = "", ax: Any = None) -> Any:
+    """(u3) the per-image dendrogram of the patch tokens' maps (a scipy linkage; no leaf labels),
+    clusters below ``colour_below`` coloured, a dashed line at each cut distance in ``cuts``."""
+    from scipy.cluster.hierarchy import dendrogram
+
+    ax = _axes(ax, (3.0, 1.6))
+    linkage = np.asarray(linkage, dtype=np.float64)
+    dendrogram(linkage, no_labels=True, ax=ax, color_threshold=colour_below if colour_below is not None else 0,
+               above_threshold_color="0.45")
+    for zeta in cuts:
+        ax.axhline(zeta, color="0.3", linestyle="--", linewidth=0.7)
+        ax.text(0.99, zeta, f"{zeta:g}", transform=ax.get_yaxis_transform(), fontsize=6, ha="right", va="bottom",
+                color="0.3")
+    top = max([float(linkage[:, 2].max()) if len(linkage) else 0.0, *cuts, 0.1])
+    ax.set_ylim(0, top * 1.08)
+    ax.set_ylabel("cosine distance", fontsize=7)
+    ax.set_title(title, fontsize=7)
+    ax.spines["bottom"].set_visible(False)
+    return ax
+
+
+def plot_segment_map(segments: np.ndarray | None, *, image: np.ndarray | None = None, title: str = "",
+                     ax: Any = None) -> Any:
+    """(u3) one image's segments (ids per image, arbitrary) over the image; ``segments`` None:
+    the image alone."""
+    ax = _axes(ax, (1.4, 1.4))
+    ax.imshow(image if segments is None else colour_segments(segments, image), interpolation="nearest")
+    ax.set_title(title, fontsize=7)
+    _image_axes(ax)
+    return ax
+
+
+def plot_line_series(series: Sequence[Any], *, xlabel: str, ylabel: str, title: str = "", mark_x: float | None = None,
+                     integer_x: bool = False, ylim: tuple[float, float] | None = (0, 1.05), legend: bool = True,
+                     ax: Any = None) -> Any:
+    """(u5)/(u6) lines of ``series`` (mappings with ``x``, ``y``, ``label`` and optionally
+    ``colour``, ``linestyle``); ``mark_x`` a dotted vertical line (the run's zeta, tau = 0.2)."""
+    ax = _axes(ax, (3.4, 2.6))
+    for i, s in enumerate(series):
+        y = np.array([np.nan if v is None else float(v) for v in s["y"]])
+        ax.plot(list(s["x"]), y, marker="o", markersize=3, linewidth=1.2, label=s["label"],
+                color=s.get("colour", COLOURS[i % len(COLOURS)]), linestyle=s.get("linestyle", "-"))
+    if mark_x is not None:
+        ax.axvline(mark_x, color=GT_COLOUR, linestyle=":", linewidth=1.0)
+    if integer_x:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend and series:
+        ax.legend(fontsize=6.5)
+    return ax
+
+
+def plot_relevance_set(image: np.ndarray, patches: np.ndarray, grid: int, *, token: int, colour: str,
+                       title: str = "", ax: Any = None) -> Any:
+    """(u7) ``image`` with the pixels of ``patches`` (a perturbation set, row-major patch indices)
+    shaded in ``colour`` and the rest dimmed; the token's own patch marked with a dot."""
+    from matplotlib.colors import to_rgb
+
+    ax = _axes(ax, (1.4, 1.4))
+    image = np.asarray(image, dtype=np.float64) / 255
+    size = image.shape[0]
+    cells = np.zeros(grid * grid, bool)
+    cells[np.asarray(patches, dtype=np.int64)] = True
+    mask = upsample_nearest(cells.reshape(grid, grid), size)[..., None]
+    shaded = np.where(mask, 0.45 * image + 0.55 * np.asarray(to_rgb(colour)), 0.35 * image)
+    ax.imshow((shaded.clip(0, 1) * 255).round().astype(np.uint8), interpolation="nearest")
+    _mark(ax, patch_centre(token, grid, size))
+    ax.set_title(title, fontsize=7)
+    _image_axes(ax)
+    return ax
+
+
+POSITIVE_COLOUR, NEGATIVE_COLOUR = COLOURS[5], COLOURS[0]  # most relevant set vermilion, least relevant blue
+
+
+def _value(row: Any, key: str) -> float:
+    v = row.get(key)
+    return float("nan") if v is None else float(v)
+
+
+def plot_perturbation_bars(rows: Sequence[Any], *, title: str = "", legend: bool = True, ax: Any = None) -> Any:
+    """(u7) per block (``rows``: ``ultra_perturbation`` rows of one perturbation), the mean
+    distance ||z_i - z~_i|| with the negative (least relevant) and the positive (most relevant)
+    set perturbed, error bars = std over images; above each pair, positive - negative with its
+    95 % bootstrap interval."""
+    ax = _axes(ax, (max(2.6, 0.9 * len(rows) + 1.2), 2.6))
+    rows = sorted(rows, key=lambda r: r["layer"])
+    x = np.arange(len(rows))
+    for offset, key, colour, label in ((-0.2, "neg", NEGATIVE_COLOUR, "negative (least relevant)"),
+                                       (0.2, "pos", POSITIVE_COLOUR, "positive (most relevant)")):
+        means = np.array([_value(r, f"{key}_mean") for r in rows])
+        stds = np.array([_value(r, f"{key}_std") for r in rows])
+        ax.bar(x + offset, means, 0.4, yerr=np.nan_to_num(stds) if np.isfinite(stds).any() else None, capsize=2,
+               color=colour, label=label, error_kw={"elinewidth": 0.8})
+    top = np.nanmax([_value(r, k) + np.nan_to_num(_value(r, f"{k[:3]}_std")) for r in rows
+                     for k in ("neg_mean", "pos_mean")] + [0.0])
+    for xi, r in zip(x, rows):
+        diff = _value(r, "diff_mean")
+        if np.isfinite(diff):
+            ci = "" if not np.isfinite(_value(r, "diff_ci_low")) else \
+                f"\n[{_value(r, 'diff_ci_low'):+.3g}, {_value(r, 'diff_ci_high'):+.3g}]"
+            ax.text(xi, top * 1.03 if top > 0 else 0.02, f"{diff:+.3g}{ci}", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(x, [f"block {r['layer']}" for r in rows])
+    ax.set_xlim(-0.7, len(rows) - 0.3)
+    ax.set_ylim(0, (top if np.isfinite(top) and top > 0 else 1.0) * 1.35)
+    ax.set_ylabel("mean ||z - z~||")
+    ax.set_title(title)
+    if rows and legend:
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+def plot_token_on_image(image: np.ndarray, token: int, grid: int, *, title: str = "", ax: Any = None) -> Any:
+    """(u7) the image with the token's patch marked by a dot."""
+    ax = _axes(ax, (1.4, 1.4))
+    ax.imshow(image, interpolation="nearest")
+    _mark(ax, patch_centre(token, grid, np.asarray(image).shape[0]))
+    ax.set_title(title, fontsize=7)
+    _image_axes(ax)
     return ax

@@ -5,10 +5,13 @@ settings) into a new figure; a summary panel draws ``(data, k, method)`` once pe
 directions panel draws ``(data)`` once, in the "direction probes" section, when the results
 hold direction probes (PROTOCOL.md section 9.7); a correspondence panel draws ``(data,
 dataset, split)`` once per keypoint dataset and split, in its "zero-shot correspondence"
-section, when the results hold the ``correspondence`` table (section 11.6). Each carries its
+section, when the results hold the ``correspondence`` table (section 11.6); an ULTra panel
+draws ``(data, run_id)`` once per ULTra run, in its subsection of the "ULTra explanations"
+section, when the results hold the ``ultra_runs`` table (section 10.9). Each carries its
 caption and how to read it, which the page prints beneath the figure, and may carry
 ``when(*args)``: the panel is drawn only where that holds (d5 needs several probed blocks, d4
-the stored masks, c3 the stored heatmaps, c4 a before/after pair of the final norm).
+the stored masks, c3 the stored heatmaps, c4 a before/after pair of the final norm, u1-u3 the
+run's stored example maps, u4 its 'dataset' scoring).
 """
 from __future__ import annotations
 
@@ -45,21 +48,23 @@ COMPARISON_PANELS: tuple[Panel, ...] = ()
 SUMMARY_PANELS: tuple[Panel, ...] = ()
 DIRECTION_PANELS: tuple[Panel, ...] = ()
 CORRESPONDENCE_PANELS: tuple[Panel, ...] = ()
+ULTRA_PANELS: tuple[Panel, ...] = ()
 
 
 def panel(key: str, file: str, caption: str, reading: str, *, summary: bool = False, directions: bool = False,
-          correspondence: bool = False, when: Callable[..., bool] | None = None) -> Callable:
+          correspondence: bool = False, ultra: bool = False, when: Callable[..., bool] | None = None) -> Callable:
     """Register the decorated ``draw(...) -> Figure`` as a panel of every comparison (or, with
     ``summary``, of the report's summary section; with ``directions``, of its direction-probe
-    section; with ``correspondence``, of each zero-shot correspondence section), drawn only where
-    ``when`` (if given) holds."""
+    section; with ``correspondence``, of each zero-shot correspondence section; with ``ultra``, of
+    each ULTra run's subsection), drawn only where ``when`` (if given) holds."""
     kinds = [name for name, on in (("summary", summary), ("directions", directions),
-                                   ("correspondence", correspondence)) if on]
+                                   ("correspondence", correspondence), ("ultra", ultra)) if on]
     if len(kinds) > 1:
-        raise ValueError(f"panel {key!r}: one of summary, directions or correspondence, not {' and '.join(kinds)}")
+        raise ValueError(f"panel {key!r}: one of summary, directions, correspondence or ultra, not "
+                         f"{' and '.join(kinds)}")
 
     def register(draw: Callable[..., Any]) -> Callable[..., Any]:
-        global COMPARISON_PANELS, SUMMARY_PANELS, DIRECTION_PANELS, CORRESPONDENCE_PANELS
+        global COMPARISON_PANELS, SUMMARY_PANELS, DIRECTION_PANELS, CORRESPONDENCE_PANELS, ULTRA_PANELS
         p = Panel(key, file, caption, reading, draw, when)
         if summary:
             SUMMARY_PANELS += (p,)
@@ -67,6 +72,8 @@ def panel(key: str, file: str, caption: str, reading: str, *, summary: bool = Fa
             DIRECTION_PANELS += (p,)
         elif correspondence:
             CORRESPONDENCE_PANELS += (p,)
+        elif ultra:
+            ULTRA_PANELS += (p,)
         else:
             COMPARISON_PANELS += (p,)
         return draw
@@ -418,4 +425,252 @@ def final_norm(data: Any, dataset: str, split: str) -> Any:
         mine = [r for r in rows if (r["task"], r["measure"], r["dataset"]) == (task, measure, ds)]
         name = measure.replace("miou", "mIoU").replace("pck_point@", "PCK@")
         figures.plot_ln_ablation(mine, title=f"{task}: {name}, {ds}", ylabel=f"{name.split(' ')[0]} (%)", ax=ax)
+    return fig
+
+
+# -- ULTra explanations (PROTOCOL.md section 10.9) -------------------------------------------------
+_ULTRA = ("Blocks are numbered from 0; M(.) min-max scales a map to [0, 1], S~ is a G x G patch map upsampled "
+          "bilinearly to the image.")
+MAX_ULTRA_LAYERS = 6      # u1, u2: at most this many explained blocks, evenly spaced, the deepest included
+MAX_CUT_LAYERS = 3        # u3: at most this many blocks
+MAX_MAP_COLUMNS = 8       # u1, u2: example images side by side while their columns stay within this
+
+
+def _has_maps(data: Any, run_id: str) -> bool:
+    stored = data.ultra_maps(run_id)
+    return bool(stored) and min(len(s["images"]) for s in stored) > 0
+
+
+def _picked(stored: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    return [stored[i] for i in figures.shown_layers(len(stored), len(stored) - 1, limit)]
+
+
+def _token_map_grid(data: Any, run_id: str, *, masks: bool) -> Any:
+    stored = _picked(data.ultra_maps(run_id), MAX_ULTRA_LAYERS)
+    n = min(min(len(s["images"]), len(s["token_maps"]), len(s["class_maps"])) for s in stored)
+    tokens = [None, *[int(t) for t in stored[0]["tokens"]]]
+    layers = [s["layer"] for s in stored]
+    cols = max(1, min(n, MAX_MAP_COLUMNS // len(layers)))
+    rows = -(-n // cols)
+    fig = figures.pyplot().figure(figsize=(cols * (1.15 * len(layers) + 1.2), rows * (1.15 * len(tokens) + 0.45)))
+    subs = fig.subfigures(rows, cols, squeeze=False)
+    for e in range(n):
+        maps = [np.vstack([s["class_maps"][e][None], s["token_maps"][e]]) for s in stored]  # (layer, row, P)
+        figures.plot_token_maps(stored[0]["images"][e], maps, tokens, layers, int(stored[0]["grid"]),
+                                tau=float(stored[0].get("tau", figures.ULTRA_TAU)) if masks else None,
+                                title=f"example image {e}", fig=subs[e // cols, e % cols])
+    return fig
+
+
+@panel("u1", "u1_token_maps", "(u1) explanation maps of chosen tokens across blocks",
+       "Per example test image (one block of panels each): the first row is the class token's map, then one row "
+       "per chosen patch token, whose patch is the cyan dot; columns are the explained blocks. Each map is M(S~_i), "
+       "min-max scaled on its own and laid over the image (colour map 'inferno', dark = irrelevant, yellow = the "
+       "most relevant pixels for that token's value). A semantic token lights up its object, not just its "
+       "neighbourhood; a map that stays a blob around the dot is local ([X] Figs. 3b, 4). At most six blocks, "
+       "evenly spaced with the deepest. " + _ULTRA, ultra=True, when=_has_maps)
+def ultra_token_maps(data: Any, run_id: str) -> Any:
+    return _token_map_grid(data, run_id, masks=False)
+
+
+@panel("u2", "u2_masks", "(u2) binary masks of the chosen tokens",
+       "The same tokens, blocks and images as (u1), each map turned into its binary mask M_i = [M(S~_i) >= tau] "
+       "(tau = 0.2, as ITIoU's headline): the image is shown where the mask holds (outlined white) and darkened "
+       "elsewhere ([X] Fig. 3c). The mask is the object the token 'selects'; ITIoU (u6) scores it against the "
+       "ground truth of the token's class. " + _ULTRA, ultra=True, when=_has_maps)
+def ultra_masks(data: Any, run_id: str) -> Any:
+    return _token_map_grid(data, run_id, masks=True)
+
+
+@panel("u3", "u3_dendrograms", "(u3) per-image dendrograms and segmentations at several cuts",
+       "One row per example image and block: the dendrogram of the image's patch tokens (average linkage of the "
+       "cosine distances between their min-max scaled maps M(S_i); leaves are tokens, merge heights distances; "
+       "the clusters below the run's cut distance zeta are coloured), with dashed lines at the stored cuts; then "
+       "the image and its segmentation at each cut (each pixel takes the cluster whose summed upsampled maps are "
+       "largest there, Eqs. 7-8; colours are per-image segment ids, arbitrary). Lower cuts give more, smaller "
+       "segments ([X] Fig. 13). At most three blocks, evenly spaced with the deepest. " + _ULTRA,
+       ultra=True, when=_has_maps)
+def ultra_dendrograms(data: Any, run_id: str) -> Any:
+    run = data.ultra_run(run_id)
+    stored = _picked(data.ultra_maps(run_id), MAX_CUT_LAYERS)
+    n = min(min(len(s["linkage"]), len(s["cuts"]), len(s["images"])) for s in stored)
+    zetas = [float(z) for z in stored[0].get("zetas", [])]
+    n_cuts = min(s["cuts"].shape[1] for s in stored)
+    fig = figures.pyplot().figure(figsize=(3.2 + 1.25 * (1 + n_cuts), 1.35 * n * len(stored) + 0.3))
+    axes = fig.subplots(n * len(stored), 2 + n_cuts, squeeze=False, width_ratios=[2.6] + [1] * (1 + n_cuts))
+    for e in range(n):
+        for j, s in enumerate(stored):
+            row = axes[e * len(stored) + j]
+            figures.plot_dendrogram(s["linkage"][e], cuts=zetas[:n_cuts], colour_below=run["zeta"], ax=row[0])
+            row[0].set_title(f"image {e}, block {s['layer']}", fontsize=7)
+            figures.plot_segment_map(None, image=s["images"][e], title="image" if e == j == 0 else "", ax=row[1])
+            for z in range(n_cuts):
+                cut = s["cuts"][e, z]
+                name = f"zeta {zetas[z]:g}" if z < len(zetas) else f"cut {z}"
+                count = len(np.unique(cut))
+                figures.plot_segment_map(cut, image=s["images"][e], ax=row[2 + z],
+                                         title=f"{name}\n{count} segment{'s' if count != 1 else ''}")
+    fig.subplots_adjust(wspace=0.12, hspace=0.55)
+    return fig
+
+
+def _scored_maps(data: Any, run_id: str) -> list[tuple[str, np.ndarray]]:
+    """The run's 'dataset'-scored maps (section 5's ``examples``, mapped class ids) by block."""
+    out = []
+    for r in data.ultra_rows("segmentation", run_id):
+        try:
+            out.append((f"{r['method']}, block {r['layer']}\n(K = {r['k']}, mIoU {r['miou']:.2f})",
+                        data.setting_map(r, "examples")))
+        except Exception:  # noqa: BLE001 - a setting whose maps are missing is left out
+            continue
+    return out
+
+
+def _has_scored_maps(data: Any, run_id: str) -> bool:
+    return bool(_scored_maps(data, run_id)) and len(data.ultra_ground_truth(run_id)["images"]) > 0
+
+
+@panel("u4", "u4_segmentations", "(u4) exemplary ULTra segmentations, 'dataset' scoring",
+       "As (a1), for the ULTra segmentations: columns are the same test images, the first rows the image and its "
+       "ground truth, then one row per explained block with the 'dataset' scoring's class map (each image's "
+       "segments clustered by their token descriptors into K = C clusters fitted on the train split, then "
+       "Hungarian-matched to the classes over the whole split, section 10.4), in the dataset palette ([X] Fig. 2). "
+       "Segments that follow objects but take a wrong colour are good segments with a poor descriptor match. "
+       + _ULTRA, ultra=True, when=_has_scored_maps)
+def ultra_segmentations(data: Any, run_id: str) -> Any:
+    gt = data.ultra_ground_truth(run_id)
+    preds = _scored_maps(data, run_id)
+    n = min([len(gt["images"]), len(gt["labels"])] + [len(p) for _, p in preds])
+    return figures.plot_example_grid(gt["images"][:n], gt["labels"][:n], [(label, p[:n]) for label, p in preds],
+                                     gt["palette"], gt["classes"])
+
+
+def _has_scores(data: Any, run_id: str) -> bool:
+    return bool(data.ultra_rows("ultra_oracle", run_id) or data.ultra_rows("segmentation", run_id))
+
+
+def _score_series(data: Any, run_id: str, metric: str) -> list[dict[str, Any]]:
+    """The oracle's (solid) and the 'dataset' scoring's (dashed) ``metric`` against the block."""
+    series = []
+    for i, (table, name, style) in enumerate((("ultra_oracle", "per-image oracle", "-"),
+                                              ("segmentation", "dataset scoring (K = C)", "--"))):
+        rows = sorted(data.ultra_rows(table, run_id), key=lambda r: r["layer"])
+        if rows:
+            series.append({"x": [r["layer"] for r in rows], "y": [r[metric] for r in rows], "linestyle": style,
+                           "colour": figures.COLOURS[i], "label": name})
+    return series
+
+
+@panel("u5", "u5_scores", "(u5) ULTra segmentation scores against the block (and zeta)",
+       "mIoU (left) and pixel accuracy (right) of the run's per-image segmentations against the block: solid, the "
+       "per-image oracle (each image's segments Hungarian-matched to its own classes, an optimistic bound that "
+       "uses the labels per image, [X]'s unstated matching read generously); dashed, the 'dataset' scoring (one "
+       "K = C matching for the whole split, comparable with the k-means rows of the other sections), where a "
+       "train split was given ([X] Figs. 6, 7). Where other runs of the model differ from this one only in the cut "
+       "distance zeta, a second row shows the same against zeta, one colour per block, this run's zeta dotted "
+       "([X] Fig. 12). " + _ULTRA, ultra=True, when=_has_scores)
+def ultra_scores(data: Any, run_id: str) -> Any:
+    family = data.ultra_zeta_runs(run_id)
+    fig = figures.pyplot().figure(figsize=(7.6, 2.8 * (2 if family else 1)), layout="constrained")
+    axes = fig.subplots(2 if family else 1, 2, squeeze=False)
+    for j, (metric, name) in enumerate((("miou", "mIoU"), ("pixel_accuracy", "pixel accuracy"))):
+        figures.plot_line_series(_score_series(data, run_id, metric), xlabel="block (0-based)",
+                                 ylabel=name, title=f"{name} against the block", integer_x=True, ax=axes[0, j])
+        if family:
+            figures.plot_line_series(_zeta_series(data, family, metric), xlabel="zeta (cut distance)", ylabel=name,
+                                     title=f"{name} against zeta",
+                                     mark_x=data.ultra_run(run_id)["zeta"], ax=axes[1, j])
+    return fig
+
+
+def _zeta_series(data: Any, family: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Per block, ``metric`` against the runs' zeta: the oracle solid, the 'dataset' scoring dashed."""
+    layers = sorted({r["layer"] for f in family for r in data.ultra_rows("ultra_oracle", f["run_id"])}
+                    | {r["layer"] for f in family for r in data.ultra_rows("segmentation", f["run_id"])})
+    series = []
+    for i, layer in enumerate(layers):
+        for table, name, style in (("ultra_oracle", "oracle", "-"), ("segmentation", "dataset", "--")):
+            points = sorted((f["zeta"], r[metric]) for f in family for r in data.ultra_rows(table, f["run_id"])
+                            if r["layer"] == layer)
+            if points:
+                series.append({"x": [p[0] for p in points], "y": [p[1] for p in points], "linestyle": style,
+                               "colour": figures.COLOURS[i % len(figures.COLOURS)], "label": f"{name}, block {layer}"})
+    return series
+
+
+def _has_itiou(data: Any, run_id: str) -> bool:
+    return bool(data.ultra_rows("ultra_itiou", run_id))
+
+
+@panel("u6", "u6_itiou", "(u6) ITIoU against the threshold tau and the block",
+       "ITIoU: per image, the mean over the classes of its labelled tokens of the mean IoU between each token's "
+       "mask [M(S~_i) >= tau] and the ground truth of the token's class (ignore pixels left out), then the mean "
+       "over images (section 10.5). Left: against tau, one line per block ([X] Fig. 10: an interior optimum; "
+       "tau = 0 selects the whole image, tau = 1 a single pixel); right: at tau = 0.2 (dotted on the left) against "
+       "the block ([X] Fig. 11: deeper blocks higher). " + _ULTRA, ultra=True, when=_has_itiou)
+def ultra_itiou(data: Any, run_id: str) -> Any:
+    rows = data.ultra_rows("ultra_itiou", run_id)
+    layers = sorted({r["layer"] for r in rows})
+    fig = figures.pyplot().figure(figsize=(7.6, 2.8), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    figures.plot_line_series([{"x": [r["tau"] for r in rows if r["layer"] == layer],
+                               "y": [r["itiou"] for r in rows if r["layer"] == layer], "label": f"block {layer}"}
+                              for layer in layers], xlabel="tau (threshold of M(S~))", ylabel="ITIoU",
+                             title="ITIoU against tau", mark_x=figures.ULTRA_TAU, ax=left)
+    headline = {}
+    for r in rows:
+        if abs(r["tau"] - figures.ULTRA_TAU) < abs(headline.get(r["layer"], {}).get("tau", np.inf) - figures.ULTRA_TAU):
+            headline[r["layer"]] = r
+    tau = next(iter(headline.values()))["tau"]
+    figures.plot_line_series([{"x": layers, "y": [headline[layer]["itiou"] for layer in layers],
+                               "label": f"tau = {tau:g}"}], xlabel="block (0-based)", ylabel="ITIoU",
+                             title=f"ITIoU at tau = {tau:g} against the block", integer_x=True, ax=right)
+    return fig
+
+
+def _has_perturbation(data: Any, run_id: str) -> bool:
+    return _has_maps(data, run_id) or bool(data.ultra_rows("ultra_perturbation", run_id))
+
+
+@panel("u7", "u7_perturbation", "(u7) the perturbation test",
+       "Top: one example image and one chosen token (cyan dot) at the deepest explained block: its map M(S~_i), "
+       "then its positive set (the fraction rho of the other patches with the highest S_i, shaded vermilion) and "
+       "its negative set (the rho with the lowest, shaded blue); the token's own patch is never perturbed. The "
+       "test perturbs one set at a time in the model input ('mask': the pixels set to the mean colour; 'noise': "
+       "0.3 N(0, 1) added in normalised space) and measures how far the token's embedding moves, "
+       "||z_i - z~_i||. Bottom: per perturbation and block, the mean distance over images (error bars = std over "
+       "images) with the negative (blue) and the positive (vermilion) set perturbed; above each pair, positive "
+       "minus negative with its 95 % bootstrap interval over images. A faithful map gives positive > negative, "
+       "an interval above 0 ([X] Fig. 9, Tables 3, 6). " + _ULTRA, ultra=True, when=_has_perturbation)
+def ultra_perturbation(data: Any, run_id: str) -> Any:
+    stored = data.ultra_maps(run_id) if _has_maps(data, run_id) else []
+    rows = data.ultra_rows("ultra_perturbation", run_id)
+    modes = list(dict.fromkeys(r["perturbation"] for r in rows))
+    parts = [part for part, on in (("sets", bool(stored)), ("bars", bool(modes))) if on]
+    height = 2.2 * len(parts) + 0.6 * ("bars" in parts)
+    fig = figures.pyplot().figure(figsize=(max(7.0, 3.4 * len(modes) + 1.6), height), layout="constrained")
+    subs = dict(zip(parts, fig.subfigures(len(parts), 1, squeeze=False)[:, 0]))
+    if stored:
+        s = stored[-1]
+        tokens = [int(t) for t in s["tokens"]]
+        which = len(tokens) // 2
+        token, grid, image = tokens[which], int(s["grid"]), s["images"][0]
+        s_i = s["token_maps"][0][which]
+        rho = float(s.get("rho", rows[0]["fraction"] if rows else 0.5))
+        positive, negative = figures.relevance_sets(s_i, token, rho)
+        axes = subs["sets"].subplots(1, 4)
+        figures.plot_token_on_image(image, token, grid, title=f"image 0, token {token}", ax=axes[0])
+        figures.plot_explanation_map(image, s_i, grid, token=token, title=f"M(S~_i), block {s['layer']}", ax=axes[1])
+        figures.plot_relevance_set(image, positive, grid, token=token, colour=figures.POSITIVE_COLOUR,
+                                   title=f"positive set ({len(positive)} patches)", ax=axes[2])
+        figures.plot_relevance_set(image, negative, grid, token=token, colour=figures.NEGATIVE_COLOUR,
+                                   title=f"negative set ({len(negative)} patches)", ax=axes[3])
+    if modes:
+        axes = subs["bars"].subplots(1, len(modes), squeeze=False)[0]
+        for j, (ax, mode) in enumerate(zip(axes, modes)):
+            mine = [r for r in rows if r["perturbation"] == mode]
+            figures.plot_perturbation_bars(mine, title=f"{mode}, rho = {mine[0]['fraction']:g}\n"
+                                                       f"{mine[0]['tokens_per_image']} tokens per image, "
+                                                       f"{mine[0]['n_images']} images", legend=j == len(modes) - 1,
+                                           ax=ax)
     return fig

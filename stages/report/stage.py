@@ -3,11 +3,15 @@
 Reads only the results folder (tables and maps through ``pipeline.results``); draws every
 panel of ``panels.COMPARISON_PANELS`` for each comparison and the ``SUMMARY_PANELS`` once,
 and, when the results hold direction probes (``rep-pipeline probe``), the ``DIRECTION_PANELS``
-once in a "direction probes" section, and, when they hold zero-shot correspondence
-(``rep-pipeline correspond``), the ``CORRESPONDENCE_PANELS`` once per keypoint (dataset, split)
-in a "zero-shot correspondence" section; writes each as PNG and SVG under ``<out>/<section>/``,
-and an ``index.html`` that embeds the PNGs, so it opens anywhere without network or companion
-files. Results of probes or of correspondence alone make a page of those sections alone.
+once in a "direction probes" section, when they hold ULTra explanations (``rep-pipeline
+explain``), the ``ULTRA_PANELS`` once per run in an "ULTra explanations" section, and, when they
+hold zero-shot correspondence (``rep-pipeline correspond``), the ``CORRESPONDENCE_PANELS`` once
+per keypoint (dataset, split) in a "zero-shot correspondence" section; writes each as PNG and
+SVG under ``<out>/<section>/``, and an ``index.html`` that embeds the PNGs, so it opens anywhere
+without network or companion files. Results of probes, of ULTra explanations or of
+correspondence alone make a page of those sections alone (ULTra's own section 5 rows, methods
+``ultra_*``, are drawn in its section and are not a segmentation to compare: the comparisons
+need the rows of ``rep-pipeline evaluate``).
 Correspondence is of a keypoint dataset (SPair-71k, partpairs, synthetic pairs), not of the
 segmentation's dataset: ``--dataset``/``--split`` choose the segmentation's, and pick among the
 keypoint datasets only where they match no segmentation or direction probes.
@@ -34,7 +38,8 @@ from rep_pipeline.pipeline.results import Results
 from rep_pipeline.storage_schemas import results as layout
 
 from . import figures
-from .panels import COMPARISON_PANELS, CORRESPONDENCE_PANELS, DIRECTION_PANELS, SUMMARY_PANELS, Panel, Row
+from .panels import (COMPARISON_PANELS, CORRESPONDENCE_PANELS, DIRECTION_PANELS, SUMMARY_PANELS, ULTRA_PANELS, Panel,
+                     Row)
 
 
 @dataclass
@@ -48,25 +53,28 @@ class ReportResult:
 
 class ReportData:
     """The results of one (dataset, split), as the panels read them: its segmentation results
-    (``segmented``) and its direction probes (``directions``); and, whatever dataset those are of,
-    the zero-shot correspondence of every keypoint (dataset, split) the results hold
-    (``correspondence_sets``). One of them at least; without segmentation and direction probes,
-    ``dataset`` and ``split`` are None."""
+    (``segmented``: evaluate's rows, not ULTra's own section 5 rows), its direction probes
+    (``directions``) and its ULTra runs (``ultra``); and, whatever dataset those are of, the
+    zero-shot correspondence of every keypoint (dataset, split) the results hold
+    (``correspondence_sets``). One of them at least; without segmentation, direction probes and
+    ULTra runs, ``dataset`` and ``split`` are None."""
 
     def __init__(self, cfg: ReportConfig):
         self.cfg = cfg
         self.results = Results(cfg.results)
         self.maps = self.results.maps()
         tables = self.results.tables()
+        # ULTra's section 5 rows (methods ultra_*) belong to its own section, not to the comparisons
+        where = {"segmentation": f" WHERE NOT starts_with(method, {_sql(ULTRA_METHOD_PREFIX)})"}
         found = {table: [tuple(r.values()) for r in self.results.rows(
-            f"SELECT DISTINCT dataset, split FROM {table} ORDER BY ALL")] if table in tables else []
-            for table in ("segmentation", "direction_summary", "correspondence")}
+            f"SELECT DISTINCT dataset, split FROM {table}{where.get(table, '')} ORDER BY ALL")] if table in tables
+            else [] for table in ("segmentation", "direction_summary", "correspondence", "ultra_runs")}
         if not any(found.values()):
-            raise StoreError(f"{cfg.results} holds neither segmentation results, direction probes nor "
-                             f"correspondence; run `rep-pipeline evaluate`, `rep-pipeline probe` or "
-                             f"`rep-pipeline correspond`")
+            raise StoreError(f"{cfg.results} holds neither segmentation results, direction probes, ULTra "
+                             f"explanations nor correspondence; run `rep-pipeline evaluate`, `rep-pipeline probe`, "
+                             f"`rep-pipeline explain` or `rep-pipeline correspond`")
         requested = lambda p: (cfg.dataset in (None, p[0])) and (cfg.split in (None, p[1]))  # noqa: E731
-        every = sorted({*found["segmentation"], *found["direction_summary"]})
+        every = sorted({*found["segmentation"], *found["direction_summary"], *found["ultra_runs"]})
         pairs = [p for p in every if requested(p)]
         keypoints = [p for p in found["correspondence"] if requested(p)]
         # correspondence is of its own keypoint dataset: all of it is drawn, unless the request
@@ -79,7 +87,9 @@ class ReportData:
         self.dataset, self.split = pairs[0] if pairs else (None, None)
         self.segmented = bool(pairs) and pairs[0] in found["segmentation"]
         self.directions = bool(pairs) and pairs[0] in found["direction_summary"]
+        self.ultra = bool(pairs) and pairs[0] in found["ultra_runs"]
         self._correspondence: dict[tuple[str, str], dict[str, Any]] = {}
+        self._ultra_maps: dict[str, list[dict[str, Any]]] = {}
         if self.segmented:
             self._read_ground_truth()
 
@@ -154,6 +164,91 @@ class ReportData:
         """Figure d4's inputs per (model, category) at the model's last probed block: names and
         hyperplane F1 of up to five concepts, their images, ground-truth masks and patch decisions."""
         return self._direction_masks
+
+    # -- ULTra explanations (PROTOCOL.md section 10.9) ---------------------------------------------
+    @cached_property
+    def _ultra(self) -> dict[str, list[dict[str, Any]]]:
+        """The rows of every ULTra table of this dataset and split and ULTra's section 5 rows
+        (``segmentation``, methods ``ultra_*``), read once; runs once each."""
+        if not self.ultra:
+            return {}
+        tables = self.results.tables()
+        order = {"ultra_runs": "model, f, embedding, zeta NULLS LAST, k_img NULLS LAST, run_id",
+                 "ultra_oracle": "run_id, layer", "ultra_itiou": "run_id, layer, tau",
+                 "ultra_perturbation": "run_id, perturbation, layer"}
+        out = {table: self.rows(f"SELECT * FROM {table} ORDER BY {o}") if table in tables else []
+               for table, o in order.items()}
+        out["ultra_runs"] = list({r["run_id"]: r for r in out["ultra_runs"]}.values())
+        out["segmentation"] = self.rows(
+            f"SELECT * FROM segmentation WHERE starts_with(method, {_sql(ULTRA_METHOD_PREFIX)}) "
+            f"ORDER BY codebook_fingerprint, layer, method") if "segmentation" in tables else []
+        return out
+
+    def ultra_runs(self) -> list[dict[str, Any]]:
+        """The ``ultra_runs`` rows of this dataset and split, one per run, by model, scalar f,
+        embedding and zeta."""
+        return self._ultra.get("ultra_runs", [])
+
+    def ultra_run(self, run_id: str) -> dict[str, Any]:
+        found = next((r for r in self.ultra_runs() if r["run_id"] == run_id), None)
+        if found is None:
+            raise KeyError(f"no ULTra run {run_id!r} in {self.cfg.results} for {self.dataset}/{self.split}")
+        return found
+
+    def ultra_rows(self, table: str, run_id: str) -> list[dict[str, Any]]:
+        """One run's rows of ``table``: ``ultra_oracle``, ``ultra_itiou``, ``ultra_perturbation``
+        (by layer) or ``segmentation`` (its 'dataset' scoring, section 10.4: the rows whose
+        codebook_fingerprint is the run's id)."""
+        key = "codebook_fingerprint" if table == "segmentation" else "run_id"
+        return [r for r in self._ultra.get(table, []) if r[key] == run_id]
+
+    def ultra_zeta_runs(self, run_id: str) -> list[dict[str, Any]]:
+        """The runs that differ from ``run_id``'s only in zeta (same model, features, scalar,
+        clustering, aggregation and images; their explained layers may differ), itself included,
+        by zeta; empty unless there are two zetas at least (figure u5's curves against zeta)."""
+        keys = ("model", "embedding", "f", "k_img", "linkage", "metric", "aggregate", "self_fill", "order",
+                "n_images", "store_fingerprint")
+        run = self.ultra_run(run_id)
+        family = sorted((r for r in self.ultra_runs() if r["zeta"] is not None and r["k_img"] is None
+                         and all(r[k] == run[k] for k in keys)), key=lambda r: r["zeta"])
+        return family if run in family and len({r["zeta"] for r in family}) > 1 else []
+
+    def ultra_maps(self, run_id: str) -> list[dict[str, Any]]:
+        """Figures u1 to u3 and u7's inputs: per explained layer whose maps are stored (by layer),
+        the attrs (layer, tokens, zetas, grid, rho, tau, ...) and the example images' arrays
+        ``images``, ``labels``, ``token_maps``, ``class_maps``, ``linkage`` and ``cuts`` (not
+        ``segments``, every test image's)."""
+        if run_id not in self._ultra_maps:
+            run, out = self.ultra_run(run_id), []
+            for layer in sorted(run["layers"]):
+                path = layout.ultra_maps(self.dataset, self.split, run["model"], run_id, layer)
+                try:
+                    attrs = self.maps.attrs(path)
+                except StoreError:
+                    continue
+                out.append({**attrs, "layer": int(layer), **{name: self.maps.read(path, name) for name in (
+                    "images", "labels", "token_maps", "class_maps", "linkage", "cuts")}})
+            self._ultra_maps[run_id] = out
+        return self._ultra_maps[run_id]
+
+    def ultra_ground_truth(self, run_id: str) -> dict[str, Any]:
+        """Figure u4's images, ground truth, class names and palette: the evaluate stage's ground
+        truth where the results hold it; else the run's own example images and labels, the class
+        names of its ``per_class_iou`` rows and the VOC palette."""
+        if self.segmented:
+            return {"images": self.gt_images, "labels": self.gt_labels, "classes": self.classes,
+                    "palette": self.palette}
+        from rep_pipeline.pipeline.datasets import voc_palette
+
+        stored = self.ultra_maps(run_id)
+        names = {r["class_id"]: r["class_name"] for r in self.rows(
+            f"SELECT DISTINCT class_id, class_name FROM per_class_iou WHERE codebook_fingerprint = {_sql(run_id)}")} \
+            if "per_class_iou" in self.results.tables() else {}
+        labels = stored[0]["labels"] if stored else np.zeros((0, 1, 1), np.uint8)
+        present = [int(v) for v in np.unique(labels) if v != 255]
+        n = max([*names, *present, -1]) + 1
+        return {"images": stored[0]["images"] if stored else np.zeros((0, 1, 1, 3), np.uint8), "labels": labels,
+                "classes": [names.get(c, f"class {c}") for c in range(n)], "palette": voc_palette(max(n, 1))}
 
     # -- zero-shot correspondence (PROTOCOL.md section 11) ----------------------------------------
     def _keypoint_set(self, dataset: str, split: str) -> dict[str, Any]:
@@ -304,6 +399,7 @@ class ReportData:
         return self.maps.read(path, "attention")[self.maps.attrs(path)["layers"].index(layer)]
 
 HEADLINE_ALPHA = 0.10  # PROTOCOL.md section 11.4
+ULTRA_METHOD_PREFIX = "ultra_"  # the section 5 methods of ULTra's 'dataset' scoring (PROTOCOL.md section 10.4)
 _ALIAS = re.compile(r"^(?P<family>.+)-(?P<size>[sblgh])(?P<patch>\d+)$")  # dino-b16, dinov2-reg-l14, clip-l14
 _SIZES = "sblgh"
 
@@ -344,8 +440,9 @@ def select_rows(data: ReportData, comp: Comparison) -> list[Row]:
     seg = data.rows("SELECT * FROM segmentation ORDER BY model, embedding, layer, k, method")
     if not seg:
         raise StoreError(f"{data.cfg.results} has no segmentation rows for {data.dataset}/{data.split}")
-    k = comp.k or seg[0]["k"]
-    method = comp.method or seg[0]["method"]
+    default = next((r for r in seg if not r["method"].startswith(ULTRA_METHOD_PREFIX)), seg[0])
+    k = comp.k or default["k"]
+    method = comp.method or default["method"]
     seg = [r for r in seg if r["embedding"] == comp.embedding and r["k"] == k and r["method"] == method]
     if not seg:
         raise ConfigError(f"no evaluated {comp.embedding} codebooks with k={k}, method={method}")
@@ -379,7 +476,7 @@ def _save(fig: Any, out: Path, name: str, written: list[Path]) -> str:
 
 
 def _section(title: str, panels: tuple[Panel, ...], draw_args: tuple, folder: Path, written: list[Path],
-             head: str = "") -> str:
+             head: str = "", level: int = 2) -> str:
     body = []
     with figures.style():
         for panel in (p for p in panels if p.applies(*draw_args)):
@@ -387,7 +484,7 @@ def _section(title: str, panels: tuple[Panel, ...], draw_args: tuple, folder: Pa
             body.append(f'<figure><img alt="{html.escape(panel.caption)}" src="data:image/png;base64,{data}">'
                         f"<figcaption><b>{html.escape(panel.caption)}.</b> {html.escape(panel.reading)}"
                         f"</figcaption></figure>")
-    return f"<section><h2>{html.escape(title)}</h2>{head}{''.join(body)}</section>"
+    return f"<section><h{level}>{html.escape(title)}</h{level}>{head}{''.join(body)}</section>"
 
 
 def _comparison_section(data: ReportData, comp: Comparison, rows: list[Row], out: Path, written: list[Path]) -> str:
@@ -417,6 +514,70 @@ def _directions_section(data: ReportData, out: Path, written: list[Path]) -> str
                       "precision", "recall", "concepts"], best))
     return _section("direction probes", DIRECTION_PANELS, (data,), out / "directions", written, head=head)
 
+
+def _ultra_title(run: dict[str, Any]) -> str:
+    cut = f"k_img {run['k_img']}" if run["k_img"] is not None else f"zeta {run['zeta']:g}"
+    return (f"{run['model']}: {figures.ULTRA_SCALARS.get(run['f'], run['f'])} of {run['embedding']}, {cut} "
+            f"(run {run['run_id'][:12]})")
+
+
+def _ultra_run_table(data: ReportData, run: dict[str, Any]) -> str:
+    """Per explained block: the oracle's and the 'dataset' scoring's mIoU and accuracy, ITIoU
+    at tau = 0.2 and each perturbation's positive - negative with its interval."""
+    rid = run["run_id"]
+    oracle = {r["layer"]: r for r in data.ultra_rows("ultra_oracle", rid)}
+    scored = {r["layer"]: r for r in data.ultra_rows("segmentation", rid)}
+    itiou = {}
+    for r in data.ultra_rows("ultra_itiou", rid):
+        if abs(r["tau"] - figures.ULTRA_TAU) < abs(itiou.get(r["layer"], {}).get("tau", np.inf) - figures.ULTRA_TAU):
+            itiou[r["layer"]] = r
+    perturbed = data.ultra_rows("ultra_perturbation", rid)
+    modes = list(dict.fromkeys(r["perturbation"] for r in perturbed))
+    interval = lambda r: "" if r is None or r["diff_mean"] is None else (  # noqa: E731
+        f"{r['diff_mean']:+.3f}" + ("" if r["diff_ci_low"] is None else
+                                    f" [{r['diff_ci_low']:+.3f}, {r['diff_ci_high']:+.3f}]"))
+    rows = []
+    for layer in sorted({*run["layers"], *oracle, *itiou}):
+        o, s, i = oracle.get(layer, {}), scored.get(layer, {}), itiou.get(layer, {})
+        rows.append([layer, o.get("mean_segments_per_image"), o.get("miou"), o.get("pixel_accuracy"), s.get("miou"),
+                     s.get("pixel_accuracy"), i.get("itiou"),
+                     *[interval(next((r for r in perturbed if (r["layer"], r["perturbation"]) == (layer, m)), None))
+                       for m in modes]])
+    rho = perturbed[0]["fraction"] if perturbed else None
+    scalar = figures.ULTRA_SCALARS.get(run["f"], run["f"])
+    return (f"<p>{html.escape(scalar)} maps of the {html.escape(run['embedding'])} of {html.escape(run['model'])} "
+            f"on {run['n_images']} images of {html.escape(run['split'])}; per image, {html.escape(run['linkage'])}-"
+            f"linkage clustering of the patch tokens' maps ({html.escape(run['metric'])} distance), "
+            + (f"cut into {run['k_img']} clusters" if run["k_img"] is not None else f"cut at zeta = {run['zeta']:g}")
+            + f", concept maps by {html.escape(run['aggregate'])}. Per block (0-based): segments per image, the "
+              f"per-image oracle's mIoU and pixel accuracy (Hungarian matching per image, an optimistic bound), "
+              f"the 'dataset' scoring's (K = C clusters of segment descriptors, section 5, comparable with the "
+              f"k-means rows; blank where no train split was given), ITIoU at tau = {figures.ULTRA_TAU:g}, and, "
+              f"per perturbation (rho = {'?' if rho is None else f'{rho:g}'}), the mean distance with the most "
+              f"relevant patches perturbed minus that with the least relevant [95 % bootstrap interval].</p>"
+            + _table(["block", "segments / image", "oracle mIoU", "oracle acc.", "dataset mIoU", "dataset acc.",
+                      f"ITIoU (tau {figures.ULTRA_TAU:g})", *[f"{m}: pos - neg" for m in modes]], rows))
+
+
+def _ultra_section(data: ReportData, out: Path, written: list[Path]) -> str:
+    """The ULTra explanations: a table of the runs, then one subsection per run (every run of
+    this dataset and split, by model, scalar f, embedding and zeta) with the u-panels."""
+    runs = data.ultra_runs()
+    listing = [[r["run_id"][:12], r["model"], figures.ULTRA_SCALARS.get(r["f"], r["f"]), r["embedding"],
+                ", ".join(map(str, sorted(r["layers"]))), f"k_img {r['k_img']}" if r["k_img"] is not None else
+                f"zeta {r['zeta']:g}", r["aggregate"], r["n_images"],
+                "yes" if data.ultra_rows("segmentation", r["run_id"]) else "no"] for r in runs]
+    head = ("<p>Explanation maps of latent tokens (ULTra, PROTOCOL.md section 10): the map S_i of token i is "
+            "row i of the rollout of the gradient-weighted attention, over the patches; per image, the patch "
+            "tokens' maps are clustered into concepts that segment the image. One subsection per run (a run is one "
+            "model, explained embedding, scalar f and clustering; its id hashes them), each with its scores per "
+            "block and the figures u1 to u7.</p>"
+            + _table(["run", "model", "scalar f", "embedding", "blocks", "cut", "aggregate", "images",
+                      "dataset scoring"], listing))
+    subsections = [_section(_ultra_title(run), ULTRA_PANELS, (data, run["run_id"]),
+                            out / f"ultra-{_slug(run['model'])}-{run['run_id'][:12]}", written,
+                            head=_ultra_run_table(data, run), level=3) for run in runs]
+    return f"<section><h2>ULTra explanations</h2>{head}{''.join(subsections)}</section>"
 
 
 def _correspondence_section(data: ReportData, dataset: str, split: str, out: Path, written: list[Path]) -> str:
@@ -483,7 +644,8 @@ def run_report(cfg: ReportConfig, *, address: str | None = None, progress: bool 
     chosen, seg = [], None
     if data.segmented:  # results of direction probes alone have no comparisons to draw
         chosen = [(comp, select_rows(data, comp)) for comp in cfg.comparisons]  # all checked before a figure is drawn
-        seg = data.rows("SELECT k, method FROM segmentation ORDER BY k, method LIMIT 1")[0]
+        seg = data.rows(f"SELECT k, method FROM segmentation WHERE NOT starts_with(method, "
+                        f"{_sql(ULTRA_METHOD_PREFIX)}) ORDER BY k, method LIMIT 1")[0]
     with tempfile.TemporaryDirectory(prefix="rep-pipeline-report-") as scratch:
         # on object storage the page is drawn into a local folder and put there once whole
         out = cfg.out if is_local(cfg.out) else Path(scratch)
@@ -502,6 +664,8 @@ def _draw(cfg: ReportConfig, data: ReportData, chosen: list, seg: dict[str, Any]
                                  (data, seg["k"], seg["method"]), out / "correlations", written))
     if data.directions:
         sections.append(_directions_section(data, out, written))
+    if data.ultra:
+        sections.append(_ultra_section(data, out, written))
     for dataset, split in data.correspondence_sets:
         sections.append(_correspondence_section(data, dataset, split, out, written))
     keypoints = ", ".join(f"{html.escape(d)} / {html.escape(s)}" for d, s in data.correspondence_sets)
@@ -509,10 +673,12 @@ def _draw(cfg: ReportConfig, data: ReportData, chosen: list, seg: dict[str, Any]
         intro = (f"Zero-shot correspondence on {keypoints}. The results hold no segmentation and no direction probes "
                  f"(`rep-pipeline evaluate` and `rep-pipeline probe` write them): only the correspondence is shown.")
     else:
+        shown = " and ".join(name for name, on in (("the direction probes", data.directions),
+                                                   ("the ULTra explanations", data.ultra)) if on)
         intro = (f"Dataset {html.escape(data.dataset)}, test split {html.escape(data.split)}. " +
                  (f"Ground truth: NMI {data.gt['nmi']:.3f} (bias-aware {data.gt['nmi_bias_aware']:.3f})."
                   if data.segmented else "The results hold no segmentation of this split (`rep-pipeline evaluate` "
-                                         "writes it): only the direction probes are shown" +
+                                         f"writes it): only {shown} are shown" +
                   (" (and the zero-shot correspondence)." if keypoints else ".")))
         if keypoints:
             intro += f" Zero-shot correspondence on {keypoints}."
