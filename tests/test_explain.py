@@ -137,3 +137,29 @@ def test_ultra_w_fits_its_projections_first_and_keeps_them(explained):
     assert run_explain(learned.replace(taus="0.5"), progress=False).images_explained == 0
     with pytest.raises(Exception, match="learned fits its projections on --train-split"):
         ExplainConfig(store=store, model=MODEL, split="val", f="learned")
+
+
+def test_a_segmentation_equal_to_the_labels_scores_one_under_both_scorings(tmp_path):
+    """Section 10.11: segments that are the label maps give mIoU 1 per image (the oracle) and
+    through section 5 (the dataset scoring's path: K-cluster maps, one confusion, Hungarian)."""
+    from rep_pipeline.pipeline.backend import get_backend
+    from rep_pipeline.pipeline.segscore import ClusterMapScores, finish_scores
+    from rep_pipeline.pipeline.store import MapStore
+    from rep_pipeline.stages.explain import concepts
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, (3, 16, 16)).astype(np.uint8)
+    labels[:, :2] = 255
+    confusion = sum(concepts.per_image_confusion(lab, lab, 4, 255) for lab in labels)
+    assert concepts.oracle_scores(confusion) == {"miou": 1.0, "pixel_accuracy": 1.0}
+    permuted = np.array([2, 0, 3, 1, 255], np.int64)[np.where(labels == 255, 4, labels)]
+    acc = ClusterMapScores(4, 4, 16, get_backend("numpy"))
+    for i in range(3):
+        clusters = np.where(labels[i] == 255, 0, permuted[i])[None].astype(np.int16)
+        acc.add(clusters, labels[i:i + 1].astype(np.int64), (np.zeros(1, np.int64), np.zeros(1, np.int64)), 255)
+    rows = {t: [] for t in ("segmentation", "per_class_iou", "classwise_mi", "confusion", "matching")}
+    finish_scores(rows, MapStore(tmp_path / "maps.zarr", mode="a"), acc,
+                  dict(model="m", dataset="d", split="s", train_split="t", embedding="tokens", layer=0, k=4,
+                       method="ultra_s", seed=0), ["a", "b", "c", "e"], np.zeros((4, 3), np.uint8), 3,
+                  {"store_fingerprint": "x", "codebook_fingerprint": "y"}, ["0", "1", "2"])
+    assert rows["segmentation"][0]["miou"] == 1.0 and rows["segmentation"][0]["pixel_accuracy"] == 1.0
