@@ -19,6 +19,8 @@ from rep_pipeline.stages.report import stage as report_stage
 from rep_pipeline.stages.report.panels import CORRESPONDENCE_PANELS, DIRECTION_PANELS
 from rep_pipeline.storage_schemas import results as layout
 
+pytestmark = pytest.mark.integration  # whole report pages, drawn and rendered: the full suite's tier
+
 EMBEDDINGS = ("queries", "keys", "values", "tokens")
 ALPHAS = (0.05, 0.10, 0.15)
 S = 24  # the grid of the hand-made heatmaps

@@ -15,6 +15,8 @@ from rep_pipeline.storage_schemas import results as layout
 from rep_pipeline.stages.report import figures, run_report
 from rep_pipeline.stages.report.panels import COMPARISON_PANELS, DIRECTION_PANELS, SUMMARY_PANELS
 
+pytestmark = pytest.mark.integration  # whole report pages, drawn and rendered: the full suite's tier
+
 D_FILES = {p.key: p.file for p in DIRECTION_PANELS}
 SECTION = re.compile(r"\n<section><h2>direction probes</h2>.*?</section>", re.S)
 

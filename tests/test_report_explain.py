@@ -17,6 +17,8 @@ from rep_pipeline.stages.report import stage as report_stage
 from rep_pipeline.stages.report.panels import ULTRA_PANELS
 from rep_pipeline.storage_schemas import results as layout
 
+pytestmark = pytest.mark.integration  # whole report pages, drawn and rendered: the full suite's tier
+
 S, G, T, E = 32, 4, 2, 2  # image grid, patch grid, chosen tokens and example images per layer
 P = G * G
 DATASET, SPLIT, MODEL = "synthetic", "val", "tiny-vit"
