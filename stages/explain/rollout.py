@@ -98,8 +98,8 @@ def contribution_rows(grads: Sequence[torch.Tensor | None], attentions: Sequence
     vector-matrix product per block. The gradients are overwritten (relu and product in place,
     so the chunk needs no memory beyond them). Returns (T, N) float32.
     """
-    n = attentions[0].shape[-1]
-    rows = F.one_hot(token_index.to(torch.long), n).to(attentions[0].dtype)
+    like = attentions[0]
+    rows = F.one_hot(token_index.to(like.device, torch.long), like.shape[-1]).to(like.dtype)
     for grad, attn in zip(reversed(grads), reversed(attentions)):
         if grad is None:
             continue
@@ -199,9 +199,9 @@ class Explainer:
                 z[layer] = final if after else torch.cat((prefix, patch), 1)
             elif self.embedding.startswith("mid_"):
                 z[layer] = mids[layer][self.embedding == "mid_normed"]
-            else:
-                rotated = self.rope == "after"
-                z[layer] = tape.qkv[(layer, f"{self.embedding}{'_rot' if rotated else ''}")]
+            else:  # the rotated q/k exist for RoPE models only; v is never rotated
+                key = (layer, f"{self.embedding}_rot")
+                z[layer] = tape.qkv[key if self.rope == "after" and key in tape.qkv else (layer, self.embedding)]
         return z, tape.attentions
 
     @contextlib.contextmanager
@@ -243,9 +243,9 @@ class Explainer:
                 half = getattr(attn, "rotate_half", False)
                 q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2).type_as(v)
                 k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2).type_as(v)
-            if block in tape.qkv_blocks:
-                for name, t in (("queries_rot", q), ("keys_rot", k), ("values_rot", v)):
-                    tape.qkv[(block, name)] = t.transpose(1, 2).reshape(B, N, -1)
+                if block in tape.qkv_blocks:
+                    for name, t in (("queries_rot", q), ("keys_rot", k)):
+                        tape.qkv[(block, name)] = t.transpose(1, 2).reshape(B, N, -1)
             a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
             if tape.keep_attention:
                 tape.attentions.append(a)
@@ -281,7 +281,7 @@ class Explainer:
             for layer in self.layers:
                 z = z_all[layer]
                 N = z.shape[1]
-                targets = torch.cat((torch.zeros(1, dtype=torch.long), torch.arange(npt, N)))
+                targets = torch.cat((torch.zeros(1, dtype=torch.long), torch.arange(npt, N))).to(z.device)
                 w_layer = self._vectors(w[layer] if isinstance(w, Mapping) else w, z) if self.f == "learned" else None
                 graph = (z, attentions[: layer + 1], attn_rows[: layer + 1])
                 rows = (self._rows_batched(*graph, targets, w_layer) if batched
@@ -333,7 +333,7 @@ class Explainer:
         for start in range(0, len(targets), T):
             chunk = targets[start:start + T]
             seed = z.new_zeros((len(chunk), *z.shape))  # (T, 1, N, D): grad f(z_i) at row i
-            seed[torch.arange(len(chunk)), 0, chunk] = cot[chunk]
+            seed[torch.arange(len(chunk), device=z.device), 0, chunk] = cot[chunk]
             grads = torch.autograd.grad(z, attentions, seed, retain_graph=True, is_grads_batched=True,
                                         allow_unused=True)
             grads = [None if g is None else g[:, 0] for g in grads]  # (T, H, N, N)
