@@ -28,7 +28,7 @@ from rep_pipeline import __version__
 from rep_pipeline.storage_schemas import feature_store as layout
 from rep_pipeline.storage_schemas import results as results_layout
 
-from .errors import FingerprintMismatchError, StoreError
+from .errors import ConfigError, FingerprintMismatchError, StoreError
 from .location import ObjectPath, as_location, is_local, put_object_async, remove_tree
 
 Location = Path | ObjectPath
@@ -211,6 +211,17 @@ class FeatureStore:
             return []
         return sorted((m, d, s) for m, mg in self.root["models"].groups()
                       for d, dg in mg.groups() for s, _ in dg.groups())
+
+    def dataset_of(self, model: str, split: str, dataset: str | None = None) -> str:
+        """The one dataset in which ``model`` has features of ``split`` (``dataset`` if named);
+        none, or several without a name, is an error that says what to do."""
+        found = sorted({d for m, d, s in self.model_splits() if m == model and s == split
+                        and (dataset is None or d == dataset)})
+        if not found:
+            raise StoreError(f"{self.path} has no features of {model} for split {split}; run extract")
+        if len(found) > 1:
+            raise ConfigError(f"{model} has {split} in several datasets ({', '.join(found)}); pass --dataset")
+        return found[0]
 
     # -- groups ------------------------------------------------------------------------------
     @_metadata_read

@@ -20,7 +20,7 @@ from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.backend import get_backend
 from rep_pipeline.pipeline.config import CORRESPONDENCE_EMBEDDINGS, CorrespondConfig
 from rep_pipeline.pipeline.datasets.geometry import inside, to_grid, to_original
-from rep_pipeline.pipeline.errors import ConfigError, StoreError
+from rep_pipeline.pipeline.errors import StoreError
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results, feature_group_row
@@ -160,19 +160,14 @@ def _by_source(src: np.ndarray, rows: np.ndarray) -> list[tuple[int, np.ndarray]
 
 # -- what to transfer ------------------------------------------------------------------------------
 def _group(cfg: CorrespondConfig, store: FeatureStore) -> tuple[str, ModelSplit, DatasetSplit]:
-    datasets = sorted({d for m, d, s in store.model_splits() if m == cfg.model and s == cfg.split
-                       and (cfg.dataset is None or d == cfg.dataset)})
-    if not datasets:
-        raise StoreError(f"{cfg.store} has no features of {cfg.model} for split {cfg.split}; run extract")
-    if len(datasets) > 1:
-        raise ConfigError(f"{cfg.model} has {cfg.split} in several datasets ({', '.join(datasets)}); pass --dataset")
-    group = store.model_split(cfg.model, datasets[0], cfg.split)
+    dataset = store.dataset_of(cfg.model, cfg.split, cfg.dataset)
+    group = store.model_split(cfg.model, dataset, cfg.split)
     if not group.finished:
         raise StoreError(f"{group.path} is not finished; run the same extract command to complete it")
-    data = store.dataset_split(datasets[0], cfg.split)
+    data = store.dataset_split(dataset, cfg.split)
     data.keypoint_pairs()  # names the file and what produces it when missing
     data.geometry()
-    return datasets[0], group, data
+    return dataset, group, data
 
 
 def _settings(cfg: CorrespondConfig, group: ModelSplit) -> tuple[tuple[str, ...], tuple[int, ...]]:

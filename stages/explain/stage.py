@@ -71,23 +71,18 @@ class _Split:
 def _splits(cfg: ExplainConfig, store: FeatureStore) -> tuple[str, list[_Split]]:
     """The dataset and the (test, and train) splits: finished groups of one model's features."""
     wanted = [cfg.split] + ([cfg.train_split] if cfg.train_split else [])
-    datasets = sorted({d for m, d, s in store.model_splits() if m == cfg.model and s == cfg.split
-                       and (cfg.dataset is None or d == cfg.dataset)})
-    if not datasets:
-        raise StoreError(f"{cfg.store} has no features of {cfg.model} for split {cfg.split}; run extract")
-    if len(datasets) > 1:
-        raise ConfigError(f"{cfg.model} has {cfg.split} in several datasets ({', '.join(datasets)}); pass --dataset")
+    dataset = store.dataset_of(cfg.model, cfg.split, cfg.dataset)
     out = []
     for split in wanted:
-        group = store.model_split(cfg.model, datasets[0], split)
+        group = store.model_split(cfg.model, dataset, split)
         if not group.finished:
             raise StoreError(f"{group.path} is not finished; run the same extract command to complete it")
         group.features("tokens")  # segment descriptors and the check of z (section 10.4, 10.11)
-        data = store.dataset_split(datasets[0], split)
+        data = store.dataset_split(dataset, split)
         out.append(_Split(split, data, group, min(cfg.limit, data.n_images)))
     if len(out) > 1 and out[0].group.attrs.get("weights_sha256") != out[1].group.attrs.get("weights_sha256"):
         raise StoreError(f"{out[0].group.path} and {out[1].group.path} hold features of different weights")
-    return datasets[0], out
+    return dataset, out
 
 
 def _layers(cfg: ExplainConfig, group: ModelSplit) -> tuple[int, ...]:
