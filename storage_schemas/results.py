@@ -15,7 +15,7 @@
                                             source, target, cosine (figure c3)
         ultra/<dataset>/<split>/<model>/<run id>/layer_<L>/
                                             segments, images, labels, token_maps, class_maps,
-                                            linkage, cuts (figures u1 to u3)
+                                            linkage, cuts, concepts (figures u1 to u3)
         <dataset>/<split>/<model>/<train_split>/<method>-k<K>-s<seed>/<embedding>/layer_<L>/
                                             counts, aggregate, examples
 
@@ -63,6 +63,8 @@ MAP_ARRAYS: dict[str, MapArray] = {a.name: a for a in (
     MapArray("class_maps", ("example", "key"), "ULTra: the class token's map of the example images"),
     MapArray("linkage", ("example", "merge", "field"), "ULTra: the example images' dendrograms (scipy linkage)"),
     MapArray("cuts", ("example", "zeta", "y", "x"), "ULTra: the example images' segments at several cuts"),
+    MapArray("concepts", ("example", "concept", "y", "x"), "ULTra: the example images' concept maps Sigma_c (Eq. 7) "
+                                                           "at the run's cut; NaN past an image's last concept"),
     MapArray("cosine_decisions", ("example", "y", "x"), "direction probes: a cosine template's patch decisions "
                                                          "(G x G)"),
 )}

@@ -73,6 +73,12 @@ def test_tables_hold_every_layer_tau_and_perturbation(explained):
     assert {r["n"] for r in confusion} == {labelled}
     segments = results.maps().read(layout.ultra_maps("synthetic", "val", MODEL, result.run_id, 3), "segments")
     assert segments.shape == (5, SIZE, SIZE)
+    concept = results.maps().read(layout.ultra_maps("synthetic", "val", MODEL, result.run_id, 3), "concepts")
+    assert concept.shape[0] == 4 and concept.shape[2:] == (SIZE, SIZE)
+    # each example's segments are the argmax of its concept maps (Eq. 8)
+    for i in range(4):
+        k = int(np.isfinite(concept[i, :, 0, 0]).sum())
+        np.testing.assert_array_equal(concept[i, :k].argmax(0), segments[i])
 
 
 def test_a_rerun_is_done_and_reuses_the_stored_maps(explained):

@@ -279,15 +279,23 @@ class ExplainWorker:
         dendrogram and the segmentations at several cuts."""
         from . import concepts
 
+        cfg = self.cfg
         n = min(len(m), EXAMPLES - start)
         tokens = np.linspace(0, G * G - 1, EXAMPLE_TOKENS + 2)[1:-1].round().astype(np.int64)
-        linkage, cuts = [], []
+        linkage, cuts, sigma = [], [], []
         for i in range(n):
-            per_zeta = [concepts.segment_image(m[i], G, S, z, None, self.cfg.aggregate) for z in EXAMPLE_ZETAS]
+            per_zeta = [concepts.segment_image(m[i], G, S, z, None, cfg.aggregate) for z in EXAMPLE_ZETAS]
             linkage.append(per_zeta[0][2])
             cuts.append(np.stack([seg.astype(np.uint16) for seg, _, _ in per_zeta]))
+            _, clusters, _ = concepts.segment_image(m[i], G, S, cfg.zeta, cfg.k_img, cfg.aggregate)
+            sigma.append(concepts.concept_maps(clusters, concepts.scaled_upsampled(m[i], G, S), cfg.aggregate))
+        width = max(len(c) for c in sigma)  # the run's concept maps, padded with NaN to one count
+        concept = np.full((n, width, S, S), np.nan, np.float32)
+        for i, c in enumerate(sigma):
+            concept[i, : len(c)] = c
         return {"images": images[:n], "labels": labels[:n], "tokens": tokens, "token_maps": m[:n][:, tokens],
-                "class_maps": class_maps[:n], "linkage": np.stack(linkage), "cuts": np.stack(cuts)}
+                "class_maps": class_maps[:n], "linkage": np.stack(linkage), "cuts": np.stack(cuts),
+                "concepts": concept}
 
 
 # -- the stage ----------------------------------------------------------------------------------------
@@ -430,6 +438,14 @@ def _write(cfg: ExplainConfig, dataset: str, splits: list[_Split], layers: tuple
                                   for r in tables["segmentation"][:1]))
 
 
+def _pad_concepts(parts: list[np.ndarray]) -> np.ndarray:
+    """Concept maps of the example images from several chunks, (example, concept, S, S), NaN
+    where an image has fewer concepts than the most."""
+    width = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0), (0, 0)), constant_values=np.nan)
+                           for p in parts])
+
+
 def _finite(value: Any) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
 
@@ -485,6 +501,9 @@ def _write_maps(maps: Any, cfg: ExplainConfig, dataset: str, test: _Split, layer
         example = {}
         for part in sorted((p for p in parts if p["split"] == cfg.split and "examples" in p), key=lambda p: p["start"]):
             for key, value in part["examples"][layer].items():
+                if key == "concepts":  # a list of (n, k, S, S) of different k, padded when written
+                    example.setdefault(key, []).append(value)
+                    continue
                 example[key] = value if key == "tokens" else (np.concatenate([example[key], value])
                                                               if key in example else value)
         maps.write(layout.ultra_maps(dataset, cfg.split, cfg.model, rid, layer),
@@ -494,7 +513,8 @@ def _write_maps(maps: Any, cfg: ExplainConfig, dataset: str, test: _Split, layer
                           "tau": HEADLINE_TAU},
                    segments=np.stack(segments).astype(dtype), images=example["images"], labels=example["labels"],
                    token_maps=example["token_maps"].astype(np.float32), class_maps=example["class_maps"].astype(np.float32),
-                   linkage=example["linkage"].astype(np.float64), cuts=example["cuts"])
+                   linkage=example["linkage"].astype(np.float64), cuts=example["cuts"],
+                   concepts=_pad_concepts(example["concepts"]))
 
 
 __all__ = ["ExplainResult", "ExplainWorker", "is_done", "run_explain"]
