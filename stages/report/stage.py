@@ -494,7 +494,11 @@ def _comparison_section(data: ReportData, comp: Comparison, rows: list[Row], out
                    [[r.label, r.setting["miou"], r.setting["pixel_accuracy"], r.setting["nmi"],
                      r.setting["nmi_bias_aware"]] for r in rows]
                    + [["ground truth", None, None, data.gt["nmi"], data.gt["nmi_bias_aware"]]])
-    return _section(title, COMPARISON_PANELS, (data, rows), out / _slug(title), written, head=table)
+    first = rows[0].setting
+    which = (f"<p>K = {first['k']}, method {html.escape(str(first['method']))}, {first['n_images']} test images"
+             + ("; each model's best layer is selected on this evaluated split" if comp.compare != "layers"
+                and comp.layer == "best" else "") + ".</p>")
+    return _section(title, COMPARISON_PANELS, (data, rows), out / _slug(title), written, head=which + table)
 
 
 def _directions_section(data: ReportData, out: Path, written: list[Path]) -> str:
