@@ -22,49 +22,16 @@ from typing import Callable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timm.layers import apply_rot_embed_cat
-from timm.layers.attention import Attention
-from timm.models.eva import EvaAttention, EvaBlock
-from timm.models.vision_transformer import Block
 
+from rep_pipeline.pipeline.attention import MID_BLOCKS, PROJECTIONS, rotate
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.pipeline.registry import LoadedModel
 
-QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # each (B, heads, N, head_dim)
 Vector = torch.Tensor | np.ndarray
 
 TARGETS = ("tokens", "queries", "keys", "values", "mid_tokens", "mid_normed")
 SCALARS = ("sum", "energy", "learned")
 BYTES_PER_VALUE = 4  # float32 gradients
-
-
-def _project_vit(attn: Attention, x: torch.Tensor) -> QKV:
-    """timm ``Attention``: one fused qkv linear."""
-    B, N, _ = x.shape
-    return attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def _project_eva(attn: EvaAttention, x: torch.Tensor) -> QKV:
-    """timm ``EvaAttention``: fused qkv (with q/v biases outside the linear, or none) or three linears."""
-    B, N, _ = x.shape
-    if attn.qkv is None:
-        heads = lambda t: t.reshape(B, N, attn.num_heads, -1).transpose(1, 2)  # noqa: E731
-        return heads(attn.q_proj(x)), heads(attn.k_proj(x)), heads(attn.v_proj(x))
-    if attn.q_bias is None:
-        qkv = attn.qkv(x)
-    else:
-        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-        qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
-    return qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-# attention class -> its q/k/v projection; another ViT attention class registers one line here
-PROJECTIONS: dict[type, Callable[[torch.nn.Module, torch.Tensor], QKV]] = {
-    Attention: _project_vit,
-    EvaAttention: _project_eva,
-}
-# block classes whose norm2 reads x1 = x + ls1(attn(norm1(x))) (PROTOCOL.md 8.1)
-MID_BLOCKS: tuple[type, ...] = (Block, EvaBlock)
 
 
 @dataclass
@@ -240,9 +207,7 @@ class Explainer:
                 for name, t in (("queries", q), ("keys", k), ("values", v)):
                     tape.qkv[(block, name)] = t.transpose(1, 2).reshape(B, N, -1)
             if rope is not None:  # as EvaAttention: the prefix tokens are not rotated
-                half = getattr(attn, "rotate_half", False)
-                q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2).type_as(v)
-                k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2).type_as(v)
+                q, k = rotate(q, rope, attn, npt).type_as(v), rotate(k, rope, attn, npt).type_as(v)
                 if block in tape.qkv_blocks:
                     for name, t in (("queries_rot", q), ("keys_rot", k)):
                         tape.qkv[(block, name)] = t.transpose(1, 2).reshape(B, N, -1)

@@ -6,9 +6,9 @@ records q, k, v (heads concatenated along channels) and the attention statistics
 section 5, which share the patch softmax with the model's own attention output
 (``patch_attention``). Block outputs come from timm's own ``forward_intermediates``; x1, the
 residual stream between a block's attention and MLP branches, is the input of its ``norm2``
-(a forward hook, which gives norm2(x1) as well; section 8.1). Each attention class names its
-q/k/v projection in ``ATTENTION_TAPS``, each block class whose ``norm2`` reads x1 is listed in
-``MID_TAPS``; the rest is shared. Every embedding is kept for the patch tokens and, on request,
+(a forward hook, which gives norm2(x1) as well; section 8.1). The attention classes' q/k/v
+projections and the blocks whose ``norm2`` reads x1 are ``pipeline/attention.py``'s, shared
+with the explain stage; the rest is shared between the classes. Every embedding is kept for the patch tokens and, on request,
 for the class token (prefix token 0, never rotated by RoPE).
 """
 from __future__ import annotations
@@ -20,47 +20,13 @@ from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from timm.layers import apply_rot_embed_cat
-from timm.layers.attention import Attention
-from timm.models.eva import EvaAttention, EvaBlock
-from timm.models.vision_transformer import Block
 
 from rep_pipeline.pipeline import config
+from rep_pipeline.pipeline.attention import MID_BLOCKS, PROJECTIONS, rotate
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.pipeline.registry import LoadedModel
 from rep_pipeline.storage_schemas.feature_store import class_array
 
-QKV = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # each (B, heads, N, head_dim)
-
-
-def _project_vit(attn: Attention, x: torch.Tensor) -> QKV:
-    B, N, _ = x.shape
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    return qkv.unbind(0)
-
-
-def _project_eva(attn: EvaAttention, x: torch.Tensor) -> QKV:
-    B, N, _ = x.shape
-    if attn.qkv is not None:
-        if attn.q_bias is None:
-            qkv = attn.qkv(x)
-        else:  # the qkv module only holds the weight here, as in timm
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
-            qkv = attn.qkv(x) + bias if attn.qkv_bias_separate else F.linear(x, attn.qkv.weight, bias)
-        return qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    split = lambda t: t.reshape(B, N, attn.num_heads, -1).transpose(1, 2)  # noqa: E731
-    return split(attn.q_proj(x)), split(attn.k_proj(x)), split(attn.v_proj(x))
-
-
-# attention class -> its q/k/v projection; a new ViT variant registers one line here
-ATTENTION_TAPS: dict[type, Callable[[torch.nn.Module, torch.Tensor], QKV]] = {
-    Attention: _project_vit,
-    EvaAttention: _project_eva,
-}
-
-# block classes whose norm2 takes x1 = x + ls1(attn(norm1(x))) (ResPostBlock and parallel
-# blocks do not: mid_tokens and mid_normed are refused for them by name)
-MID_TAPS: tuple[type, ...] = (Block, EvaBlock)
 MID_EMBEDDINGS = ("mid_tokens", "mid_normed")
 
 
@@ -229,14 +195,14 @@ class FeatureCapture:
             raise ConfigError(f"{loaded.spec.alias} has no class token; rep-pipeline needs one")
         for i in spec.layers:
             block = self.model.blocks[i]
-            if set(MID_EMBEDDINGS) & set(spec.embeddings) and not isinstance(block, MID_TAPS):
+            if set(MID_EMBEDDINGS) & set(spec.embeddings) and not isinstance(block, MID_BLOCKS):
                 raise ConfigError(f"block {i} of {loaded.spec.alias} is a {type(block).__name__}, whose norm2 does not "
                                   f"take the residual stream x1; mid_tokens and mid_normed are captured from "
-                                  f"{', '.join(t.__name__ for t in MID_TAPS)} only")
-            if type(self.model.blocks[i].attn) not in ATTENTION_TAPS:
+                                  f"{', '.join(t.__name__ for t in MID_BLOCKS)} only")
+            if type(self.model.blocks[i].attn) not in PROJECTIONS:
                 raise ConfigError(
                     f"block {i} of {loaded.spec.alias} uses {type(self.model.blocks[i].attn).__name__}, "
-                    f"which has no capture tap (known: {', '.join(t.__name__ for t in ATTENTION_TAPS)})"
+                    f"which has no capture tap (known: {', '.join(t.__name__ for t in PROJECTIONS)})"
                 )
         self._qkv_wanted = tuple(e for e in ("queries", "keys", "values") if e in spec.embeddings)
         self._mid_wanted = tuple(e for e in MID_EMBEDDINGS if e in spec.embeddings)
@@ -302,7 +268,7 @@ class FeatureCapture:
         return hook
 
     def _make_forward(self, attn: torch.nn.Module, out: dict[str, torch.Tensor], slot: int) -> Callable:
-        project = ATTENTION_TAPS[type(attn)]
+        project = PROJECTIONS[type(attn)]
         npt, keep_rotated = self.loaded.num_prefix_tokens, self.spec.rope == "after"
         wanted, compiled = self._qkv_wanted, self.spec.compile_statistics
 
@@ -314,9 +280,7 @@ class FeatureCapture:
             q, k, v = project(attn, x)
             q, k = attn.q_norm(q), attn.k_norm(k)
             if rope is not None:  # as EvaAttention: prefix tokens are not rotated
-                half = getattr(attn, "rotate_half", False)
-                q_rot = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2).type_as(v)
-                k_rot = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2).type_as(v)
+                q_rot, k_rot = rotate(q, rope, attn, npt).type_as(v), rotate(k, rope, attn, npt).type_as(v)
             else:
                 q_rot, k_rot = q, k
             kept = {"queries": q_rot if keep_rotated else q, "keys": k_rot if keep_rotated else k, "values": v}
