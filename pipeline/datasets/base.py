@@ -467,7 +467,8 @@ class SegmentationDataset:
 
     # -- keypoint pairs (PROTOCOL.md sections 8.3, 11) -------------------------------------------
     def keypoint_pairs(self, split: str, items: Sequence[Item]) -> list[dict[str, Any]] | None:
-        """The split's keypoint pairs, one dict per (pair, keypoint) with the columns of
+        """The keypoint pairs of ``split`` whose two images are both among ``items`` (all of them,
+        or the first ``--limit``), one dict per (pair, keypoint) with the columns of
         ``storage_schemas.feature_store.KEYPOINT_PAIRS`` but ``dataset_fingerprint``; None for a
         dataset without pairs (most). Checked here, before anything is written."""
         return None

@@ -63,6 +63,9 @@ class Keypoints:
     gt_x: np.ndarray         # target keypoint, original pixels
     gt_y: np.ndarray
     threshold: np.ndarray    # max(w_bb, h_bb) of the target box
+    fingerprint: str         # hash of the pairs (every column but the split's own stamp)
+    geometry: np.ndarray     # (image, 6) of the split: grid <-> original pixels
+    size: int                # S
 
     @classmethod
     def of(cls, data: DatasetSplit) -> "Keypoints":
@@ -86,13 +89,8 @@ class Keypoints:
         return cls(col("pair_id").astype(str), col("category").astype(str), col("kp_id").astype(np.int64), src, trg,
                    np.clip(np.floor(v + 0.5), lo_v, hi_v).astype(np.int64),
                    np.clip(np.floor(u + 0.5), lo_u, hi_u).astype(np.int64),
-                   col("trg_x").astype(np.float64), col("trg_y").astype(np.float64), pck.thresholds(bbox))
-
-
-def pairs_fingerprint(data: DatasetSplit) -> str:
-    """A hash of the split's keypoint pairs (every column but the split's own stamp)."""
-    table = data.keypoint_pairs()
-    return fingerprint_hash({"pairs": table.drop(["dataset_fingerprint"]).to_pydict()})
+                   col("trg_x").astype(np.float64), col("trg_y").astype(np.float64), pck.thresholds(bbox),
+                   fingerprint_hash({"pairs": table.drop(["dataset_fingerprint"]).to_pydict()}), geometry, size)
 
 
 # -- the work of one (embedding, layer) ----------------------------------------------------------
@@ -113,22 +111,21 @@ class CorrespondWorker:
         group = store.model_split(cfg.model, self.dataset, cfg.split)
         data = store.dataset_split(self.dataset, cfg.split)
         kp = Keypoints.of(data)
-        geometry, size = data.geometry(), int(data.group.attrs["image_size"])
         out = []
         for emb, layer in self.settings:
             features = group.read_features(emb, layer, 0, group.n_images)
-            pred, score, maps = transfer_all(be, features, kp, geometry, size, self.examples)
+            pred, score, maps = transfer_all(be, features, kp, self.examples)
             out.append({"embedding": emb, "layer": layer, "pred": pred, "score": score, "maps": maps})
             self.done += 1
         return out
 
 
-def transfer_all(be: Any, features: np.ndarray, kp: Keypoints, geometry: np.ndarray, size: int,
-                 examples: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def transfer_all(be: Any, features: np.ndarray, kp: Keypoints, examples: list[int]
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For every keypoint row: the predicted target grid pixel (flat, row-major), its cosine,
     and the cosine maps (len(examples), S, S) of the rows ``examples``. One target image at a
     time: its neighbour Grams once, every keypoint that lands on it at once."""
-    xp = be.xp
+    xp, geometry, size = be.xp, kp.geometry, kp.size
     pred = np.zeros(len(kp.src), np.int64)
     score = np.zeros(len(kp.src), np.float64)
     maps = np.full((len(examples), size, size), np.nan, np.float32)
@@ -137,10 +134,11 @@ def transfer_all(be: Any, features: np.ndarray, kp: Keypoints, geometry: np.ndar
     bounds = np.flatnonzero(np.diff(kp.trg[order])) + 1
     for rows in np.split(order, bounds):
         t = int(kp.trg[rows[0]])
+        by_source = _by_source(kp.src, rows)
         queries = xp.concatenate([
             transfer.sample(be.asarray(features[s]), be.asarray(kp.src_row[sel]), be.asarray(kp.src_col[sel]), size, xp)
-            for s, sel in _by_source(kp.src, rows)])
-        rows = np.concatenate([sel for _, sel in _by_source(kp.src, rows)])
+            for s, sel in by_source])
+        rows = np.concatenate([sel for _, sel in by_source])
         target = transfer.TargetFeatures(be.asarray(features[t]), size, be.asarray(inside(geometry[t], size)), xp)
         idx, best = target.match(queries)
         pred[rows], score[rows] = be.to_numpy(idx), be.to_numpy(best)
@@ -164,10 +162,7 @@ def _group(cfg: CorrespondConfig, store: FeatureStore) -> tuple[str, ModelSplit,
     group = store.model_split(cfg.model, dataset, cfg.split)
     if not group.finished:
         raise StoreError(f"{group.path} is not finished; run the same extract command to complete it")
-    data = store.dataset_split(dataset, cfg.split)
-    data.keypoint_pairs()  # names the file and what produces it when missing
-    data.geometry()
-    return dataset, group, data
+    return dataset, group, store.dataset_split(dataset, cfg.split)  # its pairs: Keypoints.of
 
 
 def _settings(cfg: CorrespondConfig, group: ModelSplit) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -214,7 +209,7 @@ def is_done(cfg: CorrespondConfig) -> bool:
         return False
     wanted = {(e, layer) for e in embeddings for layer in layers}
     done = {tuple(s) for s in recorded.get("settings", [])}
-    return recorded.get("correspond") == _record(cfg, group, pairs_fingerprint(data)) and wanted <= done
+    return recorded.get("correspond") == _record(cfg, group, Keypoints.of(data).fingerprint) and wanted <= done
 
 
 def run_correspond(cfg: CorrespondConfig, *, address: str | None = None, progress: bool = True) -> CorrespondResult:
@@ -249,7 +244,7 @@ def _correspond(cfg: CorrespondConfig, address: str | None, progress: bool, data
         for part in pool.run_all("run", poll=bar.update):
             out += part
         bar.update(len(settings))
-    pairs_fp = pairs_fingerprint(data)
+    pairs_fp = kp.fingerprint
     tables = _tables(cfg, dataset, group, data, kp, out, pairs_fp)
     results = Results(cfg.results, mode="a")
     for table in TABLES:
@@ -272,7 +267,7 @@ def _correspond(cfg: CorrespondConfig, address: str | None, progress: bool, data
 
 def _tables(cfg: CorrespondConfig, dataset: str, group: ModelSplit, data: DatasetSplit, kp: Keypoints,
             out: list[dict[str, Any]], pairs_fp: str) -> dict[str, list[dict[str, Any]]]:
-    geometry, size = data.geometry(), int(data.group.attrs["image_size"])
+    geometry, size = kp.geometry, kp.size
     a = group.attrs
     run = {"image_size": size, "geometry": data.geometry_mode, "last_norm": a.get("last_norm", "after"),
            "rope": a.get("rope", "before"), "store_fingerprint": group.fingerprint_hash, "pairs_fingerprint": pairs_fp}
@@ -322,10 +317,9 @@ def _write_heatmaps(results: Results, cfg: CorrespondConfig, dataset: str, group
                     settings: list[tuple[str, int]]) -> None:
     """Figure c3's inputs: per example keypoint and embedding, the source and target images,
     the target's cosine map at every layer, and where the keypoint and predictions lie."""
-    geometry, size = data.geometry(), int(data.group.attrs["image_size"])
+    geometry, size = kp.geometry, kp.size
     images = data.example_images()
-    pairs_fp = pairs_fingerprint(data)
-    record = _record(cfg, group, pairs_fp)
+    record = _record(cfg, group, kp.fingerprint)
     maps_path = results_layout.correspondence_maps(dataset, cfg.split, cfg.model)
     done = [[e, layer] for e, layer in settings]
     try:  # the settings of an earlier run with the same options, features and pairs stay done

@@ -138,23 +138,13 @@ def run_extract(cfg: ExtractConfig, *, address: str | None = None, progress: boo
     split_items = {s: dataset.items(s, cfg.limit) for s in splits}  # raises on empty/unknown
     for split, items in split_items.items():
         _check_files(dataset, split, items)
-    pairs = {s: _keypoint_pairs(dataset, s, items) for s, items in split_items.items()}  # parsed and checked now
+    pairs = {s: dataset.keypoint_pairs(s, items) for s, items in split_items.items()}  # parsed and checked now
 
     key = store_key(cfg.model, cfg.model_key)
     held = [Lease(leases_beside(cfg.store), model_path(key, cfg.dataset, s), f"{cfg.store}/{model_path(key, cfg.dataset, s)}")
             for s in splits]
     with leases(*held):  # one writer per model group: a second run is refused, naming the first
         return _extract(cfg, key, dataset, split_items, pairs, address, progress, on_chunk_done)
-
-
-def _keypoint_pairs(dataset: SegmentationDataset, split: str, items: list[Item]) -> list[dict[str, Any]] | None:
-    """The split's keypoint pairs (None: the dataset has none); with ``--limit``, the pairs
-    whose two images are both among the images taken."""
-    rows = dataset.keypoint_pairs(split, items)
-    if rows is None:
-        return None
-    taken = {it.image_id for it in items}
-    return [r for r in rows if r["src_image_id"] in taken and r["trg_image_id"] in taken]
 
 
 def _extract(cfg: ExtractConfig, key: str, dataset: SegmentationDataset, split_items: dict[str, list[Item]],
