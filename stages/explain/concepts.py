@@ -212,11 +212,12 @@ def segment_map(concepts: np.ndarray) -> np.ndarray:
 
 
 def segment_image(maps: np.ndarray, grid: int, size: int, zeta: float = 0.4, k: int | None = None,
-                  aggregate: str = "sum") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  aggregate: str = "sum", scaled: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """10.3 for one image: patch maps (P, P) (rows S_i after the self-fill) -> (segment map
-    (S, S), token clusters (P,), linkage matrix)."""
+    (S, S), token clusters (P,), linkage matrix). ``scaled``: M(S~_i) if already computed."""
     labels, tree = cluster(minmax(maps, axis=-1), zeta=zeta, k=k)
-    segments = segment_map(concept_maps(labels, scaled_upsampled(maps, grid, size), aggregate))
+    scaled = scaled_upsampled(maps, grid, size) if scaled is None else scaled
+    segments = segment_map(concept_maps(labels, scaled, aggregate))
     return segments, labels, tree
 
 

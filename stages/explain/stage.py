@@ -94,8 +94,9 @@ def _layers(cfg: ExplainConfig, group: ModelSplit) -> tuple[int, ...]:
     return tuple(layers)
 
 
-def _dataset(cfg: ExplainConfig, name: str, split: _Split) -> Any:
-    """The dataset adapter the store's split was made with, checked against its fingerprint."""
+def _dataset(cfg: ExplainConfig, name: str, split: _Split) -> tuple[Any, list[Any]]:
+    """The dataset adapter the store's split was made with, checked against its fingerprint, and
+    the split's items."""
     options = store_layout.dataset_options(dict(split.data.group.attrs))
     dataset = build_dataset(name, cfg.data_root, **options)
     items = dataset.items(split.name, split.data.n_images)
@@ -105,7 +106,7 @@ def _dataset(cfg: ExplainConfig, name: str, split: _Split) -> Any:
         differ = sorted(k for k in set(found) | set(stored) if found.get(k) != stored.get(k))
         raise FingerprintMismatchError(f"{split.data.path}: the images under --data-root {cfg.data_root} are not the "
                                        f"ones the store was extracted from ({', '.join(differ)} differ)")
-    return dataset
+    return dataset, items
 
 
 def run_id(cfg: ExplainConfig, dataset: str, splits: list[_Split], layers: tuple[int, ...]) -> str:
@@ -149,7 +150,7 @@ class ExplainWorker:
         self.explainer = Explainer(self.loaded, layers, cfg.embedding, cfg.f, attrs.get("last_norm", "after"),
                                    attrs.get("rope", "before"), cfg.memory_budget)
         self.input = ModelInput(self.loaded, self.device)
-        self.datasets = {name: _dataset(cfg, dataset, s) for name, s in self.splits.items()}
+        self.datasets = {name: _dataset(cfg, dataset, s) for name, s in self.splits.items()}  # (adapter, items)
 
     def fit(self) -> tuple[dict[int, np.ndarray], dict[str, Any]]:
         """ULTra_W (section 10.7): the ULTra_S maps of the first ``fit_images`` train images, then
@@ -164,9 +165,9 @@ class ExplainWorker:
         attrs = s.group.attrs
         ulta_s = Explainer(self.loaded, self.layers, cfg.embedding, "sum", attrs.get("last_norm", "after"),
                            attrs.get("rope", "before"), cfg.memory_budget)
-        dataset = self.datasets[s.name]
+        dataset, items = self.datasets[s.name]
         images, maps = [], {layer: [] for layer in self.layers}
-        for item in dataset.items(s.name, s.data.n_images)[: cfg.fit_images]:
+        for item in items[: cfg.fit_images]:
             image, _, geometry = dataset.load_placed(item, S, cfg.max_image_pixels)
             x = self.input(image[None], geometry[None], pad=dataset.geometry == "pad")
             out = ulta_s.explain(x)
@@ -197,8 +198,8 @@ class ExplainWorker:
         s = self.splits[split]
         book = s.group.explanations(self.cfg.f, self.cfg.embedding)
         start, stop = book.bounds(chunk)
-        dataset = self.datasets[split]
-        items = dataset.items(split, s.data.n_images)[start:stop]
+        dataset, items = self.datasets[split]
+        items = items[start:stop]
         loaded = [dataset.load_placed(it, int(s.data.group.attrs["image_size"]), self.cfg.max_image_pixels)
                   for it in items]
         images, geometry = np.stack([p[0] for p in loaded]), np.stack([p[2] for p in loaded])
@@ -251,13 +252,13 @@ class ExplainWorker:
             rows: dict[str, list[Any]] = {"segments": [], "descriptors": [], "confusion": [], "itiou": [],
                                           "n_tokens": [], "perturbation": []}
             for i in range(len(m)):
-                segments, _, _ = concepts.segment_image(m[i], G, S, cfg.zeta, cfg.k_img, cfg.aggregate)
+                scaled = concepts.scaled_upsampled(m[i], G, S)  # M(S~_i): the concepts' and ITIoU's
+                segments, _, _ = concepts.segment_image(m[i], G, S, cfg.zeta, cfg.k_img, cfg.aggregate, scaled)
                 rows["segments"].append(segments)
                 rows["descriptors"].append(concepts.segment_descriptors(segments, tokens[layer][i]))
                 if not test:
                     continue
                 rows["confusion"].append(concepts.per_image_confusion(segments, labels[i], C, ignore))
-                scaled = concepts.scaled_upsampled(m[i], G, S)
                 values, n_tok = concepts.itiou_sweep(scaled, concepts.patch_labels(labels[i], G, ignore), labels[i],
                                                      cfg.taus, ignore)
                 rows["itiou"].append(values)
@@ -392,6 +393,7 @@ def _write(cfg: ExplainConfig, dataset: str, splits: list[_Split], layers: tuple
     base = {"run_id": rid, "model": cfg.model, "dataset": dataset, "split": cfg.split}
     tables: dict[str, list[dict[str, Any]]] = {t: [] for t in ("ultra_oracle", "ultra_itiou", "ultra_perturbation",
                                                                 *SECTION5)}
+    scored: list[tuple[ClusterMapScores, dict[str, Any]]] = []  # the dataset scoring per layer
     from . import concepts, perturb
 
     for layer in layers:
@@ -419,10 +421,10 @@ def _write(cfg: ExplainConfig, dataset: str, splits: list[_Split], layers: tuple
                                                  **{k: _finite(v) for k, v in summary.items()},
                                                  "n_images": len(distances), "seed": cfg.draw_seed})
         if cfg.train_split:
-            _dataset_scores(cfg, dataset, splits, layer, parts, rid, tables)
+            scored.append(_dataset_scores(cfg, dataset, splits, layer, parts))
     results = Results(cfg.results, mode="a")
     with results.staged_maps() as maps:
-        _write_maps(maps, cfg, dataset, test, layers, parts, rid, tables)
+        _write_maps(maps, cfg, dataset, test, layers, parts, rid, scored, tables)
     for table, rows in tables.items():
         if rows or table.startswith("ultra_"):
             results.write_table(table, rows, dataset=dataset, model=cfg.model, part=f"{cfg.split}-ultra-{rid[:16]}")
@@ -450,8 +452,8 @@ def _finite(value: Any) -> float | None:
     return float(value) if value is not None and np.isfinite(value) else None
 
 
-def _dataset_scores(cfg: ExplainConfig, dataset: str, splits: list[_Split], layer: int, parts: list[dict[str, Any]],
-                    rid: str, tables: dict[str, list[dict[str, Any]]]) -> None:
+def _dataset_scores(cfg: ExplainConfig, dataset: str, splits: list[_Split], layer: int, parts: list[dict[str, Any]]
+                    ) -> tuple[ClusterMapScores, dict[str, Any]]:
     """The ``dataset`` scoring (section 10.4): K = C spherical k-means (Lloyd, PCA initialisation)
     on the train split's segment descriptors; each test segment takes its nearest centroid and the
     K-cluster maps go through section 5 unchanged."""
@@ -471,29 +473,31 @@ def _dataset_scores(cfg: ExplainConfig, dataset: str, splits: list[_Split], laye
     centroids = lloyd.centroids()[0]
     acc = ClusterMapScores(C, C, S, be)
     dy, dx = metrics.random_shifts(test.n_images, S, cfg.draw_seed)
+    labels = test.data.labels[: test.n_images].astype(np.int64)  # one read
     examples = []
     for i, (segments, desc) in enumerate(zip(_gather(parts, cfg.split, layer, "segments"),
                                              _gather(parts, cfg.split, layer, "descriptors"))):
         cluster_of = (l2_normalize(np, desc.astype(np.float32)) @ centroids.T).argmax(1)
         clusters = cluster_of[segments.astype(np.int64)][None].astype(np.int16)
-        acc.add(clusters, test.data.labels[i:i + 1].astype(np.int64), (dy[i:i + 1], dx[i:i + 1]), ignore)
+        acc.add(clusters, labels[i:i + 1], (dy[i:i + 1], dx[i:i + 1]), ignore)
         if i < store_layout.EXAMPLE_IMAGES:
             examples.append(clusters)
     acc.examples = examples
     setting = dict(model=cfg.model, dataset=dataset, split=cfg.split, train_split=train.name, embedding=cfg.embedding,
                    layer=layer, k=C, method=METHODS[cfg.f], seed=cfg.draw_seed)
-    tables.setdefault("_scores", []).append((acc, setting))
+    return acc, setting
 
 
 def _write_maps(maps: Any, cfg: ExplainConfig, dataset: str, test: _Split, layers: tuple[int, ...],
-                parts: list[dict[str, Any]], rid: str, tables: dict[str, list[dict[str, Any]]]) -> None:
+                parts: list[dict[str, Any]], rid: str, scored: list[tuple[ClusterMapScores, dict[str, Any]]],
+                tables: dict[str, list[dict[str, Any]]]) -> None:
     """Per layer: every test image's segment map, the examples of figures u1 to u3, and the
     section 5 rows and maps of the ``dataset`` scoring (written here: they need the maps store)."""
     classes = list(test.data.fingerprint["classes"])
     palette = np.asarray(test.data.group.attrs["palette"], dtype=np.uint8)
     ids = test.data.image_ids()[: store_layout.EXAMPLE_IMAGES]
     fps = {"store_fingerprint": test.group.fingerprint_hash, "codebook_fingerprint": rid}
-    for acc, setting in tables.pop("_scores", []):
+    for acc, setting in scored:
         finish_scores(tables, maps, acc, setting, classes, palette, test.n_images, fps, ids)
     for layer in layers:
         segments = _gather(parts, cfg.split, layer, "segments")
