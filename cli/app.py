@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import typer
+import yaml
 from typer.core import TyperGroup
 from pydantic.fields import FieldInfo
 from rich.console import Console
@@ -22,7 +23,7 @@ from rich.table import Table
 
 from rep_pipeline.pipeline.config import Comparison, Options, ReportConfig, Storage, parse_key_values
 from rep_pipeline.pipeline.location import as_location
-from rep_pipeline.pipeline.errors import RepPipelineError
+from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
 from rep_pipeline.stages import STAGES
 
 # typer ships its own click; its usage-error class is the base of the public BadParameter
@@ -65,7 +66,9 @@ err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, h
 
 # options of how a command runs, not of what it computes: never part of a config
 RUN_OPTIONS = {
-    "address": (Optional[str], typer.Option(None, help="Ray cluster address; default a local instance.")),
+    "address": (Optional[str], typer.Option(None, help="Ray cluster address (auto: the one this node belongs "
+                                                      "to); default a new local instance; inline: the workers "
+                                                      "in this process, no Ray.")),
     "progress": (bool, typer.Option(True, help="Show progress bars.")),
 }
 
@@ -230,13 +233,31 @@ def run(
     address: Optional[str] = RUN_OPTIONS["address"][1],
     progress: bool = RUN_OPTIONS["progress"][1],
     storage_option: list[str] = STORAGE_OPTION,
+    set_: list[str] = typer.Option([], "--set", help="Change the config: SECTION.KEY=VALUE (value read as YAML), "
+                                                    "e.g. dataset.limit=20 or cluster.steps=200; repeatable."),
+    data_root: list[str] = typer.Option([], "--data-root", help="NAME=PATH: the root of dataset NAME wherever the "
+                                                               "config names it, e.g. cocostuff27=data/cocostuff; "
+                                                               "repeatable."),
+    stand_in: Optional[str] = typer.Option(None, "--stand-in", help="tiny: replace every model by a tiny, randomly "
+                                                                   "initialised one of its architecture path (same "
+                                                                   "store keys): the whole run without weights."),
 ) -> None:
-    """extract -> cluster -> evaluate -> report from one config, skipping finished work."""
-    from rep_pipeline.cli.run import RunConfig, run_all
+    """extract -> cluster -> evaluate -> report from one config, skipping finished work (a
+    config of several YAML documents runs each in turn)."""
+    from rep_pipeline.cli.run import STAND_INS, Overrides, load_runs, run_all
 
-    cfg = RunConfig.from_yaml(config_file, storage_options=parse_key_values(storage_option))
-    result = run_all(cfg, address=address, progress=progress, say=console.print)
-    console.print(f"[bold green]done[/] in {result.seconds:.0f} s. Report: {result.report}")
+    if stand_in is not None and stand_in not in STAND_INS:
+        raise ConfigError(f"--stand-in: one of {', '.join(STAND_INS)}, got {stand_in!r}")
+    for flag, values in (("--set", set_), ("--data-root", data_root)):
+        bad = [v for v in values if "=" not in v or not v.split("=", 1)[0]]
+        if bad:
+            raise ConfigError(f"{flag} {bad[0]!r}: expected KEY=VALUE")
+    overrides = Overrides(values=tuple((k.strip(), yaml.safe_load(v)) for k, v in (x.split("=", 1) for x in set_)),
+                          data_roots=tuple(tuple(v.split("=", 1)) for v in data_root), stand_in=stand_in)
+    runs = load_runs(config_file, storage_options=parse_key_values(storage_option), overrides=overrides)
+    for cfg in runs:  # every document validated before the first runs
+        result = run_all(cfg, address=address, progress=progress, say=console.print)
+        console.print(f"[bold green]done[/] {cfg.title} in {result.seconds:.0f} s. Report: {result.report}")
 
 
 @app.command()

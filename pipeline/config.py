@@ -60,18 +60,25 @@ def parse_csv(value: Any) -> Any:
     return tuple(s for s in (str(v).strip() for v in items) if s)
 
 
+LAST_BLOCK = -1  # "last" among the layers: the model's last block, whatever its depth
+
+
 def parse_layers(value: Any) -> Any:
-    """``"0,5,11"``, ``"6-11"``, ``"all"`` or ``[0, 5]`` -> sorted unique block numbers; ``"all"``
-    and ``None`` -> ``None`` (every block). A reversed range is an error, not an empty one."""
+    """``"0,5,11"``, ``"6-11"``, ``"last"``, ``"all"`` or ``[0, 5]`` -> sorted unique block
+    numbers (``LAST_BLOCK`` for "last", resolved by ``resolve_layers`` once the model is known);
+    ``"all"`` and ``None`` -> ``None`` (every block). A reversed range is an error, not an empty one."""
     if value is None or value == "all":
         return None
     if isinstance(value, int):
         return (value,)
     out: set[int] = set()
     for part in parse_csv(value) or ():
+        if str(part).strip() == "last":
+            out.add(LAST_BLOCK)
+            continue
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", str(part))
         if not m:
-            raise ValueError(f"cannot read {part!r}; use e.g. '0,5,11', '6-11' or 'all'")
+            raise ValueError(f"cannot read {part!r}; use e.g. '0,5,11', '6-11', 'last' or 'all'")
         lo, hi = int(m.group(1)), int(m.group(2) if m.group(2) is not None else m.group(1))
         if hi < lo:
             raise ValueError(f"the range {part!r} runs backwards; write '{hi}-{lo}'")
@@ -79,6 +86,12 @@ def parse_layers(value: Any) -> Any:
     if not out:
         raise ValueError("names no layer; use e.g. '0,5,11', '6-11' or 'all'")
     return tuple(sorted(out))
+
+
+def resolve_layers(layers: Sequence[int], available: Sequence[int]) -> tuple[int, ...]:
+    """``layers`` with ``LAST_BLOCK`` replaced by the last of ``available`` (a model's blocks)."""
+    last = max(available) if len(available) else LAST_BLOCK
+    return tuple(sorted({last if layer == LAST_BLOCK else layer for layer in layers}))
 
 
 def parse_key_values(value: Any) -> Any:
@@ -268,6 +281,8 @@ class ExtractConfig(Storage):
     threads_per_worker: int | None = option(None, help="Torch threads per CPU actor.", flag="threads", ge=1)
     compile_statistics: bool = option(False, help="Fuse the attention statistics with torch.compile "
                                                   "(a one-off compile of 10 to 20 s).")
+    example_attention: bool = option(False, help="Also keep the head-averaged patch-to-patch attention rows of "
+                                                 "each of the split's example images (PROTOCOL.md 12.5).")
     dataset_options: KeyValues = option({}, help="Dataset option KEY=VALUE (value read as YAML); repeatable.",
                                         flag="option", short="o")
 
@@ -302,6 +317,11 @@ class ClusterConfig(ResultsBeside, OnWorkers):
     batch_images: int = option(24, help="Images per batch (all their patches).", ge=1)
     steps: int = option(5000, help="online: Adam steps.", ge=1)
     init_batches: int = option(96, help="Batches for the PCA initialisation.", ge=1)
+    init_interval: int = option(1, help="PCA initialisation from every n-th of the first init_batches x n batches "
+                                        "(same patch count; PROTOCOL.md 12.2).", ge=1)
+    variant: str | None = option(None, help="Train beside the main codebooks as this variant (a short hash of the "
+                                            "changed hyperparameters; the run's sensitivity section sets it).",
+                                 pattern=r"^[0-9a-z]{1,16}$")
     tol: float = option(1e-3, help="lloyd: stop below this fraction of changed assignments.", ge=0, lt=1)
     max_iter: int = option(100, help="lloyd: passes at most.", ge=1)
     log_every: int = option(25, help="online: steps between training-curve rows.", ge=1)
@@ -311,11 +331,12 @@ class ClusterConfig(ResultsBeside, OnWorkers):
 
     def hyperparameters(self, method: str) -> dict[str, Any]:
         """What, besides K, seed and the features, determines a codebook of ``method``."""
+        interval = {"init_interval": self.init_interval} if self.init_interval != 1 else {}  # old fingerprints hold
         if method == "online":
             return {"lr": self.lr, "batch_images": self.batch_images, "steps": self.steps,
-                    "init_batches": self.init_batches, "shuffle_window_chunks": SHUFFLE_WINDOW_CHUNKS}
+                    "init_batches": self.init_batches, "shuffle_window_chunks": SHUFFLE_WINDOW_CHUNKS, **interval}
         return {"tol": self.tol, "max_iter": self.max_iter, "init_batches": self.init_batches,
-                "batch_images": self.batch_images}
+                "batch_images": self.batch_images, **interval}
 
 
 class EvaluateConfig(ResultsBeside, OnBackend):
@@ -471,8 +492,15 @@ class Comparison(Options):
     layer: Annotated[Literal["best"] | int, BeforeValidator(_layer_choice)] = option(
         "best", help="'best' or a block number (compare=models).")
     models: Csv | None = option(None, help="Comma-separated models; default all evaluated.")
-    k: int | None = option(None, help="Codebook size; default the first evaluated.", ge=2)
-    method: KMeansMethod | None = option(None, help="k-means method; default the first evaluated.")
+    k: int | None = option(None, help="Codebook size; default the smallest evaluated (the page says which).", ge=2)
+    method: KMeansMethod | None = option(None, help="k-means method; default online if evaluated (the page says "
+                                                    "which).")
+    layer_k: int | None = option(None, help="Select the best layer at this K instead (12.3: K = 97 at the best "
+                                            "K = 27 layer).", ge=2)
+    colour: Literal["classes", "clusters"] = option(
+        "classes", help="Colour the maps by matched class, or by cluster (overclustering, PROTOCOL.md 12.3).")
+    images_with_class: str | None = option(None, help="Only test images showing this class, e.g. 'animal' "
+                                                      "(12.6 ibot-animals).")
     title: str | None = option(None, help="Section title; default from the comparison.")
 
 

@@ -6,8 +6,9 @@ Natural logarithms throughout; 0 log 0 = 0.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -139,13 +140,24 @@ def aggregate_map(counts: np.ndarray, palette: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def spearman(x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-    """(Spearman rho, number of finite pairs); NaN when fewer than three pairs."""
+class Spearman(NamedTuple):
+    rho: float        # NaN with fewer than three finite pairs, or where a side is constant
+    n: int            # finite pairs used
+    p_value: float    # two-sided, of rho = 0 (scipy.stats.spearmanr); NaN where rho is
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> Spearman:
+    """(Spearman rho, number of finite pairs, its two-sided p-value); NaNs when fewer than
+    three pairs."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     keep = np.isfinite(x) & np.isfinite(y)
-    if keep.sum() < 3:
-        return float("nan"), int(keep.sum())
-    return float(spearmanr(x[keep], y[keep]).statistic), int(keep.sum())
+    n = int(keep.sum())
+    if n < 3:
+        return Spearman(float("nan"), n, float("nan"))
+    with warnings.catch_warnings():  # a constant side: scipy warns and answers NaN, as we do
+        warnings.simplefilter("ignore")
+        result = spearmanr(x[keep], y[keep])
+    return Spearman(float(result.statistic), n, float(result.pvalue))
 
 
-__all__ = ["confusion_matrix", "hungarian_match", "SegmentationScores", "segmentation_scores", "PositionalEffect", "positional_effect", "PositionalScores", "positional_scores", "roll_maps", "random_shifts", "shifted_counts", "position_class_counts", "aggregate_map", "spearman"]
+__all__ = ["confusion_matrix", "hungarian_match", "SegmentationScores", "segmentation_scores", "PositionalEffect", "positional_effect", "PositionalScores", "positional_scores", "roll_maps", "random_shifts", "shifted_counts", "position_class_counts", "aggregate_map", "Spearman", "spearman"]

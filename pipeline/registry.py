@@ -96,6 +96,24 @@ register("tiny-dinov3-qkvb", "vit_base_patch16_dinov3", "tiny", "tiny", hub=Fals
          overrides=dict(_TINY_LS, qkv_bias=True))
 
 
+STAND_IN_PREFIX = "tiny:"  # ``tiny:<alias>``: the stand-in of a registered model (``stand_in``)
+_LAYER_SCALE_FAMILIES = ("dinov2", "dinov2-reg", "dinov3")  # their architectures scale every residual branch
+
+
+def stand_in(name: str) -> str:
+    """The name of ``name``'s tiny stand-in: its timm architecture (so its architecture path:
+    registers, patch size, RoPE, CLIP's pre-norm...) at the tiny members' width and depth,
+    for random weights. ``rep-pipeline run --stand-in tiny`` runs every preset with these."""
+    return STAND_IN_PREFIX + get_spec(name).alias
+
+
+def _stand_in_spec(name: str) -> ModelSpec:
+    real = get_spec(name.removeprefix(STAND_IN_PREFIX))
+    overrides = _TINY_LS if real.family in _LAYER_SCALE_FAMILIES else _TINY
+    return ModelSpec(name, real.arch, real.family, "tiny", hub=False, overrides=overrides,
+                     weights_hint=f"a tiny random stand-in of {real.alias}; use weights: random")
+
+
 def list_models(pattern: str = "*") -> list[ModelSpec]:
     """Registered models whose alias or timm name matches the glob ``pattern``."""
     from fnmatch import fnmatch
@@ -107,6 +125,8 @@ def get_spec(name: str) -> ModelSpec:
     """Resolve an alias, a registered timm name, or any timm ViT/Eva architecture."""
     if name in _REGISTRY:
         return _REGISTRY[name]
+    if name.startswith(STAND_IN_PREFIX):
+        return _stand_in_spec(name)
     if name in _BY_TIMM_NAME:
         return _BY_TIMM_NAME[name]
     arch = name.split(".")[0]

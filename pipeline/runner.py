@@ -22,8 +22,20 @@ from .errors import RepPipelineError
 from .location import storage_environment
 
 
+INLINE = "inline"  # --address inline: every worker in this process, one after another, no Ray
+_inline = False
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (a cluster) or start a local instance, once per process."""
+    """Connect to ``address`` (a cluster) or start a local instance, once per process.
+    ``address="inline"`` starts nothing: the pools of this process then build their workers
+    here and call them in turn (small runs without Ray's process start-up, e.g. presets with
+    stand-in models); the default and every cluster address use Ray."""
+    global _inline
+    if address == INLINE:
+        _inline = True
+        return
+    _inline = False
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "configure_logging": False}
@@ -88,19 +100,25 @@ def _end_with_this_process() -> None:
 
 def node_id() -> str | None:
     """The Ray node this process runs on (None outside Ray)."""
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() and not _inline else None
 
 
 def cluster_gpus() -> int:
+    if _inline:
+        return 0  # inline workers run on this process's CPU backend
     return int(ray.cluster_resources().get("GPU", 0))
 
 
 def cluster_cpus() -> int:
+    if _inline:
+        return os.cpu_count() or 1
     return int(ray.cluster_resources().get("CPU", 1))
 
 
 def node_cpus() -> list[int]:
     """The CPUs of each live node that has any (a head kept free of work has none)."""
+    if _inline:
+        return [os.cpu_count() or 1]
     cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
     return [c for c in cpus if c > 0] or [1]
 
@@ -116,7 +134,11 @@ def cpus_per_actor(n_actors: int) -> int:
 class ActorPool:
     """One actor per entry of ``args_per_actor`` (``cls(*args)``), each reserving
     ``num_cpus``/``num_gpus``. ``max_concurrency=2`` lets a driver poll a cheap method (such
-    as progress) while a long one runs."""
+    as progress) while a long one runs. Under ``ensure_ray("inline")`` an ``InlinePool``
+    stands in: the same calls on plain objects of this process."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "ActorPool":
+        return super().__new__(InlinePool if _inline and cls is ActorPool else cls)
 
     def __init__(self, cls: type, args_per_actor: Sequence[Sequence[Any]], *, num_cpus: float = 1,
                  num_gpus: float = 0, max_restarts: int = config.ACTOR_MAX_RESTARTS,
@@ -213,6 +235,35 @@ class ActorPool:
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+class InlinePool(ActorPool):
+    """The pool's calls on workers built in this process and called one after another."""
+
+    def __init__(self, cls: type, args_per_actor: Sequence[Sequence[Any]], **_: Any):
+        self.actors = [cls(*args) for args in args_per_actor]
+
+    def call_all(self, method: str, *args: Any, skip_lost: bool = False) -> list[Any]:
+        return [getattr(a, method)(*args) for a in self.actors]
+
+    def call_one(self, method: str, *args: Any) -> Any:
+        return getattr(self.actors[0], method)(*args)
+
+    def map_unordered(self, method: str, tasks: Iterable[tuple], in_flight_per_actor: int = 1,
+                      ) -> Iterator[tuple[tuple, Any]]:
+        for i, task in enumerate(tasks):
+            yield task, getattr(self.actors[i % len(self.actors)], method)(*task)
+
+    def run_all(self, method: str, poll: Callable[[int], Any] | None = None, poll_method: str = "progress",
+                every: float = 0.5) -> Iterator[Any]:
+        for actor in self.actors:
+            result = getattr(actor, method)()
+            if poll is not None:
+                poll(sum(getattr(a, poll_method)() for a in self.actors))
+            yield result
+
+    def shutdown(self) -> None:
+        self.actors = []
 
 
 def _get(refs: Any) -> Any:

@@ -98,6 +98,24 @@ def _check_same(kind: str, where: str, stored: Mapping[str, Any], new: Mapping[s
         )
 
 
+def _check_example_attention(where: str, stored: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+    """Refuse, saying why and what to do, a model group extracted with(out) ``example_attention``
+    asked to take chunks of a run without (with) it: the example rows come with the chunks
+    they belong to, so they cannot be added to (or left out of) finished features."""
+    had, wants = bool(stored.get(layout.EXAMPLE_ATTENTION)), bool(new.get(layout.EXAMPLE_ATTENTION))
+    if had == wants:
+        return
+    what = "example_attention (the per-image attention rows of the split's example images, PROTOCOL.md 12.5)"
+    if wants:
+        raise FingerprintMismatchError(
+            f"{where} was extracted without {what}, and this run asks for it; its written chunks cannot take the "
+            f"rows afterwards, so outputs are not mixed. Extract with --example-attention into a new --store, or "
+            f"under another --model-key (the group's features stay valid as they are)")
+    raise FingerprintMismatchError(
+        f"{where} was extracted with {what}, and this run asks without it; refusing to mix outputs. Extract with "
+        f"--example-attention to complete or reuse the group, or use a new --store or another --model-key")
+
+
 def _write_together(writes: list[tuple[zarr.Array, Any, np.ndarray]]) -> None:
     """``array[selection] = value`` for every triple, in one pass of zarr's event loop, so their
     chunks are encoded and stored concurrently rather than one array after another. Every
@@ -257,6 +275,7 @@ class FeatureStore:
         if path in self.root and dict(self.root[path].attrs):
             wanted = dict(fingerprint, dataset_fingerprint=fingerprint_hash(dataset_fingerprint),
                           chunk_images=chunk_images, schema_version=layout.SCHEMA_VERSION)
+            _check_example_attention(f"{self.path}/{path}", dict(self.root[path].attrs), wanted)
             _check_same("model, weights or capture configuration", f"{self.path}/{path}",
                         dict(self.root[path].attrs), wanted, layout.MODEL_FINGERPRINT_KEYS)
 
@@ -292,12 +311,15 @@ class FeatureStore:
         path = layout.model_path(model, data.dataset, data.split)
         if path in self.root and dict(self.root[path].attrs):
             group = self.root[path]
+            _check_example_attention(f"{self.path}/{path}", dict(group.attrs), attrs)
             _check_same("model, weights or capture configuration", f"{self.path}/{path}",
                         dict(group.attrs), attrs, layout.MODEL_FINGERPRINT_KEYS)
             return ModelSplit(group, path)
         group = self.root.require_group(path)
         for name, shape in layout.model_array_shapes(attrs, data.n_images).items():
             _create(group, layout.MODEL_ARRAYS[name], shape, data.chunk_images)
+        if layout.EXAMPLE_ATTENTION in group:  # which images its example axis holds
+            group[layout.EXAMPLE_ATTENTION].attrs["image_ids"] = data.image_ids()[: layout.n_examples(data.n_images)]
         _create(group, layout.PROVENANCE, (layout.n_chunks(data.n_images, data.chunk_images),), data.chunk_images)
         group.attrs.update(attrs)
         return ModelSplit(group, path)
@@ -512,13 +534,18 @@ class ModelSplit(_Group):
                     provenance: Mapping[str, Any] | None = None) -> None:
         """Write one image chunk of every array (and who wrote it), then mark it done. (In a
         repaired group whose ``attention_map`` stands, the chunk's attention sum is not needed
-        and not written.)"""
+        and not written.) ``example_attention``, where the group holds it, holds the rows of the
+        chunk's images among the split's examples (none past them)."""
         start, stop = layout.chunk_bounds(chunk, self.chunk_images, self.n_images)
         per_image = (slice(None), slice(start, stop))
         names = (*self.embeddings, *map(layout.class_array, self.class_embeddings), "attention_mi")
         writes = [(self.array(name), per_image, arrays[name]) for name in names]
         if "attention_sum" in self.group:
             writes.append((self.array("attention_sum"), chunk, arrays["attention_sum"]))
+        examples = layout.n_examples(self.n_images)
+        if layout.EXAMPLE_ATTENTION in self.group and start < examples:  # the chunk's example images' rows
+            writes.append((self.array(layout.EXAMPLE_ATTENTION), (slice(None), slice(start, min(stop, examples))),
+                           arrays[layout.EXAMPLE_ATTENTION]))
         if provenance is not None and "provenance" in self.group:
             writes.append((self.array("provenance"), slice(chunk, chunk + 1),
                            np.asarray([json.dumps(dict(provenance))], dtype=object)))
@@ -551,11 +578,12 @@ class ModelSplit(_Group):
 
     @property
     def fingerprint_hash(self) -> str:
-        """What the features are: every fingerprint key, not the package version (a key that
-        a version-1 group lacks is left out, so its hash is the one it had)."""
+        """What the features are: every fingerprint key, not the package version (an optional
+        key that a group lacks, e.g. a version-1 group's class_embeddings, is left out, so its
+        hash is the one it had)."""
         attrs = self.attrs
         return fingerprint_hash({k: attrs.get(k) for k in layout.MODEL_FINGERPRINT_KEYS
-                                 if k in attrs or k != layout.CLASS_EMBEDDINGS_ATTR})
+                                 if k in attrs or k not in layout.OPTIONAL_FINGERPRINT_KEYS})
 
     @property
     def request_sha256(self) -> str | None:
@@ -586,9 +614,11 @@ class ModelSplit(_Group):
         return sorted(n for n, _ in self.group["codebooks"].groups()
                       if not n.endswith(layout.REPLACEMENT_SUFFIX) and not n.startswith("."))
 
-    def codebook(self, method: str, k: int, seed: int, replacement: bool = False) -> "Codebook":
-        """The codebook of (method, k, seed), or with ``replacement`` the one training to replace it."""
-        name = layout.codebook_name(method, k, seed) + (layout.REPLACEMENT_SUFFIX if replacement else "")
+    def codebook(self, method: str, k: int, seed: int, variant: str | None = None,
+                 replacement: bool = False) -> "Codebook":
+        """The codebook of (method, k, seed[, variant]), or with ``replacement`` the one training
+        to replace it."""
+        name = layout.codebook_name(method, k, seed, variant) + (layout.REPLACEMENT_SUFFIX if replacement else "")
         if "codebooks" not in self.group or name not in self.group["codebooks"]:
             raise StoreError(f"{self.path} has no codebook {name} (has: {', '.join(self.codebook_names()) or 'none'})")
         return Codebook(self.group["codebooks"][name], layout.codebook_path(self.path, name), self)
@@ -598,34 +628,39 @@ class ModelSplit(_Group):
                 "features_fingerprint": self.fingerprint_hash, "schema_version": layout.SCHEMA_VERSION,
                 "package_version": __version__}
 
-    def trained_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any]) -> "Codebook | None":
-        """The codebook of (method, k, seed) if one exists that was trained with these
+    def trained_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any],
+                         variant: str | None = None) -> "Codebook | None":
+        """The codebook of (method, k, seed[, variant]) if one exists that was trained with these
         hyperparameters on these features, else None. Reads only."""
-        name = layout.codebook_name(method, k, seed)
+        name = layout.codebook_name(method, k, seed, variant)
         if name not in self.codebook_names():
             return None
-        book = self.codebook(method, k, seed)
+        book = self.codebook(method, k, seed, variant)
         wanted = self._codebook_attrs(method, k, seed, hyperparameters)
         same = fingerprint_hash({k: wanted[k] for k in layout.CODEBOOK_FINGERPRINT_KEYS}) == book.fingerprint_hash
         return book if same else None
 
-    def check_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any]) -> None:
-        """Refuse, before anything is created, a codebook of (method, k, seed) that exists with
-        other hyperparameters or on other features."""
-        name = layout.codebook_name(method, k, seed)
-        if name in self.codebook_names() and dict(self.codebook(method, k, seed).attrs):
+    def check_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any],
+                       variant: str | None = None) -> None:
+        """Refuse, before anything is created, a codebook of (method, k, seed[, variant]) that
+        exists with other hyperparameters or on other features."""
+        name = layout.codebook_name(method, k, seed, variant)
+        if name in self.codebook_names() and dict(self.codebook(method, k, seed, variant).attrs):
             _check_same("training configuration", layout.codebook_path(self.path, name),
-                        self.codebook(method, k, seed).attrs, self._codebook_attrs(method, k, seed, hyperparameters),
+                        self.codebook(method, k, seed, variant).attrs,
+                        self._codebook_attrs(method, k, seed, hyperparameters),
                         layout.CODEBOOK_FINGERPRINT_KEYS)
 
     def require_codebook(self, method: str, k: int, seed: int, hyperparameters: Mapping[str, Any],
-                         force: bool = False) -> "Codebook":
+                         force: bool = False, variant: str | None = None) -> "Codebook":
         """The codebook group of (method, k, seed), created on first use. A group trained with
         other hyperparameters or on other features is refused unless ``force``: then an empty
         replacement is created beside it (``replace_codebook`` swaps it in), and the finished
         codebook stays readable until then."""
         attrs = self._codebook_attrs(method, k, seed, hyperparameters)
-        name = layout.codebook_name(method, k, seed)
+        if variant:
+            attrs["variant"] = variant
+        name = layout.codebook_name(method, k, seed, variant)
         books = self.group.require_group("codebooks")
         if force:
             name += layout.REPLACEMENT_SUFFIX
@@ -637,7 +672,7 @@ class ModelSplit(_Group):
         group.attrs.update(attrs)
         return Codebook(group, layout.codebook_path(self.path, name), self)
 
-    def replace_codebook(self, method: str, k: int, seed: int) -> None:
+    def replace_codebook(self, method: str, k: int, seed: int, variant: str | None = None) -> None:
         """Swap the finished replacement of (method, k, seed) in for the codebook: two renames,
         the old one removed only after the new one is in place. Layers and embeddings the
         replacement did not retrain are carried over when both were trained alike (same
@@ -647,9 +682,10 @@ class ModelSplit(_Group):
         the replacement's attributes, then the replacement's objects are copied over it (done
         flags last) and the replacement removed, so an interruption leaves layers to retrain,
         never a codebook that mixes two trainings."""
-        name = layout.codebook_name(method, k, seed)
+        name = layout.codebook_name(method, k, seed, variant)
         if name in self.codebook_names():
-            old_book, new_book = self.codebook(method, k, seed), self.codebook(method, k, seed, replacement=True)
+            old_book = self.codebook(method, k, seed, variant)
+            new_book = self.codebook(method, k, seed, variant, replacement=True)
             if old_book.fingerprint_hash == new_book.fingerprint_hash:
                 new_book.keep_finished(old_book)
         self._swap_in("codebooks", name)
@@ -773,6 +809,23 @@ class ModelSplit(_Group):
             raise StoreError(f"{self.path} is not finished; run the same extract command to complete it")
         return self.array("attention_map")[:]
 
+    @property
+    def has_example_attention(self) -> bool:
+        """Whether the group holds ``example_attention`` (extract option ``example_attention``)."""
+        return bool(self.group.attrs.get(layout.EXAMPLE_ATTENTION)) and layout.EXAMPLE_ATTENTION in self.group
+
+    def example_attention(self) -> tuple[np.ndarray, list[str]]:
+        """(rows (layer, example, query, key) float32, the example images' ids): the head-averaged
+        patch-to-patch attention of each example image (PROTOCOL.md 12.5); a group extracted
+        without them is an error naming the array and the option that produces it."""
+        if not self.has_example_attention:
+            raise StoreError(f"{self.path} has no array {layout.EXAMPLE_ATTENTION!r}; `extract --example-attention` "
+                             f"into a new store (or with --model-key) produces it")
+        if not self.finished:
+            raise StoreError(f"{self.path} is not finished; run the same extract command to complete it")
+        array = self.array(layout.EXAMPLE_ATTENTION)
+        return array[:], [str(i) for i in array.attrs.get("image_ids", [])]
+
 
 @dataclass
 class _Trained:
@@ -799,6 +852,17 @@ class Codebook(_Trained):
     """Centroids of one (method, K, seed) for every captured layer of some embeddings."""
 
     FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = layout.CODEBOOK_FINGERPRINT_KEYS
+
+    @property
+    def name(self) -> str:
+        """Its name in the store, e.g. ``online-k27-s0`` (``layout.codebook_name``)."""
+        return self.path.rsplit("/", 1)[-1].removesuffix(layout.REPLACEMENT_SUFFIX)
+
+    @property
+    def variant(self) -> str | None:
+        """None for a main codebook; the short hash of its other hyperparameters for a
+        variant trained beside it (the k-means sensitivity study, PROTOCOL.md 12.2)."""
+        return layout.parse_codebook_name(self.name)[3]
 
     def require(self, embedding: str) -> tuple[zarr.Array, zarr.Array]:
         """The centroid and done arrays of ``embedding``, created if absent (by the driver,
@@ -1178,7 +1242,9 @@ def _check_model_split(target: ModelSplit, label_chunks: set[int], report: Check
     done = target.done[:]
     bad_chunks = set(label_chunks) & set(np.flatnonzero(done).tolist())
     per_image = lambda c: bool(done[c[1]])  # noqa: E731  (layer, image chunk, ...)
-    for name in (*target.embeddings, *map(layout.class_array, target.class_embeddings), "attention_mi") if features else ():
+    per_image_arrays = (*target.embeddings, *map(layout.class_array, target.class_embeddings), "attention_mi",
+                        *((layout.EXAMPLE_ATTENTION,) if layout.EXAMPLE_ATTENTION in target.group else ()))
+    for name in per_image_arrays if features else ():
         bad = _check_array(target.array(name), f"{target.path}/{name}", per_image, finite=True)
         report.problems += [p for _, p in bad]
         bad_chunks |= {c[1] for c, _ in bad}

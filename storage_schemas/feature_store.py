@@ -25,6 +25,10 @@
         attention_sum (chunk, layer, query, key)  float32, while extracting: head-averaged
                                                   patch attention summed over a chunk's images
         attention_map (layer, query, key)         float32, when finished: its image mean
+        example_attention (layer, example, query, key)  float32, on request (extract option
+                                                  ``example_attention``): the head-averaged patch
+                                                  attention of each of the split's example images
+                                                  (its first EXAMPLE_IMAGES; ids in the attrs)
         done          (chunk,)                    bool, image chunk i complete for this model
         codebooks/<method>-k<K>-s<seed>/  attrs: training fingerprint (CODEBOOK_ATTRS)
           <embedding>       (layer, cluster, channel) float32, unit centroids
@@ -139,6 +143,12 @@ KEYPOINT_PAIRS = pa.schema([
     _kp_field("dataset_fingerprint", pa.string(), "hash of the dataset split's fingerprint"),
 ], metadata={"table": "keypoint_pairs"})
 
+# Per-image attention rows of the example images, on request (PROTOCOL.md 12.5, A37): the array,
+# and the model attribute (True) of a group that holds it; a group without it has no attribute,
+# so its fingerprint is the one it had before the option existed. The array's ``image_ids``
+# attribute names its examples.
+EXAMPLE_ATTENTION = "example_attention"
+
 # the embeddings a model group may hold (PROTOCOL.md sections 2 and 8.1)
 FEATURE_EMBEDDINGS = ("queries", "keys", "values", "tokens", "mid_tokens", "mid_normed")
 _FEATURE_DIMS = ("layer", "image", "y", "x", "channel")
@@ -161,6 +171,10 @@ MODEL_ARRAYS: dict[str, ArraySpec] = {a.name: a for a in (
               "head-averaged patch attention summed over the chunk's images (while extracting)", ATTENTION_CODEC),
     ArraySpec("attention_map", ("layer", "query", "key"), "float32", (1, FULL, FULL),
               "image- and head-averaged patch-to-patch attention (once finished)", ATTENTION_CODEC),
+    # the example axis is chunked like the images, so each image chunk writes its own files
+    ArraySpec(EXAMPLE_ATTENTION, ("layer", "example", "query", "key"), "float32", (1, IMAGES, FULL, FULL),
+              "head-averaged patch-to-patch attention (rows renormalised) of the split's example images, "
+              "the first EXAMPLE_IMAGES (extract option example_attention; PROTOCOL.md s. 12.5)", ATTENTION_CODEC),
     ArraySpec("done", ("chunk",), "bool", (1,), "image chunk i is complete for this model"),
 )}
 
@@ -245,7 +259,11 @@ ATTENTION_FINAL = "attention_final"
 # version 2: which class-token arrays the group holds (absent in version 1: tokens only)
 CLASS_EMBEDDINGS_ATTR = "class_embeddings"
 # what must match for a writer to add to an existing model group (package_version may differ)
-MODEL_FINGERPRINT_KEYS = (*(k for k in MODEL_ATTRS if k not in ("package_version", "finished")), CLASS_EMBEDDINGS_ATTR)
+MODEL_FINGERPRINT_KEYS = (*(k for k in MODEL_ATTRS if k not in ("package_version", "finished")), CLASS_EMBEDDINGS_ATTR,
+                          EXAMPLE_ATTENTION)
+# fingerprint keys a group may lack (version 1: class_embeddings; no example_attention): left out
+# of its fingerprint hash when absent, so the hash stays the one the group had
+OPTIONAL_FINGERPRINT_KEYS = (CLASS_EMBEDDINGS_ATTR, EXAMPLE_ATTENTION)
 
 
 def class_embeddings(attrs: dict[str, Any]) -> tuple[str, ...]:
@@ -261,8 +279,10 @@ def model_path(model: str, dataset: str, split: str) -> str:
     return f"models/{model}/{dataset}/{split}"
 
 
-def codebook_name(method: str, k: int, seed: int) -> str:
-    return f"{method}-k{k}-s{seed}"
+def codebook_name(method: str, k: int, seed: int, variant: str | None = None) -> str:
+    """``online-k27-s0``; a variant (PROTOCOL.md 12.2: the same codebook trained with other
+    hyperparameters, beside the main one) adds ``-h<short hash of those hyperparameters>``."""
+    return f"{method}-k{k}-s{seed}" + (f"-h{variant}" if variant else "")
 
 
 def codebook_path(model_group: str, name: str) -> str:
@@ -274,10 +294,15 @@ def codebook_path(model_group: str, name: str) -> str:
 REPLACEMENT_SUFFIX = ".replacing"
 
 
-def parse_codebook_name(name: str) -> tuple[str, int, int]:
-    """``"online-k27-s0"`` -> ``("online", 27, 0)``."""
+def parse_codebook_name(name: str) -> tuple[str, int, int, str | None]:
+    """``"online-k27-s0"`` -> ``("online", 27, 0, None)``; ``"online-k27-s1-h3fa2c1d0"`` ->
+    ``("online", 27, 1, "3fa2c1d0")``."""
+    head, _, last = name.rpartition("-")
+    variant = None
+    if last.startswith("h") and head.rpartition("-")[2].startswith("s"):
+        name, variant = head, last[1:]
     method, k, seed = name.rsplit("-", 2)
-    return method, int(k[1:]), int(seed[1:])
+    return method, int(k[1:]), int(seed[1:]), variant
 
 
 def n_chunks(n_images: int, chunk_images: int) -> int:
@@ -299,4 +324,11 @@ def model_array_shapes(attrs: dict[str, Any], n_images: int) -> dict[str, tuple[
     shapes.update(attention_mi=(L, n_images, H), done=(C,))
     final = attrs.get("finished") or attrs.get(ATTENTION_FINAL)
     shapes["attention_map" if final else "attention_sum"] = (L, P, P) if final else (C, L, P, P)
+    if attrs.get(EXAMPLE_ATTENTION):
+        shapes[EXAMPLE_ATTENTION] = (L, n_examples(n_images), P, P)
     return shapes
+
+
+def n_examples(n_images: int) -> int:
+    """The example images of a split of ``n_images``: its first EXAMPLE_IMAGES."""
+    return min(n_images, EXAMPLE_IMAGES)

@@ -35,6 +35,7 @@ RESULTS_KIND = "rep-pipeline results"
 MAPS_KIND = "rep-pipeline results maps"
 MARKER = "rep_pipeline.json"
 MAPS = "maps.zarr"
+RUN_CONFIG = "run_config.yaml"  # the config of the last `rep-pipeline run` into this folder, as run
 GROUND_TRUTH_MODEL = "_ground_truth"  # the model partition of ground-truth rows
 
 
@@ -49,9 +50,12 @@ MAP_ARRAYS: dict[str, MapArray] = {a.name: a for a in (
     MapArray("counts", ("y", "x", "class"), "n(p, c): test images whose pixel p has (mapped) class c"),
     MapArray("aggregate", ("y", "x", "rgb"), "the aggregate map: class frequencies mixed in the palette"),
     MapArray("examples", ("example", "y", "x"), "predicted class maps of the first test images"),
+    MapArray("clusters", ("example", "y", "x"), "their raw cluster ids, before matching (PROTOCOL.md 12.3)"),
     MapArray("images", ("example", "y", "x", "rgb"), "the first test images as the model saw them"),
     MapArray("labels", ("example", "y", "x"), "their ground-truth class maps"),
     MapArray("attention", ("layer", "query", "key"), "image- and head-averaged patch attention"),
+    MapArray("example_attention", ("layer", "example", "query", "key"), "head-averaged patch attention of each "
+                                                                         "example image (ids: attrs example_ids)"),
     MapArray("truth", ("example", "y", "x"), "direction probes: 1 where the concept is, on the S x S grid"),
     MapArray("decisions", ("example", "y", "x"), "direction probes: a hyperplane template's patch decisions (G x G)"),
     MapArray("source", ("y", "x", "rgb"), "correspondence: the source image on the grid, as the model saw it"),
@@ -95,9 +99,10 @@ def part_file(table: str, dataset: str, model: str | None, part: str) -> str:
     return f"{partition(table, dataset, model)}/{part}.parquet"
 
 
-def curve_part(train_split: str, method: str, k: int, seed: int, embedding: str, layer: int) -> str:
+def curve_part(train_split: str, method: str, k: int, seed: int, embedding: str, layer: int,
+               variant: str | None = None) -> str:
     """The part name of one codebook's training curve (a part per codebook and layer)."""
-    return f"{train_split}-{codebook_name(method, k, seed)}-{embedding}-l{layer}"
+    return f"{train_split}-{codebook_name(method, k, seed, variant)}-{embedding}-l{layer}"
 
 
 def ground_truth_maps(dataset: str, split: str) -> str:
@@ -139,6 +144,6 @@ def setting_maps(dataset: str, split: str, model: str, train_split: str, method:
     return f"{dataset}/{split}/{model}/{train_split}/{codebook_name(method, k, seed)}/{embedding}/layer_{layer}"
 
 
-__all__ = ["GROUND_TRUTH_MODEL", "MAPS", "MAPS_KIND", "MAP_ARRAYS", "MARKER", "MapArray", "RESULTS_KIND",
+__all__ = ["GROUND_TRUTH_MODEL", "MAPS", "MAPS_KIND", "MAP_ARRAYS", "MARKER", "MapArray", "RESULTS_KIND", "RUN_CONFIG",
            "TABLES_VERSION", "attention_maps", "curve_part", "default_results", "ground_truth_maps", "part_file",
            "partition", "setting_maps"]

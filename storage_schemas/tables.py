@@ -63,15 +63,27 @@ def _nullable(fields: tuple[pa.Field, ...]) -> tuple[pa.Field, ...]:
     return tuple(f.with_nullable(True) for f in fields)
 
 
+def _interval(metric: str, unit: str = "test images") -> tuple[pa.Field, pa.Field]:
+    """``<metric>_lo`` and ``<metric>_hi``: its 95 % bootstrap interval (1,000 draws of the
+    ``unit`` resampled with replacement, docs/uncertainty.md); null where undefined."""
+    return (_field(f"{metric}_lo", pa.float64(), f"95 % bootstrap interval of {metric} over {unit} (1,000 draws; "
+                                                 f"docs/uncertainty.md), low end", nullable=True),
+            _field(f"{metric}_hi", pa.float64(), "its high end", nullable=True))
+
+
 SEGMENTATION = _table(
     "segmentation", *_EVAL_SETTING,
     _field("miou", pa.float64(), "mean IoU over classes with a non-empty union, after matching"),
+    *_interval("miou"),
     _field("pixel_accuracy", pa.float64(), "correct / labelled pixels, after matching"),
+    *_interval("pixel_accuracy"),
     _field("mi", pa.float64(), "MI between pixel position and predicted (mapped) class, nats"),
     _field("nmi", pa.float64(), "mi / H(predicted class)"),
+    *_interval("nmi"),
     _field("mi_null", pa.float64(), "mi of the same maps, each cyclically shifted at random: the "
                                     "plug-in estimator's bias on this many images"),
     _field("nmi_bias_aware", pa.float64(), "(mi - mi_null) / H(predicted class)"),
+    *_interval("nmi_bias_aware"),
     _field("n_images", pa.int32(), "test images"),
     *_FINGERPRINTS)
 PER_CLASS_IOU = _table(
@@ -91,8 +103,10 @@ GROUND_TRUTH = _table(
     "ground_truth", _field("dataset", pa.string(), "dataset name"), _field("split", pa.string(), "test split"),
     _field("mi", pa.float64(), "MI between pixel position and true class, nats"),
     _field("nmi", pa.float64(), "mi / H(true class)"),
+    *_interval("nmi"),
     _field("mi_null", pa.float64(), "mi after random cyclic shifts of every label map"),
     _field("nmi_bias_aware", pa.float64(), "(mi - mi_null) / H(true class)"),
+    *_interval("nmi_bias_aware"),
     _field("n_images", pa.int32(), "test images"),
     _field("dataset_fingerprint", pa.string(), "hash of the dataset split's fingerprint"))
 CONFUSION = _table(
@@ -108,20 +122,46 @@ ATTENTION_MI = _table(
     "attention_mi", *_SETTING[:3], _field("layer", pa.int16(), "block number"),
     _field("head", pa.int16(), "attention head"),
     _field("mean", pa.float64(), "mean over images of I(K,Q), nats"),
+    *_interval("mean"),
     _field("std", pa.float64(), "standard deviation over images"),
     _field("n_images", pa.int32(), "images"),
     _field("store_fingerprint", pa.string(), "hash of the feature-group fingerprint"))
+_BEST_LAYER_UNIT = "test images (that layer's; the choice of the layer not included)"
 BEST_LAYERS = _table(
     "best_layers", *_SETTING[:3], _EVAL_SETTING[3], *_SETTING[3:4], *_SETTING[5:],
     _field("best_layer", pa.int16(), "block with the highest mIoU"),
-    _field("miou", pa.float64(), "its mIoU"), _field("nmi", pa.float64(), "its NMI"),
+    _field("miou", pa.float64(), "its mIoU"), *_interval("miou", _BEST_LAYER_UNIT),
+    _field("nmi", pa.float64(), "its NMI"), *_interval("nmi", _BEST_LAYER_UNIT),
     _field("n_layers", pa.int16(), "layers compared"))
 CORRELATIONS = _table(
     "correlations", _field("dataset", pa.string(), "dataset name"), _field("split", pa.string(), "test split"),
     _field("k", pa.int32(), "number of clusters"), _field("method", pa.string(), "online | lloyd"),
     _field("name", pa.string(), "nmi_vs_log_miou | kq_nmi_vs_attention_mi"),
     _field("rho", pa.float64(), "Spearman rank correlation", nullable=True),
+    _field("p_value", pa.float64(), "two-sided p-value of rho = 0 (scipy.stats.spearmanr)", nullable=True),
     _field("n_pairs", pa.int32(), "(model, layer, embedding) points used"))
+# the online k-means' sensitivity to its PCA initialisation and batch size (PROTOCOL.md 12.2)
+KMEANS_SENSITIVITY = _table(
+    "kmeans_sensitivity",
+    _field("model", pa.string(), "model key in the feature store"),
+    _field("dataset", pa.string(), "dataset name"),
+    _field("split", pa.string(), "test split"),
+    _field("train_split", pa.string(), "split the codebook was trained on"),
+    _field("embedding", pa.string(), "queries | keys | values | tokens"),
+    _field("layer", pa.int16(), "block number (0-based)"),
+    _field("k", pa.int32(), "number of clusters"),
+    _field("seed", pa.int32(), "k-means seed"),
+    _field("batch_images", pa.int32(), "images per Adam batch"),
+    _field("pca_batches", pa.int32(), "batches whose patches the PCA initialisation takes (init_batches)"),
+    _field("pca_interval", pa.int32(), "every n-th batch is taken for the PCA initialisation (1 = the first "
+                                       "pca_batches batches, the default)"),
+    _field("codebook", pa.string(), "the codebook's name in the store"),
+    _field("miou", pa.float64(), "mean IoU over classes with a non-empty union, after matching"),
+    *_interval("miou"),
+    _field("pixel_accuracy", pa.float64(), "correct / labelled pixels, after matching"),
+    _field("nmi", pa.float64(), "MI between pixel position and predicted class / H(predicted class)"),
+    _field("n_images", pa.int32(), "test images"),
+    *_FINGERPRINTS)
 
 
 # -- direction probes (PROTOCOL.md section 9.7) ------------------------------------------------
@@ -186,7 +226,9 @@ _CORRESPONDENCE_SETTING = (
 )
 _PCK = (
     _field("pck_point", pa.float64(), "correct keypoints / keypoints, pooled over pairs (Table 3's 'per point')"),
+    *_interval("pck_point", "pairs"),
     _field("pck_image", pa.float64(), "mean over pairs of each pair's fraction of correct keypoints"),
+    *_interval("pck_image", "pairs"),
     _field("n_pairs", pa.int32(), "pairs"),
     _field("n_keypoints", pa.int32(), "keypoints"),
 )
@@ -206,6 +248,7 @@ CORRESPONDENCE_BEST = _table(
     "correspondence_best", *_CORRESPONDENCE_SETTING[:4], _CORRESPONDENCE_SETTING[5],
     _field("best_layer", pa.int16(), "block with the highest pck_point for this embedding"),
     _field("pck_point", pa.float64(), "its pck_point"),
+    *_interval("pck_point", "pairs (that layer's; the choice of the layer not included)"),
     _field("model_best", pa.bool_(), "this (embedding, best_layer) is the model's best over all embeddings"),
     _field("n_layers", pa.int16(), "layers compared"),
     _field("store_fingerprint", pa.string(), "hash of the feature group's fingerprint"))

@@ -72,7 +72,7 @@ def test_documented_job_command_names_real_options(tmp_path, monkeypatch):
     assert result.exit_code == 2 and job[2] in result.output, result.output
 
     example = _run_config_example()
-    paradigms = yaml.safe_load((LAUNCHER.parent / "configs/coco-paradigms.yaml").read_text())
+    paradigms = yaml.safe_load((LAUNCHER.parent / "configs/paper/paradigms-keys.yaml").read_text())
     assert {"store", "results", "report"} <= set(example) <= set(paradigms)
     assert set(example["dataset"]) == {"root"} and "root" in paradigms["dataset"]
     urls = [example["store"], example["results"], example["report"], example["dataset"]["root"]]

@@ -16,6 +16,7 @@ from rep_pipeline.pipeline.errors import StoreError
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore
 from rep_pipeline.stages.correspond import is_done, run_correspond
+from rep_pipeline.stages.correspond import pck as pck_scores
 from rep_pipeline.stages.correspond import transfer
 from rep_pipeline.stages.extract import run_extract
 from rep_pipeline.storage_schemas import results as results_layout
@@ -93,6 +94,20 @@ def test_tables_count_every_setting_and_agree_with_the_kept_matches(pairs_run):
         mine = [r for r in rows if r["embedding"] == b["embedding"] and abs(r["alpha"] - b["alpha"]) < 1e-9]
         assert b["pck_point"] == max(r["pck_point"] for r in mine)
         assert b["best_layer"] == min(r["layer"] for r in mine if r["pck_point"] == b["pck_point"])
+        chosen = next(r for r in mine if r["layer"] == b["best_layer"])
+        assert (b["pck_point_lo"], b["pck_point_hi"]) == (chosen["pck_point_lo"], chosen["pck_point_hi"])
+    # 95 % bootstrap intervals over pairs (docs/uncertainty.md): around the estimate, and what
+    # pck.pck gives on the kept matches (pairs resampled with their keypoints, seed pck.SEED)
+    first = group.layers[0]
+    for r in rows + by_cat:
+        for m in ("pck_point", "pck_image"):
+            assert r[f"{m}_lo"] <= r[m] <= r[f"{m}_hi"], (m, r)
+    matches = results.rows("SELECT pair_id, error, threshold FROM correspondence_matches WHERE embedding = 'keys' "
+                           f"AND layer = {first} ORDER BY pair_id, kp_id")
+    want = pck_scores.pck(np.array([m["error"] for m in matches]), np.array([m["threshold"] for m in matches]),
+                   np.array([m["pair_id"] for m in matches]), 0.10)
+    got = table[("keys", first, 0.1)]
+    assert {k: got[k] for k in want} == pytest.approx(want)
     assert is_done(cfg) and not is_done(cfg.replace(alphas=(0.1,)))
     assert "keypoints of 3 pairs" in result.summary()[0]
 

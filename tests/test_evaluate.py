@@ -14,6 +14,10 @@ from rep_pipeline.pipeline.store import FeatureStore
 from rep_pipeline.stages.cluster import run_cluster
 from rep_pipeline.stages.evaluate import bilinear_matrix, is_done, metrics, run_evaluate, segment
 from rep_pipeline.stages.extract import run_extract
+from rep_pipeline.storage_schemas import results as layout
+
+INTERVALS = {"segmentation": ("miou", "pixel_accuracy", "nmi", "nmi_bias_aware"),
+             "ground_truth": ("nmi", "nmi_bias_aware"), "attention_mi": ("mean",), "best_layers": ("miou", "nmi")}
 
 
 def run_query(results, sql):
@@ -86,6 +90,8 @@ def test_tables_equal_an_independent_recomputation(evaluated):
     examples = maps.read(path, "examples")
     assert examples.shape == (3, 320, 320)
     assert (np.mean(examples == mapping[clusters[:3]]) > 0.999)
+    raw = maps.read(path, "clusters")  # the raw cluster ids beside the matched classes (12.3)
+    assert raw.dtype == np.uint8 and np.mean(raw == clusters[:3]) > 0.999
     assert maps.read(path, "counts").sum() == 6 * 320 * 320
     gt = maps.read("synthetic/val/ground_truth", "aggregate")
     assert gt.shape == (320, 320, 3) and gt.dtype == np.uint8
@@ -105,6 +111,60 @@ def test_every_row_carries_fingerprints_and_ground_truth_is_reported(evaluated):
     assert heads == (2 * 4, 6)
     best = run_query(cfg.results, "SELECT count(*) FROM best_layers").fetchall()[0][0]
     assert best == 2 * 2  # embedding x K
+
+
+def test_every_headline_number_has_an_interval_that_holds_it(evaluated):
+    """The 95 % bootstrap intervals (docs/uncertainty.md): present, ordered, around the estimate
+    (the plug-in NMI's draws carry a larger bias than the estimate, so only ordered), and the
+    correlations carry n and a p-value."""
+    cfg, _ = evaluated
+    results = Results(cfg.results)
+    for table, measures in INTERVALS.items():
+        rows = results.rows(f"SELECT * FROM {table}")
+        assert rows, table
+        for row in rows:
+            for m in measures:
+                lo, hi = row[f"{m}_lo"], row[f"{m}_hi"]
+                assert lo is not None and hi is not None and lo <= hi, (table, m, row)
+                if m != "nmi":
+                    assert lo - 1e-12 <= row[m] <= hi + 1e-12, (table, m, row)
+    corr = results.rows("SELECT rho, p_value, n_pairs FROM correlations WHERE rho IS NOT NULL")
+    assert corr and all(0 <= r["p_value"] <= 1 and r["n_pairs"] >= 3 for r in corr)
+    assert not results.rows("SELECT * FROM correlations WHERE (rho IS NULL) <> (p_value IS NULL)")
+
+
+def test_intervals_are_deterministic_given_the_seed_and_narrow_with_more_images(evaluated):
+    """The segmentation intervals of one real setting: the same draws give the same interval,
+    another seed another; the same images four times over (24 images) give narrower ones."""
+    from rep_pipeline.pipeline.backend import get_backend
+    from rep_pipeline.pipeline.segscore import ClusterMapScores, score_intervals
+
+    cfg, _ = evaluated
+    store = FeatureStore(cfg.store)
+    group = store.model_split("tiny-dinov2-reg", "synthetic", "val")
+    labels = store.dataset_split("synthetic", "val").labels[:].astype(np.int64)
+    cents = store.model_split("tiny-dinov2-reg", "synthetic", "train").codebook("lloyd", 6, 0).centroids("tokens", 3)
+    be = get_backend("numpy")
+    (clusters,) = segment(be, group.features("tokens")[1].astype(np.float32), cents, (6,), 320)
+
+    def intervals(copies, seed):
+        acc = ClusterMapScores(6, 6, 320, be, seed=seed)
+        for _ in range(copies):
+            dy, dx = metrics.random_shifts(len(labels), 320, 0)
+            acc.add(clusters, labels, (dy, dx), 255)
+        conf = acc.confusion
+        mapping = metrics.hungarian_match(conf)[0]
+        onehot = np.eye(6, dtype=np.int64)[mapping]
+        pos = metrics.positional_scores(acc.counts @ onehot, acc.null_counts @ onehot)
+        return score_intervals(acc, mapping, metrics.segmentation_scores(conf, mapping), pos)
+
+    once = intervals(1, 0)
+    row = Results(cfg.results).rows("SELECT * FROM segmentation WHERE embedding = 'tokens' AND layer = 3 AND k = 6")[0]
+    assert once == pytest.approx({key: row[key] for key in once})  # what the stage wrote, seed cfg.seed = 0
+    assert intervals(1, 0) == once and intervals(1, 1) != once
+    more = intervals(4, 0)
+    for m in ("miou", "pixel_accuracy", "nmi_bias_aware"):
+        assert more[f"{m}_hi"] - more[f"{m}_lo"] < once[f"{m}_hi"] - once[f"{m}_lo"], m
 
 
 def test_readme_queries_run(evaluated):
@@ -155,6 +215,9 @@ def test_cli_evaluate_and_query(evaluated, tmp_path):
     assert res.exit_code == 0, res.output
     out = CliRunner().invoke(app, ["query", str(tmp_path / "r"), "SELECT count(*) * 1000 + 7 AS n FROM segmentation"])
     assert out.exit_code == 0 and "8007" in out.output, out.output  # 8 settings
+    columns = "embedding, layer, k, miou_lo, miou_hi, nmi_lo, nmi_hi, nmi_bias_aware_lo, nmi_bias_aware_hi"
+    again = Results(tmp_path / "r").rows(f"SELECT {columns} FROM segmentation ORDER BY ALL")
+    assert again == Results(cfg.results).rows(f"SELECT {columns} FROM segmentation ORDER BY ALL")  # same seed
 
 
 def test_is_done_once_every_codebook_has_rows(evaluated, tmp_path):
@@ -189,6 +252,11 @@ def test_cocostuff_sample_end_to_end(ray_local, shared_datasets, tmp_path):
     assert result.settings == 1
     row = run_query(cfg.results, "SELECT k, miou, pixel_accuracy, nmi, n_images FROM segmentation").fetchall()[0]
     assert row[0] == 27 and 0 < row[1] <= 1 and 0 < row[2] <= 1 and row[4] == 16
+    seg = Results(cfg.results).rows("SELECT * FROM segmentation")[0]
+    truth = Results(cfg.results).rows("SELECT * FROM ground_truth")[0]
+    for r, measures in ((seg, ("miou", "pixel_accuracy", "nmi_bias_aware")), (truth, ("nmi_bias_aware",))):
+        for m in measures:  # real photos: each interval holds its estimate
+            assert r[f"{m}_lo"] <= r[m] <= r[f"{m}_hi"], (m, r)
     per_class = run_query(cfg.results, "SELECT count(*) FROM per_class_iou").fetchall()[0][0]
     assert per_class == 27
 

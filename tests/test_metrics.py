@@ -126,3 +126,18 @@ def test_aggregate_map_of_constant_maps_is_the_palette_colour():
 def test_spearman_needs_three_pairs():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 50])[0] == pytest.approx(1.0)
     assert math.isnan(spearman([1, 2], [2, 1])[0])
+
+
+def test_spearman_gives_n_and_the_p_value_of_scipy():
+    from scipy.stats import spearmanr
+
+    x = np.array([1.0, 2, 3, 4, 5, 6, 7, np.nan])
+    y = np.array([2.0, 1, 4, 3, 7, 5, 6, 0])
+    rho, n, p = spearman(x, y)
+    want = spearmanr(x[:7], y[:7])
+    assert n == 7 and rho == pytest.approx(want.statistic) and p == pytest.approx(want.pvalue) and 0 < p < 0.05
+    assert spearman(x, y).p_value == p
+    short = spearman([1, 2], [2, 1])
+    assert short.n == 2 and math.isnan(short.p_value)
+    constant = spearman([1, 2, 3, 4], [5, 5, 5, 5])  # undefined: NaN, no warning as an error
+    assert constant.n == 4 and math.isnan(constant.rho) and math.isnan(constant.p_value)

@@ -183,7 +183,8 @@ def test_an_ultra_page_with_two_runs_one_scored(ultra_report):
     assert "only the ULTra explanations are shown" in page and "<title>rep-pipeline report: synthetic / val</title>" \
         in page
     outer = re.search(r"<section><h2>ULTra explanations</h2>.*</section>", page, re.S)
-    assert outer and page.count("<section>") == 3 and page.count("<h2>") == 1  # the section, a subsection per run
+    # the section and a subsection per run (the footer below them holds the provenance)
+    assert outer and page.count("<section>") == 3 and page.split("<footer>")[0].count("<h2>") == 1
     subsections = re.findall(r"<section><h3>([^<]*)</h3>(.*?)</section>", page, re.S)
     assert [title for title, _ in subsections] == [
         f"{MODEL}: ULTra_S of tokens, zeta 0.4 (run {RUN_A[:12]})", f"{MODEL}: ULTra_S of tokens, zeta 0.6 "
@@ -264,7 +265,8 @@ def test_ultra_beside_evaluate_keeps_the_comparisons_on_evaluate_rows(tmp_path, 
     assert data.ultra_ground_truth(RUN_A)["classes"] == ["Sky", "Ground", "Box"]
     result = run_report(cfg)
     page = result.index.read_text()
-    assert re.findall(r"<h2>([^<]*)</h2>", page) == ["models: tokens, layer best", "correlations (K = 3, online)",
-                                                     "ULTra explanations"]
+    assert [h for h in re.findall(r"<h2>([^<]*)</h2>", page) if h != "explorer"] == [
+        "models: tokens, layer best (K = 3, online)", "correlations (K = 3, online)", "ULTra explanations",
+        "provenance"]
     assert "Ground truth: NMI 0.200" in page and "only the" not in page
     assert {p.name for p in result.figures} == _files({"u4"})

@@ -78,3 +78,43 @@ def test_a_part_of_another_version_is_refused_even_under_a_current_marker(tmp_pa
     pq.write_table(pa.Table.from_pylist([ROW], schema=newer), tmp_path / "ground_truth/dataset=d/test.parquet")
     with pytest.raises(StoreError, match=f"mixes results versions: {TABLES_VERSION} .*, {TABLES_VERSION + 1} "):
         Results(tmp_path)
+
+
+def test_headline_metrics_carry_their_interval_columns_right_after_them():
+    """docs/uncertainty.md: <metric>_lo and <metric>_hi, nullable float64, follow each headline."""
+    headline = {"segmentation": ("miou", "pixel_accuracy", "nmi", "nmi_bias_aware"),
+                "ground_truth": ("nmi", "nmi_bias_aware"), "attention_mi": ("mean",),
+                "correspondence": ("pck_point", "pck_image"), "correspondence_best": ("pck_point",),
+                "best_layers": ("miou", "nmi"), "kmeans_sensitivity": ("miou",)}
+    for table, metrics in headline.items():
+        names = SCHEMAS[table].names
+        for m in metrics:
+            i = names.index(m)
+            assert names[i + 1:i + 3] == [f"{m}_lo", f"{m}_hi"], (table, m)
+            for f in (SCHEMAS[table].field(f"{m}_lo"), SCHEMAS[table].field(f"{m}_hi")):
+                assert f.type == pa.float64() and f.nullable and f.metadata[b"doc"], (table, f)
+    corr = SCHEMAS["correlations"]
+    assert corr.names.index("p_value") == corr.names.index("rho") + 1 and corr.field("p_value").nullable
+
+
+def test_kmeans_sensitivity_schema():
+    schema = SCHEMAS["kmeans_sensitivity"]
+    assert schema.names == ["model", "dataset", "split", "train_split", "embedding", "layer", "k", "seed",
+                            "batch_images", "pca_batches", "pca_interval", "codebook", "miou", "miou_lo", "miou_hi",
+                            "pixel_accuracy", "nmi", "n_images", "store_fingerprint", "codebook_fingerprint"]
+    types = {f.name: f.type for f in schema}
+    assert types["layer"] == pa.int16() and types["nmi"] == pa.float64() and types["codebook"] == pa.string()
+    assert all(types[c] == pa.int32() for c in ("k", "seed", "batch_images", "pca_batches", "pca_interval",
+                                                 "n_images"))
+    assert all(f.metadata[b"doc"] for f in schema)
+
+
+def test_parts_written_before_the_interval_columns_read_as_null(tmp_path):
+    """A part without the new nullable columns (written before them) still reads: nulls."""
+    old = pa.schema([f for f in SCHEMAS["ground_truth"] if not f.name.endswith(("_lo", "_hi"))],
+                    metadata=SCHEMAS["ground_truth"].metadata)
+    Results(tmp_path, mode="a").write_table("ground_truth", [ROW], dataset="d", model=None, part="val")
+    pq.write_table(pa.Table.from_pylist([dict(ROW, split="old")], schema=old),
+                   tmp_path / "ground_truth/dataset=d/old.parquet")
+    rows = Results(tmp_path).rows("SELECT split, nmi, nmi_lo FROM ground_truth ORDER BY split")
+    assert rows == [{"split": "old", "nmi": 0.25, "nmi_lo": None}, {"split": "val", "nmi": 0.25, "nmi_lo": None}]

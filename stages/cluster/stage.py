@@ -9,6 +9,7 @@ groups between them. A codebook is written, and marked done, only once fully tra
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from threadpoolctl import threadpool_limits
 
 from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.backend import get_backend
-from rep_pipeline.pipeline.config import ClusterConfig
+from rep_pipeline.pipeline.config import ClusterConfig, resolve_layers
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
 from rep_pipeline.pipeline.leases import Lease, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
@@ -122,7 +123,9 @@ class ClusterWorker:
             return self._vectors(arrays[key], index, key, group, stream.checked)
 
         pca = {k: PCAInit(be, stream.dim) for k in keys}
-        for (index, arrays), _ in zip(stream.shuffled(cfg.batch_images, cfg.seed), range(cfg.init_batches)):
+        init = itertools.islice(stream.shuffled(cfg.batch_images, cfg.seed), 0,
+                                cfg.init_batches * cfg.init_interval, cfg.init_interval)  # 12.2: every n-th batch
+        for index, arrays in init:
             self._each(lambda key: pca[key].add(vectors(key, index, arrays)), keys)
             self._progress += 1
         self._each(lambda key: pca[key].components(), keys)  # the eigendecompositions
@@ -171,13 +174,15 @@ class ClusterWorker:
         results = Results(cfg.results, mode="a")
         books = {}
         for plan, method, k, centroids in finished:
-            book = books.setdefault((method, k), target.codebook(method, k, cfg.seed, replacement=cfg.force))
+            book = books.setdefault((method, k), target.codebook(method, k, cfg.seed, cfg.variant,
+                                                                 replacement=cfg.force))
             rows = [r for r in curves if (r["embedding"], r["layer"], r["method"], r["k"]) ==
                     (plan.embedding, plan.layer, method, k)]
             for r in rows:
                 r["codebook_fingerprint"], r["store_fingerprint"] = book.fingerprint_hash, target.fingerprint_hash
             results.write_table("training_curves", rows, dataset=self.dataset, model=self.model,
-                                part=curve_part(cfg.train_split, method, k, cfg.seed, plan.embedding, plan.layer))
+                                part=curve_part(cfg.train_split, method, k, cfg.seed, plan.embedding, plan.layer,
+                                                cfg.variant))
             book.write(plan.embedding, plan.layer, be.to_numpy(centroids))  # last: marks it done
         node = runner.node_id()
         return [{"embedding": p.embedding, "layer": p.layer, "method": m, "k": k, "node": node}
@@ -227,7 +232,7 @@ def _requested(cfg: ClusterConfig, store: FeatureStore) -> tuple[str, ModelSplit
                                                                     tuple[int, ...]]:
     """(dataset, group, embeddings, layers, Ks) that ``cfg`` asks for, checked against the store."""
     dataset, group = _resolve(cfg, store)
-    layers = cfg.layers if cfg.layers is not None else group.layers
+    layers = resolve_layers(cfg.layers, group.layers) if cfg.layers is not None else group.layers
     for layer in layers:
         group.layer_slot(layer)  # raises, naming the captured layers
     embeddings = cfg.embeddings or group.embeddings
@@ -255,7 +260,7 @@ def is_done(cfg: ClusterConfig) -> bool:
         return False
     for method in cfg.methods:
         for k in ks:
-            book = group.trained_codebook(method, k, cfg.seed, cfg.hyperparameters(method))
+            book = group.trained_codebook(method, k, cfg.seed, cfg.hyperparameters(method), cfg.variant)
             if book is None or not all(book.is_done(e, layer) for e in embeddings for layer in layers):
                 return False
     return True
@@ -269,8 +274,9 @@ def plan_codebooks(cfg: ClusterConfig) -> tuple[str, list[GroupPlan], int]:
     if not cfg.force:  # every codebook checked before any is created
         for m in cfg.methods:
             for k in ks:
-                group.check_codebook(m, k, cfg.seed, cfg.hyperparameters(m))
-    books = {(m, k): group.require_codebook(m, k, cfg.seed, cfg.hyperparameters(m), force=cfg.force)
+                group.check_codebook(m, k, cfg.seed, cfg.hyperparameters(m), cfg.variant)
+    books = {(m, k): group.require_codebook(m, k, cfg.seed, cfg.hyperparameters(m), force=cfg.force,
+                                            variant=cfg.variant)
              for m in cfg.methods for k in ks}
     for book in books.values():  # every array made here, before workers write layers into them side by side
         for emb in embeddings:
@@ -334,6 +340,6 @@ def _cluster(cfg: ClusterConfig, address: str | None, progress: bool, on_progres
     if cfg.force:  # every replacement is complete: swap them in
         group = FeatureStore(cfg.store, mode="a").model_split(cfg.model, dataset, cfg.train_split)
         for method, k in sorted({(t["method"], t["k"]) for t in result.trained}):
-            group.replace_codebook(method, k, cfg.seed)
+            group.replace_codebook(method, k, cfg.seed, cfg.variant)
     result.seconds = time.perf_counter() - t0
     return result

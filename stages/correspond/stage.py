@@ -6,7 +6,8 @@ upsampled feature against the target's upsampled features, cosine argmax inside 
 (``transfer``), mapped back to original pixels by the split's geometry. Workers (Ray actors)
 take the (embedding, layer) settings; the driver scores them (``pck``) and writes
 ``correspondence``, ``correspondence_by_category``, ``correspondence_best``, optionally
-``correspondence_matches``, the ``feature_groups`` row and figure c3's heatmaps.
+``correspondence_matches``, the ``feature_groups`` row and figure c3's heatmaps. Every PCK
+carries its 95 % bootstrap interval over the test pairs (``pck``, docs/uncertainty.md).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.backend import get_backend
-from rep_pipeline.pipeline.config import CORRESPONDENCE_EMBEDDINGS, CorrespondConfig
+from rep_pipeline.pipeline.config import CORRESPONDENCE_EMBEDDINGS, CorrespondConfig, resolve_layers
 from rep_pipeline.pipeline.datasets.geometry import inside, to_grid, to_original
 from rep_pipeline.pipeline.errors import StoreError
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
@@ -172,7 +173,7 @@ def _settings(cfg: CorrespondConfig, group: ModelSplit) -> tuple[tuple[str, ...]
                          f"--embeddings {','.join(CORRESPONDENCE_EMBEDDINGS)}")
     for emb in embeddings:
         group.features(emb)
-    layers = cfg.layers or group.layers
+    layers = resolve_layers(cfg.layers, group.layers) if cfg.layers else group.layers
     for layer in layers:
         group.layer_slot(layer)
     return embeddings, tuple(layers)
@@ -299,8 +300,8 @@ def _tables(cfg: CorrespondConfig, dataset: str, group: ModelSplit, data: Datase
 def _best(results: Results, cfg: CorrespondConfig, dataset: str, group: ModelSplit, pairs_fp: str) -> list[dict]:
     """``correspondence_best`` over every layer the results hold for these features and pairs
     (this run's and earlier runs'), rewritten whole."""
-    rows = results.rows(f"SELECT embedding, layer, alpha, pck_point FROM correspondence WHERE model = "
-                        f"'{_sql(cfg.model)}' AND split = '{_sql(cfg.split)}' AND store_fingerprint = "
+    rows = results.rows(f"SELECT embedding, layer, alpha, pck_point, pck_point_lo, pck_point_hi FROM correspondence "
+                        f"WHERE model = '{_sql(cfg.model)}' AND split = '{_sql(cfg.split)}' AND store_fingerprint = "
                         f"'{group.fingerprint_hash}' AND pairs_fingerprint = '{pairs_fp}'", dataset=dataset)
     best = [{"model": cfg.model, "dataset": dataset, "split": cfg.split, **b,
              "store_fingerprint": group.fingerprint_hash} for b in pck.best_layers(rows)]

@@ -23,7 +23,7 @@ import numpy as np
 
 from rep_pipeline.pipeline import metrics, runner
 from rep_pipeline.pipeline.backend import get_backend
-from rep_pipeline.pipeline.config import ExplainConfig
+from rep_pipeline.pipeline.config import ExplainConfig, resolve_layers
 from rep_pipeline.pipeline.datasets import build_dataset
 from rep_pipeline.pipeline.errors import ConfigError, FingerprintMismatchError, StoreError
 from rep_pipeline.pipeline.kmeans import LloydKMeans, PCAInit, l2_normalize
@@ -88,7 +88,8 @@ def _splits(cfg: ExplainConfig, store: FeatureStore) -> tuple[str, list[_Split]]
 def _layers(cfg: ExplainConfig, group: ModelSplit) -> tuple[int, ...]:
     """The requested blocks (each captured), or the middle and the last captured one (s. 10.8)."""
     captured = group.layers
-    layers = cfg.layers or tuple(sorted({captured[(len(captured) - 1) // 2], captured[-1]}))
+    layers = (resolve_layers(cfg.layers, captured) if cfg.layers
+              else tuple(sorted({captured[(len(captured) - 1) // 2], captured[-1]})))
     for layer in layers:
         group.layer_slot(layer)
     return tuple(layers)

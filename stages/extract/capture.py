@@ -25,7 +25,7 @@ from rep_pipeline.pipeline import config
 from rep_pipeline.pipeline.attention import MID_BLOCKS, PROJECTIONS, rotate
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.pipeline.registry import LoadedModel
-from rep_pipeline.storage_schemas.feature_store import class_array
+from rep_pipeline.storage_schemas.feature_store import EXAMPLE_ATTENTION, class_array
 
 MID_EMBEDDINGS = ("mid_tokens", "mid_normed")
 
@@ -145,6 +145,19 @@ def patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     return y, mi
 
 
+def head_mean_attention(q: torch.Tensor, k: torch.Tensor, scale: float, npt: int, out: torch.Tensor) -> None:
+    """``out`` (n, P, P) = each image's head-averaged patch-to-patch attention, for the first n
+    images of ``q``, ``k`` (B, heads, N, d): the softmax of the patch queries over the patch keys
+    (the patch block of the model's attention with renormalised rows, PROTOCOL.md s. 5), as
+    ``patch_attention`` forms it, averaged over the heads in float32 at least. One image at a
+    time: the (heads, P, P) temporary stays small. Kept for the split's example images only
+    (``example_attention``, section 12.5)."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    for i in range(out.shape[0]):
+        logits = (q[i, :, npt:] * scale) @ k[i, :, npt:].transpose(-2, -1)
+        out[i] = logits.to(wide).softmax(-1).mean(0)
+
+
 @functools.cache
 def _compiled() -> Callable:
     """``patch_attention`` as fused kernels (torch.compile); built on first use, cached on disk."""
@@ -180,8 +193,10 @@ class FeatureCapture:
     Returns, for a batch of B images and L chosen layers (G x G patches, D channels, H heads):
     one ``(L, B, G, G, D)`` float16 tensor per embedding, ``class_tokens`` ``(L, B, D)``,
     ``attention_mi`` ``(L, B, H)`` float32 and ``attention_sum`` ``(L, P, P)`` float32, the
-    head-averaged patch-to-patch attention summed over the batch's images. Each output is
-    allocated once per batch and filled in place, each value cast to float16 in one copy.
+    head-averaged patch-to-patch attention summed over the batch's images; called with
+    ``examples=n`` > 0, also ``example_attention`` ``(L, n, P, P)`` float32, that attention of
+    each of the batch's first n images (``head_mean_attention``). Each output is allocated once
+    per batch and filled in place, each value cast to float16 in one copy.
     """
 
     def __init__(self, loaded: LoadedModel, spec: CaptureSpec):
@@ -208,7 +223,7 @@ class FeatureCapture:
         self._mid_wanted = tuple(e for e in MID_EMBEDDINGS if e in spec.embeddings)
         self._scratch = Scratch()  # the statistics' temporaries, reused by every layer and batch
 
-    def _allocate(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def _allocate(self, batch: int, device: torch.device, examples: int = 0) -> dict[str, torch.Tensor]:
         lm, L = self.loaded, len(self.spec.layers)
         G, D, H, P = lm.grid, lm.embed_dim, lm.num_heads, lm.grid * lm.grid
         half = dict(dtype=torch.float16, device=device)
@@ -216,13 +231,19 @@ class FeatureCapture:
         out.update({class_array(e): torch.empty((L, batch, D), **half) for e in self.spec.class_embeddings})
         out["attention_mi"] = torch.empty((L, batch, H), dtype=torch.float32, device=device)
         out["attention_sum"] = torch.zeros((L, P, P), dtype=torch.float32, device=device)
+        if examples:
+            out[EXAMPLE_ATTENTION] = torch.empty((L, examples, P, P), dtype=torch.float32, device=device)
         return out
 
     @torch.inference_mode()
-    def __call__(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def __call__(self, pixels: torch.Tensor, examples: int = 0) -> dict[str, torch.Tensor]:
+        """The captured arrays of a batch (see the class); ``examples``: how many of its first
+        images are example images whose attention rows are kept too (``example_attention``)."""
         spec, lm = self.spec, self.loaded
         B, npt, last = pixels.shape[0], lm.num_prefix_tokens, lm.depth - 1
-        out = self._allocate(B, pixels.device)
+        if not 0 <= examples <= B:
+            raise ValueError(f"examples={examples}: the batch has {B} images")
+        out = self._allocate(B, pixels.device, examples)
         with self._tapped(out):
             final, inter = self.model.forward_intermediates(
                 pixels, indices=list(spec.layers), return_prefix_tokens=True, norm=False,
@@ -291,6 +312,8 @@ class FeatureCapture:
                     out[class_array(emb)][slot].copy_(kept[emb][:, :, 0].reshape(B, -1))
             y = attention_with_statistics(q_rot, k_rot, v, attn.scale, npt, out["attention_mi"][slot],
                                           out["attention_sum"][slot], compiled, self._scratch)
+            if EXAMPLE_ATTENTION in out:
+                head_mean_attention(q_rot, k_rot, attn.scale, npt, out[EXAMPLE_ATTENTION][slot])
             y = attn.norm(y.transpose(1, 2).reshape(B, N, -1))
             if gate is not None:
                 y = y * gate

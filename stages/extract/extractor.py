@@ -13,13 +13,14 @@ import numpy as np
 import torch
 
 from rep_pipeline.pipeline import runner
-from rep_pipeline.pipeline.config import ExtractConfig
+from rep_pipeline.pipeline.config import ExtractConfig, resolve_layers
 from rep_pipeline.pipeline.datasets import Item, build_dataset
 from rep_pipeline.pipeline.model_input import ModelInput
 from rep_pipeline.pipeline.errors import NonFiniteFeaturesError, RepPipelineError
 from rep_pipeline.pipeline.registry import build_model
 from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit
 from rep_pipeline.pipeline.streaming import all_finite, non_finite_images
+from rep_pipeline.storage_schemas.feature_store import EXAMPLE_ATTENTION, n_examples
 
 from .capture import CaptureSpec, FeatureCapture
 
@@ -45,7 +46,8 @@ class Extractor:
         )
         self.loaded = build_model(cfg.model, cfg.weights, cfg.image_size, cfg.seed)
         self.loaded.model.to(self.device)
-        layers = cfg.layers if cfg.layers is not None else tuple(range(self.loaded.depth))
+        blocks = tuple(range(self.loaded.depth))
+        layers = resolve_layers(cfg.layers, blocks) if cfg.layers is not None else blocks
         self.capture = FeatureCapture(
             self.loaded, CaptureSpec(layers=layers, embeddings=cfg.embeddings, class_embeddings=cfg.kept_class_embeddings,
                                      rope=cfg.rope, last_norm=cfg.last_norm, compile_statistics=cfg.compile_statistics)
@@ -65,8 +67,11 @@ class Extractor:
         if self._init_error is not None:
             raise self._init_error
         spec = self.capture.spec
+        # example_attention only where asked for: a group without it keeps the fingerprint it had
+        examples = {EXAMPLE_ATTENTION: True} if self.cfg.example_attention else {}
         return dict(self.loaded.describe(), layers=list(spec.layers), embeddings=list(spec.embeddings),
-                    class_embeddings=list(spec.class_embeddings), rope=spec.rope, last_norm=spec.last_norm)  # compile_statistics changes speed, not values
+                    class_embeddings=list(spec.class_embeddings), rope=spec.rope, last_norm=spec.last_norm,
+                    **examples)  # compile_statistics changes speed, not values
 
     @property
     def store(self) -> FeatureStore:
@@ -100,10 +105,11 @@ class Extractor:
         """uint8 grid images -> the model's normalised input (``pipeline.model_input``)."""
         return self._input(images, geometry, pad=self.dataset.geometry == "pad")
 
-    def features(self, images: np.ndarray, image_ids: list[str], geometry: np.ndarray | None = None
-                 ) -> dict[str, np.ndarray]:
-        """Captured arrays of one batch, on the host, finite-checked."""
-        out = self.capture(self.to_model_input(images, geometry))
+    def features(self, images: np.ndarray, image_ids: list[str], geometry: np.ndarray | None = None,
+                 examples: int = 0) -> dict[str, np.ndarray]:
+        """Captured arrays of one batch, on the host, finite-checked; with ``examples`` > 0 the
+        attention rows of its first ``examples`` images too (``example_attention``)."""
+        out = self.capture(self.to_model_input(images, geometry), examples=examples)
         for name, tensor in out.items():
             if name != "attention_sum" and not all_finite(tensor):
                 raise NonFiniteFeaturesError(
@@ -126,7 +132,8 @@ class Extractor:
         items = self.items(split)[start:stop]
         images, labels, extra, geometry = self.load_batch(items)
         t1 = time.perf_counter()
-        arrays = self.features(images, [it.image_id for it in items], geometry)
+        examples = max(0, min(stop, n_examples(data.n_images)) - start) if self.cfg.example_attention else 0
+        arrays = self.features(images, [it.image_id for it in items], geometry, examples)
         t2 = time.perf_counter()
         provenance = {"node": runner.node_id(), "host": socket.gethostname(), "pid": os.getpid(),
                       "written": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -24,14 +24,16 @@ from rep_pipeline.storage_schemas.feature_store import chunk_bounds, dataset_pat
 
 def request(cfg: ExtractConfig, dataset: SegmentationDataset, split: str, items: list[Item]) -> dict[str, Any]:
     """What a finished model group must answer to count as this request's output: model,
-    weights identity (a file's content hash), geometry, capture options, limit, chunk size and
-    the dataset split's fingerprint. Cheap: no model is built."""
+    weights identity (a file's content hash), geometry, capture options (``example_attention``
+    included), limit, chunk size and the dataset split's fingerprint. Cheap: no model is built."""
     spec = get_spec(cfg.model)
     return {"model": spec.alias, "timm_name": spec.timm_name,
             "weights": weights_identity(spec, cfg.weights, cfg.seed), "image_size": cfg.image_size,
             "layers": "all" if cfg.layers is None else list(cfg.layers), "embeddings": list(cfg.embeddings),
             "class_embeddings": list(cfg.kept_class_embeddings), "rope": cfg.rope, "last_norm": cfg.last_norm, "limit": cfg.limit, "chunk_images": cfg.chunk_images,
-            "dataset_fingerprint": fingerprint_hash(dataset.fingerprint(split, items, cfg.image_size))}
+            "dataset_fingerprint": fingerprint_hash(dataset.fingerprint(split, items, cfg.image_size)),
+            # only where asked for, so that the requests recorded before the option existed still match
+            **({"example_attention": True} if cfg.example_attention else {})}
 
 
 def is_done(cfg: ExtractConfig) -> bool:

@@ -20,7 +20,7 @@ import numpy as np
 
 from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.backend import get_backend
-from rep_pipeline.pipeline.config import EMBEDDINGS, PROBE_TOKEN_TYPES, ProbeConfig
+from rep_pipeline.pipeline.config import EMBEDDINGS, PROBE_TOKEN_TYPES, ProbeConfig, resolve_layers
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
@@ -98,7 +98,7 @@ def _settings(cfg: ProbeConfig, group: ModelSplit) -> tuple[tuple[str, ...], tup
             group.features(emb)
         if "class_token" in cfg.objects:
             group.class_features(emb)
-    layers = cfg.layers or (max(group.layers),)
+    layers = resolve_layers(cfg.layers, group.layers) if cfg.layers else (max(group.layers),)
     for layer in layers:
         group.layer_slot(layer)
     return embeddings, layers

@@ -20,6 +20,7 @@ STYLE = {
 }
 COLOURS = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000"]
 GT_COLOUR = "#7f7f7f"
+AGGREGATE_GAMMA = 0.5  # (a2) the aggregate maps' display brightening (figures.brighten)
 
 
 def pyplot() -> Any:
@@ -63,71 +64,156 @@ def class_legend(ax: Any, names: Sequence[str], palette: np.ndarray, present: Se
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, ncol=ncol)
 
 
+def cluster_palette(n: int) -> np.ndarray:
+    """``n`` distinguishable RGB colours (uint8) for raw cluster ids (overclustering, PROTOCOL.md
+    12.3: 97 clusters): hues stepped by the golden ratio, in three saturation and brightness
+    levels, so neighbouring ids differ strongly. Cluster colours are arbitrary labels."""
+    import colorsys
+
+    out = []
+    for i in range(n):
+        hue = (i * 0.618033988749895) % 1.0
+        sat = (0.85, 0.55, 1.0)[(i // 3) % 3]
+        val = (0.95, 0.75, 0.55)[i % 3]
+        out.append([round(255 * c) for c in colorsys.hsv_to_rgb(hue, sat, val)])
+    return np.asarray(out, dtype=np.uint8).reshape(-1, 3)
+
+
 def plot_example_grid(images: np.ndarray, ground_truth: np.ndarray, rows: Sequence[tuple[str, np.ndarray]],
-                      palette: np.ndarray, class_names: Sequence[str], *, fig: Any = None) -> Any:
+                      palette: np.ndarray, class_names: Sequence[str], *, fig: Any = None,
+                      palettes: Sequence[np.ndarray | None] | None = None, column_titles: Sequence[str] = ()) -> Any:
     """(a1) columns: the same exemplary test images; rows: image, ground truth, then one row of
-    matched predictions per compared setting, all coloured with the dataset palette."""
+    matched predictions per compared setting, all coloured with the dataset palette (or, where
+    ``palettes[i]`` is given, row i's maps are raw cluster ids coloured with that palette)."""
     n = len(images)
     n_rows = 2 + len(rows)
     fig = fig or pyplot().figure(figsize=(1.3 * n + 1.8, 1.3 * n_rows))
-    axes = fig.subplots(n_rows, n, squeeze=False)
+    axes = fig.subplots(n_rows, max(n, 1), squeeze=False)
     labels = ["image", "ground truth"] + [name for name, _ in rows]
+    own = [None, None, *(palettes or [None] * len(rows))]
     for r, (row_label, maps) in enumerate([("image", images), ("ground truth", ground_truth), *rows]):
         for c in range(n):
             ax = axes[r, c]
-            ax.imshow(maps[c] if r == 0 else colourise(maps[c], palette), interpolation="nearest")
+            colours = palette if own[r] is None else own[r]
+            ax.imshow(maps[c] if r == 0 else colourise(maps[c], colours), interpolation="nearest")
             ax.set_xticks([]), ax.set_yticks([])
             for side in ax.spines.values():
                 side.set_visible(False)
         axes[r, 0].set_ylabel(labels[r], rotation=0, ha="right", va="center", fontsize=8)
+    for c, title in enumerate(list(column_titles)[:n]):
+        axes[0, c].set_title(title, fontsize=6.5)
     present = sorted(set(np.unique(ground_truth).tolist()) - {255})
     class_legend(axes[1, -1], class_names, palette, present)
     fig.subplots_adjust(wspace=0.03, hspace=0.03)
     return fig
 
 
-def plot_aggregate_maps(rows: Sequence[tuple[str, np.ndarray]], ground_truth: np.ndarray, *, fig: Any = None) -> Any:
+def plot_aggregate_maps(rows: Sequence[tuple[str, np.ndarray]], ground_truth: np.ndarray, *, fig: Any = None,
+                        class_names: Sequence[str] | None = None, palette: np.ndarray | None = None,
+                        present: Sequence[int] | None = None, size: float = 2.4, columns: int = 5,
+                        gamma: float = AGGREGATE_GAMMA) -> Any:
     """(a2) aggregate maps: per pixel, the palette colours of the predicted classes mixed by
-    their frequency over the test split; the ground truth's first."""
+    their frequency over the test split; the ground truth's first. Each map ``size`` inches wide,
+    at most ``columns`` per row, with the legend of the classes ``present`` (given
+    ``class_names`` and ``palette``). Maps and legend are shown brightened by ``gamma`` (each
+    channel c -> 255 (c / 255) ** gamma; 1: as stored): mixtures of the dark VOC colours read
+    as black otherwise."""
     panels = [("ground truth", ground_truth), *rows]
-    fig = fig or pyplot().figure(figsize=(1.8 * len(panels), 2.1))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    cols = min(columns, len(panels))
+    n_rows = -(-len(panels) // cols)
+    legend = class_names is not None and palette is not None
+    fig = fig or pyplot().figure(figsize=(size * cols + (1.9 if legend else 0.2), (size + 0.35) * n_rows))
+    axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
     for ax, (label, rgb) in zip(axes, panels):
-        ax.imshow(rgb, interpolation="nearest")
+        ax.imshow(brighten(rgb, gamma), interpolation="nearest")
         ax.set_title(label, fontsize=8)
         ax.set_xticks([]), ax.set_yticks([])
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    if legend:
+        class_legend(axes[cols - 1], class_names, brighten(palette, gamma), present)
+    fig.subplots_adjust(wspace=0.06, hspace=0.18)
     return fig
 
 
+def brighten(rgb: np.ndarray, gamma: float = AGGREGATE_GAMMA) -> np.ndarray:
+    """uint8 colours with each channel c -> 255 (c / 255) ** gamma (black and white unchanged)."""
+    rgb = np.asarray(rgb)
+    if gamma == 1:
+        return rgb
+    return (255 * (rgb.astype(np.float32) / 255) ** gamma).round().clip(0, 255).astype(np.uint8)
+
+
+def interval(row: Any, column: str) -> tuple[float, float] | None:
+    """The 95 % interval ``(<column>_lo, <column>_hi)`` of a table row, None where the row has no
+    such columns (results written before they existed) or they are null."""
+    get = row.get if hasattr(row, "get") else (lambda _: None)
+    lo, hi = get(f"{column}_lo"), get(f"{column}_hi")
+    if lo is None or hi is None or not (np.isfinite(lo) and np.isfinite(hi)):
+        return None
+    return float(lo), float(hi)
+
+
+def _yerr(values: Sequence[float], intervals: Sequence[tuple[float, float] | None] | None) -> np.ndarray | None:
+    """Asymmetric error bars (2, n) from intervals; None where none is given."""
+    if not intervals or all(i is None for i in intervals):
+        return None
+    vals = np.asarray(values, float)
+    lo = np.array([v if i is None else i[0] for v, i in zip(vals, intervals)])
+    hi = np.array([v if i is None else i[1] for v, i in zip(vals, intervals)])
+    return np.vstack([np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)])
+
+
 def plot_bars(labels: Sequence[str], values: Sequence[float], *, ylabel: str, reference: float | None = None,
-              reference_label: str = "ground truth", ax: Any = None) -> Any:
-    """(b1)/(b2) one bar per compared setting, optionally with the ground truth's value."""
+              reference_label: str = "ground truth", intervals: Sequence[tuple[float, float] | None] | None = None,
+              reference_interval: tuple[float, float] | None = None, ax: Any = None) -> Any:
+    """(b1)/(b2) one bar per compared setting, optionally with the ground truth's value; error
+    bars from ``intervals`` (95 % intervals, None for a bar without one)."""
     ax = _axes(ax, (max(3.0, 0.55 * len(labels) + 1.5), 2.8))
     names, vals = list(labels), list(values)
+    spans = list(intervals) if intervals is not None else [None] * len(vals)
     colours = [COLOURS[i % len(COLOURS)] for i in range(len(names))]
     if reference is not None:
         names, vals, colours = [reference_label] + names, [reference] + vals, [GT_COLOUR] + colours
-    bars = ax.bar(range(len(names)), vals, color=colours)
-    ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
+        spans = [reference_interval] + spans
+    yerr = _yerr(vals, spans)
+    ax.bar(range(len(names)), vals, color=colours, yerr=yerr, capsize=3 if yerr is not None else 0,
+           error_kw={"elinewidth": 0.9})
+    tops = [v for v in vals if np.isfinite(v)] + [s[1] for s in spans if s is not None] + [0.0]
+    top = max(tops) or 1.0
+    for i, (v, s) in enumerate(zip(vals, spans)):  # each value above its bar and error bar
+        if np.isfinite(v):
+            ax.text(i, max(v, s[1] if s is not None else v) + 0.02 * top, f"{v:.3f}", ha="center", va="bottom",
+                    fontsize=7)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, max([v for v in vals if np.isfinite(v)] + [0.0]) * 1.18 or 1.0)
+    ax.set_ylim(0, top * 1.18)
     return ax
 
 
-def plot_layer_curves(curves: dict[str, tuple[Sequence[int], Sequence[float]]], *, ylabel: str = "mIoU",
-                      title: str = "", ax: Any = None) -> Any:
-    """Layer-wise curves, one line per label (embedding type or model)."""
+def plot_layer_curves(curves: dict[str, tuple], *, ylabel: str = "mIoU", title: str = "", ax: Any = None,
+                      band_label: str | None = None) -> Any:
+    """Layer-wise curves, one line per label (embedding type or model): ``(layers, values)``, or
+    ``(layers, values, intervals)`` with a 95 % interval (or None) per point, shown as a band."""
     ax = _axes(ax, (4.2, 2.8))
-    for label, (layers, values) in curves.items():
-        ax.plot(layers, values, marker="o", markersize=3, label=label)
+    for i, (label, curve) in enumerate(curves.items()):
+        layers, values = list(curve[0]), [np.nan if v is None else float(v) for v in curve[1]]
+        colour = COLOURS[i % len(COLOURS)]
+        ax.plot(layers, values, marker="o", markersize=3, label=label, color=colour)
+        spans = curve[2] if len(curve) > 2 else None
+        if spans and any(s is not None for s in spans):
+            lo = [v if s is None else s[0] for v, s in zip(values, spans)]
+            hi = [v if s is None else s[1] for v, s in zip(values, spans)]
+            ax.fill_between(layers, lo, hi, color=colour, alpha=0.18, linewidth=0,
+                            label=band_label if i == 0 and band_label else None)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    if curves:
+        ax.legend(fontsize=7)
     return ax
 
 
@@ -163,9 +249,22 @@ def plot_attention(attention: np.ndarray, *, title: str = "", percentile: float 
     return ax
 
 
+def spearman_text(rho: float | None, n: int | None = None, p: float | None = None) -> str:
+    """'Spearman rho = -0.59 (n = 120, p = 3e-12)': n and p where known."""
+    text = "Spearman rho = " + ("n/a" if rho is None or not np.isfinite(rho) else f"{rho:.2f}")
+    extra = [f"n = {n}"] if n is not None else []
+    if p is not None and np.isfinite(p):
+        extra.append(f"p = {p:.2g}")
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
 def plot_scatter(x: Sequence[float], y: Sequence[float], *, xlabel: str, ylabel: str, rho: float | None,
-                 groups: Sequence[str] | None = None, ax: Any = None) -> Any:
-    """A correlation scatter with its Spearman rho in the title."""
+                 groups: Sequence[str] | None = None, n: int | None = None, p: float | None = None,
+                 ax: Any = None) -> Any:
+    """A correlation scatter with its Spearman rho (and, where given, n and p) in the title; at
+    most five ticks per axis, so long tick labels do not run into each other."""
+    from matplotlib.ticker import MaxNLocator
+
     ax = _axes(ax, (3.4, 2.8))
     x, y = np.asarray(x, float), np.asarray(y, float)
     if groups is None:
@@ -174,10 +273,133 @@ def plot_scatter(x: Sequence[float], y: Sequence[float], *, xlabel: str, ylabel:
         for i, g in enumerate(sorted(set(groups))):
             sel = np.asarray(groups) == g
             ax.scatter(x[sel], y[sel], s=12, label=g, color=COLOURS[i % len(COLOURS)])
-        ax.legend(fontsize=7)
+        if len(set(groups)):
+            ax.legend(fontsize=7, loc="best")
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+    ax.yaxis.set_major_locator(MaxNLocator(nbins=5))
+    ax.ticklabel_format(style="sci", scilimits=(-3, 4), useOffset=False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title("Spearman rho = " + ("n/a" if rho is None or not np.isfinite(rho) else f"{rho:.2f}"))
+    ax.set_title(spearman_text(rho, n, p), fontsize=8)
+    return ax
+
+
+def plot_training_curves(series: Sequence[Any], *, xlabel: str = "step", log_x: bool = False, title: str = "",
+                         ax: Any = None) -> Any:
+    """k-means training curves: ``series`` mappings with ``label``, ``step`` and ``loss`` (the batch
+    loss -mean max_k cos(f, c_k), lower is better), one line each; ``log_x`` a log step axis."""
+    ax = _axes(ax, (4.2, 2.8))
+    for i, s in enumerate(series):
+        ax.plot(list(s["step"]), list(s["loss"]), linewidth=1.0, label=s["label"], color=COLOURS[i % len(COLOURS)])
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("k-means loss (-mean max cos)")
+    ax.set_title(title)
+    if series:
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+def plot_per_class_iou(class_names: Sequence[str], rows: Sequence[tuple[str, np.ndarray]], palette: np.ndarray, *,
+                       fig: Any = None) -> Any:
+    """Per-class IoU: one strip per compared setting (``rows``: label, IoU per class, NaN where
+    the class is neither predicted nor present), one bar per class in its palette colour, on one
+    y scale (0 to 1); class names under the last strip."""
+    n = max(len(rows), 1)
+    width = max(5.0, 0.24 * len(class_names) + 1.8)
+    fig = fig or pyplot().figure(figsize=(width, 1.05 * n + 1.3), layout="constrained")
+    axes = fig.subplots(n, 1, squeeze=False, sharex=True, sharey=True)[:, 0]
+    x = np.arange(len(class_names))
+    colours = [np.asarray(palette[i % len(palette)]) / 255 for i in range(len(class_names))]
+    for ax, (label, values) in zip(axes, rows):
+        values = np.asarray(values, float)
+        ax.bar(x, np.nan_to_num(values), color=colours, edgecolor="0.5", linewidth=0.4)
+        for xi in x[~np.isfinite(values)]:
+            ax.text(xi, 0.02, "-", ha="center", va="bottom", fontsize=6, color="0.5")
+        mean = np.nanmean(values) if np.isfinite(values).any() else np.nan
+        ax.set_title(f"{label}: mIoU {mean:.3f}" if np.isfinite(mean) else label, fontsize=8, loc="left")
+        ax.set_ylabel("IoU")
+    axes[0].set_ylim(0, 1.0)
+    axes[-1].set_xticks(x, list(class_names), rotation=60, ha="right", fontsize=7)
+    axes[-1].set_xlim(-0.6, len(class_names) - 0.4)
+    return fig
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str], cluster_labels: Sequence[str], *,
+                   title: str = "", ax: Any = None) -> Any:
+    """The confusion matrix of one setting, rows = clusters (``cluster_labels``), columns = true
+    classes, each row normalised to sum 1 (the share of the cluster's labelled pixels per class;
+    an empty cluster's row stays blank)."""
+    m = np.asarray(matrix, float)
+    totals = m.sum(axis=1, keepdims=True)
+    share = np.where(totals > 0, m / np.where(totals > 0, totals, 1), np.nan)
+    n_rows, n_cols = share.shape
+    ax = _axes(ax, (0.22 * n_cols + 2.6, 0.17 * n_rows + 1.6))
+    image = ax.imshow(np.ma.masked_invalid(share), cmap="Blues", vmin=0, vmax=1, aspect="auto",
+                      interpolation="nearest")
+    ax.set_xticks(range(n_cols), list(class_names), rotation=60, ha="right", fontsize=6.5)
+    ax.set_yticks(range(n_rows), list(cluster_labels), fontsize=6.5 if n_rows <= 40 else 5)
+    ax.set_xlabel("true class")
+    ax.set_ylabel("cluster (-> its mapped class)")
+    ax.set_title(title)
+    ax.figure.colorbar(image, ax=ax, fraction=0.04, pad=0.02, label="share of the cluster's pixels")
+    return ax
+
+
+def query_positions(grid: int) -> list[tuple[str, tuple[int, int]]]:
+    """The two query patches of the single-query attention maps ([U] Fig. 8b): one at the centre
+    of the G x G grid and one near its top-left corner (a tenth of the grid in from each side)."""
+    near = min(int(0.1 * grid), grid - 1)
+    return [("centre", (grid // 2, grid // 2)), ("corner", (near, near))]
+
+
+def plot_query_attention(row: np.ndarray, grid: int, query: tuple[int, int], *, image: np.ndarray | None = None,
+                         title: str = "", ax: Any = None) -> Any:
+    """One query's attention over the key patches (``row``: G * G values, row-major), shown as a
+    G x G map scaled to its own range, minimum to maximum (colour map 'viridis'), or laid over
+    ``image`` (its pixels upsampled from the grid); the query patch is marked with a red dot."""
+    ax = _axes(ax, (1.5, 1.5))
+    att = minmax(np.asarray(row, np.float32).reshape(grid, grid))
+    if image is None:
+        ax.imshow(att, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        centre = (query[0], query[1])
+    else:
+        size = np.asarray(image).shape[0]
+        ax.imshow(image, interpolation="nearest")
+        ax.imshow(upsample_nearest(att, size), cmap="viridis", vmin=0, vmax=1, alpha=0.65, interpolation="nearest")
+        centre = ((query[0] + 0.5) * size / grid - 0.5, (query[1] + 0.5) * size / grid - 0.5)
+    ax.plot([centre[1]], [centre[0]], marker="o", markersize=4, color="red", markeredgecolor="white",
+            markeredgewidth=0.6, linestyle="none")
+    ax.set_title(title, fontsize=7)
+    _image_axes(ax)
+    return ax
+
+
+def plot_sensitivity(groups: Sequence[Any], *, ylabel: str = "mIoU", title: str = "", ax: Any = None) -> Any:
+    """(12.2) one column per k-means setting (``groups``: mappings with ``label`` and ``points``, a
+    list of (seed, value, interval or None)): every seed's value as a dot (error bar: its 95 %
+    interval where known), the settings' mean as a short bar; the spread is visible at a glance."""
+    ax = _axes(ax, (max(3.2, 0.9 * len(groups) + 1.4), 2.8))
+    seeds = sorted({p[0] for g in groups for p in g["points"]})
+    offsets = {s: (i - (len(seeds) - 1) / 2) * min(0.12, 0.6 / max(len(seeds), 1)) for i, s in enumerate(seeds)}
+    for j, g in enumerate(groups):
+        vals = [p[1] for p in g["points"]]
+        for seed, value, span in g["points"]:
+            i = seeds.index(seed)
+            yerr = None if span is None else [[max(value - span[0], 0)], [max(span[1] - value, 0)]]
+            ax.errorbar([j + offsets[seed]], [value], yerr=yerr, marker="o", markersize=4, capsize=2,
+                        elinewidth=0.8, linestyle="none", color=COLOURS[i % len(COLOURS)],
+                        label=f"seed {seed}" if j == 0 else None)
+        if vals:
+            ax.hlines(np.mean(vals), j - 0.3, j + 0.3, color="0.3", linewidth=1.2,
+                      label="mean over seeds" if j == 0 else None)
+    ax.set_xticks(range(len(groups)), [g["label"].replace(", ", "\n") for g in groups], fontsize=7)
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if groups:
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
 
 
@@ -339,6 +561,11 @@ def plot_pck_layers(rows: Sequence[Any], *, metric: str = "pck_point", title: st
         ticks |= set(xs)
         colour = embedding_colour(emb)
         ax.plot(xs, ys, marker="o", markersize=2.5, linewidth=1.2, color=colour, label=emb)
+        spans = [interval(r, metric) for r in mine]
+        if any(sp is not None for sp in spans):  # the 95 % intervals over pairs, where the results hold them
+            ax.fill_between(xs, [100 * (sp[0] if sp else float(r[metric])) for sp, r in zip(spans, mine)],
+                            [100 * (sp[1] if sp else float(r[metric])) for sp, r in zip(spans, mine)],
+                            color=colour, alpha=0.15, linewidth=0)
         if ys and np.isfinite(ys).any():
             best = int(np.nanargmax(ys))
             ax.plot([xs[best]], [ys[best]], marker="o", markersize=6, color=colour, markeredgecolor="white",

@@ -7,11 +7,16 @@ hold direction probes (PROTOCOL.md section 9.7); a correspondence panel draws ``
 dataset, split)`` once per keypoint dataset and split, in its "zero-shot correspondence"
 section, when the results hold the ``correspondence`` table (section 11.6); an ULTra panel
 draws ``(data, run_id)`` once per ULTra run, in its subsection of the "ULTra explanations"
-section, when the results hold the ``ultra_runs`` table (section 10.9). Each carries its
-caption and how to read it, which the page prints beneath the figure, and may carry
+section, when the results hold the ``ultra_runs`` table (section 10.9); a sensitivity panel
+draws ``(data)`` once, in the "k-means sensitivity" section, when the results hold the
+``kmeans_sensitivity`` table (section 12.2). ``rows`` is a ``Selection``: the settings and what
+the section shows of them (K, method, the example images, the colouring of the maps). Each
+carries its caption and how to read it, which the page prints beneath the figure, may carry
+``note(*args)``, a sentence the page adds to the caption for these arguments, and may carry
 ``when(*args)``: the panel is drawn only where that holds (d5 needs several probed blocks, d4
 the stored masks, c3 the stored heatmaps, c4 a before/after pair of the final norm, u1-u3 the
-run's stored example maps, u4 its 'dataset' scoring).
+run's stored example maps, u4 its 'dataset' scoring; the training curves, per-class IoU and
+confusion matrix their tables).
 """
 from __future__ import annotations
 
@@ -31,6 +36,23 @@ class Row:
     setting: dict[str, Any]
 
 
+class Selection(list):
+    """The rows of one comparison (a list of ``Row``) with what the section shows of them: the
+    K and method and how they were chosen (``k_reason``, ``method_reason``), the ``colour`` of
+    the example maps (classes or clusters), ``examples`` (indices of the stored example images
+    shown; None: all), the class they were picked for (``images_with_class``) and ``layer_k``
+    (the K each model's best layer was selected at, where it differs from K)."""
+
+    def __init__(self, rows: Any = (), *, comparison: Any = None, k: int | None = None, method: str | None = None,
+                 k_reason: str = "", method_reason: str = "", colour: str = "classes",
+                 examples: list[int] | None = None, images_with_class: str | None = None,
+                 layer_k: int | None = None):
+        super().__init__(rows)
+        self.comparison, self.k, self.method = comparison, k, method
+        self.k_reason, self.method_reason = k_reason, method_reason
+        self.colour, self.examples, self.images_with_class, self.layer_k = colour, examples, images_with_class, layer_k
+
+
 @dataclass(frozen=True)
 class Panel:
     key: str
@@ -39,9 +61,13 @@ class Panel:
     reading: str
     draw: Callable[..., Any]
     when: Callable[..., bool] | None = None  # drawn only where it holds (same arguments as draw)
+    note: Callable[..., str] | None = None  # a sentence added to the caption (same arguments as draw)
 
     def applies(self, *args: Any) -> bool:
         return self.when is None or bool(self.when(*args))
+
+    def notes(self, *args: Any) -> str:
+        return "" if self.note is None else self.note(*args)
 
 
 COMPARISON_PANELS: tuple[Panel, ...] = ()
@@ -49,23 +75,28 @@ SUMMARY_PANELS: tuple[Panel, ...] = ()
 DIRECTION_PANELS: tuple[Panel, ...] = ()
 CORRESPONDENCE_PANELS: tuple[Panel, ...] = ()
 ULTRA_PANELS: tuple[Panel, ...] = ()
+SENSITIVITY_PANELS: tuple[Panel, ...] = ()
 
 
 def panel(key: str, file: str, caption: str, reading: str, *, summary: bool = False, directions: bool = False,
-          correspondence: bool = False, ultra: bool = False, when: Callable[..., bool] | None = None) -> Callable:
+          correspondence: bool = False, ultra: bool = False, sensitivity: bool = False,
+          when: Callable[..., bool] | None = None, note: Callable[..., str] | None = None) -> Callable:
     """Register the decorated ``draw(...) -> Figure`` as a panel of every comparison (or, with
     ``summary``, of the report's summary section; with ``directions``, of its direction-probe
     section; with ``correspondence``, of each zero-shot correspondence section; with ``ultra``, of
-    each ULTra run's subsection), drawn only where ``when`` (if given) holds."""
+    each ULTra run's subsection; with ``sensitivity``, of the k-means sensitivity section), drawn
+    only where ``when`` (if given) holds; ``note`` (if given) adds a sentence to its caption."""
     kinds = [name for name, on in (("summary", summary), ("directions", directions),
-                                   ("correspondence", correspondence), ("ultra", ultra)) if on]
+                                   ("correspondence", correspondence), ("ultra", ultra),
+                                   ("sensitivity", sensitivity)) if on]
     if len(kinds) > 1:
-        raise ValueError(f"panel {key!r}: one of summary, directions, correspondence or ultra, not "
+        raise ValueError(f"panel {key!r}: one of summary, directions, correspondence, ultra or sensitivity, not "
                          f"{' and '.join(kinds)}")
 
     def register(draw: Callable[..., Any]) -> Callable[..., Any]:
         global COMPARISON_PANELS, SUMMARY_PANELS, DIRECTION_PANELS, CORRESPONDENCE_PANELS, ULTRA_PANELS
-        p = Panel(key, file, caption, reading, draw, when)
+        global SENSITIVITY_PANELS
+        p = Panel(key, file, caption, reading, draw, when, note)
         if summary:
             SUMMARY_PANELS += (p,)
         elif directions:
@@ -74,59 +105,131 @@ def panel(key: str, file: str, caption: str, reading: str, *, summary: bool = Fa
             CORRESPONDENCE_PANELS += (p,)
         elif ultra:
             ULTRA_PANELS += (p,)
+        elif sensitivity:
+            SENSITIVITY_PANELS += (p,)
         else:
             COMPARISON_PANELS += (p,)
         return draw
     return register
 
 
+def _shown_examples(data: Any, rows: list[Row]) -> list[int]:
+    """Indices of the stored example images a1 shows: the selection's (images with a class), else all."""
+    n = min(len(data.gt_images), len(data.gt_labels))
+    picked = getattr(rows, "examples", None)
+    return [i for i in picked if i < n] if picked is not None else list(range(n))
+
+
+def _by_clusters(data: Any, rows: list[Row]) -> bool:
+    return getattr(rows, "colour", "classes") == "clusters"
+
+
+def _has_clusters(data: Any, rows: list[Row]) -> list[bool]:
+    return [data.has_setting_map(r.setting, "clusters") for r in rows]
+
+
+def _examples_note(data: Any, rows: list[Row]) -> str:
+    shown = _shown_examples(data, rows)
+    ids = data.example_ids(shown)
+    which = (f"Shown: the stored example test images {', '.join(map(str, ids))}" if ids else
+             f"Shown: stored example images {', '.join(map(str, shown))}")
+    cls = getattr(rows, "images_with_class", None)
+    if cls is not None:
+        which += (f" (those of the {len(data.gt_images)} stored examples whose ground truth shows '{cls}')"
+                  if getattr(rows, "examples", None) is not None and shown else
+                  f" (none of the stored examples shows '{cls}': all of them are shown)")
+    text = which + "."
+    if _by_clusters(data, rows):
+        have = _has_clusters(data, rows)
+        if all(have):
+            text += (" The setting rows are coloured by raw cluster id (a palette of K distinct colours, arbitrary "
+                     "and unrelated to the class palette; one colour is one cluster within a row), not by matched "
+                     "class, so that clusters mapped to one class stay apart (PROTOCOL.md 12.3).")
+        else:
+            missing = [r.label for r, h in zip(rows, have) if not h]
+            text += (" Colouring by cluster was requested, but the results keep no raw cluster maps ('clusters', "
+                     f"written by a newer `rep-pipeline evaluate`) for {', '.join(missing)}: "
+                     + ("the rows are" if not any(have) else "that row is" if len(missing) == 1 else
+                        "those rows are") + " coloured by matched class instead.")
+    return text
+
+
 @panel("a1", "a1_examples", "(a1) exemplary segmentations",
        "Columns are the same test images; the first rows show the image and its ground truth, then one row per "
        "compared setting with its cluster map after Hungarian matching, in the dataset palette. Look for object "
-       "shapes (semantic clusters) versus stripes and blocks that follow the image grid (positional clusters).")
+       "shapes (semantic clusters) versus stripes and blocks that follow the image grid (positional clusters).",
+       note=_examples_note)
 def examples(data: Any, rows: list[Row]) -> Any:
-    n = min(len(data.gt_images), len(data.gt_labels))
-    preds = [(r.label, data.setting_map(r.setting, "examples")[:n]) for r in rows]
-    return figures.plot_example_grid(data.gt_images[:n], data.gt_labels[:n], preds, data.palette, data.classes)
+    clusters = _by_clusters(data, rows)
+    maps, palettes = [], []
+    for r, have in zip(rows, _has_clusters(data, rows) if clusters else [False] * len(rows)):
+        maps.append(data.setting_map(r.setting, "clusters" if have else "examples"))
+        palettes.append(figures.cluster_palette(int(r.setting["k"])) if have else None)
+    shown = [i for i in _shown_examples(data, rows) if all(i < len(m) for m in maps)]
+    return figures.plot_example_grid(data.gt_images[shown], data.gt_labels[shown],
+                                     [(r.label, m[shown]) for r, m in zip(rows, maps)], data.palette, data.classes,
+                                     palettes=palettes, column_titles=[str(i) for i in data.example_ids(shown)])
+
+
+def _aggregate_note(data: Any, rows: list[Row]) -> str:
+    return (" The aggregate maps are of matched classes even where (a1) colours clusters: the results keep no "
+            "per-cluster counts." if _by_clusters(data, rows) else "")
 
 
 @panel("a2", "a2_aggregate", "(a2) aggregate maps",
        "Each pixel mixes the palette colours of the classes predicted there, weighted by how often over the whole "
-       "test split. A sharp layout (bands, a frame) that the ground truth's map lacks means the clusters encode "
-       "position.")
+       "test split (the legend gives the classes of the ground truth); maps and legend are shown brightened (each "
+       f"colour channel c -> 255 (c / 255) ** {figures.AGGREGATE_GAMMA:g}), as the dark palette's mixtures read "
+       "as black otherwise. A sharp "
+       "layout (bands, a frame) that the "
+       "ground truth's map lacks means the clusters encode position; a dark, muddy map mixes many classes.",
+       note=_aggregate_note)
 def aggregate(data: Any, rows: list[Row]) -> Any:
     return figures.plot_aggregate_maps([(r.label, data.setting_map(r.setting, "aggregate")) for r in rows],
-                                       data.gt_aggregate)
+                                       data.gt_aggregate, class_names=data.classes, palette=data.palette,
+                                       present=data.gt_present)
+
+
+_INTERVALS = ("Error bars: 95 % bootstrap intervals over test images, where the results hold them (results written "
+              "before intervals were kept have none).")
 
 
 @panel("b1", "b1_nmi", "(b1) positional effect, NMI",
        "NMI between pixel position and predicted class; the grey bar is the same figure for the ground truth. "
-       "Bars far above it mean position explains more of the segmentation than of the labels.")
+       "Bars far above it mean position explains more of the segmentation than of the labels. " + _INTERVALS)
 def nmi_bars(data: Any, rows: list[Row]) -> Any:
     return figures.plot_bars([r.label for r in rows], [r.setting["nmi"] for r in rows],
-                             ylabel="NMI (position; class)", reference=data.gt["nmi"]).figure
+                             ylabel="NMI (position; class)", reference=data.gt["nmi"],
+                             intervals=[figures.interval(r.setting, "nmi") for r in rows],
+                             reference_interval=figures.interval(data.gt, "nmi")).figure
 
 
-@panel("b2", "b2_miou", "(b2) mIoU", "mIoU of each setting after matching clusters to classes.")
+@panel("b2", "b2_miou", "(b2) mIoU", "mIoU of each setting after matching clusters to classes. " + _INTERVALS)
 def miou_bars(data: Any, rows: list[Row]) -> Any:
-    return figures.plot_bars([r.label for r in rows], [r.setting["miou"] for r in rows], ylabel="mIoU").figure
+    return figures.plot_bars([r.label for r in rows], [r.setting["miou"] for r in rows], ylabel="mIoU",
+                             intervals=[figures.interval(r.setting, "miou") for r in rows]).figure
 
 
 @panel("curves", "layer_curves", "layer-wise mIoU",
-       "mIoU per layer, one line per embedding type: where in depth the semantic structure peaks.")
+       "mIoU per layer, one line per embedding type: where in depth the semantic structure peaks. The panels "
+       "share one y scale; bands: 95 % bootstrap intervals over test images, where the results hold them.")
 def layer_curves(data: Any, rows: list[Row]) -> Any:
     models = sorted({r.setting["model"] for r in rows})
     k, method = rows[0].setting["k"], rows[0].setting["method"]
-    seg = data.rows(f"SELECT model, embedding, layer, miou FROM segmentation WHERE k = {int(k)} AND method = "
-                    f"'{method}' ORDER BY model, embedding, layer")
+    seg = [r for r in data.segmentation_rows() if r["k"] == k and r["method"] == method]
     fig = figures.pyplot().figure(figsize=(4.2 * len(models), 2.8), layout="constrained")
-    for ax, model in zip(fig.subplots(1, len(models), squeeze=False)[0], models):
-        curves: dict[str, tuple[list[int], list[float]]] = {}
-        for r in (r for r in seg if r["model"] == model):
-            curves.setdefault(r["embedding"], ([], []))
+    axes = fig.subplots(1, len(models), squeeze=False, sharey=True)[0]
+    for ax, model in zip(axes, models):
+        curves: dict[str, tuple[list[int], list[float], list[Any]]] = {}
+        for r in sorted((r for r in seg if r["model"] == model), key=lambda r: (r["embedding"], r["layer"])):
+            curves.setdefault(r["embedding"], ([], [], []))
             curves[r["embedding"]][0].append(r["layer"])
             curves[r["embedding"]][1].append(r["miou"])
-        figures.plot_layer_curves(curves, title=model, ax=ax)
+            curves[r["embedding"]][2].append(figures.interval(r, "miou"))
+        figures.plot_layer_curves(curves, title=f"{model} (K = {k}, {method})", ax=ax)
+    tops = [v for r in seg if r["model"] in models for v in (r["miou"], (figures.interval(r, "miou") or (0, 0))[1])
+            if v is not None and np.isfinite(v)]
+    axes[0].set_ylim(0, max(tops + [0.0]) * 1.1 or 1.0)
     return fig
 
 
@@ -142,40 +245,258 @@ def classwise(data: Any, rows: list[Row]) -> Any:
     return figures.plot_classwise_mi(data.classes, data.gt_classwise, series).figure
 
 
+def _kq_curves(data: Any, models: list[str]) -> dict[str, tuple[list[int], list[float], list[Any]]]:
+    """I(K,Q) per layer of each model, the mean over heads, with the heads' 95 % intervals
+    averaged where the results hold them."""
+    by: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for a in data.attention_rows():
+        by.setdefault((a["model"], a["layer"]), []).append(a)
+    curves = {}
+    for m in models:
+        layers = sorted(layer for model, layer in by if model == m)
+        values, spans = [], []
+        for layer in layers:
+            heads = by[(m, layer)]
+            values.append(float(np.mean([h["mean"] for h in heads])))
+            found = [figures.interval(h, "mean") for h in heads]
+            spans.append(None if any(f is None for f in found) else
+                         (float(np.mean([f[0] for f in found])), float(np.mean([f[1] for f in found]))))
+        curves[m] = (layers, values, spans)
+    return curves
+
+
 @panel("attention", "attention", "attention matrices and I(K,Q)",
        "Image- and head-averaged patch attention of the compared layer, binarised at its 95th percentile: a "
-       "diagonal band is local attention. Beside it, I(K,Q) per layer.")
+       "diagonal band is local attention. Beside it, I(K,Q) per layer (the mean over heads; band: the heads' 95 % "
+       "bootstrap intervals over images, averaged over heads, where the results hold them).")
 def attention(data: Any, rows: list[Row]) -> Any:
     models = sorted({r.setting["model"] for r in rows})
-    kq = data.rows("SELECT model, layer, avg(mean) AS kq FROM attention_mi GROUP BY ALL ORDER BY ALL")
-    fig = figures.pyplot().figure(figsize=(2.7 * len(rows) + 4.2, 2.8))
-    axes = fig.subplots(1, len(rows) + 1, squeeze=False, width_ratios=[1] * len(rows) + [1.5],
-                        gridspec_kw={"wspace": 0.45})[0]
+    fig = figures.pyplot().figure(figsize=(2.4 * len(rows) + 4.4, 2.9), layout="constrained")
+    axes = fig.subplots(1, len(rows) + 1, squeeze=False, width_ratios=[1] * len(rows) + [1.7])[0]
     for ax, r in zip(axes, rows):
         figures.plot_attention(data.attention(r.setting["model"], r.setting["layer"]), title=r.label, ax=ax)
-    figures.plot_layer_curves({m: ([a["layer"] for a in kq if a["model"] == m], [a["kq"] for a in kq if a["model"] == m])
-                               for m in models}, ylabel="I(K,Q) (nats)", title="attention locality", ax=axes[-1])
+    figures.plot_layer_curves(_kq_curves(data, models), ylabel="I(K,Q) (nats)", title="attention locality",
+                              ax=axes[-1])
+    axes[-1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 4))
     return fig
+
+
+MAX_QUERY_LAYERS = 4   # single-query maps: at most this many layers per model
+MAX_QUERY_IMAGES = 4   # and this many example images
+
+
+def _query_layers(data: Any, rows: list[Row]) -> dict[str, list[int]]:
+    """Per model of the section, the layers whose single-query maps are drawn: the compared
+    layer(s) and the model's last (at most ``MAX_QUERY_LAYERS``, evenly spaced, the last kept)."""
+    out: dict[str, list[int]] = {}
+    for r in rows:
+        out.setdefault(r.setting["model"], []).append(int(r.setting["layer"]))
+    for model, layers in out.items():
+        stored = data.attention_layers(model)
+        picked = sorted({*layers, stored[-1]} & set(stored)) if stored else sorted(set(layers))
+        if len(picked) > MAX_QUERY_LAYERS:
+            picked = [picked[i] for i in figures.shown_layers(len(picked), len(picked) - 1, MAX_QUERY_LAYERS)]
+        out[model] = picked
+    return out
+
+
+def _queries_note(data: Any, rows: list[Row]) -> str:
+    parts = []
+    for model, layers in _query_layers(data, rows).items():
+        grid = data.attention_grid(model)
+        places = "; ".join(f"{name}: patch (row {q[0]}, col {q[1]})" for name, q in figures.query_positions(grid))
+        per_image = " and per example image" if data.has_example_attention(model) else \
+            " (per-image rows need `example_attention`, written by `rep-pipeline extract` on request; not stored)"
+        parts.append(f"{model}: {grid} x {grid} patch grid, {places}; blocks {', '.join(map(str, layers))}"
+                     f"{per_image}")
+    return "Queries, rows and columns 0-based: " + ". ".join(parts) + "."
+
+
+@panel("attention_queries", "attention_queries", "attention maps of single queries",
+       "The attention of two query patches over every key patch ([U] Fig. 8b; PROTOCOL.md 12.5): the query's row "
+       "of the patch-to-patch attention (head-averaged, rows renormalised) reshaped to the patch grid, each map "
+       "scaled to its own range (dark: its least attended keys, yellow: its most attended); the red dot is the "
+       "query. The top "
+       "rows use the image-averaged matrix, one row per model, columns per query and block; where the results keep "
+       "the example images' own attention, rows below lay it over each image. Attention that stays around the dot "
+       "is local (positional); attention spread over an object is semantic.", note=_queries_note)
+def attention_queries(data: Any, rows: list[Row]) -> Any:
+    chosen = _query_layers(data, rows)
+    models = list(chosen)
+    n_cols = max(2 * len(layers) for layers in chosen.values())
+    per_image = {m: data.example_attention(m) for m in models if data.has_example_attention(m)}
+    n_images = {m: min(MAX_QUERY_IMAGES, per_image[m][1].shape[1]) for m in per_image}
+    heights = [len(models)] + [n_images[m] for m in per_image if n_images[m]]
+    fig = figures.pyplot().figure(figsize=(1.45 * n_cols + 1.6, 1.6 * sum(heights) + 0.45 * len(heights)),
+                                  layout="constrained")
+    subs = fig.subfigures(len(heights), 1, squeeze=False, height_ratios=[h + 0.3 for h in heights])[:, 0]
+    top = subs[0].subplots(len(models), n_cols, squeeze=False)
+    subs[0].suptitle("image-averaged attention", fontsize=8)
+    for i, model in enumerate(models):
+        grid = data.attention_grid(model)
+        cells = [(name, q, layer) for name, q in figures.query_positions(grid) for layer in chosen[model]]
+        for j, (name, q, layer) in enumerate(cells):
+            att = data.attention(model, layer)
+            figures.plot_query_attention(att[q[0] * grid + q[1]], grid, q, title=f"{name}, block {layer}",
+                                         ax=top[i, j])
+        for ax in top[i, len(cells):]:
+            ax.set_visible(False)
+        top[i, 0].set_ylabel(model, fontsize=8)
+    for sub, model in zip(subs[1:], [m for m in per_image if n_images[m]]):
+        layers, maps, where = per_image[model]
+        grid = data.attention_grid(model)
+        picked = [layer for layer in chosen[model] if layer in layers] or [layers[-1]]
+        picked = picked[:n_cols // 2]
+        cells = [(name, q, layer) for name, q in figures.query_positions(grid) for layer in picked]
+        axes = sub.subplots(n_images[model], n_cols, squeeze=False)
+        sub.suptitle(f"{model}: per example image", fontsize=8)
+        for e in range(n_images[model]):
+            image = data.gt_images[where[e]] if where[e] is not None else None
+            for j, (name, q, layer) in enumerate(cells):
+                figures.plot_query_attention(maps[layers.index(layer), e, q[0] * grid + q[1]], grid, q, image=image,
+                                             title=f"{name}, block {layer}" if e == 0 else "", ax=axes[e, j])
+            for ax in axes[e, len(cells):]:
+                ax.set_visible(False)
+            ids = data.example_ids([where[e]]) if where[e] is not None else []
+            axes[e, 0].set_ylabel(f"image {ids[0] if ids else e}", fontsize=7)
+    return fig
+
+
+def _has_curves(data: Any, rows: list[Row]) -> bool:
+    return data.has_table("training_curves")
+
+
+@panel("training", "training_curves", "k-means training curves",
+       "The loss -mean max_k cos(f, c_k) of each compared setting's codebook against the training step (online: "
+       "the batch loss of each Adam step, thin, with its running mean; lloyd: per pass over the data), on the "
+       "codebook's train split. A curve still falling at its end means the codebook was not trained to convergence; "
+       "curves far apart in their final value fit their features very differently well.", when=_has_curves)
+def training(data: Any, rows: list[Row]) -> Any:
+    series = []
+    for r in rows:
+        points = data.training_curve(r.setting)
+        series.append({"label": r.label, "step": [p["step"] for p in points], "loss": [p["loss"] for p in points]})
+    method = rows[0].setting["method"]
+    last = max([s["step"][-1] for s in series if s["step"]] + [1])
+    fig = figures.pyplot().figure(figsize=(6.4, 3.0), layout="constrained")
+    figures.plot_training_curves(series, xlabel="Adam step" if method == "online" else "pass over the data",
+                                 log_x=method == "online" and last >= 100,
+                                 title=f"{rows[0].setting['train_split']}, K = {rows[0].setting['k']}, {method}",
+                                 ax=fig.subplots())
+    return fig
+
+
+def _has_iou(data: Any, rows: list[Row]) -> bool:
+    return data.has_table("per_class_iou")
+
+
+@panel("per_class_iou", "per_class_iou", "per-class IoU",
+       "IoU of every class after matching, one strip per compared setting on one y scale (0 to 1), the bars in the "
+       "class palette; '-' marks a class neither predicted nor present. mIoU is the mean of the strip: look for "
+       "which classes carry it and which no cluster finds.", when=_has_iou)
+def per_class_iou(data: Any, rows: list[Row]) -> Any:
+    return figures.plot_per_class_iou(data.classes, [(r.label, data.per_class_iou(r.setting)) for r in rows],
+                                      data.palette)
+
+
+def _has_confusion(data: Any, rows: list[Row]) -> bool:
+    return data.has_table("confusion")
+
+
+def confusion_row(rows: list[Row]) -> Row:
+    """The setting whose confusion matrix is shown: the section's best mIoU (the first of equals)."""
+    return max(rows, key=lambda r: (np.nan_to_num(r.setting["miou"], nan=-1.0), -rows.index(r)))
+
+
+def _confusion_note(data: Any, rows: list[Row]) -> str:
+    return f"Shown for {confusion_row(rows).label}, the section's best mIoU."
+
+
+@panel("confusion", "confusion", "confusion matrix, cluster to class",
+       "Rows are the clusters of one setting, labelled with the class each is mapped to (Hungarian; '*': by "
+       "majority, where K > C), ordered by that class; columns the true classes. Each row is normalised: the share "
+       "of the cluster's labelled test pixels in each class (blank: an empty cluster). A clean diagonal is a "
+       "semantic codebook; a row spread over many classes is a cluster that follows something else, such as "
+       "position.", when=_has_confusion, note=_confusion_note)
+def confusion(data: Any, rows: list[Row]) -> Any:
+    row = confusion_row(rows)
+    matrix, mapped, hungarian = data.confusion(row.setting)
+    order = sorted(range(len(matrix)), key=lambda c: (mapped[c] if mapped[c] >= 0 else len(data.classes), c))
+    names = [f"c{c} -> " + (data.classes[mapped[c]] if 0 <= mapped[c] < len(data.classes) else "?")
+             + ("" if hungarian[c] else "*") for c in order]
+    fig = figures.pyplot().figure(figsize=(0.24 * len(data.classes) + 3.2, 0.17 * len(order) + 2.0),
+                                  layout="constrained")
+    figures.plot_confusion(matrix[order], data.classes, names,
+                           title=f"{row.label} (K = {row.setting['k']}, {row.setting['method']})", ax=fig.subplots())
+    return fig
+
+
+def _correlation_rows(data: Any, k: int, method: str) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in data.rows(f"SELECT * FROM correlations WHERE k = {int(k)} AND "
+                                            f"method = '{method}'")} if data.has_table("correlations") else {}
 
 
 @panel("correlations", "correlations", "correlation scatter plots",
        "Across every evaluated (model, layer, embedding): NMI against log mIoU, and the NMI of keys and queries "
-       "against the attention's I(K,Q).", summary=True)
+       "against the attention's I(K,Q) (the mean over heads). Titles: Spearman rho with the number of points n and "
+       "its two-sided p-value, where the results hold them.", summary=True)
 def correlations(data: Any, k: int, method: str) -> Any:
-    pts = data.rows(f"SELECT model, embedding, layer, miou, nmi FROM segmentation WHERE k = {int(k)} AND "
-                    f"method = '{method}' ORDER BY ALL")
-    kq_by = {(a["model"], a["layer"]): a["kq"] for a in
-             data.rows("SELECT model, layer, avg(mean) AS kq FROM attention_mi GROUP BY ALL")}
-    rho = {c["name"]: c["rho"] for c in data.rows(f"SELECT name, rho FROM correlations WHERE k = {int(k)} AND "
-                                                  f"method = '{method}'")}
-    fig = figures.pyplot().figure(figsize=(7.4, 2.9), layout="constrained")
+    pts = [p for p in data.segmentation_rows() if p["k"] == k and p["method"] == method]
+    kq_by = {(m, layer): v for m, (layers, values, _) in
+             _kq_curves(data, sorted({a["model"] for a in data.attention_rows()})).items()
+             for layer, v in zip(layers, values)}
+    stats = _correlation_rows(data, k, method)
+    fig = figures.pyplot().figure(figsize=(8.6, 3.3), layout="constrained")
     a, b = fig.subplots(1, 2)
+    first = stats.get("nmi_vs_log_miou", {})
     figures.plot_scatter([p["nmi"] for p in pts], np.log([max(p["miou"], 1e-9) for p in pts]), xlabel="NMI",
-                         ylabel="log mIoU", rho=rho.get("nmi_vs_log_miou"), groups=[p["embedding"] for p in pts], ax=a)
+                         ylabel="log mIoU", rho=first.get("rho"), n=first.get("n_pairs"), p=first.get("p_value"),
+                         groups=[p["embedding"] for p in pts], ax=a)
     kq = [p for p in pts if p["embedding"] in ("keys", "queries") and (p["model"], p["layer"]) in kq_by]
+    second = stats.get("kq_nmi_vs_attention_mi", {})
     figures.plot_scatter([kq_by[(p["model"], p["layer"])] for p in kq], [p["nmi"] for p in kq],
-                         xlabel="I(K,Q) (nats)", ylabel="NMI of keys/queries", rho=rho.get("kq_nmi_vs_attention_mi"),
-                         groups=[p["embedding"] for p in kq], ax=b)
+                         xlabel="I(K,Q) (nats)", ylabel="NMI of keys/queries", rho=second.get("rho"),
+                         n=second.get("n_pairs"), p=second.get("p_value"), groups=[p["embedding"] for p in kq], ax=b)
+    return fig
+
+
+# -- the online k-means' sensitivity (PROTOCOL.md section 12.2) ----------------------------------
+def sensitivity_label(r: dict[str, Any], pca_batches: set[int] | None = None) -> str:
+    """'bs 24, PCA every 1' (with the PCA batches where the settings differ in them)."""
+    label = f"bs {r['batch_images']}, PCA every {r['pca_interval']}"
+    return label + (f" of {r['pca_batches']}" if pca_batches is not None and len(pca_batches) > 1 else "")
+
+
+def sensitivity_groups(rows: list[dict[str, Any]]) -> list[tuple[tuple[Any, ...], list[dict[str, Any]]]]:
+    """The sensitivity rows by (model, embedding, layer, K, train split)."""
+    keys = list(dict.fromkeys((r["model"], r["embedding"], r["layer"], r["k"], r["train_split"]) for r in rows))
+    return [(key, [r for r in rows if (r["model"], r["embedding"], r["layer"], r["k"], r["train_split"]) == key])
+            for key in keys]
+
+
+@panel("sensitivity", "kmeans_sensitivity", "(12.2) mIoU per k-means setting",
+       "One column per setting of the online k-means (bs: images per Adam batch; PCA every n: the PCA "
+       "initialisation takes every n-th of the first batches), one dot per seed (error bar: its 95 % bootstrap "
+       "interval over test images, where the results hold it), the grey bar the mean over seeds; one panel per "
+       "model, embedding, layer and K, on one y scale. The expected reading ([U] App. 0.A.2, Fig. 10): a spread "
+       "small against the differences between models.", sensitivity=True)
+def sensitivity(data: Any) -> Any:
+    groups = sensitivity_groups(data.sensitivity_rows())
+    fig, axes = _grid(len(groups), 4.6, 3.0, columns=2)
+    for ax, (key, mine) in zip(axes, groups):
+        batches = {r["pca_batches"] for r in mine}
+        settings = list(dict.fromkeys(sensitivity_label(r, batches) for r in mine))
+        points = [{"label": s, "points": [(r["seed"], r["miou"], figures.interval(r, "miou")) for r in mine
+                                          if sensitivity_label(r, batches) == s]} for s in settings]
+        model, embedding, layer, k, train = key
+        figures.plot_sensitivity(points, title=f"{model}: {embedding}, block {layer}, K = {k}", ax=ax)
+    values = [v for _, mine in groups for r in mine for v in (r["miou"], *(figures.interval(r, "miou") or ()))
+              if v is not None]
+    if values and axes:
+        span = max(values) - min(values)
+        pad = 0.15 * span if span > 0 else 0.01
+        for ax in axes:
+            ax.set_ylim(min(values) - pad, max(values) + pad)
     return fig
 
 
@@ -344,8 +665,8 @@ def _model_rows(data: Any, dataset: str, split: str) -> list[list[Any]]:
        "lands within alpha max(w_bb, h_bb) of the target's ground truth, alpha = 0.10 or, where 0.10 was not "
        "scored, the nearest alpha, named in the titles) against the layer, one line per embedding, the larger "
        "dot at each line's best layer; one panel per model, Base and Large of a family side by side, on one "
-       "y scale ([U] Fig. 15). Look for where in depth each embedding peaks, and whether the last layer drops. "
-       + _LAYERS, correspondence=True)
+       "y scale ([U] Fig. 15); bands: 95 % bootstrap intervals over pairs, where the results hold them. Look for "
+       "where in depth each embedding peaks, and whether the last layer drops. " + _LAYERS, correspondence=True)
 def pck_layers(data: Any, dataset: str, split: str) -> Any:
     rows = data.correspondence_rows(dataset, split)
     alpha = data.correspondence_alpha(dataset, split)
@@ -361,7 +682,8 @@ def pck_layers(data: Any, dataset: str, split: str) -> Any:
                 continue
             figures.plot_pck_layers([r for r in rows if r["model"] == model], title=model, legend=(i, j) == (0, 0),
                                     ylabel=f"PCK@{alpha:.2f} (%)", ax=axes[i, j])
-    top = max([100 * r["pck_point"] for r in rows if r["pck_point"] is not None] + [1.0])
+    top = max([100 * v for r in rows for v in (r["pck_point"], (figures.interval(r, "pck_point") or (0, 0))[1])
+               if v is not None] + [1.0])
     axes[0, 0].set_ylim(0, min(100.0, top * 1.1))
     return fig
 

@@ -6,12 +6,19 @@ and, when the results hold direction probes (``rep-pipeline probe``), the ``DIRE
 once in a "direction probes" section, when they hold ULTra explanations (``rep-pipeline
 explain``), the ``ULTRA_PANELS`` once per run in an "ULTra explanations" section, and, when they
 hold zero-shot correspondence (``rep-pipeline correspond``), the ``CORRESPONDENCE_PANELS`` once
-per keypoint (dataset, split) in a "zero-shot correspondence" section; writes each as PNG and
-SVG under ``<out>/<section>/``, and an ``index.html`` that embeds the PNGs, so it opens anywhere
-without network or companion files. Results of probes, of ULTra explanations or of
-correspondence alone make a page of those sections alone (ULTra's own section 5 rows, methods
-``ultra_*``, are drawn in its section and are not a segmentation to compare: the comparisons
-need the rows of ``rep-pipeline evaluate``).
+per keypoint (dataset, split) in a "zero-shot correspondence" section, and, when they hold the
+online k-means' sensitivity study (``kmeans_sensitivity``, PROTOCOL.md 12.2), the
+``SENSITIVITY_PANELS`` once; writes each as PNG and SVG under ``<out>/<section>/``, and an
+``index.html`` that embeds the PNGs, so it opens anywhere without network or companion files.
+Results of probes, of ULTra explanations or of correspondence alone make a page of those
+sections alone (ULTra's own section 5 rows, methods ``ultra_*``, are drawn in its section and
+are not a segmentation to compare: the comparisons need the rows of ``rep-pipeline evaluate``).
+Every comparison and the correlations state their K and method (defaults: the smallest K
+evaluated, online where evaluated), the number of test images and that best layers are selected
+on the evaluated split; tables show the 95 % intervals and figures their error bars where the
+results hold them (``<column>_lo`` / ``_hi``; older results folders have none and are drawn
+without); a provenance footer gives each model's weights and feature-group fingerprint, the
+package versions, and the run config where the run left a copy (``run_config.yaml``).
 Correspondence is of a keypoint dataset (SPair-71k, partpairs, synthetic pairs), not of the
 segmentation's dataset: ``--dataset``/``--split`` choose the segmentation's, and pick among the
 keypoint datasets only where they match no segmentation or direction probes.
@@ -38,8 +45,9 @@ from rep_pipeline.pipeline.results import Results
 from rep_pipeline.storage_schemas import results as layout
 
 from . import figures
-from .panels import (COMPARISON_PANELS, CORRESPONDENCE_PANELS, DIRECTION_PANELS, SUMMARY_PANELS, ULTRA_PANELS, Panel,
-                     Row)
+from .explorer import explorer_section
+from .panels import (COMPARISON_PANELS, CORRESPONDENCE_PANELS, DIRECTION_PANELS, SENSITIVITY_PANELS, SUMMARY_PANELS,
+                     ULTRA_PANELS, Panel, Row, Selection)
 
 
 @dataclass
@@ -101,8 +109,13 @@ class ReportData:
         self.gt_images = self.maps.read(gt_path, "images")
         self.gt_labels = self.maps.read(gt_path, "labels")
         self.gt_aggregate = self.maps.read(gt_path, "aggregate")
-        truth = self.rows("SELECT mi, nmi, nmi_bias_aware FROM ground_truth") if "ground_truth" in \
-            self.results.tables() else []
+        self.gt_example_ids = list(gt_attrs.get("example_ids") or [])
+        try:  # the classes of the whole test split's ground truth (the aggregate maps' legend)
+            present = self.maps.read(gt_path, "counts").sum(axis=(0, 1)) > 0
+            self.gt_present = [int(c) for c in np.flatnonzero(present)]
+        except StoreError:
+            self.gt_present = sorted(set(np.unique(self.gt_labels).tolist()) - {255})
+        truth = self.rows("SELECT * FROM ground_truth") if "ground_truth" in self.results.tables() else []
         if not truth:
             raise StoreError(f"{self.cfg.results} has no ground-truth row for {self.dataset}/{self.split}; run "
                              f"`rep-pipeline evaluate` again")
@@ -314,6 +327,7 @@ class ReportData:
                 continue
             top = min(best, key=lambda e: (-_finite(best[e]["pck_point"]), best[e]["layer"], e))
             out.append({**m, "pck": {e: r["pck_point"] for e, r in best.items()},
+                        "interval": {e: figures.interval(r, "pck_point") for e, r in best.items()},
                         "layer": {e: int(r["layer"]) for e, r in best.items()},
                         "best_embedding": top, "best_layer": int(best[top]["layer"])})
         return out
@@ -384,6 +398,128 @@ class ReportData:
         the report has no segmentation or direction probes)."""
         return self.results.rows(sql, dataset=self.dataset, split=self.split)
 
+    @cached_property
+    def _tables(self) -> set[str]:
+        return set(self.results.tables())
+
+    def has_table(self, table: str) -> bool:
+        return table in self._tables
+
+    @cached_property
+    def _segmentation(self) -> list[dict[str, Any]]:
+        if not self.has_table("segmentation"):
+            return []
+        rows = self.rows(f"SELECT * FROM segmentation WHERE NOT starts_with(method, {_sql(ULTRA_METHOD_PREFIX)}) "
+                         f"ORDER BY model, embedding, layer, k, method, seed")
+        return [r for r in rows if not r.get("variant")]  # codebook variants (12.2) have their own section
+
+    def segmentation_rows(self) -> list[dict[str, Any]]:
+        """The k-means segmentation rows of this dataset and split (not ULTra's, not variants'),
+        by model, embedding, layer, K, method and seed."""
+        return self._segmentation
+
+    @cached_property
+    def _attention_rows(self) -> list[dict[str, Any]]:
+        return self.rows("SELECT * FROM attention_mi ORDER BY model, layer, head") \
+            if self.has_table("attention_mi") else []
+
+    def attention_rows(self) -> list[dict[str, Any]]:
+        """``attention_mi`` rows (model, layer, head, mean, its interval where kept, ...)."""
+        return self._attention_rows
+
+    def example_ids(self, indices: list[int]) -> list[Any]:
+        """The dataset's ids of the stored example images ``indices`` (empty where not recorded)."""
+        ids = self.gt_example_ids
+        return [ids[i] for i in indices] if ids and all(i < len(ids) for i in indices) else []
+
+    def _setting_path(self, s: dict[str, Any]) -> str:
+        return layout.setting_maps(self.dataset, self.split, s["model"], s["train_split"], s["method"], s["k"],
+                                   s["seed"], s["embedding"], s["layer"])
+
+    def _has_array(self, path: str, name: str) -> bool:
+        try:
+            return path in self.maps.root and name in self.maps.root[path]
+        except Exception:  # noqa: BLE001 - a store that cannot answer holds nothing to draw
+            return False
+
+    def has_setting_map(self, s: dict[str, Any], name: str) -> bool:
+        return self._has_array(self._setting_path(s), name)
+
+    def _setting_where(self, s: dict[str, Any]) -> str:
+        return (f"model = {_sql(s['model'])} AND train_split = {_sql(s['train_split'])} AND embedding = "
+                f"{_sql(s['embedding'])} AND layer = {int(s['layer'])} AND k = {int(s['k'])} AND method = "
+                f"{_sql(s['method'])} AND seed = {int(s['seed'])}")
+
+    def training_curve(self, s: dict[str, Any]) -> list[dict[str, Any]]:
+        """The training curve (step, loss) of a setting's codebook, on its train split (that
+        codebook's: its fingerprint tells it from variants trained for 12.2 beside it)."""
+        if not self.has_table("training_curves"):
+            return []
+        where = (f"model = {_sql(s['model'])} AND split = {_sql(s['train_split'])} AND embedding = "
+                 f"{_sql(s['embedding'])} AND layer = {int(s['layer'])} AND k = {int(s['k'])} AND method = "
+                 f"{_sql(s['method'])} AND seed = {int(s['seed'])}")
+        if s.get("codebook_fingerprint"):
+            where += f" AND codebook_fingerprint = {_sql(s['codebook_fingerprint'])}"
+        return self.results.rows(f"SELECT step, loss FROM training_curves WHERE {where} ORDER BY step",
+                                 dataset=self.dataset)
+
+    def per_class_iou(self, s: dict[str, Any]) -> np.ndarray:
+        """A setting's IoU per class (NaN where the class is neither predicted nor present)."""
+        values = np.full(len(self.classes), np.nan)
+        for r in self.rows(f"SELECT class_id, iou FROM per_class_iou WHERE {self._setting_where(s)}"):
+            if r["iou"] is not None and 0 <= r["class_id"] < len(values):
+                values[r["class_id"]] = r["iou"]
+        return values
+
+    def confusion(self, s: dict[str, Any]) -> tuple[np.ndarray, list[int], list[bool]]:
+        """A setting's confusion matrix (K clusters x C classes, pixels), each cluster's mapped
+        class (-1 where not recorded) and whether the Hungarian matching mapped it."""
+        k = int(s["k"])
+        matrix = np.zeros((k, len(self.classes)), np.int64)
+        for r in self.rows(f"SELECT cluster, class_id, pixels FROM confusion WHERE {self._setting_where(s)}"):
+            if 0 <= r["cluster"] < k and 0 <= r["class_id"] < len(self.classes):
+                matrix[r["cluster"], r["class_id"]] += r["pixels"]
+        mapped, hungarian = [-1] * k, [True] * k
+        if self.has_table("matching"):
+            for r in self.rows(f"SELECT cluster, class_id, hungarian FROM matching WHERE {self._setting_where(s)}"):
+                if 0 <= r["cluster"] < k:
+                    mapped[r["cluster"]], hungarian[r["cluster"]] = int(r["class_id"]), bool(r["hungarian"])
+        return matrix, mapped, hungarian
+
+    def sensitivity_rows(self) -> list[dict[str, Any]]:
+        """``kmeans_sensitivity`` rows of this dataset and split (PROTOCOL.md 12.2), empty where
+        the table is not there."""
+        if not self.has_table("kmeans_sensitivity"):
+            return []
+        return self.rows("SELECT * FROM kmeans_sensitivity ORDER BY model, embedding, layer, k, train_split, "
+                         "batch_images, pca_interval, pca_batches, seed")
+
+    def feature_groups(self, dataset: str | None = None, split: str | None = None) -> list[dict[str, Any]]:
+        """``feature_groups`` rows (what each model key's features come from) of this dataset and
+        split, or of the given ones."""
+        if not self.has_table("feature_groups"):
+            return []
+        if dataset is None:
+            return self.rows("SELECT * FROM feature_groups ORDER BY model")
+        return self.results.rows("SELECT * FROM feature_groups ORDER BY model", dataset=dataset, split=split)
+
+    def run_config(self) -> str | None:
+        """The text of the run config the run driver copied into the results folder, if any."""
+        path = self.results.path / getattr(layout, "RUN_CONFIG", "run_config.yaml")
+        try:
+            return path.read_bytes().decode("utf-8", "replace") if path.is_file() else None
+        except (OSError, StoreError):
+            return None
+
+    def results_version(self) -> str | None:
+        """The package version that started the results folder (its marker)."""
+        import json
+
+        try:
+            return json.loads((self.results.path / layout.MARKER).read_bytes()).get("package_version")
+        except (OSError, StoreError, ValueError, AttributeError):
+            return None
+
     def classwise(self, condition: str) -> np.ndarray:
         values = np.full(len(self.classes), np.nan)
         for r in self.rows(f"SELECT class_id, mi FROM classwise_mi WHERE {condition} ORDER BY class_id"):
@@ -396,7 +532,49 @@ class ReportData:
 
     def attention(self, model: str, layer: int) -> np.ndarray:
         path = layout.attention_maps(self.dataset, self.split, model)
-        return self.maps.read(path, "attention")[self.maps.attrs(path)["layers"].index(layer)]
+        if (model, layer) not in self._attention:
+            self._attention[(model, layer)] = self.maps.read(path, "attention")[
+                list(self.maps.attrs(path)["layers"]).index(layer)]
+        return self._attention[(model, layer)]
+
+    @cached_property
+    def _attention(self) -> dict[tuple[str, int], np.ndarray]:
+        return {}
+
+    def attention_layers(self, model: str) -> list[int]:
+        """The blocks whose image-averaged attention is stored for ``model``."""
+        return [int(v) for v in self.maps.attrs(layout.attention_maps(self.dataset, self.split, model))["layers"]]
+
+    def attention_grid(self, model: str) -> int:
+        """G, the side of ``model``'s patch grid (the attention maps' attrs; else from the matrix)."""
+        path = layout.attention_maps(self.dataset, self.split, model)
+        grid = self.maps.attrs(path).get("grid")
+        if grid:
+            return int(grid[0] if isinstance(grid, (list, tuple)) else grid)
+        return int(round(np.sqrt(self.attention(model, self.attention_layers(model)[0]).shape[-1])))
+
+    def has_example_attention(self, model: str) -> bool:
+        """Whether the attention maps of ``model`` keep ``example_attention`` (PROTOCOL.md 12.5)."""
+        return self._has_array(layout.attention_maps(self.dataset, self.split, model), "example_attention")
+
+    def example_attention(self, model: str) -> tuple[list[int], np.ndarray, list[int | None]]:
+        """The example images' own head-averaged attention (layer, example, query, key), its
+        blocks (the attrs' ``example_layers`` where given, else the attention's layers) and, per
+        example, the index of the same image among the stored ground-truth examples (matched by
+        the attrs' ``example_ids``; by position where none are recorded; None: not stored)."""
+        path = layout.attention_maps(self.dataset, self.split, model)
+        attrs = self.maps.attrs(path)
+        maps = self.maps.read(path, "example_attention")
+        layers = [int(v) for v in (attrs.get("example_layers") or attrs["layers"])]
+        if len(layers) != maps.shape[0]:
+            layers = [int(v) for v in attrs["layers"]][-maps.shape[0]:]
+        ids = [str(i) for i in attrs.get("example_ids") or []]
+        known = [str(i) for i in self.gt_example_ids]
+        if ids and known:
+            where = [known.index(i) if i in known else None for i in ids]
+        else:
+            where = [e if e < len(self.gt_images) else None for e in range(maps.shape[1])]
+        return layers, maps, where
 
 HEADLINE_ALPHA = 0.10  # PROTOCOL.md section 11.4
 ULTRA_METHOD_PREFIX = "ultra_"  # the section 5 methods of ULTra's 'dataset' scoring (PROTOCOL.md section 10.4)
@@ -434,33 +612,89 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def select_rows(data: ReportData, comp: Comparison) -> list[Row]:
+def default_k_method(seg: list[dict[str, Any]], k: int | None = None, method: str | None = None
+                     ) -> tuple[int, str, str, str]:
+    """The K and method of a comparison whose config leaves them open (``Comparison``): the method
+    is online where it was evaluated (at the requested K), else the first evaluated; K the
+    smallest evaluated with that method. Returns (K, method, why K, why the method)."""
+    methods = sorted({r["method"] for r in seg if k is None or r["k"] == k})
+    if method is not None:
+        method_reason = "as requested"
+    elif not methods:
+        raise ConfigError(f"no evaluated codebooks with k={k}")
+    elif "online" in methods:
+        method, method_reason = "online", "the default: online where evaluated"
+    else:
+        method, method_reason = methods[0], f"the default: online was not evaluated ({', '.join(methods)} were)"
+    ks = sorted({r["k"] for r in seg if r["method"] == method})
+    if k is not None:
+        k_reason = "as requested"
+    elif not ks:
+        raise ConfigError(f"no evaluated codebooks with method={method}")
+    else:
+        k = ks[0]
+        k_reason = ("the default: the only K evaluated" if len(ks) == 1 else
+                    f"the default: the smallest K evaluated ({', '.join(map(str, ks))})")
+    return int(k), method, k_reason, method_reason
+
+
+def _examples_with_class(data: ReportData, name: str) -> list[int]:
+    """The stored example images whose ground truth shows class ``name``."""
+    if name not in data.classes:
+        raise ConfigError(f"images_with_class: {name!r} is not a class of {data.dataset} "
+                          f"({', '.join(data.classes)})")
+    cid = data.classes.index(name)
+    return [i for i in range(len(data.gt_labels)) if (data.gt_labels[i] == cid).any()]
+
+
+def select_rows(data: ReportData, comp: Comparison) -> Selection:
     """The settings one comparison shows: models at their best (or a fixed) layer, or the
-    layers of one model."""
-    seg = data.rows("SELECT * FROM segmentation ORDER BY model, embedding, layer, k, method")
-    if not seg:
+    layers of one model, at the comparison's K and method (defaults: ``default_k_method``); a
+    model's best layer is selected on the evaluated split, at ``layer_k`` where it is given
+    (12.3: the codebooks of K = 97 at each model's best K = 27 layer)."""
+    every = data.segmentation_rows()
+    if not every:
         raise StoreError(f"{data.cfg.results} has no segmentation rows for {data.dataset}/{data.split}")
-    default = next((r for r in seg if not r["method"].startswith(ULTRA_METHOD_PREFIX)), seg[0])
-    k = comp.k or default["k"]
-    method = comp.method or default["method"]
-    seg = [r for r in seg if r["embedding"] == comp.embedding and r["k"] == k and r["method"] == method]
+    mine = [r for r in every if r["embedding"] == comp.embedding and (not comp.models or r["model"] in comp.models)]
+    if not mine:
+        raise ConfigError(f"no evaluated {comp.embedding} codebooks" + (f" of {', '.join(comp.models)}"
+                                                                         if comp.models else ""))
+    k, method, k_reason, method_reason = default_k_method(mine, comp.k, comp.method)
+    seg = [r for r in every if r["embedding"] == comp.embedding and r["k"] == k and r["method"] == method]
     if not seg:
         raise ConfigError(f"no evaluated {comp.embedding} codebooks with k={k}, method={method}")
+    examples = _examples_with_class(data, comp.images_with_class) if comp.images_with_class else None
+    shown = dict(comparison=comp, k=k, method=method, k_reason=k_reason, method_reason=method_reason,
+                 colour=comp.colour, examples=examples or None, images_with_class=comp.images_with_class)
     models = list(comp.models) if comp.models else sorted({r["model"] for r in seg})
     if comp.compare == "layers":
         model = models[0]
-        return [Row(f"{model} L{r['layer']}", r) for r in sorted(seg, key=lambda r: r["layer"]) if r["model"] == model]
+        return Selection([Row(f"{model} L{r['layer']}", r) for r in sorted(seg, key=lambda r: r["layer"])
+                          if r["model"] == model], **shown)
+    layer_k = comp.layer_k if comp.layer == "best" and comp.layer_k not in (None, k) else None
     rows = []
     for model in models:
         mine = [r for r in seg if r["model"] == model]
         if not mine:
             raise ConfigError(f"model {model!r} has no evaluated {comp.embedding} codebook with k={k}, {method}")
-        pick = (max(mine, key=lambda r: r["miou"]) if comp.layer == "best"
-                else next((r for r in mine if r["layer"] == int(comp.layer)), None))
+        if layer_k is not None:
+            at = [r for r in every if (r["model"], r["embedding"], r["k"], r["method"]) ==
+                  (model, comp.embedding, layer_k, method)]
+            if not at:
+                raise ConfigError(f"layer_k={layer_k}: model {model!r} has no evaluated {comp.embedding} codebook "
+                                  f"with k={layer_k}, {method} to select its best layer at")
+            best = max(at, key=lambda r: r["miou"])["layer"]
+            pick = next((r for r in mine if r["layer"] == best), None)
+            if pick is None:
+                raise ConfigError(f"model {model!r}: its best layer at k={layer_k} is {best}, which has no "
+                                  f"evaluated k={k} codebook")
+        else:
+            pick = (max(mine, key=lambda r: r["miou"]) if comp.layer == "best"
+                    else next((r for r in mine if r["layer"] == int(comp.layer)), None))
         if pick is None:
             raise ConfigError(f"model {model!r} has no evaluated layer {comp.layer}")
         rows.append(Row(f"{model} L{pick['layer']}", pick))
-    return rows
+    return Selection(rows, layer_k=layer_k, **shown)
 
 
 def _save(fig: Any, out: Path, name: str, written: list[Path]) -> str:
@@ -481,24 +715,206 @@ def _section(title: str, panels: tuple[Panel, ...], draw_args: tuple, folder: Pa
     with figures.style():
         for panel in (p for p in panels if p.applies(*draw_args)):
             data = _save(panel.draw(*draw_args), folder, panel.file, written)
+            note = panel.notes(*draw_args)
             body.append(f'<figure><img alt="{html.escape(panel.caption)}" src="data:image/png;base64,{data}">'
                         f"<figcaption><b>{html.escape(panel.caption)}.</b> {html.escape(panel.reading)}"
-                        f"</figcaption></figure>")
+                        + (f" {html.escape(note)}" if note else "") + "</figcaption></figure>")
     return f"<section><h{level}>{html.escape(title)}</h{level}>{head}{''.join(body)}</section>"
 
 
-def _comparison_section(data: ReportData, comp: Comparison, rows: list[Row], out: Path, written: list[Path]) -> str:
-    title = comp.title or (f"{comp.compare}: {comp.embedding}, layer {comp.layer}" if comp.compare != "layers"
-                           else f"layers of {rows[0].setting['model']}: {comp.embedding}")
-    table = _table(["setting", "mIoU", "pixel acc.", "NMI", "NMI (bias-aware)"],
-                   [[r.label, r.setting["miou"], r.setting["pixel_accuracy"], r.setting["nmi"],
-                     r.setting["nmi_bias_aware"]] for r in rows]
-                   + [["ground truth", None, None, data.gt["nmi"], data.gt["nmi_bias_aware"]]])
+def value_text(row: dict[str, Any], column: str, digits: int = 3) -> str:
+    """A table cell: the value, with its 95 % interval where the row holds one: '0.123 [0.110, 0.138]'."""
+    value = row.get(column)
+    if value is None or not np.isfinite(value):
+        return ""
+    span = figures.interval(row, column)
+    return f"{value:.{digits}f}" + ("" if span is None else f" [{span[0]:.{digits}f}, {span[1]:.{digits}f}]")
+
+
+def _listed(values: list[Any]) -> str:
+    return ", ".join(map(str, values))
+
+
+def _comparison_title(comp: Comparison, rows: Selection) -> str:
+    return comp.title or (f"{comp.compare}: {comp.embedding}, layer {comp.layer}" if comp.compare != "layers"
+                          else f"layers of {rows[0].setting['model']}: {comp.embedding}")
+
+
+def _comparison_section(data: ReportData, comp: Comparison, rows: Selection, out: Path, written: list[Path]) -> str:
+    title = _comparison_title(comp, rows)
     first = rows[0].setting
-    which = (f"<p>K = {first['k']}, method {html.escape(str(first['method']))}, {first['n_images']} test images"
-             + ("; each model's best layer is selected on this evaluated split" if comp.compare != "layers"
-                and comp.layer == "best" else "") + ".</p>")
-    return _section(title, COMPARISON_PANELS, (data, rows), out / _slug(title), written, head=which + table)
+    k, method = first["k"], first["method"]
+    columns = ["setting", "mIoU", "pixel acc.", "NMI", "NMI (bias-aware)", "test images"]
+    table = _table(columns, [[r.label, *[value_text(r.setting, c) for c in ("miou", "pixel_accuracy", "nmi",
+                                                                           "nmi_bias_aware")], r.setting["n_images"]]
+                             for r in rows]
+                   + [["ground truth", "", "", value_text(data.gt, "nmi"), value_text(data.gt, "nmi_bias_aware"),
+                       data.gt.get("n_images")]])
+    n_images = sorted({r.setting["n_images"] for r in rows})
+    other_k = sorted({r["k"] for r in data.segmentation_rows() if r["embedding"] == comp.embedding} - {k})
+    other_m = sorted({r["method"] for r in data.segmentation_rows() if r["embedding"] == comp.embedding} - {method})
+    text = (f"K = {k} ({getattr(rows, 'k_reason', '') or 'as evaluated'}), method {html.escape(str(method))} "
+            f"({html.escape(getattr(rows, 'method_reason', '') or 'as evaluated')})"
+            + (f"; also evaluated: K = {_listed(other_k)}" if other_k else "")
+            + (f"; methods {html.escape(_listed(other_m))}" if other_m else "")
+            + f". Scores over {_listed(n_images)} test images of {html.escape(data.split)}, codebooks trained on "
+              f"{html.escape(_listed(sorted({r.setting['train_split'] for r in rows})))}.")
+    if comp.compare != "layers" and comp.layer == "best":
+        layer_k = getattr(rows, "layer_k", None)
+        text += (f" Each model's layer is its best-mIoU layer at K = {layer_k} (method {html.escape(method)}), "
+                 f"shown with its K = {k} codebook; the best layer is selected on this evaluated split, not on a "
+                 f"held-out one." if layer_k is not None else
+                 " Each model's layer is its best-mIoU layer, selected on this evaluated split (not on a held-out "
+                 "one), so the best rows are optimistic.")
+    elif comp.compare != "layers":
+        text += f" Every model at block {comp.layer} (0-based)."
+    if getattr(rows, "images_with_class", None):
+        cls = html.escape(rows.images_with_class)
+        text += (f" Example images: those showing the class '{cls}' among the stored examples (listed under (a1)); "
+                 f"the scores are over every test image." if rows.examples is not None else
+                 f" None of the stored example images shows the class '{cls}': (a1) shows all of them; the scores are "
+                 f"over every test image.")
+    intervals = any(figures.interval(r.setting, "miou") for r in rows)
+    text += (" Values in brackets: 95 % bootstrap intervals over test images." if intervals else
+             " These results hold no intervals (written before they were kept).")
+    heading = f"{title} (K = {k}, {method})"
+    return _section(heading, COMPARISON_PANELS, (data, rows), out / _slug(title), written,
+                    head=f"<p>{text}</p>" + table)
+
+
+def _correlations_section(data: ReportData, seg: dict[str, Any], out: Path, written: list[Path]) -> str:
+    """The two correlations over every (model, layer, embedding) at one K and method: a table of
+    Spearman rho, n and p, then the scatter plots."""
+    k, method = seg["k"], seg["method"]
+    stats = [r for r in data.rows(f"SELECT * FROM correlations WHERE k = {int(k)} AND method = {_sql(method)} "
+                                  f"ORDER BY name")] if data.has_table("correlations") else []
+    names = {"nmi_vs_log_miou": "NMI vs log mIoU", "kq_nmi_vs_attention_mi": "NMI of keys/queries vs I(K,Q)"}
+    table = _table(["correlation", "Spearman rho", "n (points)", "p (two-sided)"],
+                   [[names.get(r["name"], r["name"]), r["rho"], r.get("n_pairs"),
+                     "" if r.get("p_value") is None else f"{r['p_value']:.2g}"] for r in stats])
+    others = sorted({(r["k"], r["method"]) for r in data.segmentation_rows()} - {(k, method)})
+    head = (f"<p>Spearman rank correlations over every evaluated (model, layer, embedding) at K = {k} "
+            f"({html.escape(seg.get('k_reason', ''))}), method {html.escape(method)} "
+            f"({html.escape(seg.get('method_reason', ''))})"
+            + (f"; also evaluated: {html.escape(_listed([f'K = {a} ({b})' for a, b in others]))}" if others else "")
+            + ". n is the number of points; p the two-sided p-value of rho = 0 (blank where the results do not "
+              "hold it). With few points, rho is uncertain whatever its p.</p>" + table)
+    return _section(f"correlations (K = {k}, {method})", SUMMARY_PANELS, (data, k, method), out / "correlations",
+                    written, head=head)
+
+
+def _sensitivity_section(data: ReportData, out: Path, written: list[Path]) -> str:
+    """The online k-means' sensitivity (PROTOCOL.md 12.2): the spread in words, a table per
+    setting, then the figure."""
+    from .panels import sensitivity_groups, sensitivity_label
+
+    rows = data.sensitivity_rows()
+    values = [r["miou"] for r in rows if r["miou"] is not None]
+    spread = max(values) - min(values) if values else float("nan")
+    table_rows, parts = [], []
+    for (model, embedding, layer, k, train), mine in sensitivity_groups(rows):
+        batches = {r["pca_batches"] for r in mine}
+        mi = [r["miou"] for r in mine]
+        parts.append(f"{html.escape(model)} ({html.escape(embedding)}, block {layer}, K = {k}): "
+                     f"{max(mi) - min(mi):.4f} over {len(mine)} codebooks")
+        for label in dict.fromkeys(sensitivity_label(r, batches) for r in mine):
+            these = [r for r in mine if sensitivity_label(r, batches) == label]
+            v = [r["miou"] for r in these]
+            table_rows.append([model, f"{embedding}, block {layer}, K = {k}", label,
+                               _listed([r["seed"] for r in these]),
+                               "; ".join(value_text(r, "miou") for r in these), float(np.mean(v)),
+                               float(max(v) - min(v)),
+                               float(np.mean([r["pixel_accuracy"] for r in these])),
+                               float(np.mean([r["nmi"] for r in these])),
+                               _listed(sorted({r["n_images"] for r in these}))])
+    between = _between_models(data, rows)
+    head = (f"<p>The online k-means (PROTOCOL.md 12.2) trained with other batch sizes and PCA initialisations, "
+            f"several seeds each, scored on {html.escape(str(data.split))} like the comparisons. Spread of mIoU (max "
+            f"- min over all {len(values)} codebooks): <b>{spread:.4f}</b>"
+            + (f"; per model and layer: {'; '.join(parts)}" if len(parts) > 1 else "")
+            + (f". For scale, the best-layer mIoU of the models at this embedding and K ranges over {between:.4f}"
+               if between is not None else "")
+            + ". Per setting: the mIoU of each seed (95 % interval where kept), their mean and range, the mean pixel "
+              "accuracy and NMI.</p>"
+            + _table(["model", "features", "setting", "seeds", "mIoU per seed", "mean mIoU", "range",
+                      "pixel acc.", "NMI", "test images"], table_rows))
+    return _section("k-means sensitivity (online k-means: batch size and PCA initialisation)", SENSITIVITY_PANELS,
+                    (data,), out / "kmeans-sensitivity", written, head=head)
+
+
+def _between_models(data: ReportData, rows: list[dict[str, Any]]) -> float | None:
+    """The range of the models' best-layer mIoU (online) at the sensitivity rows' embedding and K."""
+    keys = {(r["embedding"], r["k"]) for r in rows}
+    best: dict[str, float] = {}
+    for r in data.segmentation_rows():
+        if (r["embedding"], r["k"]) in keys and r["method"] == "online":
+            best[r["model"]] = max(best.get(r["model"], -np.inf), r["miou"])
+    return max(best.values()) - min(best.values()) if len(best) > 1 else None
+
+
+VERSIONED = ("torch", "timm", "zarr", "numpy", "duckdb", "pyarrow", "matplotlib")
+
+
+def package_versions() -> list[tuple[str, str]]:
+    """rep-pipeline's version and those of the packages its numbers depend on, as installed."""
+    from importlib import metadata
+
+    from rep_pipeline import __version__
+
+    out = [("rep-pipeline", __version__)]
+    for name in VERSIONED:
+        try:
+            out.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            out.append((name, "not installed"))
+    return out
+
+
+def _run_weights(config: str) -> dict[str, str]:
+    """Model key -> the weights a run config's ``models`` entries ask for (where they say)."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(config)
+    except yaml.YAMLError:
+        return {}
+    out = {}
+    for entry in (raw.get("models") or []) if isinstance(raw, dict) else []:
+        if isinstance(entry, dict) and entry.get("model") and entry.get("weights"):
+            out[str(entry.get("model_key") or entry["model"])] = str(entry["weights"])
+    return out
+
+
+def _provenance(data: ReportData) -> str:
+    """Where the numbers come from: each model's weights and feature group, the package
+    versions, and the run config (where the run left a copy in the results folder)."""
+    groups = data.feature_groups() if data.dataset is not None else []
+    short = lambda v: "" if not v else str(v)[:12]  # noqa: E731
+    config = data.run_config()
+    asked = _run_weights(config) if config is not None else {}
+    source = lambda g: g.get("weights_source") or (  # noqa: E731
+        f"{asked[g['model']]} (the run config's)" if g["model"] in asked else "not recorded")
+    rows = [[g["model"], g.get("alias") or g["model"], g.get("timm_name") or "",
+             source(g), short(g.get("weights_sha256")) or "none (no file)",
+             short(g.get("store_fingerprint")), g.get("last_norm") or "", g.get("depth"), g.get("image_size")]
+            for g in groups]
+    models = (_table(["model key", "alias", "timm name", "weights source", "weights sha256 (short)",
+                      "store fingerprint (short)", "last-layer norm", "blocks", "S"], rows)
+              if rows else "<p>The results hold no feature_groups rows for this dataset and split (results of an "
+                           "older `rep-pipeline evaluate`): the models' weights are not recorded here.</p>")
+    written = data.results_version()
+    versions = ", ".join(f"{name} {version}" for name, version in package_versions())
+    run = (f"<details><summary>the run config ({html.escape(getattr(layout, 'RUN_CONFIG', 'run_config.yaml'))} in "
+           f"the results folder)</summary><pre>{html.escape(config)}</pre></details>" if config is not None else
+           "<p>This report was drawn without a run config: the results folder holds no copy of one (`rep-pipeline "
+           "run` leaves it there; the stages run one by one do not).</p>")
+    return ("<footer><h2>provenance</h2>"
+            + (f"<p>Models of {html.escape(data.dataset)} / {html.escape(data.split)} (the feature_groups table: the "
+               f"weights each model key was extracted with and the fingerprint of its feature group).</p>" + models
+               if data.dataset is not None else "")
+            + f"<p>Drawn with {html.escape(versions)}"
+            + (f"; the results folder was started by rep-pipeline {html.escape(written)}" if written else "")
+            + ".</p>" + run + "</footer>")
 
 
 def _directions_section(data: ReportData, out: Path, written: list[Path]) -> str:
@@ -592,7 +1008,9 @@ def _correspondence_section(data: ReportData, dataset: str, split: str, out: Pat
     best = data.correspondence_best(dataset, split)
     embeddings = figures.embedding_order([e for b in best for e in b["pck"]])
     pct = lambda v, signed=False: "" if v is None or not np.isfinite(v) else (f"{100 * v:+.2f}" if signed else f"{100 * v:.2f}")  # noqa: E731
-    rows = [[b["model"], b["alias"], *[pct(b["pck"].get(e)) for e in embeddings],
+    span = lambda b, e: "" if not b.get("interval", {}).get(e) else (  # noqa: E731
+        " [{:.2f}, {:.2f}]".format(*(100 * v for v in b["interval"][e])))
+    rows = [[b["model"], b["alias"], *[pct(b["pck"].get(e)) + span(b, e) for e in embeddings],
              f"{b['best_layer'] + 1}/{b['depth']}", b["best_embedding"]] for b in best]
     rows += [[f"{d['family']}: Large minus Base", f"{d['large']} - {d['base']}",
               *[pct(d["pck"].get(e), True) for e in embeddings], "", ""]
@@ -605,12 +1023,31 @@ def _correspondence_section(data: ReportData, dataset: str, split: str, out: Pat
             f"model, PCK@{alpha:.2f} per point (%, pooled over every keypoint) of each embedding at its best layer, "
             f"and the model's best layer, 1-based as in [U] Table 3 (layer = block + 1, of the model's depth), with "
             f"its embedding; then, for each family with a Base and a Large model, Large minus Base "
-            f"(percentage points). The best layer is selected on this split, as in [U].</p>"
+            f"(percentage points). The best layer is selected on this split, as in [U]"
+            + ("; in brackets, 95 % bootstrap intervals over pairs (of that layer; the choice of the layer not "
+               "included)" if any(b.get("interval", {}).get(e) for b in best for e in embeddings) else "")
+            + ".</p>"
             + _table(["model", "alias", *[f"{figures.CORRESPONDENCE_LETTERS.get(e, e)} ({e})" for e in embeddings],
-                      "best layer", "best embedding"], rows))
+                      "best layer", "best embedding"], rows)
+            + _keypoint_provenance(data, dataset, split))
     title = f"zero-shot correspondence: {dataset} / {split}"
     return _section(title, CORRESPONDENCE_PANELS, (data, dataset, split),
                     out / f"correspondence-{_slug(dataset)}-{_slug(split)}", written, head=head)
+
+
+def _keypoint_provenance(data: ReportData, dataset: str, split: str) -> str:
+    """The weights and feature groups of the models scored on one keypoint dataset."""
+    shown = {m["model"] for m in data.correspondence_models(dataset, split)}
+    groups = [g for g in data.feature_groups(dataset, split) if g["model"] in shown]
+    if not groups:
+        return ""
+    short = lambda v: "" if not v else str(v)[:12]  # noqa: E731
+    return ("<p>Where the features come from (feature_groups):</p>"
+            + _table(["model key", "weights source", "weights sha256 (short)", "store fingerprint (short)",
+                      "last-layer norm"],
+                     [[g["model"], g.get("weights_source") or "not recorded",
+                       short(g.get("weights_sha256")) or "none (no file)", short(g.get("store_fingerprint")),
+                       g.get("last_norm") or ""] for g in groups]))
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -628,12 +1065,21 @@ h1 {{ font-size: 1.5rem; }} h2 {{ font-size: 1.15rem; border-bottom: 1px solid #
 figure {{ margin: 1.2rem 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; max-width: 60rem; }}
 table {{ border-collapse: collapse; margin: .8rem 0; }} td, th {{ padding: .2rem .7rem; border-bottom: 1px solid #eee; text-align: right; }}
 td:first-child, th:first-child {{ text-align: left; }}
+footer {{ margin-top: 3rem; }} details {{ margin: .8rem 0; }} summary {{ cursor: pointer; }}
+pre {{ background: #f6f6f6; padding: .6rem; overflow-x: auto; font-size: 12px; }}
 </style></head><body>
 <h1>rep-pipeline report: {title}</h1>
 <p>{intro}</p>
 {sections}
 </body></html>
 """
+
+
+def correlation_setting(data: ReportData) -> dict[str, Any]:
+    """The K and method of the correlations section: online where evaluated, its smallest K
+    (as a comparison's defaults), with the reasons."""
+    k, method, k_reason, method_reason = default_k_method(data.segmentation_rows())
+    return {"k": k, "method": method, "k_reason": k_reason, "method_reason": method_reason}
 
 
 def is_done(cfg: ReportConfig) -> bool:
@@ -648,8 +1094,7 @@ def run_report(cfg: ReportConfig, *, address: str | None = None, progress: bool 
     chosen, seg = [], None
     if data.segmented:  # results of direction probes alone have no comparisons to draw
         chosen = [(comp, select_rows(data, comp)) for comp in cfg.comparisons]  # all checked before a figure is drawn
-        seg = data.rows(f"SELECT k, method FROM segmentation WHERE NOT starts_with(method, "
-                        f"{_sql(ULTRA_METHOD_PREFIX)}) ORDER BY k, method LIMIT 1")[0]
+        seg = correlation_setting(data)
     with tempfile.TemporaryDirectory(prefix="rep-pipeline-report-") as scratch:
         # on object storage the page is drawn into a local folder and put there once whole
         out = cfg.out if is_local(cfg.out) else Path(scratch)
@@ -664,8 +1109,10 @@ def _draw(cfg: ReportConfig, data: ReportData, chosen: list, seg: dict[str, Any]
     written: list[Path] = []
     sections = [_comparison_section(data, comp, rows, out, written) for comp, rows in chosen]
     if seg is not None:
-        sections.append(_section(f"correlations (K = {seg['k']}, {seg['method']})", SUMMARY_PANELS,
-                                 (data, seg["k"], seg["method"]), out / "correlations", written))
+        sections.append(_correlations_section(data, seg, out, written))
+    sections.append(explorer_section(data, out, written))  # "" without segmentation
+    if data.segmented and data.sensitivity_rows():
+        sections.append(_sensitivity_section(data, out, written))
     if data.directions:
         sections.append(_directions_section(data, out, written))
     if data.ultra:
@@ -680,7 +1127,10 @@ def _draw(cfg: ReportConfig, data: ReportData, chosen: list, seg: dict[str, Any]
         shown = " and ".join(name for name, on in (("the direction probes", data.directions),
                                                    ("the ULTra explanations", data.ultra)) if on)
         intro = (f"Dataset {html.escape(data.dataset)}, test split {html.escape(data.split)}. " +
-                 (f"Ground truth: NMI {data.gt['nmi']:.3f} (bias-aware {data.gt['nmi_bias_aware']:.3f})."
+                 (f"{data.gt['n_images']} test images. Ground truth: NMI {value_text(data.gt, 'nmi')} (bias-aware "
+                  f"{value_text(data.gt, 'nmi_bias_aware')}). Every section states its K and method; best layers are "
+                  f"selected on this evaluated split. Where the weights and features come from, the package "
+                  f"versions and the run config: provenance, at the end."
                   if data.segmented else "The results hold no segmentation of this split (`rep-pipeline evaluate` "
                                          f"writes it): only {shown} are shown" +
                   (" (and the zero-shot correspondence)." if keypoints else ".")))
@@ -692,7 +1142,7 @@ def _draw(cfg: ReportConfig, data: ReportData, chosen: list, seg: dict[str, Any]
     index = out / "index.html"
     out.mkdir(parents=True, exist_ok=True)
     index.write_text(PAGE.format(title=html.escape(title), intro=intro,
-                                 sections="\n".join(sections)))
+                                 sections="\n".join([*sections, _provenance(data)])))
     return index, written
 
 
