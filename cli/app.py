@@ -213,11 +213,11 @@ def _build_report(values: dict[str, Any]) -> Options:
     """The report command compares one setting: its flags are ReportConfig's and one Comparison's."""
     comparison = Comparison.parse({k: v for k, v in values.items() if k in Comparison.model_fields}, "report")
     rest = {k: v for k, v in values.items() if k not in Comparison.model_fields}
-    return ReportConfig.parse({**rest, "comparisons": (comparison,)}, "report")
+    return ReportConfig.parse({**rest, "comparisons": (comparison,), "models": comparison.models}, "report")
 
 
 # a stage whose flags are not simply its config's fields names its own (builder, [(model, fields left out)])
-CUSTOM_FLAGS = {"report": (_build_report, [(ReportConfig, {"comparisons", "title"}), (Comparison, set())])}
+CUSTOM_FLAGS = {"report": (_build_report, [(ReportConfig, {"comparisons", "title", "models"}), (Comparison, set())])}
 
 for _name, _stage in STAGES.items():
     _build, _models = CUSTOM_FLAGS.get(_name, (functools.partial(_stage.config.parse, where=f"rep-pipeline {_name}"),

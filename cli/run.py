@@ -282,6 +282,7 @@ class RunConfig:
         comparisons = tuple(Comparison.parse(c, f"{where}: comparisons.{i}") for i, c in enumerate(top.comparisons))
         report = ReportConfig.parse({"results": results, "out": report_out, **storage,
                                      "comparisons": comparisons, "dataset": ds.name, "split": ds.test_split,
+                                     "models": [c.model for c in clusters],  # a shared results folder: the run's
                                      "title": f"{top.title or Path(where).stem} ({top.figure})" if top.figure
                                      else top.title}, where)
         cfg = cls(title=top.title or Path(where).stem, extracts=tuple(extracts), clusters=tuple(clusters),
@@ -347,8 +348,10 @@ class Overrides:
         out = copy.deepcopy(dict(raw))
         for key, value in self.values:
             node, parts = out, key.split(".")
-            for part in parts[:-1]:
+            for depth, part in enumerate(parts[:-1]):
                 if node.get(part) is None:
+                    if depth or part not in ("extract", "cluster", "evaluate"):  # never turn a stage on
+                        raise ConfigError(f"{where}: --set {key}: the config has no {'.'.join(parts[:depth + 1])}")
                     node[part] = {}
                 if not isinstance(node[part], dict):
                     raise ConfigError(f"{where}: --set {key}: {part} is not a section")

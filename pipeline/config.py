@@ -349,7 +349,9 @@ class EvaluateConfig(ResultsBeside, OnBackend):
     n_examples: int = option(feature_store.EXAMPLE_IMAGES, help="Predicted maps kept per setting.",
                              flag="examples", ge=0, le=feature_store.EXAMPLE_IMAGES)
     images_per_step: int = option(4, help="Images upsampled at once (bounds the n x S x S x sum K scores).", ge=1)
-    seed: int = option(0, help="Seed of the random shifts of the bias-aware MI.")
+    seed: int = option(0, help="Seed of the random shifts of the bias-aware MI and of the bootstrap draws.")
+    draws: int = option(1000, help="Bootstrap draws of the 95 % intervals over test images (0: no intervals).",
+                        ge=0)
 
 
 ProbeObject = Literal["patch", "class_token"]
@@ -475,11 +477,11 @@ def _compare_alias(value: Any) -> Any:
 
 
 def _layer_choice(value: Any) -> Any:
-    if value == "best" or isinstance(value, int):
+    if value in ("best", "last") or isinstance(value, int):
         return value
     if isinstance(value, str) and value.isdigit():
         return int(value)
-    raise ValueError(f"must be 'best' or a block number, got {value!r}")
+    raise ValueError(f"must be 'best', 'last' or a block number, got {value!r}")
 
 
 class Comparison(Options):
@@ -489,8 +491,8 @@ class Comparison(Options):
     compare: Annotated[Literal["models", "layers"], BeforeValidator(_compare_alias)] = option(
         "models", help="Rows: models (also 'paradigms', 'sizes') or the layers of one model.")
     embedding: Embedding = option("keys", help="Embedding type to compare.")
-    layer: Annotated[Literal["best"] | int, BeforeValidator(_layer_choice)] = option(
-        "best", help="'best' or a block number (compare=models).")
+    layer: Annotated[Literal["best", "last"] | int, BeforeValidator(_layer_choice)] = option(
+        "best", help="'best', 'last' (each model's last evaluated block) or a block number (compare=models).")
     models: Csv | None = option(None, help="Comma-separated models; default all evaluated.")
     k: int | None = option(None, help="Codebook size; default the smallest evaluated (the page says which).", ge=2)
     method: KMeansMethod | None = option(None, help="k-means method; default online if evaluated (the page says "
@@ -513,4 +515,6 @@ class ReportConfig(Storage):
                                                 description="The report's sections, one per comparison.")
     dataset: str | None = option(None, help="Dataset, if the results hold several.")
     split: str | None = option(None, help="Test split, if the results hold several.")
+    models: Csv | None = option(None, help="Only these models on the page; default every model in the results.",
+                                flag="model")
     title: str | None = option(None, help="Page title; default dataset / split.")

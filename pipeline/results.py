@@ -15,6 +15,7 @@ one, attaches a database or loads an extension; it sees the tables and nothing e
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -47,11 +48,14 @@ def _literal(value: Any) -> str:
 
 
 class Results:
-    """A results folder. ``mode="r"`` reads an existing one; ``"a"`` creates it if needed."""
+    """A results folder. ``mode="r"`` reads an existing one; ``"a"`` creates it if needed.
+    ``models`` restricts every view to those models' rows (and the ground truth's): a report
+    of some of the models a shared folder holds."""
 
-    def __init__(self, path: str | Path | ObjectPath, mode: str = "r"):
+    def __init__(self, path: str | Path | ObjectPath, mode: str = "r", models: Sequence[str] | None = None):
         self.path = as_location(path)
         self.mode = mode
+        self.models = tuple(models) if models is not None else None
         if mode == "r" and not self.path.is_dir():
             raise StoreError(f"results folder {self.path} does not exist")
         if self.path.exists() and not self.path.is_dir():
@@ -160,6 +164,9 @@ class Results:
             con.register(f"{table}_parts", parts)
             where = [f"{col} = {_literal(v)}" for col, v in (("dataset", dataset), ("split", split))
                      if v is not None and col in SCHEMAS[table].names]
+            if self.models is not None and "model" in SCHEMAS[table].names:
+                kept = ", ".join(_literal(m) for m in (*self.models, layout.GROUND_TRUTH_MODEL))
+                where.append(f"model IN ({kept})")
             con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_parts"
                         + (f" WHERE {' AND '.join(where)}" if where else ""))
         for view, (needs, sql, parts) in VIEWS.items():
@@ -171,12 +178,18 @@ class Results:
         return con
 
     def rows(self, sql: str, **selection: str | None) -> list[dict[str, Any]]:
-        """The rows of ``sql`` over the views (``connect(**selection)``) as dicts."""
+        """The rows of ``sql`` over the views (``connect(**selection)``) as dicts. A folder
+        opened to read keeps one connection per selection (a report's hundreds of queries)."""
         try:
-            rel = self.connect(**selection).sql(sql)
+            con = self._reader(**selection) if self.mode == "r" else self.connect(**selection)
+            rel = con.sql(sql)
             return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
         except duckdb.Error as exc:  # a table without the columns asked for, say
             raise StoreError(f"results folder {self.path}: {exc}") from exc
+
+    @functools.lru_cache(maxsize=8)  # noqa: B019  (the folder object lives as long as its reader)
+    def _reader(self, *, dataset: str | None = None, split: str | None = None) -> duckdb.DuckDBPyConnection:
+        return self.connect(dataset=dataset, split=split)
 
     def query(self, sql: str) -> duckdb.DuckDBPyRelation:
         """Run ``sql`` against the tables, in the sandbox (see the module's docstring); the

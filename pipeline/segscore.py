@@ -52,6 +52,7 @@ class ClusterMapScores:
     size: int
     be: Backend
     seed: int = 0
+    draws: int = bootstrap.DRAWS  # bootstrap draws of the intervals; 0: none
     confusion: Any = None
     counts: Any = None          # (S, S, k) images whose pixel p fell in cluster k
     null_counts: Any = None     # the same after per-image random cyclic shifts
@@ -112,9 +113,9 @@ def score_intervals(acc: ClusterMapScores, mapping: np.ndarray, scores: metrics.
     be = acc.be
     confusions, pooled, pooled_null = acc.per_image()
     n = confusions.shape[0]
-    if n == 0:
+    if n == 0 or acc.draws == 0:
         return {f"{m}_{end}": None for m in ("miou", "pixel_accuracy", "nmi", "nmi_bias_aware") for end in ("lo", "hi")}
-    weights = bootstrap.draw_weights(n, acc.seed)
+    weights = bootstrap.draw_weights(n, acc.seed, acc.draws)
     seg = bootstrap.segmentation_draws(be, confusions, weights)
     positional = bootstrap.positional_intervals(be, weights, pooled, pooled_null, pos.nmi, pos.nmi_bias_aware,
                                                 mapping=mapping, mappings=seg.mappings, n_classes=acc.n_classes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,8 @@ TABLE_ROWS = {"paradigms-keys", "layers", "sizes", "ibot-animals", "large-keys",
 # the presets' own settings, on fewer and smaller images, with short k-means, the workers in
 # this process (no Ray start-up per stage: what is under test is each preset's run)
 SMALL = ["--address", "inline", "--set", "dataset.limit=8", "--set", "extract.image_size=64", "--set", "cluster.steps=20",
-         "--set", "cluster.init_batches=2", "--set", "cluster.batch_images=4", "--set", "cluster.log_every=5"]
+         "--set", "cluster.init_batches=2", "--set", "cluster.batch_images=4", "--set", "cluster.log_every=5",
+         "--set", "evaluate.draws=100", "--set", "evaluate.n_examples=3"]
 
 
 def test_every_row_of_the_preset_table_has_a_preset_naming_its_figure():
@@ -53,6 +55,14 @@ def test_stand_in_keeps_store_keys_and_replaces_weights(tmp_path, monkeypatch):
                                                "dino-b16"]
     assert {e.weights for e in run.extracts} == {"random"}
     assert [e.model for e in run.extracts][0] == "tiny:dinov2-b14"
+    # --set changes an option, never turns a stage on; --data-root reaches the named dataset only
+    with pytest.raises(Exception, match="no correspond"):
+        load_runs(PAPER / "paradigms-keys.yaml", overrides=Overrides(stand_in="tiny", values=(
+            ("correspond.examples", 1),), data_roots=overrides.data_roots))
+    (run,) = load_runs(PAPER / "paradigms-keys.yaml", overrides=Overrides(
+        stand_in="tiny", values=(("cluster.steps", 7), ("dataset.limit", 3)), data_roots=overrides.data_roots))
+    assert {c.steps for c in run.clusters} == {7} and {e.limit for e in run.extracts} == {3}
+    assert {str(e.data_root) for e in run.extracts} == {str(tmp_path / "data/cocostuff")}
 
 
 def _cityscapes_from_coco(coco: Path, out: Path, n: int = 12) -> Path:
@@ -90,14 +100,17 @@ def paper_runs(tmp_path_factory, shared_datasets):
     extra = {"directions": ["--set", "dataset.train_split=train", "--set", "dataset.test_split=val",
                             "--set", "probe.shots=[1]", "--set", "probe.trials=2", "--set", "probe.query_images=2",
                             "--set", "cluster.k=[6]"],
-             "kmeans-sensitivity": ["--set", "sensitivity.batch_images=[4,6]", "--set", "sensitivity.seeds=[0,1]"]}
+             "kmeans-sensitivity": ["--set", "sensitivity.batch_images=[4,6]", "--set", "sensitivity.seeds=[0,1]"],
+             "correspondence": ["--set", "correspond.examples=1"]}
     outputs = {}
     cwd = Path.cwd()
     os.chdir(root)
     try:
         for name in PRESETS:
+            started = time.perf_counter()
             res = CliRunner().invoke(app, ["run", str(PAPER / f"{name}.yaml"), "--stand-in", "tiny", "--no-progress",
                                            *args, *SMALL, *extra.get(name, [])])
+            print(f"preset {name}: {time.perf_counter() - started:.0f} s")
             assert res.exit_code == 0, (name, res.output, res.exception)
             outputs[name] = res.output
     finally:
@@ -128,7 +141,9 @@ def test_shared_store_holds_each_model_once_with_the_stand_ins(paper_runs):
     groups = {(m, s) for m, d, s in store.model_splits() if d == "cocostuff27"}
     assert {m for m, _ in groups} >= {"dinov2-b14", "dinov3-l16", "ibot-l16", "mugs-b16", "clip-l14", "mocov3-b16"}
     group = store.model_split("dinov3-l16", "cocostuff27", "val2017")
-    assert group.attrs["weights_source"].startswith("random") and group.attrs["timm_name"] == "tiny:dinov3-l16"
+    assert group.attrs["weights_source"].startswith("random") and group.attrs["model"] == "tiny:dinov3-l16"
+    # the stand-in keeps the architecture path (DINOv3-L's timm architecture: RoPE, 4 registers) at the tiny size
+    assert group.attrs["timm_name"] == "vit_large_patch16_dinov3" and group.attrs["embed_dim"] == 64
 
 
 def test_overcluster_trains_97_clusters_and_sensitivity_fills_its_table(paper_runs):

@@ -94,7 +94,7 @@ def _targets(cfg: EvaluateConfig, store: FeatureStore) -> list[_Target]:
 
 def _options(cfg: EvaluateConfig) -> dict[str, Any]:
     """The evaluate options that change what it writes, recorded with the ground-truth maps."""
-    return {"seed": cfg.seed, "n_examples": cfg.n_examples}
+    return {"seed": cfg.seed, "n_examples": cfg.n_examples, **({"draws": cfg.draws} if cfg.draws != 1000 else {})}
 
 
 def is_done(cfg: EvaluateConfig) -> bool:
@@ -241,9 +241,10 @@ def _truth_intervals(cfg: EvaluateConfig, pooled: np.ndarray, pooled_null: np.nd
                      scores: metrics.PositionalScores) -> dict[str, dict[str, float | None]]:
     """The ground truth's NMI and bias-aware NMI intervals: the same draws as the predictions'
     (docs/uncertainty.md), on the label maps' pooled per-image counts (no matching)."""
-    if not len(pooled):
+    if not len(pooled) or cfg.draws == 0:
         return {m: {f"{m}_lo": None, f"{m}_hi": None} for m in ("nmi", "nmi_bias_aware")}
-    found = bootstrap.positional_intervals(get_backend("numpy"), bootstrap.draw_weights(len(pooled), cfg.seed), pooled,
+    found = bootstrap.positional_intervals(get_backend("numpy"), bootstrap.draw_weights(len(pooled), cfg.seed,
+                                                                                        cfg.draws), pooled,
                                            pooled_null, scores.nmi, scores.nmi_bias_aware)
     return {m: {f"{m}_lo": bootstrap.finite_or_none(lo), f"{m}_hi": bootstrap.finite_or_none(hi)}
             for m, (lo, hi) in found.items()}
@@ -266,7 +267,7 @@ def _evaluate_model(cfg: EvaluateConfig, be: Backend, maps: MapStore, data: Data
         for emb, layer, todo in work:
             cents = xp.concatenate([be.asarray(b.centroids(emb, layer)) for _, b in todo])
             ks = tuple(int(b.attrs["k"]) for _, b in todo)
-            accs = [ClusterMapScores(k, C, S, be, seed=cfg.seed) for k in ks]
+            accs = [ClusterMapScores(k, C, S, be, seed=cfg.seed, draws=cfg.draws) for k in ks]
             stream = FeatureStream(group, [(emb, layer)], be, cache_bytes=0)
             for index, arrays in stream.sequential():
                 start, stop = int(index[0]), int(index[-1]) + 1
@@ -332,7 +333,10 @@ def _attention_intervals(cfg: EvaluateConfig, t: _Target, part: tuple[str, list[
     table, rows, dataset, model = part
     group = t.group
     mi = group.array("attention_mi")[:]  # (layer, image, head)
-    lo, hi = bootstrap.mean_interval(mi, cfg.seed, axis=1)  # (layer, head)
+    if cfg.draws == 0:
+        lo = hi = np.full(mi.shape[::2], np.nan)
+    else:
+        lo, hi = bootstrap.mean_interval(mi, cfg.seed, axis=1, draws=cfg.draws)  # (layer, head)
     slot = {layer: i for i, layer in enumerate(group.layers)}
     for row in rows:
         i, h = slot[row["layer"]], row["head"]

@@ -69,7 +69,7 @@ class ReportData:
 
     def __init__(self, cfg: ReportConfig):
         self.cfg = cfg
-        self.results = Results(cfg.results)
+        self.results = Results(cfg.results, models=cfg.models)
         self.maps = self.results.maps()
         tables = self.results.tables()
         # ULTra's section 5 rows (methods ultra_*) belong to its own section, not to the comparisons
@@ -690,6 +690,7 @@ def select_rows(data: ReportData, comp: Comparison) -> Selection:
                                   f"evaluated k={k} codebook")
         else:
             pick = (max(mine, key=lambda r: r["miou"]) if comp.layer == "best"
+                    else max(mine, key=lambda r: r["layer"]) if comp.layer == "last"
                     else next((r for r in mine if r["layer"] == int(comp.layer)), None))
         if pick is None:
             raise ConfigError(f"model {model!r} has no evaluated layer {comp.layer}")
@@ -766,6 +767,8 @@ def _comparison_section(data: ReportData, comp: Comparison, rows: Selection, out
                  f"held-out one." if layer_k is not None else
                  " Each model's layer is its best-mIoU layer, selected on this evaluated split (not on a held-out "
                  "one), so the best rows are optimistic.")
+    elif comp.compare != "layers" and comp.layer == "last":
+        text += " Every model at its last evaluated block."
     elif comp.compare != "layers":
         text += f" Every model at block {comp.layer} (0-based)."
     if getattr(rows, "images_with_class", None):
