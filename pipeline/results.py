@@ -50,12 +50,16 @@ def _literal(value: Any) -> str:
 class Results:
     """A results folder. ``mode="r"`` reads an existing one; ``"a"`` creates it if needed.
     ``models`` restricts every view to those models' rows (and the ground truth's): a report
-    of some of the models a shared folder holds."""
+    of some of the models a shared folder holds. ``snapshot`` keeps one connection per
+    selection, its views over the parts found first (a report's hundreds of queries); without
+    it every ``rows`` sees the parts written since."""
 
-    def __init__(self, path: str | Path | ObjectPath, mode: str = "r", models: Sequence[str] | None = None):
+    def __init__(self, path: str | Path | ObjectPath, mode: str = "r", models: Sequence[str] | None = None,
+                 snapshot: bool = False):
         self.path = as_location(path)
         self.mode = mode
         self.models = tuple(models) if models is not None else None
+        self.snapshot = snapshot and mode == "r"
         if mode == "r" and not self.path.is_dir():
             raise StoreError(f"results folder {self.path} does not exist")
         if self.path.exists() and not self.path.is_dir():
@@ -178,16 +182,15 @@ class Results:
         return con
 
     def rows(self, sql: str, **selection: str | None) -> list[dict[str, Any]]:
-        """The rows of ``sql`` over the views (``connect(**selection)``) as dicts. A folder
-        opened to read keeps one connection per selection (a report's hundreds of queries)."""
+        """The rows of ``sql`` over the views (``connect(**selection)``) as dicts."""
         try:
-            con = self._reader(**selection) if self.mode == "r" else self.connect(**selection)
+            con = self._reader(**selection) if self.snapshot else self.connect(**selection)
             rel = con.sql(sql)
             return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
         except duckdb.Error as exc:  # a table without the columns asked for, say
             raise StoreError(f"results folder {self.path}: {exc}") from exc
 
-    @functools.lru_cache(maxsize=8)  # noqa: B019  (the folder object lives as long as its reader)
+    @functools.lru_cache(maxsize=8)  # noqa: B019  (a snapshot reader lives as long as its report)
     def _reader(self, *, dataset: str | None = None, split: str | None = None) -> duckdb.DuckDBPyConnection:
         return self.connect(dataset=dataset, split=split)
 

@@ -174,7 +174,7 @@ def test_readme_queries_run(evaluated):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("<!-- queries -->")[1].split("<!-- /queries -->")[0].split("```sql")[1].split("```")[0]
     queries = [q.strip() for q in block.split(";") if q.strip()]
-    assert len(queries) == 5
+    assert len(queries) == 6
     for sql in queries:
         assert run_query(cfg.results, sql).fetchall(), sql
 

@@ -2,20 +2,18 @@
 (``--stand-in tiny``) on the real COCO-Stuff sample, and each report shows what its figure needs."""
 from __future__ import annotations
 
-import os
 import re
+import subprocess
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from typer.testing import CliRunner
-
-from rep_pipeline.cli.app import app
 from rep_pipeline.cli.run import Overrides, load_runs
-from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore
 
@@ -31,7 +29,7 @@ TABLE_ROWS = {"paradigms-keys", "layers", "sizes", "ibot-animals", "large-keys",
 # this process (no Ray start-up per stage: what is under test is each preset's run)
 SMALL = ["--address", "inline", "--set", "dataset.limit=8", "--set", "extract.image_size=64", "--set", "cluster.steps=20",
          "--set", "cluster.init_batches=2", "--set", "cluster.batch_images=4", "--set", "cluster.log_every=5",
-         "--set", "evaluate.draws=100", "--set", "evaluate.n_examples=3"]
+         "--set", "evaluate.draws=0", "--set", "evaluate.n_examples=3"]  # intervals: tests/test_bootstrap.py
 
 
 def test_every_row_of_the_preset_table_has_a_preset_naming_its_figure():
@@ -84,10 +82,18 @@ def _cityscapes_from_coco(coco: Path, out: Path, n: int = 12) -> Path:
     return out
 
 
+# the presets that add to the shared COCO store and results (run first, one after another), and
+# those with stores of their own; the rest only read the shared store and draw their reports
+WRITERS = ("attention", "correspondence", "overcluster", "kmeans-sensitivity")
+OWN_STORES = ("ln-ablation", "other-datasets", "directions")
+
+
 @pytest.fixture(scope="module")
 def paper_runs(tmp_path_factory, shared_datasets):
-    """Every preset run into one folder, as a user would, one after another (the COCO presets
-    share their store: each model is extracted once)."""
+    """Every preset run as a user would, each a `rep-pipeline run` process in one folder (the
+    COCO presets share their store: each model is extracted once). Two lanes on the two cores:
+    the presets that write the shared COCO store in turn beside those with stores of their own,
+    then the report-only presets split between both."""
     from rep_pipeline.pipeline.datasets.partpairs import build_partpairs
 
     root = tmp_path_factory.mktemp("paper")
@@ -102,20 +108,24 @@ def paper_runs(tmp_path_factory, shared_datasets):
                             "--set", "cluster.k=[6]"],
              "kmeans-sensitivity": ["--set", "sensitivity.batch_images=[4,6]", "--set", "sensitivity.seeds=[0,1]"],
              "correspondence": ["--set", "correspond.examples=1"]}
+
+    def run(name: str) -> tuple[str, subprocess.CompletedProcess]:
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "rep_pipeline.cli.app", "run", str(PAPER / f"{name}.yaml"),
+                               "--stand-in", "tiny", "--no-progress", *args, *SMALL, *extra.get(name, [])],
+                              cwd=root, capture_output=True, text=True, timeout=900)
+        print(f"preset {name}: {time.perf_counter() - started:.0f} s")
+        return name, done
+
+    readers = [n for n in PRESETS if n not in WRITERS + OWN_STORES]
+    with ThreadPoolExecutor(2) as lanes:
+        first = [lanes.submit(lambda: [run(n) for n in WRITERS]), lanes.submit(lambda: [run(n) for n in OWN_STORES])]
+        finished = [r for f in first for r in f.result()]
+        finished += lanes.map(run, readers)
     outputs = {}
-    cwd = Path.cwd()
-    os.chdir(root)
-    try:
-        for name in PRESETS:
-            started = time.perf_counter()
-            res = CliRunner().invoke(app, ["run", str(PAPER / f"{name}.yaml"), "--stand-in", "tiny", "--no-progress",
-                                           *args, *SMALL, *extra.get(name, [])])
-            print(f"preset {name}: {time.perf_counter() - started:.0f} s")
-            assert res.exit_code == 0, (name, res.output, res.exception)
-            outputs[name] = res.output
-    finally:
-        os.chdir(cwd)
-        runner._inline = False  # later tests in this process start their Ray pools as usual
+    for name, done in finished:
+        assert done.returncode == 0, (name, done.stdout[-3000:], done.stderr[-3000:])
+        outputs[name] = done.stdout
     return root, outputs
 
 

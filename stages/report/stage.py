@@ -69,7 +69,7 @@ class ReportData:
 
     def __init__(self, cfg: ReportConfig):
         self.cfg = cfg
-        self.results = Results(cfg.results, models=cfg.models)
+        self.results = Results(cfg.results, models=cfg.models, snapshot=True)
         self.maps = self.results.maps()
         tables = self.results.tables()
         # ULTra's section 5 rows (methods ultra_*) belong to its own section, not to the comparisons
