@@ -362,15 +362,16 @@ def attention_queries(data: Any, rows: list[Row]) -> Any:
     return fig
 
 
-def _has_curves(data: Any, rows: list[Row]) -> bool:
-    return data.has_table("training_curves")
+def _has_table(table: str) -> Callable[[Any, list[Row]], bool]:
+    """A panel's ``when``: the results hold ``table``."""
+    return lambda data, rows: data.has_table(table)
 
 
 @panel("training", "training_curves", "k-means training curves",
        "The loss -mean max_k cos(f, c_k) of each compared setting's codebook against the training step (online: "
        "the batch loss of each Adam step, thin, with its running mean; lloyd: per pass over the data), on the "
        "codebook's train split. A curve still falling at its end means the codebook was not trained to convergence; "
-       "curves far apart in their final value fit their features very differently well.", when=_has_curves)
+       "curves far apart in their final value fit their features very differently well.", when=_has_table("training_curves"))
 def training(data: Any, rows: list[Row]) -> Any:
     series = []
     for r in rows:
@@ -386,21 +387,13 @@ def training(data: Any, rows: list[Row]) -> Any:
     return fig
 
 
-def _has_iou(data: Any, rows: list[Row]) -> bool:
-    return data.has_table("per_class_iou")
-
-
 @panel("per_class_iou", "per_class_iou", "per-class IoU",
        "IoU of every class after matching, one strip per compared setting on one y scale (0 to 1), the bars in the "
        "class palette; '-' marks a class neither predicted nor present. mIoU is the mean of the strip: look for "
-       "which classes carry it and which no cluster finds.", when=_has_iou)
+       "which classes carry it and which no cluster finds.", when=_has_table("per_class_iou"))
 def per_class_iou(data: Any, rows: list[Row]) -> Any:
     return figures.plot_per_class_iou(data.classes, [(r.label, data.per_class_iou(r.setting)) for r in rows],
                                       data.palette)
-
-
-def _has_confusion(data: Any, rows: list[Row]) -> bool:
-    return data.has_table("confusion")
 
 
 def confusion_row(rows: list[Row]) -> Row:
@@ -417,7 +410,7 @@ def _confusion_note(data: Any, rows: list[Row]) -> str:
        "majority, where K > C), ordered by that class; columns the true classes. Each row is normalised: the share "
        "of the cluster's labelled test pixels in each class (blank: an empty cluster). A clean diagonal is a "
        "semantic codebook; a row spread over many classes is a cluster that follows something else, such as "
-       "position.", when=_has_confusion, note=_confusion_note)
+       "position.", when=_has_table("confusion"), note=_confusion_note)
 def confusion(data: Any, rows: list[Row]) -> Any:
     row = confusion_row(rows)
     matrix, mapped, hungarian = data.confusion(row.setting)
