@@ -20,6 +20,7 @@ obstore configuration keys (``endpoint``, ``region``, ``skip_signature``...) or 
 """
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import functools
 import io
@@ -125,14 +126,17 @@ class ObjectPath:
     # -- the client ------------------------------------------------------------------------------
     @property
     def _bucket_store(self) -> Any:
+        _probe(self.scheme, self.bucket, self.options)
         return _client(self.scheme, self.bucket, self.options)
 
     def obstore_store(self) -> Any:
         """An obstore store rooted at this prefix (what ``zarr.storage.ObjectStore`` wraps)."""
+        _probe(self.scheme, self.bucket, self.options)
         return _client(self.scheme, self.bucket, self.options, self.key)
 
     def arrow_filesystem(self) -> tuple[Any, str]:
         """(a pyarrow filesystem over the same client, this location's path in it)."""
+        _probe(self.scheme, self.bucket, self.options)
         import pyarrow.fs
         from obstore.fsspec import FsspecStore
 
@@ -143,7 +147,7 @@ class ObjectPath:
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(self._bucket_store, *args, **kwargs)
-        except FileNotFoundError:
+        except (FileNotFoundError, StoreError):
             raise
         except (obstore.exceptions.AlreadyExistsError, obstore.exceptions.PreconditionError):
             raise
@@ -305,6 +309,46 @@ def _split_options(scheme: str, options: tuple[tuple[str, str], ...]) -> tuple[d
         if str(endpoint).startswith("http://"):
             client.setdefault("allow_http", "true")
     return config, client
+
+
+PROBE_SECONDS = 5  # the first request to a bucket: an endpoint that does not answer by then is refused
+
+
+def _endpoint_source(scheme: str, options: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+    """(the endpoint a client of ``scheme`` talks to, what sets it), for messages."""
+    config = dict(options)
+    if config.get("endpoint"):
+        return config["endpoint"], "--storage-option endpoint=... (storage_options: endpoint)"
+    if scheme == "s3":
+        found = next((v for v in _ENDPOINT_ENV if os.environ.get(v)), None)
+        if found:
+            return os.environ[found], found
+        return "the provider's default endpoint", "AWS_ENDPOINT_URL"
+    variable = {"gs": "GOOGLE_SERVICE_ACCOUNT / GOOGLE_*", "az": "AZURE_STORAGE_ACCOUNT_NAME / AZURE_*"}
+    return "the provider's default endpoint", variable.get(scheme, "the provider's variables")
+
+
+@functools.lru_cache(maxsize=64)
+def _probe(scheme: str, bucket: str, options: tuple[tuple[str, str], ...]) -> None:
+    """List ``bucket`` once per process with a short timeout and no retries, so an endpoint
+    that does not answer fails in seconds, in one line naming the URL and the variable that
+    sets it; the long retries of the regular client stay for transient errors during a run.
+    Answers other than silence (credentials, a missing bucket) are left to the regular calls,
+    which name them."""
+    config, client = _split_options(scheme, options)
+    client = {**client, "timeout": f"{PROBE_SECONDS}s", "connect_timeout": f"{PROBE_SECONDS}s"}
+    url = f"{scheme}://{bucket}"
+    try:
+        store = obstore.store.from_url(url, config=config or None, client_options=client, retry_config={
+            "max_retries": 0, "retry_timeout": datetime.timedelta(seconds=PROBE_SECONDS)})
+        obstore.list_with_delimiter(store, None)
+    except Exception as exc:
+        text = str(exc)
+        if isinstance(exc, obstore.exceptions.GenericError) and ("error sending request" in text or "timed out" in text
+                                                                 or "onnect" in text):
+            endpoint, source = _endpoint_source(scheme, options)
+            raise StoreError(f"{url}: no answer from {endpoint} within {PROBE_SECONDS} s; check the address "
+                             f"(set by {source})") from None
 
 
 @functools.lru_cache(maxsize=64)

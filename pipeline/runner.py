@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import ray
@@ -42,6 +44,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, **kwargs)
     else:
+        _token_without_a_writable_home()
         # Ray enables token authentication on a new local instance and says so on every start;
         # the instance is this process's own, so the notice is kept quiet (the token is not)
         notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
@@ -52,6 +55,21 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         finally:
             notice.setLevel(level)
         _end_with_this_process()
+
+
+def _token_without_a_writable_home() -> None:
+    """A new local instance with token authentication keeps its token in ``~/.ray/auth_token``;
+    where that folder cannot be written (a read-only or unwritable HOME), the token of this
+    process's own instance is handed to it and its workers in ``RAY_AUTH_TOKEN`` instead."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN") \
+            or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    folder = Path.home() / ".ray"
+    if (folder / "auth_token").is_file():
+        return
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is None or not os.access(existing, os.W_OK | os.X_OK):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(16)
 
 
 # Watches the driver; once it is gone (ended, crashed or killed), ends every process of the

@@ -79,6 +79,10 @@ CASES = [
      "test_object_storage.py::test_a_store_url_that_cannot_be_used_is_refused_before_any_work"),
     ("input", "a torn chunk object in a bucket, found, repaired and recomputed; a codebook swapped in without rename",
      "test_object_storage.py::test_check_repair_and_codebook_replacement_on_object_storage"),
+    ("input", "an endpoint that never answers: refused in seconds, in one line naming the URL and its variable",
+     "bad_input/test_environment.py::test_an_endpoint_that_never_answers_fails_in_seconds_in_one_line"),
+    ("input", "a read-only HOME under a local Ray instance (its token kept in the environment)",
+     "bad_input/test_environment.py::test_extract_on_ray_runs_with_a_read_only_home"),
     # schema 2 and the probes
     ("input", "a probe needing an array the store lacks (mid_tokens, class_<embedding>): named with the extract option",
      "test_probe.py::test_a_store_without_an_array_names_it_and_the_extract_option"),
