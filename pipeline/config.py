@@ -38,6 +38,7 @@ SYNTHETIC_SEED = 0
 # -- defaults that other modules use as well (each still declared once, below) ---------------
 IMAGE_SIZE = 320                 # S (PROTOCOL.md section 3)
 MAX_IMAGE_PIXELS = 100_000_000   # larger images are refused before they are decoded
+READ_TIMEOUT_SECONDS = 60        # an image or label file that yields no data by then is named
 RANDOM_WEIGHTS_SEED = 0
 
 # q, k, v, the block output x2 (tokens) and x1, the residual stream before the MLP (mid_tokens),

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import stat
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,11 +103,50 @@ class _PilBombCheckOff:
 _pil_bomb_check_off = _PilBombCheckOff()
 
 
+def require_regular_file(path: Path, what: str) -> None:
+    """Refuse, by name, a path that is there but no regular file (missing files are left to
+    the readers, which name them in their own words)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ImageReadError(f"{what} file {path} cannot be read: {exc}") from exc
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+            "a folder" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special"
+        raise ImageReadError(f"{what} file {path} is {kind}, not a regular file; only regular files are read")
+
+
+def read_local_file(path: Path, what: str) -> io.BytesIO:
+    """A local file's bytes: only a regular file (a FIFO, socket or device would block or never
+    end), read within ``config.READ_TIMEOUT_SECONDS`` (a stalled network mount fails by name)."""
+    require_regular_file(path, what)
+    got: list[Any] = []
+    reader = threading.Thread(target=lambda: got.append(_read_or_error(path)), daemon=True)
+    reader.start()
+    reader.join(config.READ_TIMEOUT_SECONDS)
+    if not got:
+        raise ImageReadError(f"{what} file {path}: no data within {config.READ_TIMEOUT_SECONDS} s (a stalled disk or mount?)")
+    if isinstance(got[0], OSError):
+        raise ImageReadError(f"{what} file {path} cannot be read: {got[0]}") from got[0]
+    return io.BytesIO(got[0])
+
+
+def _read_or_error(path: Path) -> bytes | OSError:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        return exc
+
+
 def _open_header(path: Path, what: str, max_pixels: int | None) -> Image.Image:
     """Open ``path`` reading only its header, and refuse it if it has more pixels than
     ``max_pixels`` (None: no limit) before any decoding work."""
     try:
-        img = Image.open(path if is_local(path) else path.open("rb"))  # an object is fetched whole
+        img = Image.open(read_local_file(path, what) if is_local(path) else path.open("rb"))  # an object is fetched whole
+    except ImageReadError:
+        raise
     except FileNotFoundError as exc:
         raise ImageReadError(f"{what} file {path} does not exist") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -306,7 +348,12 @@ class SegmentationDataset:
         items = self._list_items(split)
         if not items:
             raise EmptySplitError(f"{self.name}: split {split!r} under {self.root} lists no images")
-        return items[:limit] if limit is not None else items
+        items = items[:limit] if limit is not None else items
+        for item in items:  # a FIFO or device among the files is named before any work
+            for what, path in (("image", item.image_path), ("label", item.label_path)):
+                if path is not None and is_local(path):
+                    require_regular_file(path, what)
+        return items
 
     def splits(self) -> tuple[str, ...]:
         if self.needs_root:

@@ -81,6 +81,9 @@ CASES = [
      "test_object_storage.py::test_check_repair_and_codebook_replacement_on_object_storage"),
     ("input", "an endpoint that never answers: refused in seconds, in one line naming the URL and its variable",
      "bad_input/test_environment.py::test_an_endpoint_that_never_answers_fails_in_seconds_in_one_line"),
+    ("input", "a FIFO among the images: named when the split is listed, before any work",
+     "bad_input/test_special_files.py::test_extract_refuses_a_fifo_before_creating_the_store"),
+    ("input", "an image file that yields no data in time", "bad_input/test_special_files.py::test_a_file_that_yields_no_data_in_time_is_named"),
     ("input", "a read-only HOME under a local Ray instance (its token kept in the environment)",
      "bad_input/test_environment.py::test_extract_on_ray_runs_with_a_read_only_home"),
     # schema 2 and the probes
