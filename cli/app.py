@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Optional
 
 import typer
-import yaml
 from typer.core import TyperGroup
 from pydantic.fields import FieldInfo
 from rich.console import Console
@@ -24,6 +23,7 @@ from rich.table import Table
 from rep_pipeline.pipeline.config import Comparison, Options, ReportConfig, Storage, parse_key_values
 from rep_pipeline.pipeline.location import as_location
 from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
+from rep_pipeline.pipeline.yaml_files import load_value
 from rep_pipeline.stages import STAGES
 
 # typer ships its own click; its usage-error class is the base of the public BadParameter
@@ -252,7 +252,7 @@ def run(
         bad = [v for v in values if "=" not in v or not v.split("=", 1)[0]]
         if bad:
             raise ConfigError(f"{flag} {bad[0]!r}: expected KEY=VALUE")
-    overrides = Overrides(values=tuple((k.strip(), yaml.safe_load(v)) for k, v in (x.split("=", 1) for x in set_)),
+    overrides = Overrides(values=tuple((k.strip(), load_value(v, f"--set {k.strip()}")) for k, v in (x.split("=", 1) for x in set_)),
                           data_roots=tuple(tuple(v.split("=", 1)) for v in data_root), stand_in=stand_in)
     runs = load_runs(config_file, storage_options=parse_key_values(storage_option), overrides=overrides)
     for cfg in runs:  # every document validated before the first runs

@@ -25,6 +25,7 @@ from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
 from rep_pipeline.pipeline.location import as_location, is_url
 from rep_pipeline.pipeline.registry import get_spec, stand_in, store_key
 from rep_pipeline.pipeline.store import fingerprint_hash
+from rep_pipeline.pipeline.yaml_files import load_documents
 from rep_pipeline.stages import STAGES
 from rep_pipeline.storage_schemas.results import RUN_CONFIG, beside, default_results
 
@@ -390,10 +391,7 @@ def load_runs(path: str | Path, storage_options: Mapping[str, Any] | None = None
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"run config {path} does not exist")
-    try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None] or [{}]
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"run config {path} is not valid YAML: {exc}") from exc
+    docs = [d for d in load_documents(path) if d is not None] or [{}]
     runs = []
     for i, raw in enumerate(docs):
         where = str(path) if len(docs) == 1 else f"{path} (document {i + 1})"

@@ -16,13 +16,13 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, get_args
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, model_validator
 
 from ..storage_schemas import feature_store
 from ..storage_schemas.results import default_results
 from .errors import ConfigError, RepPipelineError
 from .location import ObjectPath, as_location
+from .yaml_files import load_value
 
 # -- constants that are not options ---------------------------------------------------------
 IGNORE_INDEX = 255               # label value of unlabelled / void pixels
@@ -106,7 +106,7 @@ def parse_key_values(value: Any) -> Any:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{item!r}: expected KEY=VALUE")
-        out[key.strip()] = yaml.safe_load(raw)
+        out[key.strip()] = load_value(raw, f"option {key.strip()}")
     return out
 
 

@@ -66,6 +66,11 @@ CASES = [
     ("input", "a report with one bad comparison", "bad_input/test_refusals.py::test_a_report_with_one_bad_comparison_draws_nothing"),
     ("input", "an unexpected error (one line; --debug shows the traceback)",
      "bad_input/test_errors.py::test_unexpected_errors_are_one_line_and_debug_shows_the_traceback"),
+    ("input", "hostile run configs: billion laughs, a key twice, a 5,000-digit number, deep nesting, Python tags",
+     "bad_input/test_yaml.py::test_a_hostile_run_config_is_refused_naming_file_and_line"),
+    ("input", "a binary file as a run config", "bad_input/test_yaml.py::test_a_binary_file_is_refused_as_not_text"),
+    ("input", "a run config of many MB", "bad_input/test_yaml.py::test_a_huge_file_is_refused_from_its_size"),
+    ("input", "a hostile -o option value", "bad_input/test_yaml.py::test_a_hostile_option_value_is_refused_by_its_key"),
     # cases that passed before the hardening
     ("input", "corrupt, unlabelled-size and out-of-range images and labels", "test_datasets.py::test_bad_inputs_name_the_file"),
     ("input", "an empty split, a wrong root, unknown names", "test_datasets.py::test_empty_split_wrong_root_and_unknown_names"),
