@@ -2,10 +2,12 @@
 
 The YAML format is documented in ``configs/demo.yaml``. Its sections hold stage options by
 their names in ``pipeline/config.py`` (``extract:`` any ``ExtractConfig`` option, ``cluster:``
-any ``ClusterConfig`` option, ...), except those the run sets itself from the top-level keys:
-the store, results and report paths, the dataset and its splits, and each model's entry. The
-whole file is validated before any work starts: every key, every value, every model named in
-``comparisons``, and every path that must exist; errors name the file and the key.
+any ``ClusterConfig`` option, ...), except those the run sets itself from the top-level keys
+(the fields marked ``from_run``: the store, results and report paths, the dataset and its
+splits, and each model's entry; ``SET_BY_RUN``). The whole file is validated before any work
+starts: every key, every value, every model named in ``comparisons``, and every path that must
+exist; errors name the file and the key path as written there (``cluster.k``,
+``models[1].weights``), and an unknown key the allowed ones and the closest.
 """
 from __future__ import annotations
 

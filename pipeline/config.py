@@ -3,10 +3,15 @@
 Each option is one pydantic field: its type (``Literal`` for allowed values), default and help
 text. The CLI (``cli/app.py``) builds its flags from these fields, the ``run`` YAML loader
 (``cli/run.py``) validates its sections against them, and a stage receives the validated
-object: adding an option is one edit here. pydantic does the validation and type coercion
-(YAML's ``[0, 5]`` and the CLI's ``"0,5"`` pass the same validators) and reports every bad
-key at once; errors become ``ConfigError`` naming where the value came from and the key.
-Values follow ``../shared/PROTOCOL.md``.
+object: adding an option is one edit here. An option several stages take (the store, the
+dataset, the model, its layers, the splits...) is declared once, in a base class they share; a
+stage's own help or default for it is in its ``help_of`` / ``default_of``. pydantic does the
+validation and type coercion (YAML's ``[0, 5]`` and the CLI's ``"0,5"`` pass the same
+validators) and reports every bad key at once; errors become ``ConfigError`` lines in the
+user's terms: where the values came from, the key as the user wrote it (``cluster.k`` in a run
+file, ``--k`` on the command line), a value in a list by its value, never a class name or a
+list position, and for an unknown key the allowed ones and the closest. Values follow
+``../shared/PROTOCOL.md``.
 """
 from __future__ import annotations
 
