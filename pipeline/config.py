@@ -375,11 +375,16 @@ class OnWorkers(Options):
 
 
 # -- the options every stage on a feature store shares, each declared once --------------------
-class OnStore(Storage):
+class OfDataset(Options):
+    """A stage that may be told which dataset, where the store (or results) hold several."""
+
+    dataset: str | None = option(None, help="Dataset, if the model has the split in several.", from_run=True)
+
+
+class OnStore(Storage, OfDataset):
     """A stage on a feature store, of one dataset's features."""
 
     store: Location = option(help="Feature store.", from_run=True)
-    dataset: str | None = option(None, help="Dataset, if the model has the split in several.", from_run=True)
 
 
 class OnModel(OnStore):
@@ -661,15 +666,16 @@ class Comparison(Options):
     title: str | None = option(None, help="Section title; default from the comparison.")
 
 
-class ReportConfig(Storage):
+class ReportConfig(Storage, OfDataset, OnSplit):
     """Which results to draw, how, and where the page goes."""
+
+    help_of = {"dataset": "Dataset, if the results hold several.", "split": "Test split, if the results hold several."}
+    default_of = {"split": None}
 
     results: Location = option(help="Results folder written by evaluate.")
     out: Location = option(help="Report folder: index.html and figures (a folder or object-storage URL).")
     comparisons: tuple[Comparison, ...] = Field((Comparison(),), min_length=1,
                                                 description="The report's sections, one per comparison.")
-    dataset: str | None = option(None, help="Dataset, if the results hold several.")
-    split: str | None = option(None, help="Test split, if the results hold several.")
     models: Csv | None = option(None, help="Only these models on the page; default every model in the results.",
                                 flag="model")
     title: str | None = option(None, help="Page title; default dataset / split.")
