@@ -64,14 +64,12 @@ def _check_section(name: str, section: Mapping[str, Any], where: str) -> None:
     """A stage section names only options of its stage, and none the run fills in itself."""
     config = STAGES[name].config
     own = OWN_KEYS.get(name, ())
-    for key in section:
-        if key in own:
-            continue
-        if key in SET_BY_RUN[name]:
-            raise ConfigError(f"{where}: {name}.{key}: set by the run itself (from the top-level keys); remove it here")
-        if key not in config.model_fields:
-            allowed = [*(set(config.model_fields) - SET_BY_RUN[name]), *own]
-            raise ConfigError(f"{where}: {name}.{key}: {unknown_key(key, allowed)}")
+    allowed = [*(set(config.model_fields) - SET_BY_RUN[name]), *own]
+    lines = [f"{name}.{key}: set by the run itself (from the top-level keys); remove it here"
+             if key in SET_BY_RUN[name] else f"{name}.{key}: {unknown_key(key, allowed)}"
+             for key in section if key not in allowed]
+    if lines:
+        raise ConfigError(f"{where}: " + (lines[0] if len(lines) == 1 else "invalid options\n  " + "\n  ".join(lines)))
 
 
 def _in(section: str) -> Callable[[str], str]:
