@@ -685,22 +685,22 @@ class ReportConfig(Storage, OfDataset, OnSplit):
 DATASET_KEYS = {"name": "dataset", "root": "data_root", "options": "dataset_options", "limit": "limit"}
 
 
-def dataset_section(**splits: str) -> type[Options]:
+def dataset_section(name: str, **splits: str) -> type[Options]:
     """A run config's dataset section: the extract options of ``DATASET_KEYS`` under their
     shorter names (same type, checks and help; ``name`` required), and its splits by role, each
     a required split name with the help given (``train_split=...``, ``split=...``)."""
     fields: dict[str, Any] = {}
-    for key, name in DATASET_KEYS.items():
-        info = copy.copy(ExtractConfig.model_fields[name])
+    for key, option_name in DATASET_KEYS.items():
+        info = copy.copy(ExtractConfig.model_fields[option_name])
         info.default, info.json_schema_extra = PydanticUndefined if key == "name" else None, None
         fields[key] = (info.annotation, info)
     fields.update({role: (str, option(help=help)) for role, help in splits.items()})
-    return create_model("dataset", __base__=Options, __doc__=dataset_section.__doc__, **fields)
+    return create_model(name, __base__=Options, __module__=__name__, __doc__=dataset_section.__doc__, **fields)
 
 
-RunDataset = dataset_section(train_split="Split the codebooks are fitted on.",
-                             test_split="Split they are evaluated on.")
-KeypointDataset = dataset_section(split="Split whose keypoint pairs are transferred.")  # the correspond section's
+RunDataset = dataset_section("RunDataset", train_split="Split the codebooks are fitted on.",
+                             test_split="Split they are evaluated on.")  # the run's own
+KeypointDataset = dataset_section("KeypointDataset", split="Split whose keypoint pairs are transferred.")  # the correspond section's
 
 
 class SensitivityConfig(Options):
