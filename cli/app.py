@@ -120,14 +120,9 @@ def friendly_errors(fn: Callable) -> Callable:
 
 
 # -- options from config fields ---------------------------------------------------------------
-def _flag(name: str, info: FieldInfo) -> str:
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-    return "--" + str(extra.get("flag") or name).replace("_", "-")
-
-
 # the storage option of the commands that are not stages, from its one declaration
-_STORAGE_FIELD = Storage.model_fields["storage_options"]
-STORAGE_OPTION = typer.Option([], _flag("storage_options", _STORAGE_FIELD), help=_STORAGE_FIELD.description)
+STORAGE_OPTION = typer.Option([], Storage.flag("storage_options"),
+                              help=Storage.model_fields["storage_options"].description)
 
 
 def _located(where: str, options: list[str]) -> Any:
@@ -168,13 +163,15 @@ def _default_text(info: FieldInfo) -> str | None:
 
 def _parameters(model: type[Options], exclude: set[str] = frozenset()) -> list[inspect.Parameter]:
     params = []
-    own = model.__dict__.get("__annotations__", {})  # the stage's own options first, shared ones after
-    for name, info in sorted(model.model_fields.items(), key=lambda item: item[0] not in own):
+    own = model.__dict__.get("__annotations__", {})  # required options first, then the stage's own, shared ones after
+    first = ("model", "store", "train_split", "split")
+    for name, info in sorted(model.model_fields.items(), key=lambda item: (
+            not item[1].is_required(), first.index(item[0]) if item[0] in first else len(first), item[0] not in own)):
         if name in exclude:
             continue
         type_, choices = _cli_type(info)
         extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-        names = [_flag(name, info)] + ([f"-{extra['short']}"] if extra.get("short") else [])
+        names = [model.flag(name)] + ([f"-{extra['short']}"] if extra.get("short") else [])
         if type_ is bool:
             names = [f"{names[0]}/--no-{names[0][2:]}"]
         option = typer.Option(... if info.is_required() else None, *names, help=(info.description or "") + choices,
@@ -211,16 +208,20 @@ def stage_command(name: str, build: Callable[[dict[str, Any]], Options],
 
 def _build_report(values: dict[str, Any]) -> Options:
     """The report command compares one setting: its flags are ReportConfig's and one Comparison's."""
-    comparison = Comparison.parse({k: v for k, v in values.items() if k in Comparison.model_fields}, "report")
+    where = "rep-pipeline report"
+    comparison = Comparison.parse({k: v for k, v in values.items() if k in Comparison.model_fields}, where,
+                                  Comparison.flag)
     rest = {k: v for k, v in values.items() if k not in Comparison.model_fields}
-    return ReportConfig.parse({**rest, "comparisons": (comparison,), "models": comparison.models}, "report")
+    return ReportConfig.parse({**rest, "comparisons": (comparison,), "models": comparison.models}, where,
+                              ReportConfig.flag)
 
 
 # a stage whose flags are not simply its config's fields names its own (builder, [(model, fields left out)])
 CUSTOM_FLAGS = {"report": (_build_report, [(ReportConfig, {"comparisons", "title", "models"}), (Comparison, set())])}
 
 for _name, _stage in STAGES.items():
-    _build, _models = CUSTOM_FLAGS.get(_name, (functools.partial(_stage.config.parse, where=f"rep-pipeline {_name}"),
+    _build, _models = CUSTOM_FLAGS.get(_name, (functools.partial(_stage.config.parse, where=f"rep-pipeline {_name}",
+                                                                 names=_stage.config.flag),
                                                [(_stage.config, set())]))
     stage_command(_name, _build, _models)
 

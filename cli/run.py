@@ -2,10 +2,12 @@
 
 The YAML format is documented in ``configs/demo.yaml``. Its sections hold stage options by
 their names in ``pipeline/config.py`` (``extract:`` any ``ExtractConfig`` option, ``cluster:``
-any ``ClusterConfig`` option, ...), except those the run sets itself from the top-level keys:
-the store, results and report paths, the dataset and its splits, and each model's entry. The
-whole file is validated before any work starts: every key, every value, every model named in
-``comparisons``, and every path that must exist; errors name the file and the key.
+any ``ClusterConfig`` option, ...), except those the run sets itself from the top-level keys
+(the fields marked ``from_run``: the store, results and report paths, the dataset and its
+splits, and each model's entry; ``SET_BY_RUN``). The whole file is validated before any work
+starts: every key, every value, every model named in ``comparisons``, and every path that must
+exist; errors name the file and the key path as written there (``cluster.k``,
+``models[1].weights``), and an unknown key the allowed ones and the closest.
 """
 from __future__ import annotations
 
@@ -13,13 +15,14 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, get_args
+from typing import Any, Callable, Mapping
 
 import yaml
 from pydantic import Field
 
-from rep_pipeline.pipeline.config import (ClusterConfig, Comparison, CorrespondConfig, Embedding, EvaluateConfig,
-                                          ExplainConfig, ExtractConfig, Options, ProbeConfig, ReportConfig)
+from rep_pipeline.pipeline.config import (DATASET_KEYS, ClusterConfig, Comparison, CorrespondConfig, EvaluateConfig,
+                                          ExplainConfig, ExtractConfig, KeypointDataset, Options, ProbeConfig,
+                                          ReportConfig, RunDataset, SensitivityConfig, unknown_key)
 from rep_pipeline.pipeline.datasets import DATASETS, build_dataset
 from rep_pipeline.pipeline.errors import ConfigError, RepPipelineError
 from rep_pipeline.pipeline.location import as_location, is_url
@@ -29,57 +32,12 @@ from rep_pipeline.pipeline.yaml_files import load_documents
 from rep_pipeline.stages import STAGES
 from rep_pipeline.storage_schemas.results import RUN_CONFIG, beside, default_results
 
-# run-level keys -> the stage options they fill
-DATASET_KEYS = {"name": "dataset", "root": "data_root", "options": "dataset_options", "limit": "limit"}
-MODEL_KEYS = ("model", "weights", "model_key", "seed")
+MODEL_KEYS = ("model", "weights", "model_key", "seed")  # what a models entry sets (extract options)
 MODEL_OVERRIDES = ("last_norm", "layers")  # extract options a models entry may set for itself (12.1: before/after)
-SET_BY_RUN = {
-    "extract": {"store", "dataset", "data_root", "dataset_options", "limit", "splits", "storage_options", *MODEL_KEYS},
-    "cluster": {"store", "model", "train_split", "dataset", "results", "storage_options"},
-    "evaluate": {"store", "split", "results", "dataset", "storage_options"},
-    "probe": {"store", "model", "train_split", "split", "results", "dataset", "storage_options"},
-    "correspond": {"store", "model", "split", "results", "storage_options"},
-    "explain": {"store", "model", "split", "train_split", "dataset", "data_root", "weights", "seed", "results",
-                "storage_options"},
-}
-
-
-class _Dataset(Options):
-    """The dataset section: its splits, and the extract options of ``DATASET_KEYS`` under
-    shorter names (validated by ``ExtractConfig``, where they are declared)."""
-
-    name: Any
-    root: Any = None
-    options: Any = None
-    limit: Any = None
-    train_split: str = Field(description="Split the codebooks are fitted on.")
-    test_split: str = Field(description="Split they are evaluated on.")
-
-
-class _KeypointDataset(Options):
-    """The correspond section's dataset: a keypoint dataset, extracted for every model too."""
-
-    name: Any
-    root: Any = None
-    options: Any = None
-    limit: Any = None
-    split: str = Field(description="Split whose keypoint pairs are transferred.")
-
-
-class _Sensitivity(Options):
-    """The k-means sensitivity study (PROTOCOL.md 12.2): one model's codebooks at one (embedding,
-    layer, K) retrained with other PCA initialisations and batch sizes, several seeds each.
-    The first value of each list is the baseline (the run's own cluster settings where they
-    agree); every other value is varied one at a time."""
-
-    model: str = Field(description="A model of the run (its store key).")
-    embedding: str = Field("tokens", description="Embedding (A33: tokens).")
-    layer: Any = Field("best", description="'best' (highest mIoU at this K, online) or a block number.")
-    k: int | None = Field(None, ge=2, description="K; default the run's first.")
-    seeds: list[int] = Field([0, 1, 2], min_length=1)
-    batch_images: list[int] = Field([24, 32, 48], min_length=1, description="Images per batch.")
-    init_intervals: list[int] = Field([1, 2, 4], min_length=1,
-                                      description="PCA from every n-th of the first init_batches x n batches.")
+SECTIONS = ("extract", "cluster", "evaluate", "probe", "correspond", "explain")  # a stage's options each
+# the options of each stage the run fills in itself (the fields marked ``from_run``), not its section
+SET_BY_RUN = {name: STAGES[name].config.set_by_run() for name in SECTIONS}
+OWN_KEYS = {"correspond": ("dataset",)}  # keys of a section that are no option of its stage: the keypoint dataset
 
 
 class _RunFile(Options):
@@ -90,7 +48,7 @@ class _RunFile(Options):
     results: str | None = None
     report: str | None = None
     storage_options: dict[str, Any] = {}
-    dataset: _Dataset
+    dataset: dict[str, Any]  # RunDataset
     models: list[Any] = Field(min_length=1)
     extract: dict[str, Any] = {}
     cluster: dict[str, Any] = {}
@@ -98,9 +56,26 @@ class _RunFile(Options):
     probe: dict[str, Any] | None = None  # direction probes of every model, when present
     correspond: dict[str, Any] | None = None  # keypoint transfer of every model on its own dataset, when present
     explain: dict[str, Any] | None = None  # ULTra maps, concepts and scores of every model, when present
-    sensitivity: _Sensitivity | None = None  # the k-means sensitivity study (12.2), when present
+    sensitivity: dict[str, Any] | None = None  # SensitivityConfig: the k-means sensitivity study (12.2), when present
     comparisons: list[dict[str, Any]] = [{}]
     figure: str | None = None  # the paper figure a preset reproduces (configs/paper/)
+
+
+def _check_section(name: str, section: Mapping[str, Any], where: str) -> None:
+    """A stage section names only options of its stage, and none the run fills in itself."""
+    config = STAGES[name].config
+    own = OWN_KEYS.get(name, ())
+    allowed = [*(set(config.model_fields) - SET_BY_RUN[name]), *own]
+    lines = [f"{name}.{key}: set by the run itself (from the top-level keys); remove it here"
+             if key in SET_BY_RUN[name] else f"{name}.{key}: {unknown_key(key, allowed)}"
+             for key in section if key not in allowed]
+    if lines:
+        raise ConfigError(f"{where}: " + (lines[0] if len(lines) == 1 else "invalid options\n  " + "\n  ".join(lines)))
+
+
+def _in(section: str) -> Callable[[str], str]:
+    """Names a key of ``section`` as the run config writes it: ``cluster.k``."""
+    return lambda key: f"{section}.{key}"
 
 
 @dataclass(frozen=True)
@@ -110,25 +85,26 @@ class SensitivityStudy:
     Every (setting, seed) but the main codebook's own is a variant codebook beside it, named
     with a short hash of the hyperparameters it changes."""
 
+    options: SensitivityConfig
     base: ClusterConfig
     evaluate: EvaluateConfig
-    embedding: str
-    layer: int | str
-    k: int
-    seeds: tuple[int, ...]
-    batch_images: tuple[int, ...]
-    init_intervals: tuple[int, ...]
+    k: int  # options.k, or the run's first
 
     @property
     def model(self) -> str:
         return self.base.model
 
+    @property
+    def embedding(self) -> str:
+        return self.options.embedding
+
+    @property
+    def layer(self) -> int | str:
+        return self.options.layer
+
     def settings(self) -> list[dict[str, int]]:
         """The baseline, then each other batch size, then each other PCA interval."""
-        b0, n0 = self.batch_images[0], self.init_intervals[0]
-        return ([{"batch_images": b0, "init_interval": n0}] + [{"batch_images": b, "init_interval": n0}
-                                                               for b in self.batch_images[1:]]
-                + [{"batch_images": b0, "init_interval": n} for n in self.init_intervals[1:]])
+        return self.options.settings()
 
     def resolve_layer(self) -> int | None:
         """The block studied: the configured one, or the best (mIoU) of the main codebook at
@@ -151,7 +127,7 @@ class SensitivityStudy:
         out = []
         for setting in self.settings():
             changes = {key: v for key, v in setting.items() if v != getattr(self.base, key)}
-            for seed in self.seeds:
+            for seed in self.options.seeds:
                 if not changes and seed == self.base.seed:
                     continue  # the main codebook itself
                 out.append(self.base.replace(**setting, seed=seed, k=(self.k,), methods=("online",),
@@ -203,86 +179,81 @@ class RunConfig:
     def from_dict(cls, raw: Mapping[str, Any], base: Path, where: str = "config",
                   storage_options: Mapping[str, Any] | None = None) -> "RunConfig":
         top: _RunFile = _RunFile.parse(raw, where)  # type: ignore[assignment]
-        for section in ("extract", "cluster", "evaluate"):
-            if not isinstance(getattr(top, section), Mapping):
-                raise ConfigError(f"{where}: {section}: expected a mapping of options")
+        for section in SECTIONS:
+            if getattr(top, section) is not None:
+                _check_section(section, getattr(top, section), where)
         located = lambda p: p if is_url(p) else base / p  # noqa: E731  (URLs as they are, paths from the file's base)
         store = located(top.store)
         results = located(top.results or str(default_results(top.store)))
         report_out = located(top.report or str(beside(results, "report")))
         storage = {"storage_options": {**top.storage_options, **dict(storage_options or {})}}
-        ds = top.dataset
-        for section in ("extract", "cluster", "evaluate", "probe", "correspond", "explain"):
-            owned = sorted(SET_BY_RUN[section] & set(getattr(top, section) or {}))
-            if owned:
-                raise ConfigError(f"{where}: {section}.{owned[0]}: set by the run itself (from the top-level keys); "
-                                  f"remove it here")
-        data = {DATASET_KEYS[k]: v for k, v in ds.model_dump().items() if k in DATASET_KEYS and v is not None}
-        if "data_root" in data:
-            data["data_root"] = located(str(data["data_root"]))
+        ds = RunDataset.parse(top.dataset, where, _in("dataset"))
+
+        def dataset_options(section: Options, path: str) -> tuple[dict[str, Any], dict[str, str]]:
+            """A dataset section's extract options, and where each came from."""
+            given = {k: v for k, v in section.model_dump().items() if k in DATASET_KEYS and v is not None}
+            if "root" in given:
+                given["root"] = located(str(given["root"]))
+            return ({DATASET_KEYS[k]: v for k, v in given.items()},
+                    {DATASET_KEYS[k]: f"{path}.{k}" for k in given})
+
+        data, data_keys = dataset_options(ds, "dataset")
         extracts, clusters, keypoint_extracts = [], [], []
+        kp = _keypoint_dataset(top.correspond, where) if top.correspond is not None else None
         for i, entry in enumerate(top.models):
             entry = {"model": entry} if isinstance(entry, str) else entry
             if not isinstance(entry, Mapping):
-                raise ConfigError(f"{where}: models.{i}: expected a model name or a mapping, got {entry!r}")
-            unknown = sorted(set(entry) - set(MODEL_KEYS) - set(MODEL_OVERRIDES))
+                raise ConfigError(f"{where}: models[{i}]: expected a model name or a mapping, got {entry!r}")
+            unknown = [k for k in entry if k not in MODEL_KEYS + MODEL_OVERRIDES]
             if unknown:
-                raise ConfigError(f"{where}: models.{i}.{unknown[0]}: unknown key; allowed: "
-                                  f"{', '.join(MODEL_KEYS + MODEL_OVERRIDES)}")
+                raise ConfigError(f"{where}: models[{i}].{unknown[0]}: {unknown_key(unknown[0], MODEL_KEYS + MODEL_OVERRIDES)}")
+            origin = {**{k: f"extract.{k}" for k in top.extract}, **data_keys,
+                      **{k: f"models[{i}].{k}" for k in entry}}
             e = ExtractConfig.parse({**top.extract, **data, **entry, "store": store, **storage,
-                                     "splits": (ds.train_split, ds.test_split)}, f"{where}: models.{i} / extract")
+                                     "splits": (ds.train_split, ds.test_split)}, where,
+                                    lambda k, origin=origin: origin.get(k, f"extract.{k}"))
             extracts.append(e)
-            if top.correspond is not None:  # the same features of the keypoint dataset
-                kp = _keypoint_dataset(top.correspond, where)
-                kp_data = {DATASET_KEYS[k]: v for k, v in kp.model_dump().items() if k in DATASET_KEYS and v is not None}
-                if "data_root" in kp_data:
-                    kp_data["data_root"] = located(str(kp_data["data_root"]))
+            if kp is not None:  # the same features of the keypoint dataset
+                kp_data, kp_keys = dataset_options(kp, "correspond.dataset")
+                kp_origin = {**origin, **kp_keys}
                 keypoint_extracts.append(ExtractConfig.parse(
-                    {**top.extract, **kp_data, **entry, "store": store, **storage, "splits": (kp.split,)},
-                    f"{where}: models.{i} / correspond.dataset"))
+                    {**top.extract, **kp_data, **entry, "store": store, **storage, "splits": (kp.split,)}, where,
+                    lambda k, origin=kp_origin: origin.get(k, f"extract.{k}")))
             clusters.append(ClusterConfig.parse({**top.cluster, **storage, "store": store,
                                                  "model": _store_key(e, where, i),
                                                  "train_split": ds.train_split, "dataset": ds.name,
-                                                 "results": results}, f"{where}: cluster"))
-        evaluate = EvaluateConfig.parse({**top.evaluate, **storage, "store": store, "split": ds.test_split, "results": results,
-                                         "dataset": ds.name}, f"{where}: evaluate")
+                                                 "results": results}, where, _in("cluster")))
+        evaluate = EvaluateConfig.parse({**top.evaluate, **storage, "store": store, "split": ds.test_split,
+                                         "results": results, "dataset": ds.name}, where, _in("evaluate"))
         probes = tuple(ProbeConfig.parse({**top.probe, **storage, "store": store, "model": c.model,
                                           "train_split": ds.train_split, "split": ds.test_split, "dataset": ds.name,
-                                          "results": results}, f"{where}: probe")
+                                          "results": results}, where, _in("probe"))
                        for c in clusters) if top.probe is not None else ()
         corresponds = ()
-        if top.correspond is not None:
-            kp = _keypoint_dataset(top.correspond, where)
-            options = {k: v for k, v in top.correspond.items() if k != "dataset"}
+        if top.correspond is not None and kp is not None:
+            options = {k: v for k, v in top.correspond.items() if k not in OWN_KEYS["correspond"]}
             corresponds = tuple(CorrespondConfig.parse({**options, **storage, "store": store, "model": c.model,
                                                         "split": kp.split, "dataset": kp.name, "results": results},
-                                                       f"{where}: correspond") for c in clusters)
+                                                       where, _in("correspond")) for c in clusters)
         explains = tuple(ExplainConfig.parse({**top.explain, **storage, "store": store, "model": c.model,
                                               "split": ds.test_split, "train_split": ds.train_split,
                                               "dataset": ds.name, "results": results, "weights": e.weights,
                                               "seed": e.seed, **({"data_root": e.data_root} if e.data_root else {})},
-                                             f"{where}: explain")
+                                             where, _in("explain"))
                          for e, c in zip(extracts, clusters)) if top.explain is not None else ()
         sensitivity = None
         if top.sensitivity is not None:
-            st = top.sensitivity
-            base = next((c for c in clusters if c.model == st.model), None)
-            if base is None:
+            st: SensitivityConfig = SensitivityConfig.parse(top.sensitivity, where, _in("sensitivity"))  # type: ignore
+            base_cluster = next((c for c in clusters if c.model == st.model), None)
+            if base_cluster is None:
                 raise ConfigError(f"{where}: sensitivity.model: {st.model!r} is not a model of this run "
                                   f"(models: {', '.join(c.model for c in clusters)})")
-            if st.layer != "best" and not isinstance(st.layer, int):
-                raise ConfigError(f"{where}: sensitivity.layer: 'best' or a block number, got {st.layer!r}")
-            if st.embedding not in get_args(Embedding):
-                raise ConfigError(f"{where}: sensitivity.embedding: unknown embedding {st.embedding!r}")
-            k = st.k or (base.k[0] if base.k else None)
+            k = st.k or (base_cluster.k[0] if base_cluster.k else None)
             if k is None:
                 raise ConfigError(f"{where}: sensitivity.k: required when cluster.k is not set")
-            for key, values in (("batch_images", st.batch_images), ("init_intervals", st.init_intervals)):
-                if min(values) < 1 or len(set(values)) != len(values):
-                    raise ConfigError(f"{where}: sensitivity.{key}: distinct positive integers, got {values}")
-            sensitivity = SensitivityStudy(base, evaluate, st.embedding, st.layer, k, tuple(st.seeds),
-                                           tuple(st.batch_images), tuple(st.init_intervals))
-        comparisons = tuple(Comparison.parse(c, f"{where}: comparisons.{i}") for i, c in enumerate(top.comparisons))
+            sensitivity = SensitivityStudy(st, base_cluster, evaluate, k)
+        comparisons = tuple(Comparison.parse(c, where, lambda k, i=i: f"comparisons[{i}].{k}")
+                            for i, c in enumerate(top.comparisons))
         report = ReportConfig.parse({"results": results, "out": report_out, **storage,
                                      "comparisons": comparisons, "dataset": ds.name, "split": ds.test_split,
                                      "models": [c.model for c in clusters],  # a shared results folder: the run's
@@ -302,7 +273,7 @@ class RunConfig:
         for i, comp in enumerate(self.report.comparisons):
             for model in comp.models or ():
                 if model not in keys:
-                    raise ConfigError(f"{where}: comparisons.{i}.models: {model!r} is not a model of this run "
+                    raise ConfigError(f"{where}: comparisons[{i}].models: {model!r} is not a model of this run "
                                       f"(models: {', '.join(keys)})")
         for i, e in enumerate(self.extracts + self.keypoint_extracts):
             if e.dataset not in DATASETS:
@@ -317,7 +288,7 @@ class RunConfig:
             if dataset.needs_root and e.data_root is None:
                 raise ConfigError(f"{where}: dataset.root: {e.dataset} needs one ({dataset.root_layout})")
             if e.weights not in ("pretrained", "random") and not Path(e.weights).is_file():
-                raise ConfigError(f"{where}: models.{i}.weights: file {e.weights} does not exist")
+                raise ConfigError(f"{where}: models[{i}].weights: file {e.weights} does not exist")
         if len(set(keys)) != len(keys):
             raise ConfigError(f"{where}: models: two entries write the same store group ({', '.join(keys)}); "
                               f"give one a model_key")
@@ -369,12 +340,12 @@ class Overrides:
             for i, entry in enumerate(out.get("models") or []):
                 entry = {"model": entry} if isinstance(entry, str) else dict(entry)
                 if "model" not in entry:
-                    raise ConfigError(f"{where}: models.{i}: no model")
+                    raise ConfigError(f"{where}: models[{i}]: no model")
                 try:
                     key = store_key(entry["model"], entry.get("model_key"))
                     entry["model"] = stand_in(entry["model"])
                 except RepPipelineError as exc:
-                    raise ConfigError(f"{where}: models.{i}.model: {exc}") from None
+                    raise ConfigError(f"{where}: models[{i}].model: {exc}") from None
                 entry.update(model_key=key, weights="random")
                 models.append(entry)
             out["models"] = models  # comparisons and the sensitivity study name store keys, which stay
@@ -403,18 +374,18 @@ def load_runs(path: str | Path, storage_options: Mapping[str, Any] | None = None
     return runs
 
 
-def _keypoint_dataset(section: Mapping[str, Any], where: str) -> _KeypointDataset:
+def _keypoint_dataset(section: Mapping[str, Any], where: str) -> Any:
     if not isinstance(section.get("dataset"), Mapping):
         raise ConfigError(f"{where}: correspond.dataset: required, a mapping with name and split (e.g. "
                           f"{{name: spair71k, root: data/SPair-71k, split: test}})")
-    return _KeypointDataset.parse(section["dataset"], f"{where}: correspond.dataset")  # type: ignore[return-value]
+    return KeypointDataset.parse(section["dataset"], where, _in("correspond.dataset"))
 
 
 def _store_key(e: ExtractConfig, where: str, i: int) -> str:
     try:
         get_spec(e.model)
     except RepPipelineError as exc:
-        raise ConfigError(f"{where}: models.{i}.model: {exc}") from None
+        raise ConfigError(f"{where}: models[{i}].model: {exc}") from None
     return store_key(e.model, e.model_key)
 
 

@@ -1,4 +1,5 @@
 """Every option declared once: the config fields drive validation, the CLI and the run YAML."""
+import re
 from pathlib import Path
 
 import pytest
@@ -6,8 +7,9 @@ import yaml
 from typer.testing import CliRunner
 
 from rep_pipeline.cli.app import app
-from rep_pipeline.cli.run import RunConfig
-from rep_pipeline.pipeline.config import ClusterConfig, Comparison, EvaluateConfig, ExtractConfig, ReportConfig
+from rep_pipeline.cli.run import SET_BY_RUN, RunConfig
+from rep_pipeline.pipeline.config import (ClusterConfig, Comparison, EvaluateConfig, ExplainConfig, ExtractConfig,
+                                          ReportConfig, SensitivityConfig)
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.stages import STAGES
 
@@ -28,13 +30,14 @@ def test_strings_and_lists_pass_the_same_validators():
 @pytest.mark.parametrize("values,message", [
     ({"layers": "3-1"}, "layers: the range '3-1' runs backwards"),
     ({"layers": "a-b"}, "layers: cannot read 'a-b'"),
-    ({"embeddings": "keys,tokenz"}, "embeddings.1: Input should be 'queries', 'keys', 'values', 'tokens', 'mid_tokens' or 'mid_normed'"),
-    ({"embeddings": ""}, "embeddings: Tuple should have at least 1 item"),
-    ({"rope": "sideways"}, "rope: Input should be 'before' or 'after'"),
-    ({"limit": 0}, "limit: Input should be greater than or equal to 1"),
-    ({"chunk_images": "many"}, "chunk_images: Input should be a valid integer"),
+    ({"embeddings": "keys,tokenz"}, "embeddings: 'tokenz' is not one of queries, keys, values, tokens, mid_tokens, "
+                                    "mid_normed; did you mean tokens?"),
+    ({"embeddings": ""}, "embeddings: needs at least 1 value"),
+    ({"rope": "sideways"}, "rope: 'sideways' is not one of before, after"),
+    ({"limit": 0}, "limit: 0 is not allowed: must be >= 1"),
+    ({"chunk_images": "many"}, "chunk_images: 'many' is not a whole number"),
     ({"dataset_options": ["novalue"]}, "dataset_options: 'novalue': expected KEY=VALUE"),
-    ({"colour": "red"}, "colour: unknown key"),
+    ({"rpoe": "before"}, "rpoe: unknown key; did you mean rope? (allowed: chunk_images, "),
 ])
 def test_bad_values_name_where_and_the_key(values, message):
     with pytest.raises(ConfigError) as err:
@@ -45,7 +48,9 @@ def test_bad_values_name_where_and_the_key(values, message):
 def test_every_error_is_reported_at_once():
     with pytest.raises(ConfigError) as err:
         ClusterConfig.parse({"store": "s", "model": "m", "train_split": "t", "k": "1", "steps": 0, "lr": -1})
-    assert all(key in str(err.value) for key in ("k.0", "steps", "lr"))
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid options" and len(lines) == 4
+    assert {line.split(":")[0].strip() for line in lines[1:]} == {"k", "steps", "lr"}
 
 
 def test_every_option_of_every_stage_is_a_flag_with_the_configs_default():
@@ -98,20 +103,20 @@ def test_the_demo_config_validates_into_stage_configs(tmp_path):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"cluster.stepz": 3}, "cluster: stepz: unknown key"),
-    ({"extract.layers": "2-0"}, "layers: the range '2-0' runs backwards"),
+    ({"cluster.stepz": 3}, "cluster.stepz: unknown key; did you mean steps?"),
+    ({"extract.layers": "2-0"}, "extract.layers: the range '2-0' runs backwards"),
     ({"extract.store": "elsewhere.zarr"}, "extract.store: set by the run itself"),
     ({"comparisons": [{"compare": "models", "models": ["tiny-vitt"]}]},
-     "comparisons.0.models: 'tiny-vitt' is not a model of this run"),
-    ({"comparisons": [{"embedding": "keyz"}]}, "comparisons.0: embedding: Input should be"),
-    ({"models": [{"model": "tiny-dinov3", "weights": "missing.safetensors"}]}, "models.0.weights: file missing.safetensors"),
-    ({"models": [{"model": "no-such-model"}]}, "models.0.model: unknown model 'no-such-model'"),
-    ({"models": [{"model": "tiny-dinov3", "colour": 1}]}, "models.0.colour: unknown key"),
+     "comparisons[0].models: 'tiny-vitt' is not a model of this run"),
+    ({"comparisons": [{"embedding": "keyz"}]}, "comparisons[0].embedding: 'keyz' is not one of"),
+    ({"models": [{"model": "tiny-dinov3", "weights": "missing.safetensors"}]}, "models[0].weights: file missing.safetensors"),
+    ({"models": [{"model": "no-such-model"}]}, "models[0].model: unknown model 'no-such-model'"),
+    ({"models": [{"model": "tiny-dinov3", "colour": 1}]}, "models[0].colour: unknown key"),
     ({"dataset.root": "no/such/dir"}, "dataset.root: "),
     ({"dataset.name": "imagenet"}, "dataset.name: unknown dataset 'imagenet'"),
     ({"dataset.options": {"sizez": {"train": 4}}}, "dataset.options: synthetic: unknown dataset option 'sizez'"),
     ({"dataset.name": "cocostuff27", "dataset.options": None}, "dataset.root: cocostuff27 needs one"),
-    ({"evaluate": {"n_examples": -1}}, "evaluate: n_examples: Input should be greater than or equal to 0"),
+    ({"evaluate": {"n_examples": -1}}, "evaluate.n_examples: -1 is not allowed: must be >= 0"),
 ])
 def test_a_run_config_is_checked_whole_before_any_work(tmp_path, monkeypatch, changes, message):
     monkeypatch.chdir(tmp_path)
@@ -164,3 +169,109 @@ def test_storage_options_in_any_usual_spelling_reach_obstore(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.example.org")
     assert _split_options("s3", ()) == ({}, {})
     assert str(as_location("gcs://b/x")) == "gs://b/x" and str(as_location("s3a://b/x/")) == "s3://b/x"
+
+
+# -- errors in the user's terms: the YAML key path or the flag, never a class name or a list index --
+def _run_error(tmp_path, monkeypatch, mutate) -> str:
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load(DEMO.read_text())
+    mutate(raw)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_yaml(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and "_Dataset" not in message and "_Sensitivity" not in message
+    assert not re.search(r"\.\d", message.removeprefix(str(path))), message  # no "k.0", "models.0"
+    return message.removeprefix(f"{path}: ")
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda r: r["dataset"].update(nmae="x"), "dataset.nmae: unknown key; did you mean name? (allowed: limit, name, "
+                                              "options, root, test_split, train_split)"),
+    (lambda r: r["dataset"].update(limit=0), "dataset.limit: 0 is not allowed: must be >= 1"),
+    (lambda r: r["dataset"].pop("test_split"), "dataset.test_split: required"),
+    (lambda r: r["cluster"].update(k=[6, 0]), "cluster.k: 0 is not allowed: every value must be >= 2"),
+    (lambda r: r["extract"].update(embeddings=["keys", "tokenz"]),
+     "extract.embeddings: 'tokenz' is not one of queries, keys, values, tokens, mid_tokens, mid_normed; "
+     "did you mean tokens?"),
+    (lambda r: r["models"][1].update(layers="3-1"), "models[1].layers: the range '3-1' runs backwards"),
+    (lambda r: r["models"][1].update(weigths="random"), "models[1].weigths: unknown key; did you mean weights?"),
+    (lambda r: r["correspond"]["dataset"].update(splt="test"), "correspond.dataset.splt: unknown key; did you mean "
+                                                               "split?"),
+    (lambda r: r.update(sensitivity={"model": "tiny-dinov3", "seedz": [1]}),
+     "sensitivity.seedz: unknown key; did you mean seeds?"),
+    (lambda r: r.update(sensitivity={"model": "tiny-dinov3", "embedding": "tokns"}),
+     "sensitivity.embedding: 'tokns' is not one of"),
+    (lambda r: r.update(titel="x"), "titel: unknown key; did you mean title?"),
+    (lambda r: r["probe"].update(train_split="val"), "probe.train_split: set by the run itself"),
+])
+def test_a_run_config_error_names_the_yaml_key_path(tmp_path, monkeypatch, mutate, expected):
+    assert _run_error(tmp_path, monkeypatch, mutate).startswith(expected)
+
+
+def test_an_unknown_section_key_lists_only_the_keys_the_section_may_set(tmp_path, monkeypatch):
+    message = _run_error(tmp_path, monkeypatch, lambda r: r["cluster"].update(stepz=3))
+    assert message.startswith("cluster.stepz: unknown key; did you mean steps? (allowed: ")
+    allowed = message.split("(allowed: ")[1].rstrip(")").split(", ")
+    assert "steps" in allowed and "k" in allowed and not set(allowed) & SET_BY_RUN["cluster"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["cluster", "--store", "s.zarr", "--model", "m", "--train-split", "train", "--k", "0"],
+     "rep-pipeline cluster: --k: 0 is not allowed: every value must be >= 2"),
+    (["cluster", "--store", "s.zarr", "--model", "m", "--train-split", "train", "--method", "online,lloyed"],
+     "rep-pipeline cluster: --method: 'lloyed' is not one of online, lloyd; did you mean lloyd?"),
+    (["explain", "--store", "s.zarr", "--model", "m", "--split", "val", "--threads", "0"],
+     "rep-pipeline explain: --threads: 0 is not allowed: must be >= 1"),
+    (["report", "--results", "r", "--out", "o", "--embedding", "keyz"],
+     "rep-pipeline report: --embedding: 'keyz' is not one of"),
+    (["extract", "--model", "tiny-vit", "--weights", "random", "--store", "{tmp}/s.zarr", "-o", "sizez={{train: 2}}"],
+     "synthetic: unknown dataset option 'sizez'; it takes: geometry, sizes, native_size, seed, layout_bias; did you "
+     "mean sizes?"),
+    (["run", str(DEMO), "--set", "cluster.stepz=3"], "cluster.stepz: unknown key; did you mean steps?"),
+])
+def test_a_command_line_error_names_the_flag(tmp_path, args, expected):
+    result = CliRunner().invoke(app, [a.format(tmp=tmp_path) for a in args], env={"COLUMNS": "400"})
+    output = " ".join(result.output.split())
+    assert result.exit_code == 2 and expected in output, output
+    assert not re.search(r"\b[a-z_]+\.\d", output) and "Traceback" not in output
+
+
+# -- one declaration per shared option ----------------------------------------------------------
+def test_shared_options_are_one_declaration_with_each_stages_help():
+    stages = [STAGES[name].config for name in ("extract", "cluster", "evaluate", "probe", "correspond", "explain")]
+    for field in ("store", "dataset"):
+        assert len({str(s.model_fields[field].annotation) for s in stages if s is not ExtractConfig}) == 1
+    store_helps = {s.model_fields["store"].description for s in stages}
+    assert len(store_helps) == len(stages) and all(store_helps)  # the same field, told per stage
+    assert ExtractConfig.parse({"model": "m", "store": "s"}).dataset == "synthetic"  # extract's own default
+    assert ClusterConfig.parse({"model": "m", "store": "s", "train_split": "t"}).dataset is None
+    assert ExplainConfig.parse({"model": "m", "store": "s", "split": "v"}).train_split is None
+    with pytest.raises(ConfigError, match="train_split: required"):
+        ClusterConfig.parse({"model": "m", "store": "s"})
+    help_text = CliRunner().invoke(app, ["cluster", "--help"], env={"COLUMNS": "250"}).output
+    assert "Feature store written by extract." in help_text
+
+
+def test_the_keys_the_run_sets_are_the_fields_marked_from_run():
+    assert SET_BY_RUN["cluster"] == {"store", "model", "train_split", "dataset", "results", "storage_options"}
+    assert SET_BY_RUN["evaluate"] == {"store", "split", "results", "dataset", "storage_options"}
+    assert SET_BY_RUN["extract"] == {"store", "dataset", "data_root", "dataset_options", "limit", "splits",
+                                     "storage_options", "model", "weights", "model_key", "seed"}
+    assert SET_BY_RUN["explain"] == {"store", "model", "split", "train_split", "dataset", "data_root", "weights", "seed",
+                                     "results", "storage_options"}
+    assert all(SET_BY_RUN[name] == STAGES[name].config.set_by_run() for name in SET_BY_RUN)
+    assert "seed" not in SET_BY_RUN["cluster"]  # k-means' seed is the section's own, the weights' seed is not
+
+
+def test_the_sensitivity_section_is_a_config_of_its_own():
+    study = SensitivityConfig.parse({"model": "m", "layer": "4", "batch_images": [24, 32], "init_intervals": [1, 2]})
+    assert study.layer == 4 and study.seeds == (0, 1, 2) and study.settings() == [
+        {"batch_images": 24, "init_interval": 1}, {"batch_images": 32, "init_interval": 1},
+        {"batch_images": 24, "init_interval": 2}]
+    with pytest.raises(ConfigError) as err:
+        SensitivityConfig.parse({"model": "m", "layer": "last", "batch_images": [4, 4]}, "f.yaml",
+                                lambda key: f"sensitivity.{key}")
+    assert str(err.value).splitlines()[1:] == ["  sensitivity.layer: must be 'best' or a block number, got 'last'",
+                                               "  sensitivity.batch_images: distinct positive integers, got [4, 4]"]

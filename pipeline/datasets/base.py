@@ -1,6 +1,7 @@
 """What every dataset shares: items, the geometry of PROTOCOL.md section 3, label tables."""
 from __future__ import annotations
 
+import difflib
 import hashlib
 import io
 import os
@@ -294,7 +295,9 @@ class SegmentationDataset:
         allowed = ("geometry", *self.options_allowed)  # every dataset takes the geometry option
         unknown = sorted(set(options) - set(allowed))
         if unknown:
-            raise ConfigError(f"{self.name}: unknown dataset option {unknown[0]!r}; it takes: {', '.join(allowed)}")
+            close = difflib.get_close_matches(unknown[0], allowed, n=1)
+            raise ConfigError(f"{self.name}: unknown dataset option {unknown[0]!r}; it takes: {', '.join(allowed)}"
+                              + (f"; did you mean {close[0]}?" if close else ""))
         geometry = options.get("geometry", self.default_geometry)
         if geometry not in GEOMETRIES:
             raise ConfigError(f"{self.name}: dataset option geometry={geometry!r}; one of {', '.join(GEOMETRIES)}")
