@@ -18,6 +18,7 @@ import typer
 from typer.core import TyperGroup
 from pydantic.fields import FieldInfo
 from rich.console import Console
+from rich.text import Text
 from rich.table import Table
 
 from rep_pipeline.pipeline.config import Comparison, Options, ReportConfig, Storage, parse_key_values
@@ -46,7 +47,7 @@ class _Commands(TyperGroup):
             if not standalone_mode:
                 raise
             command = exc.ctx.command_path if exc.ctx is not None else "rep-pipeline"
-            err_console.print(f"[bold red]error:[/] {exc.format_message()} (see `{command} --help`)", highlight=False)
+            err_console.print(_said("error:", "bold red", f" {exc.format_message()} (see `{command} --help`)"), highlight=False)
             sys.exit(2)
         except typer.Abort:
             if not standalone_mode:
@@ -61,8 +62,15 @@ app = typer.Typer(cls=_Commands, no_args_is_help=True, pretty_exceptions_enable=
 store_app = typer.Typer(help="Inspect feature stores.", no_args_is_help=True)
 app.add_typer(store_app, name="store")
 # tables stay readable when piped (rich would otherwise assume 80 columns)
-console = Console() if sys.stdout.isatty() else Console(width=160)
-err_console = Console(stderr=True, soft_wrap=True)  # an error stays one line, however narrow the terminal
+# markup and emoji codes off: paths, image names and keys are printed as they are (a file named
+# "[bold]x.jpg" or ":x: dir" stays so); styled labels go through _said
+console = Console(markup=False, emoji=False) if sys.stdout.isatty() else Console(width=160, markup=False, emoji=False)
+err_console = Console(stderr=True, soft_wrap=True, markup=False, emoji=False)  # one line, however narrow the terminal
+
+
+def _said(label: str, style: str, text: Any = "") -> Text:
+    """``label`` in ``style``, then ``text`` exactly as given (never read as markup)."""
+    return Text.assemble((label, style), str(text))
 
 # options of how a command runs, not of what it computes: never part of a config
 RUN_OPTIONS = {
@@ -103,18 +111,18 @@ def friendly_errors(fn: Callable) -> Callable:
         except RepPipelineError as exc:
             if _debug["on"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(_said("error:", "bold red", f" {exc}"), highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             if _debug["on"]:
                 raise
-            err_console.print("[bold red]interrupted[/]; finished work is kept, run the same command to resume")
+            err_console.print(_said("interrupted", "bold red", "; finished work is kept, run the same command to resume"))
             raise typer.Exit(130) from None
         except Exception as exc:
             if _debug["on"]:
                 raise
-            err_console.print(f"[bold red]error:[/] {_one_line(exc)}\n(unexpected; run with --debug for the "
-                              f"traceback)", highlight=False)
+            err_console.print(_said("error:", "bold red", f" {_one_line(exc)}\n(unexpected; run with --debug for the "
+                                                           f"traceback)"), highlight=False)
             raise typer.Exit(1) from None
     return wrapper
 
@@ -258,7 +266,7 @@ def run(
     runs = load_runs(config_file, storage_options=parse_key_values(storage_option), overrides=overrides)
     for cfg in runs:  # every document validated before the first runs
         result = run_all(cfg, address=address, progress=progress, say=console.print)
-        console.print(f"[bold green]done[/] {cfg.title} in {result.seconds:.0f} s. Report: {result.report}")
+        console.print(_said("done", "bold green", f" {cfg.title} in {result.seconds:.0f} s. Report: {result.report}"))
 
 
 @app.command()
@@ -342,12 +350,12 @@ def store_check(
 
     report = check_store(_located(path, storage_option), group=group, repair=repair)
     for problem in report.problems:
-        console.print(f"[red]problem:[/] {problem}", highlight=False)
+        console.print(_said("problem:", "red", f" {problem}"), highlight=False)
     for fix in report.repairs:
-        console.print(f"[yellow]repaired:[/] {fix}", highlight=False)
+        console.print(_said("repaired:", "yellow", f" {fix}"), highlight=False)
     if report.problems and not report.repairs:
         raise typer.Exit(1)
-    console.print("[green]store valid[/]: every chunk decodes" if not report.problems else
+    console.print(_said("store valid", "green", ": every chunk decodes") if not report.problems else
                   f"{len(report.repairs)} repairs made; run the commands named above")
 
 
@@ -365,7 +373,7 @@ def store_info(
     path = _located(path, storage_option)
     problems = validate_store(path)
     if problems:  # the summary below reads every group: only of a store that parses
-        console.print("[bold red]layout problems:[/]\n  " + "\n  ".join(problems), highlight=False)
+        console.print(_said("layout problems:", "bold red", "\n  " + "\n  ".join(problems)), highlight=False)
         raise typer.Exit(1)
     info = FeatureStore(path).info()
     ds_table = Table("dataset", "split", "images", "classes", "S", "labels done", "stored", title=f"{path}: datasets",
@@ -401,8 +409,8 @@ def store_info(
                                 str(who.get("pid", "-")), str(who.get("written", "-")),
                                 f"{who['seconds']:.2f}" if "seconds" in who else "-")
             console.print(c_table)
-    console.print(f"[green]layout valid[/] (schema version {info['schema_version']}); `rep-pipeline store check` "
-                  f"reads every chunk")
+    console.print(_said("layout valid", "green", f" (schema version {info['schema_version']}); `rep-pipeline store "
+                                                "check` reads every chunk"))
 
 
 def main() -> None:

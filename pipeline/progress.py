@@ -22,7 +22,7 @@ class ImageProgress:
 
     def __init__(self, description: str, total: int, *, unit: str = "img", enabled: bool = True):
         self._progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.description}", style="bold", markup=False), BarColumn(), MofNCompleteColumn(),
             RateColumn(unit), TimeRemainingColumn(),
         ) if enabled else None
         self._description, self._total = description, total

@@ -71,6 +71,9 @@ CASES = [
     ("input", "a binary file as a run config", "bad_input/test_yaml.py::test_a_binary_file_is_refused_as_not_text"),
     ("input", "a run config of many MB", "bad_input/test_yaml.py::test_a_huge_file_is_refused_from_its_size"),
     ("input", "a hostile -o option value", "bad_input/test_yaml.py::test_a_hostile_option_value_is_refused_by_its_key"),
+    ("input", "a path holding rich markup and emoji codes, printed verbatim",
+     "bad_input/test_markup.py::test_a_path_with_markup_and_emoji_codes_is_printed_verbatim"),
+    ("input", "an image named like rich markup, named in full", "bad_input/test_markup.py::test_an_image_named_like_markup_is_named_in_full"),
     # cases that passed before the hardening
     ("input", "corrupt, unlabelled-size and out-of-range images and labels", "test_datasets.py::test_bad_inputs_name_the_file"),
     ("input", "an empty split, a wrong root, unknown names", "test_datasets.py::test_empty_split_wrong_root_and_unknown_names"),
