@@ -31,7 +31,7 @@ from PIL import Image
 
 from .. import config
 from ..errors import ConfigError, DataRootError, DatasetError, LabelValueError, SizeMismatchError
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, LabelMap, SegmentationDataset, _decode, _open_header, _pil_bomb_check_off
 from .voc import VOC_CLASSES
 

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .. import config
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, SegmentationDataset
 
 CLASSES = ("sky", "ground", "water", "disc", "box", "triangle")

@@ -30,7 +30,7 @@ from PIL import Image
 
 from .. import config
 from ..errors import ConfigError
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, SegmentationDataset
 from .synthetic import _BASE_RGB, _TEXTURES, BOX, CLASSES, DISC, GROUND, SKY, TRIANGLE, WATER
 
