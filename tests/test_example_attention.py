@@ -15,7 +15,6 @@ from rep_pipeline.stages.extract import Extractor, is_done, run_extract
 from rep_pipeline.stages.extract.capture import CaptureSpec, FeatureCapture
 from rep_pipeline.storage_schemas import results as results_layout
 
-from conftest import TINY_MODELS
 
 EXAMPLES = 8  # feature_store.EXAMPLE_IMAGES, retyped: the split's first 8 images
 
@@ -43,9 +42,8 @@ def timm_patch_attention(model, pixels, npt):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_captured_rows_are_timms_attention_of_the_first_images(name):
-    lm = build_model(name, "random", seed=1)
+def test_captured_rows_are_timms_attention_of_the_first_images(tiny_model):
+    lm = build_model(tiny_model, "random", seed=1)
     cap = FeatureCapture(lm, CaptureSpec(layers=tuple(range(lm.depth))))
     torch.manual_seed(0)
     x = torch.randn(3, 3, lm.input_size, lm.input_size)

@@ -24,7 +24,6 @@ from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore, check_store
 from rep_pipeline.stages.cluster import run_cluster
 from rep_pipeline.stages.extract import run_extract
-from test_extract import kill_a_driver_midway
 
 SYNTH = {"sizes": {"train": 10, "val": 6}}
 CLI = [sys.executable, "-m", "rep_pipeline.cli.app"]
@@ -193,12 +192,13 @@ def test_the_whole_run_on_object_storage_equals_the_local_run(ray_local, s3, sha
 
 
 
-def test_a_killed_driver_resumes_on_object_storage_to_the_single_run_result(ray_local, s3, tmp_path):
+def test_a_killed_driver_resumes_on_object_storage_to_the_single_run_result(ray_local, s3, tmp_path,
+                                                                            kill_a_driver_midway):
     reference = ExtractConfig(model="tiny-vit", weights="random", store=tmp_path / "ref.zarr", chunk_images=2,
                               splits=("train",), dataset_options=SYNTH)
     run_extract(reference, progress=False)
     cfg = reference.replace(store=s3.url("s.zarr"))
-    kill_a_driver_midway(ray_local, cfg.store, tmp_path / "hanging")
+    kill_a_driver_midway(cfg.store, tmp_path / "hanging")
     target = FeatureStore(cfg.store).model_split("tiny-vit", "synthetic", "train")
     done_before = set(np.flatnonzero(target.done[:]).tolist())
     assert 2 <= len(done_before) < 5 and not target.finished
