@@ -42,29 +42,44 @@ def _cli(*args, cwd=None, check=True):
 
 
 # -- the location contract: a local folder and a prefix in a bucket answer alike -----------------
-@pytest.fixture(params=["local", "s3"])
-def folder(request, tmp_path):
-    if request.param == "local":
+class LocationContract:
+    """Written once, run on every backend; a subclass overrides ``folder`` (the store and
+    results contracts, tests/test_store_contract.py and tests/test_results_contract.py, build
+    on this one)."""
+
+    @pytest.fixture
+    def folder(self):
+        raise NotImplementedError("a backend's subclass says where the folder is")
+
+    def test_a_folder_and_a_prefix_answer_alike(self, folder):
+        assert not folder.exists() and not folder.is_dir()
+        for rel, data in (("a/b.txt", b"1"), ("a/c/d.png", b"22"), ("top.json", b"{}")):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+        assert folder.is_dir() and (folder / "a").is_dir() and not (folder / "a").is_file()
+        assert (folder / "top.json").is_file() and (folder / "a/c/d.png").read_bytes() == b"22"
+        assert sorted(p.name for p in folder.iterdir()) == ["a", "top.json"]
+        assert [p.name for p in folder.glob("**/*.png")] == ["d.png"]
+        assert [p.name for p in (folder / "a").glob("*.txt")] == ["b.txt"]
+        assert (folder / "a/c/d.png").parent.name == "c" and (folder / "a/c/d.png").stem == "d"
+        assert (folder / "a/b.txt").open("rb").read() == b"1"
+        with pytest.raises(FileNotFoundError):
+            (folder / "missing.txt").read_bytes()
+        (folder / "a/b.txt").unlink()
+        assert not (folder / "a/b.txt").exists()
+
+
+class TestLocationLocal(LocationContract):
+    @pytest.fixture
+    def folder(self, tmp_path):
         return tmp_path / "root"
-    return as_location(request.getfixturevalue("s3").url("root"))
 
 
-def test_a_folder_and_a_prefix_answer_alike(folder):
-    assert not folder.exists() and not folder.is_dir()
-    for rel, data in (("a/b.txt", b"1"), ("a/c/d.png", b"22"), ("top.json", b"{}")):
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
-    assert folder.is_dir() and (folder / "a").is_dir() and not (folder / "a").is_file()
-    assert (folder / "top.json").is_file() and (folder / "a/c/d.png").read_bytes() == b"22"
-    assert sorted(p.name for p in folder.iterdir()) == ["a", "top.json"]
-    assert [p.name for p in folder.glob("**/*.png")] == ["d.png"]
-    assert [p.name for p in (folder / "a").glob("*.txt")] == ["b.txt"]
-    assert (folder / "a/c/d.png").parent.name == "c" and (folder / "a/c/d.png").stem == "d"
-    assert (folder / "a/b.txt").open("rb").read() == b"1"
-    with pytest.raises(FileNotFoundError):
-        (folder / "missing.txt").read_bytes()
-    (folder / "a/b.txt").unlink()
-    assert not (folder / "a/b.txt").exists()
+@pytest.mark.integration
+class TestLocationS3(LocationContract):
+    @pytest.fixture
+    def folder(self, s3):
+        return as_location(s3.url("root"))
 
 
 def test_conditional_writes_are_honoured_by_the_server(s3):
