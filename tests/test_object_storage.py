@@ -104,14 +104,12 @@ def test_urls_and_options_reach_every_stage_config(s3):
 # -- leases: conditional writes instead of file locks ---------------------------------------------
 def test_a_lease_on_object_storage_refuses_a_second_writer_and_is_taken_over_when_stale(s3):
     folder = as_location(s3.url("leases"))
-    first = Lease(folder, "models/m/d/train", "the group").acquire()
-    try:
+    with Lease(folder, "models/m/d/train", "the group") as first:
         with pytest.raises(LeaseHeldError, match="being written by .*pid"):
             Lease(folder, "models/m/d/train", "the group").acquire()
-    finally:
-        first._stop.set()  # a holder that stops beating (its node was lost)
-        first._thread.join()
-    record = json.loads((folder / "models__m__d__train.json").read_text())
+        record = json.loads((folder / "models__m__d__train.json").read_text())
+        assert record == first.holder()
+    # its holder's node is lost: the record stays behind, its heartbeat an hour old
     record.update(heartbeat=time.time() - 3600, host="another-host")
     (folder / "models__m__d__train.json").write_bytes(json.dumps(record).encode())
     with Lease(folder, "models/m/d/train", "the group") as second:
