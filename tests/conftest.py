@@ -166,8 +166,9 @@ run_extract(cfg, address=address, progress=False, on_chunk_done=hang)
 def _kill_a_driver_midway(ray_local, store, marker) -> None:
     """Run ``_HANGING_DRIVER`` on ``store`` and SIGKILL it with chunks in flight; return once
     Ray has ended its actors."""
+    options = json.dumps({"sizes": {"train": 10, "val": 6}})
     driver = subprocess.Popen([sys.executable, "-c", _HANGING_DRIVER, str(store), str(marker),
-                               ray_local.get_runtime_context().gcs_address, json.dumps({"sizes": {"train": 10, "val": 6}})])
+                               ray_local.get_runtime_context().gcs_address, options])
     try:
         deadline = time.monotonic() + 180
         while not marker.exists():
@@ -215,8 +216,8 @@ def probe_config():
     return _probe_config
 
 
-PLANTED_CLASSES = ("sky", "tree", "road")
-PLANTED_GRID, PLANTED_SIZE, PLANTED_DIM = 8, 64, 16
+CLASSES = ("sky", "tree", "road")  # the planted store's classes and shape
+GRID, SIZE, DIM = 8, 64, 16
 
 
 def _planted_store(path, n=32, chunk=8, seed=0, version=2):
@@ -227,34 +228,34 @@ def _planted_store(path, n=32, chunk=8, seed=0, version=2):
 
     store = FeatureStore(path, mode="a")
     rng = np.random.default_rng(seed)
-    direction = np.zeros(PLANTED_DIM, np.float32)
+    direction = np.zeros(DIM, np.float32)
     direction[0] = 4.0
     model_fp = {"model": "m", "timm_name": "-", "family": "-", "weights_source": "random:seed=0",
-                "weights_sha256": "-", "image_size": PLANTED_SIZE, "input_size": PLANTED_SIZE, "patch_size": PLANTED_SIZE // PLANTED_GRID,
-                "grid": PLANTED_GRID, "num_prefix_tokens": 1, "embed_dim": PLANTED_DIM, "num_heads": 1, "depth": 2,
+                "weights_sha256": "-", "image_size": SIZE, "input_size": SIZE, "patch_size": SIZE // GRID,
+                "grid": GRID, "num_prefix_tokens": 1, "embed_dim": DIM, "num_heads": 1, "depth": 2,
                 "mean": [0, 0, 0], "std": [1, 1, 1], "layers": [0, 1], "embeddings": ["queries", "keys"],
                 "rope": "before", "last_norm": "after"}
     if version == 2:
         model_fp["class_embeddings"] = ["queries", "keys"]
     for split in ("train", "val"):
-        fp = {"dataset": "synthetic", "split": split, "n_images": n, "image_size": PLANTED_SIZE, "classes": list(PLANTED_CLASSES),
+        fp = {"dataset": "synthetic", "split": split, "n_images": n, "image_size": SIZE, "classes": list(CLASSES),
               "ignore_index": 255, "image_ids_sha256": split, "options": {}}
         data = store.require_dataset_split(fp, [f"{split}{i}" for i in range(n)], np.zeros((3, 3), np.uint8), chunk)
         group = store.require_model_split("m", data, model_fp)
         for c in range(n // chunk):
             pair = np.stack([rng.permutation(3)[:2] for _ in range(chunk)])              # two classes per image
-            patch = pair[np.arange(chunk)[:, None], rng.integers(0, 2, (chunk, PLANTED_GRID * PLANTED_GRID))]  # (chunk, P)
-            labels = np.kron(patch.reshape(chunk, PLANTED_GRID, PLANTED_GRID), np.ones((PLANTED_SIZE // PLANTED_GRID, PLANTED_SIZE // PLANTED_GRID))).astype(np.uint8)
-            data.write_labels(c, labels, np.zeros((chunk, PLANTED_SIZE, PLANTED_SIZE, 3), np.uint8))
-            noise = rng.standard_normal((2, 2, chunk, PLANTED_GRID * PLANTED_GRID, PLANTED_DIM)).astype(np.float32)
+            patch = pair[np.arange(chunk)[:, None], rng.integers(0, 2, (chunk, GRID * GRID))]  # (chunk, P)
+            labels = np.kron(patch.reshape(chunk, GRID, GRID), np.ones((SIZE // GRID, SIZE // GRID))).astype(np.uint8)
+            data.write_labels(c, labels, np.zeros((chunk, SIZE, SIZE, 3), np.uint8))
+            noise = rng.standard_normal((2, 2, chunk, GRID * GRID, DIM)).astype(np.float32)
             keys = noise[0] + (patch == 0)[None, :, :, None] * direction
-            arrays = {"queries": noise[1].reshape(2, chunk, PLANTED_GRID, PLANTED_GRID, PLANTED_DIM).astype(np.float16),
-                      "keys": keys.reshape(2, chunk, PLANTED_GRID, PLANTED_GRID, PLANTED_DIM).astype(np.float16),
-                      **({"class_queries": rng.standard_normal((2, chunk, PLANTED_DIM)).astype(np.float16),
-                          "class_keys": rng.standard_normal((2, chunk, PLANTED_DIM)).astype(np.float16)} if version == 2 else
-                         {"class_tokens": rng.standard_normal((2, chunk, PLANTED_DIM)).astype(np.float16)}),
+            arrays = {"queries": noise[1].reshape(2, chunk, GRID, GRID, DIM).astype(np.float16),
+                      "keys": keys.reshape(2, chunk, GRID, GRID, DIM).astype(np.float16),
+                      **({"class_queries": rng.standard_normal((2, chunk, DIM)).astype(np.float16),
+                          "class_keys": rng.standard_normal((2, chunk, DIM)).astype(np.float16)} if version == 2 else
+                         {"class_tokens": rng.standard_normal((2, chunk, DIM)).astype(np.float16)}),
                       "attention_mi": np.ones((2, chunk, 1), np.float32),
-                      "attention_sum": np.full((2, PLANTED_GRID**2, PLANTED_GRID**2), 1 / PLANTED_GRID**2, np.float32)}
+                      "attention_sum": np.full((2, GRID**2, GRID**2), 1 / GRID**2, np.float32)}
             group.write_chunk(c, arrays)
         group.finalize()
     if version == 1:
@@ -265,8 +266,7 @@ def _planted_store(path, n=32, chunk=8, seed=0, version=2):
     return path
 
 
-_planted_store.classes, _planted_store.grid, _planted_store.size, _planted_store.dim = (
-    PLANTED_CLASSES, PLANTED_GRID, PLANTED_SIZE, PLANTED_DIM)
+_planted_store.classes, _planted_store.grid, _planted_store.size, _planted_store.dim = CLASSES, GRID, SIZE, DIM
 
 
 def _probe_config(tmp_path, **kw):

@@ -271,3 +271,20 @@ def test_stages_neither_import_zarr_nor_read_attrs():
         found += [(rel, node.lineno, "reads .attrs") for node in ast.walk(ast.parse(path.read_text()))
                   if isinstance(node, ast.Attribute) and node.attr == "attrs"]
     assert found == [], "\n".join(f"{rel}:{line} {what}" for rel, line, what in sorted(set(found)))
+
+
+def test_no_test_file_imports_another_or_conftest():
+    """Test files share builders as fixtures of ``tests/conftest.py``: none imports a test
+    module or conftest itself (pytest loads conftest; an import of it runs it twice)."""
+    tests = ROOT / "tests"
+    local = {p.stem for p in tests.rglob("*.py") if p.stem.startswith("test_") or p.stem == "conftest"}
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and node.level:
+                names = [node.module or "", *(a.name for a in node.names)]
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                      if n.split(".")[0] in local or n.split(".")[:1] == ["tests"]]
+    assert found == [], "\n".join(found)
