@@ -10,7 +10,6 @@ from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.pipeline.registry import build_model
 from rep_pipeline.stages.extract.capture import CaptureSpec, FeatureCapture, Scratch, log_normaliser, patch_attention
 
-from conftest import TINY_MODELS
 
 B = 2
 
@@ -46,9 +45,8 @@ def _setup(name, **spec):
     return lm, cap, x
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_qkv_equal_recomputation_from_weights(name):
-    lm, cap, x = _setup(name)
+def test_qkv_equal_recomputation_from_weights(tiny_model):
+    lm, cap, x = _setup(tiny_model)
     out = cap(x)
     inputs = _block_inputs(lm.model, x)
     npt, G = lm.num_prefix_tokens, lm.grid
@@ -58,12 +56,11 @@ def test_qkv_equal_recomputation_from_weights(name):
         for emb, ref in (("queries", q), ("keys", k), ("values", v)):
             got = out[emb][layer].float()
             want = ref[:, npt:].reshape(B, G, G, -1)
-            torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=f"{name} layer {layer} {emb}")
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=f"{tiny_model} layer {layer} {emb}")
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_tokens_and_class_tokens_equal_forward_intermediates(name):
-    lm, cap, x = _setup(name)
+def test_tokens_and_class_tokens_equal_forward_intermediates(tiny_model):
+    lm, cap, x = _setup(tiny_model)
     out = cap(x)
     npt, G, last = lm.num_prefix_tokens, lm.grid, lm.depth - 1
     with torch.inference_mode():
@@ -80,10 +77,9 @@ def test_tokens_and_class_tokens_equal_forward_intermediates(name):
     torch.testing.assert_close(before["tokens"][0].float(), inter[last][0].reshape(B, G, G, -1), atol=2e-3, rtol=2e-3)
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_attention_mi_equals_the_definition(name):
+def test_attention_mi_equals_the_definition(tiny_model):
     """I(K,Q) from q, k recomputed by hand, with RoPE where the model uses it."""
-    lm, cap, x = _setup(name)
+    lm, cap, x = _setup(tiny_model)
     out = cap(x)
     model, npt, H = lm.model, lm.num_prefix_tokens, lm.num_heads
     inputs = _block_inputs(model, x)
@@ -231,12 +227,11 @@ def _mlp_branch(blk, x):
     return blk.ls2(y) if hasattr(blk, "ls2") else y
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_mid_tokens_are_the_residual_stream_before_the_mlp(name):
+def test_mid_tokens_are_the_residual_stream_before_the_mlp(tiny_model):
     """PROTOCOL.md 8.1: tokens - mid_tokens = ls2(mlp(norm2(mid_tokens))), mid_normed =
     norm2(mid_tokens), and every class_<embedding> is the class token's (token 0) value."""
     everything = ("queries", "keys", "values", "tokens", "mid_tokens", "mid_normed")
-    lm, cap, x = _setup(name, embeddings=everything, class_embeddings=everything, last_norm="before")
+    lm, cap, x = _setup(tiny_model, embeddings=everything, class_embeddings=everything, last_norm="before")
     out = cap(x)
     inputs = _block_inputs(lm.model, x)
     D = lm.embed_dim
@@ -247,7 +242,7 @@ def test_mid_tokens_are_the_residual_stream_before_the_mlp(name):
             branch = _mlp_branch(blk, mid)
             normed = blk.norm2(mid)
             _, k, v = _manual_qkv(blk.attn, blk.norm1(inputs[layer]))
-        torch.testing.assert_close(tokens - mid, branch, atol=2e-2, rtol=1e-2, msg=f"{name} layer {layer}")
+        torch.testing.assert_close(tokens - mid, branch, atol=2e-2, rtol=1e-2, msg=f"{tiny_model} layer {layer}")
         torch.testing.assert_close(out["mid_normed"][layer].float().reshape(B, -1, D), normed, atol=2e-2, rtol=1e-2)
         torch.testing.assert_close(out["class_keys"][layer].float(), k[:, 0], atol=2e-3, rtol=2e-3)
         torch.testing.assert_close(out["class_values"][layer].float(), v[:, 0], atol=2e-3, rtol=2e-3)

@@ -3,7 +3,6 @@ documents is a real command (tests/test_job_submit.py runs it on a cluster)."""
 import itertools
 import json
 import re
-import shlex
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -36,14 +35,6 @@ def test_launcher_file_passes_rays_schema_and_keeps_work_off_the_head():
         jsonschema.validate(broken, _schema())
 
 
-def documented_job() -> list[str]:
-    """The header's `ray job submit ... -- rep-pipeline run ...` line, as argv (one line, so the
-    test that runs it, tests/test_job_submit.py, runs what the file says)."""
-    lines = [line[1:].strip() for line in LAUNCHER.read_text().splitlines() if line.startswith("#   ray job submit ")]
-    assert len(lines) == 1, lines
-    return shlex.split(lines[0])
-
-
 def _run_config_example() -> dict:
     """The header's first indented block: the keys of run.yaml that become URLs."""
     header = [line for line in LAUNCHER.read_text().splitlines() if line.startswith("#")]
@@ -52,12 +43,12 @@ def _run_config_example() -> dict:
     return yaml.safe_load("\n".join(block))
 
 
-def test_documented_job_command_names_real_options(tmp_path, monkeypatch):
+def test_documented_job_command_names_real_options(tmp_path, monkeypatch, documented_job):
     """`ray job submit` with real options of its own; the job, `rep-pipeline run` (the package's
     console script) with real options of `run`; the run config's paths all object-storage URLs."""
     from ray.dashboard.modules.job.cli import submit as ray_job_submit
 
-    command = documented_job()
+    command = list(documented_job)
     split = command.index("--")
     submit, job = command[:split], command[split + 1:]
     assert submit[:3] == ["ray", "job", "submit"]

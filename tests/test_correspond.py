@@ -50,7 +50,7 @@ def test_extract_writes_the_pad_geometry_and_the_keypoint_pairs(pairs_run):
     dataset = build_dataset("synthetic-pairs", pairs=PAIRS)
     items = dataset.items("test")
     assert data.geometry_mode == "pad" and data.fingerprint["options"]["geometry"] == "pad"
-    native = [dataset._read_pair(it)[0].size for it in items]
+    native = [dataset.read_pair(it)[0].size for it in items]
     np.testing.assert_array_equal(data.geometry(), [placement(w, h, SIZE, "pad") for w, h in native])
     table = data.keypoint_pairs()
     assert table.schema.equals(KEYPOINT_PAIRS, check_metadata=False)

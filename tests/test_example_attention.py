@@ -1,21 +1,19 @@
 """Per-image attention rows of the example images (PROTOCOL.md 12.5, A37): captured, stored by a
 real extract, carried into the evaluation maps, and checked against timm's own attention."""
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
 
-from rep_pipeline.pipeline.config import ExtractConfig
+from rep_pipeline.pipeline.config import EvaluateConfig, ExtractConfig
 from rep_pipeline.pipeline.errors import FingerprintMismatchError, StoreError
 from rep_pipeline.pipeline.registry import build_model
-from rep_pipeline.pipeline.store import FeatureStore, MapStore, check_store, validate_store
-from rep_pipeline.stages.evaluate.stage import _attention, _Target
+from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.store import FeatureStore, check_store, validate_store
+from rep_pipeline.stages.evaluate import run_evaluate
 from rep_pipeline.stages.extract import Extractor, is_done, run_extract
 from rep_pipeline.stages.extract.capture import CaptureSpec, FeatureCapture
 from rep_pipeline.storage_schemas import results as results_layout
 
-from conftest import TINY_MODELS
 
 EXAMPLES = 8  # feature_store.EXAMPLE_IMAGES, retyped: the split's first 8 images
 
@@ -43,9 +41,8 @@ def timm_patch_attention(model, pixels, npt):
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_captured_rows_are_timms_attention_of_the_first_images(name):
-    lm = build_model(name, "random", seed=1)
+def test_captured_rows_are_timms_attention_of_the_first_images(tiny_model):
+    lm = build_model(tiny_model, "random", seed=1)
     cap = FeatureCapture(lm, CaptureSpec(layers=tuple(range(lm.depth))))
     torch.manual_seed(0)
     x = torch.randn(3, 3, lm.input_size, lm.input_size)
@@ -62,7 +59,19 @@ def test_captured_rows_are_timms_attention_of_the_first_images(name):
 
 def _cfg(tmp_path, store="s.zarr", **kw):
     return ExtractConfig(model="tiny-dinov3", weights="random", store=tmp_path / store, chunk_images=3,
-                         layers=(0, 3), splits=("val",), dataset_options={"sizes": {"train": 4, "val": 10}}, **kw)
+                         layers=(0, 3), splits=("train", "val"), embeddings=("keys",),
+                         dataset_options={"sizes": {"train": 4, "val": 10}}, **kw)
+
+
+def _evaluated_maps(cfg, results):
+    """Evaluate the val split with a hand-written codebook on train (no clustering needed for
+    the attention maps) and return the results' maps."""
+    train = FeatureStore(cfg.store, mode="a").model_split(cfg.model, "synthetic", "train")
+    book = train.require_codebook("lloyd", 2, 0, {"tol": 0.0})
+    for layer in cfg.layers:
+        book.write("keys", layer, np.eye(2, train.read_features("keys", layer, 0, 1).shape[-1], dtype=np.float32))
+    run_evaluate(EvaluateConfig(store=cfg.store, split="val", results=results, models=(cfg.model,)), progress=False)
+    return Results(results).maps()
 
 
 def test_extract_stores_the_example_rows_and_evaluate_carries_them(ray_local, tmp_path):
@@ -94,8 +103,7 @@ def test_extract_stores_the_example_rows_and_evaluate_carries_them(ray_local, tm
                                 model.num_prefix_tokens)[[0, 3]].mean(1)
     np.testing.assert_allclose(group.attention_map(), mean.numpy(), atol=1e-5, rtol=1e-4)
 
-    maps = MapStore(tmp_path / "maps.zarr", mode="a")
-    _attention(SimpleNamespace(split="val"), maps, _Target("tiny-dinov3", "synthetic", group, []))
+    maps = _evaluated_maps(cfg, tmp_path / "results")
     path = results_layout.attention_maps("synthetic", "val", "tiny-dinov3")
     assert maps.attrs(path)["example_ids"] == ids
     np.testing.assert_array_equal(maps.read(path, "example_attention"), rows)
@@ -110,10 +118,10 @@ def test_a_store_without_the_rows_keeps_its_fingerprint_and_refuses_them_clearly
     assert not group.has_example_attention
     with pytest.raises(StoreError, match="example_attention.*--example-attention"):
         group.example_attention()
-    maps = MapStore(tmp_path / "maps.zarr", mode="a")
-    _attention(SimpleNamespace(split="val"), maps, _Target("tiny-dinov3", "synthetic", group, []))
+    maps = _evaluated_maps(plain, tmp_path / "results")
     path = results_layout.attention_maps("synthetic", "val", "tiny-dinov3")
     assert "example_ids" not in maps.attrs(path)
+    np.testing.assert_array_equal(maps.read(path, "attention"), group.attention_map())
 
     wanted = _cfg(tmp_path, example_attention=True)
     assert not is_done(wanted)

@@ -1,10 +1,6 @@
 """The extract stage end to end on a real local Ray instance, real stores and tiny models."""
-import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +16,6 @@ from rep_pipeline.pipeline.store import validate_store
 from rep_pipeline.pipeline.streaming import all_finite, non_finite_images
 from rep_pipeline.stages.extract import Extractor, is_done, run_extract
 
-from conftest import TINY_MODELS
 
 SYNTH = {"sizes": {"train": 10, "val": 6}}
 
@@ -36,13 +31,12 @@ def _arrays(store, model, split):
     return {name: arr[:] for name, arr in group.arrays() if name != "provenance"}  # who wrote a chunk differs by run
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_store_holds_exactly_what_the_model_captures(ray_local, tmp_path, name):
-    cfg = _cfg(tmp_path, name, layers=(0, 3), splits=("val",))
+def test_store_holds_exactly_what_the_model_captures(ray_local, tmp_path, tiny_model):
+    cfg = _cfg(tmp_path, tiny_model, layers=(0, 3), splits=("val",))
     result = run_extract(cfg, progress=False)
     assert result.images_computed == 6 and result.splits[0].chunks == 2
     assert validate_store(cfg.store) == []
-    stored = FeatureStore(cfg.store).model_split(name, "synthetic", "val")
+    stored = FeatureStore(cfg.store).model_split(tiny_model, "synthetic", "val")
     assert stored.finished and stored.layers == (0, 3)
     extractor = Extractor(cfg)  # the same computation in this process, no Ray, no store
     items = extractor.items("val")
@@ -50,7 +44,7 @@ def test_store_holds_exactly_what_the_model_captures(ray_local, tmp_path, name):
     direct = extractor.features(images, [i.image_id for i in items])
     for emb in ("queries", "keys", "values", "tokens", "class_tokens", "attention_mi"):
         np.testing.assert_allclose(stored.group[emb][:].astype(np.float32), direct[emb].astype(np.float32),
-                                   atol=2e-3, rtol=2e-3, err_msg=f"{name} {emb}")
+                                   atol=2e-3, rtol=2e-3, err_msg=f"{tiny_model} {emb}")
     np.testing.assert_allclose(stored.attention_map(), direct["attention_sum"] / 6, atol=1e-5)
     data = FeatureStore(cfg.store).dataset_split("synthetic", "val")
     assert np.array_equal(data.labels[:], labels) and data.image_ids() == [i.image_id for i in items]
@@ -125,52 +119,11 @@ def test_killed_actor_is_restarted_and_its_range_retried(ray_local, tmp_path):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-_HANGING_DRIVER = """
-import json, sys, time
-from pathlib import Path
-from rep_pipeline.pipeline.config import ExtractConfig
-from rep_pipeline.stages.extract import run_extract
-
-store, marker, address, options = sys.argv[1:5]
-seen = []
-
-def hang(split, chunk, stats):
-    seen.append(chunk)
-    if len(seen) == 2:  # stop here until killed, chunks still in flight on the actors
-        Path(marker).touch()
-        time.sleep(600)
-
-cfg = ExtractConfig(model="tiny-vit", weights="random", store=store, chunk_images=2, splits=("train",),
-                    dataset_options=json.loads(options))  # store: a path or an object-storage URL
-run_extract(cfg, address=address, progress=False, on_chunk_done=hang)
-"""
-
-
-def kill_a_driver_midway(ray_local, store, marker) -> None:
-    """Run ``_HANGING_DRIVER`` on ``store`` and SIGKILL it with chunks in flight; return once
-    Ray has ended its actors."""
-    driver = subprocess.Popen([sys.executable, "-c", _HANGING_DRIVER, str(store), str(marker),
-                               ray_local.get_runtime_context().gcs_address, json.dumps(SYNTH)])
-    try:
-        deadline = time.monotonic() + 180
-        while not marker.exists():
-            assert driver.poll() is None, "the driver exited before it was killed"
-            assert time.monotonic() < deadline, "the driver never got two chunks done"
-            time.sleep(0.1)
-    finally:
-        driver.send_signal(signal.SIGKILL)  # no handler, no cleanup: as the OOM killer or a lost node
-        driver.wait()
-    deadline = time.monotonic() + 60  # Ray ends the dead driver's actors and frees their CPUs
-    while ray_local.available_resources().get("CPU", 0) < 2:
-        assert time.monotonic() < deadline, "the killed driver's actors were not ended"
-        time.sleep(0.2)
-
-
-def test_killed_driver_resumes_to_the_single_run_result(ray_local, tmp_path):
+def test_killed_driver_resumes_to_the_single_run_result(ray_local, tmp_path, kill_a_driver_midway):
     reference = _cfg(tmp_path, store="ref.zarr", splits=("train",), chunk_images=2)
     run_extract(reference, progress=False)
     cfg = _cfg(tmp_path, splits=("train",), chunk_images=2)
-    kill_a_driver_midway(ray_local, cfg.store, tmp_path / "hanging")
+    kill_a_driver_midway(cfg.store, tmp_path / "hanging")
     target = FeatureStore(cfg.store).model_split("tiny-vit", "synthetic", "train")
     done_before = set(np.flatnonzero(target.done[:]).tolist())
     assert 2 <= len(done_before) < 5 and not target.finished

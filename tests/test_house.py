@@ -135,9 +135,156 @@ def test_every_package_folder_is_installed():
     assert found | {"rep_pipeline"} == listed
 
 
-@pytest.mark.parametrize("name", ["extract", "cluster", "evaluate", "report"])
+def _stage_names() -> list[str]:
+    from rep_pipeline.stages import STAGES
+
+    return list(STAGES)
+
+
+@pytest.mark.parametrize("name", _stage_names())
 def test_every_stage_room_exposes_run_and_is_done(name):
+    """Every registered stage, not a hand-kept list: a new entry in ``STAGES`` is checked too."""
     from rep_pipeline.stages import STAGES
 
     room = STAGES[name].room()
-    assert callable(getattr(room, f"run_{name}")) and callable(room.is_done)
+    assert callable(getattr(room, f"run_{name}", None)), f"stages/{name} has no run_{name}"
+    assert callable(getattr(room, "is_done", None)), f"stages/{name} has no is_done"
+
+
+def _module_name(path: Path) -> str:
+    parts = ["rep_pipeline", *path.relative_to(ROOT).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Every module of the package (the root ``__init__`` too) -> the package's modules it
+    imports, at any depth (function-level imports count). ``import a.b`` and ``from a.b import
+    x`` point at ``a.b`` (a package's ``__init__``) unless ``a.b.x`` is a module itself; the
+    parents that Python loads first are not counted, else every package would cycle with its
+    own submodules."""
+    files = [ROOT / "__init__.py", *(path for _, path in _modules())]
+    modules = {_module_name(path): path for path in files}
+
+    def resolve(name: str | None) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {resolve(a.name) for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                module = ".".join(p for p in (base, node.module) if p)
+                targets |= {f"{module}.{a.name}" if f"{module}.{a.name}" in modules else resolve(module)
+                            for a in node.names}
+        graph[name] = targets - {None, name}
+    return graph
+
+
+def _strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's strongly connected components, iteratively (no recursion limit)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                components.append(sorted(component))
+    return components
+
+
+def _one_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
+    """A shortest import path from the component's first module back to itself."""
+    start, members = component[0], set(component)
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        for child in sorted(graph[node] & members):
+            if child == start:
+                return [*paths[node], start]
+            if child not in paths:
+                paths[child] = [*paths[node], child]
+                queue.append(child)
+    raise AssertionError(f"no cycle through {start}")  # cannot happen in a component of two or more
+
+
+def test_cycle_finder_sees_a_cycle_and_nothing_else():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"e"}}
+    assert sorted(c for c in _strongly_connected(graph) if len(c) > 1) == [["a", "b", "c"]]
+    assert _one_cycle(graph, ["a", "b", "c"]) == ["a", "b", "c", "a"]
+
+
+def test_no_import_cycles_lazy_imports_included():
+    """No two modules of the package import each other, directly or around a loop, even from
+    inside a function (a lazy import hides a cycle, it does not remove it)."""
+    graph = _module_graph()
+    assert "rep_pipeline.pipeline.datasets.registry" in graph  # the walk reached the package's modules
+    cycles = [" -> ".join(_one_cycle(graph, c)) + f"  (component: {', '.join(c)})"
+              for c in _strongly_connected(graph) if len(c) > 1]
+    assert cycles == [], "import cycles:\n" + "\n".join(cycles)
+
+
+def test_stages_neither_import_zarr_nor_read_attrs():
+    """The stages see the store through typed metadata of ``pipeline/store``: no module under
+    ``stages/`` imports zarr or reads an ``.attrs`` mapping (or calls an ``.attrs(...)`` method)."""
+    found = []
+    for layer, path in _modules():
+        if layer != "stages":
+            continue
+        rel = path.relative_to(ROOT).as_posix()
+        found += [(rel, 0, f"imports {name}") for name in _imports(path) if name.split(".")[0] == "zarr"]
+        found += [(rel, node.lineno, "reads .attrs") for node in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(node, ast.Attribute) and node.attr == "attrs"]
+    assert found == [], "\n".join(f"{rel}:{line} {what}" for rel, line, what in sorted(set(found)))
+
+
+def test_no_test_file_imports_another_or_conftest():
+    """Test files share builders as fixtures of ``tests/conftest.py``: none imports a test
+    module or conftest itself (pytest loads conftest; an import of it runs it twice)."""
+    tests = ROOT / "tests"
+    local = {p.stem for p in tests.rglob("*.py") if p.stem.startswith("test_") or p.stem == "conftest"}
+    found = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and node.level:
+                names = [node.module or "", *(a.name for a in node.names)]
+            found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                      if n.split(".")[0] in local or n.split(".")[:1] == ["tests"]]
+    assert found == [], "\n".join(found)

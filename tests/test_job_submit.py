@@ -21,7 +21,6 @@ from PIL import Image
 from rep_pipeline.pipeline.datasets import build_dataset
 from rep_pipeline.pipeline.location import as_location
 from rep_pipeline.pipeline.store import FeatureStore
-from test_cluster_launcher import documented_job
 
 pytestmark = pytest.mark.integration
 CLI = [sys.executable, "-m", "rep_pipeline.cli.app"]
@@ -122,7 +121,8 @@ def _cli(*args) -> str:
     return done.stdout
 
 
-def test_the_documented_batch_job_runs_on_a_cluster_without_a_shared_filesystem(ray_cluster, s3, tmp_path):
+def test_the_documented_batch_job_runs_on_a_cluster_without_a_shared_filesystem(ray_cluster, s3, tmp_path,
+                                                                                 documented_job):
     job_server, env = ray_cluster
     _folder_dataset_in(as_location(s3.url("data")))
     run = {"title": "a batch job", "store": s3.url("features.zarr"), "results": s3.url("results"),
@@ -134,7 +134,7 @@ def test_the_documented_batch_job_runs_on_a_cluster_without_a_shared_filesystem(
            "comparisons": [{"compare": "layers", "embedding": "keys", "models": ["tiny-vit"]}]}
     work = tmp_path / "job"
     work.mkdir()
-    command = documented_job()
+    command = list(documented_job)
     config = command.index("run") + 1  # `rep-pipeline run <config>`: the one path in the command
     (work / command[config]).write_text(yaml.safe_dump(run))
     address = command.index("--address") + 1  # the job server's, before ` -- `

@@ -24,7 +24,6 @@ from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore, check_store
 from rep_pipeline.stages.cluster import run_cluster
 from rep_pipeline.stages.extract import run_extract
-from test_extract import kill_a_driver_midway
 
 SYNTH = {"sizes": {"train": 10, "val": 6}}
 CLI = [sys.executable, "-m", "rep_pipeline.cli.app"]
@@ -43,29 +42,44 @@ def _cli(*args, cwd=None, check=True):
 
 
 # -- the location contract: a local folder and a prefix in a bucket answer alike -----------------
-@pytest.fixture(params=["local", "s3"])
-def folder(request, tmp_path):
-    if request.param == "local":
+class LocationContract:
+    """Written once, run on every backend; a subclass overrides ``folder`` (the store and
+    results contracts, tests/test_store_contract.py and tests/test_results_contract.py, build
+    on this one)."""
+
+    @pytest.fixture
+    def folder(self):
+        raise NotImplementedError("a backend's subclass says where the folder is")
+
+    def test_a_folder_and_a_prefix_answer_alike(self, folder):
+        assert not folder.exists() and not folder.is_dir()
+        for rel, data in (("a/b.txt", b"1"), ("a/c/d.png", b"22"), ("top.json", b"{}")):
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+        assert folder.is_dir() and (folder / "a").is_dir() and not (folder / "a").is_file()
+        assert (folder / "top.json").is_file() and (folder / "a/c/d.png").read_bytes() == b"22"
+        assert sorted(p.name for p in folder.iterdir()) == ["a", "top.json"]
+        assert [p.name for p in folder.glob("**/*.png")] == ["d.png"]
+        assert [p.name for p in (folder / "a").glob("*.txt")] == ["b.txt"]
+        assert (folder / "a/c/d.png").parent.name == "c" and (folder / "a/c/d.png").stem == "d"
+        assert (folder / "a/b.txt").open("rb").read() == b"1"
+        with pytest.raises(FileNotFoundError):
+            (folder / "missing.txt").read_bytes()
+        (folder / "a/b.txt").unlink()
+        assert not (folder / "a/b.txt").exists()
+
+
+class TestLocationLocal(LocationContract):
+    @pytest.fixture
+    def folder(self, tmp_path):
         return tmp_path / "root"
-    return as_location(request.getfixturevalue("s3").url("root"))
 
 
-def test_a_folder_and_a_prefix_answer_alike(folder):
-    assert not folder.exists() and not folder.is_dir()
-    for rel, data in (("a/b.txt", b"1"), ("a/c/d.png", b"22"), ("top.json", b"{}")):
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_bytes(data)
-    assert folder.is_dir() and (folder / "a").is_dir() and not (folder / "a").is_file()
-    assert (folder / "top.json").is_file() and (folder / "a/c/d.png").read_bytes() == b"22"
-    assert sorted(p.name for p in folder.iterdir()) == ["a", "top.json"]
-    assert [p.name for p in folder.glob("**/*.png")] == ["d.png"]
-    assert [p.name for p in (folder / "a").glob("*.txt")] == ["b.txt"]
-    assert (folder / "a/c/d.png").parent.name == "c" and (folder / "a/c/d.png").stem == "d"
-    assert (folder / "a/b.txt").open("rb").read() == b"1"
-    with pytest.raises(FileNotFoundError):
-        (folder / "missing.txt").read_bytes()
-    (folder / "a/b.txt").unlink()
-    assert not (folder / "a/b.txt").exists()
+@pytest.mark.integration
+class TestLocationS3(LocationContract):
+    @pytest.fixture
+    def folder(self, s3):
+        return as_location(s3.url("root"))
 
 
 def test_conditional_writes_are_honoured_by_the_server(s3):
@@ -90,14 +104,12 @@ def test_urls_and_options_reach_every_stage_config(s3):
 # -- leases: conditional writes instead of file locks ---------------------------------------------
 def test_a_lease_on_object_storage_refuses_a_second_writer_and_is_taken_over_when_stale(s3):
     folder = as_location(s3.url("leases"))
-    first = Lease(folder, "models/m/d/train", "the group").acquire()
-    try:
+    with Lease(folder, "models/m/d/train", "the group") as first:
         with pytest.raises(LeaseHeldError, match="being written by .*pid"):
             Lease(folder, "models/m/d/train", "the group").acquire()
-    finally:
-        first._stop.set()  # a holder that stops beating (its node was lost)
-        first._thread.join()
-    record = json.loads((folder / "models__m__d__train.json").read_text())
+        record = json.loads((folder / "models__m__d__train.json").read_text())
+        assert record["token"] == first.holder()["token"] == first.token
+    # its holder's node is lost: the record stays behind, its heartbeat an hour old
     record.update(heartbeat=time.time() - 3600, host="another-host")
     (folder / "models__m__d__train.json").write_bytes(json.dumps(record).encode())
     with Lease(folder, "models/m/d/train", "the group") as second:
@@ -193,12 +205,13 @@ def test_the_whole_run_on_object_storage_equals_the_local_run(ray_local, s3, sha
 
 
 
-def test_a_killed_driver_resumes_on_object_storage_to_the_single_run_result(ray_local, s3, tmp_path):
+def test_a_killed_driver_resumes_on_object_storage_to_the_single_run_result(ray_local, s3, tmp_path,
+                                                                            kill_a_driver_midway):
     reference = ExtractConfig(model="tiny-vit", weights="random", store=tmp_path / "ref.zarr", chunk_images=2,
                               splits=("train",), dataset_options=SYNTH)
     run_extract(reference, progress=False)
     cfg = reference.replace(store=s3.url("s.zarr"))
-    kill_a_driver_midway(ray_local, cfg.store, tmp_path / "hanging")
+    kill_a_driver_midway(cfg.store, tmp_path / "hanging")
     target = FeatureStore(cfg.store).model_split("tiny-vit", "synthetic", "train")
     done_before = set(np.flatnonzero(target.done[:]).tolist())
     assert 2 <= len(done_before) < 5 and not target.finished

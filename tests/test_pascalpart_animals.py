@@ -122,7 +122,7 @@ def test_a_person_on_a_horse_is_background(root):
     """Everything outside the animal masks is background, other objects included."""
     ds = build_dataset("pascalpart", root, labels="parts6")
     item, = (i for i in ds.items("val") if i.image_id == "2010_005243")
-    label = ds._read_pair(item)[1]
+    label = ds.read_pair(item)[1]
     objects, _ = _raw(root, item.image_id)
     assert (np.asarray(label)[objects == 15] == 0).all() and (objects == 15).any()
 

@@ -13,67 +13,11 @@ from rep_pipeline.pipeline.store import FeatureStore
 from rep_pipeline.stages.extract import run_extract
 from rep_pipeline.stages.probe import is_done, run_probe
 
-CLASSES = ("sky", "tree", "road")
-GRID, SIZE, DIM = 8, 64, 16
-
-
-def _planted_store(path, n=32, chunk=8, seed=0, version=2):
-    """Patches of class 0 share a direction in ``keys`` only (``queries`` are noise alone); each
-    image holds two of the three classes, so the cosine rule has images without each. With
-    ``version=1``, as schema 1 wrote it: class tokens of ``tokens`` only, no ``class_embeddings``."""
-    store = FeatureStore(path, mode="a")
-    rng = np.random.default_rng(seed)
-    direction = np.zeros(DIM, np.float32)
-    direction[0] = 4.0
-    model_fp = {"model": "m", "timm_name": "-", "family": "-", "weights_source": "random:seed=0",
-                "weights_sha256": "-", "image_size": SIZE, "input_size": SIZE, "patch_size": SIZE // GRID,
-                "grid": GRID, "num_prefix_tokens": 1, "embed_dim": DIM, "num_heads": 1, "depth": 2,
-                "mean": [0, 0, 0], "std": [1, 1, 1], "layers": [0, 1], "embeddings": ["queries", "keys"],
-                "rope": "before", "last_norm": "after"}
-    if version == 2:
-        model_fp["class_embeddings"] = ["queries", "keys"]
-    for split in ("train", "val"):
-        fp = {"dataset": "synthetic", "split": split, "n_images": n, "image_size": SIZE, "classes": list(CLASSES),
-              "ignore_index": 255, "image_ids_sha256": split, "options": {}}
-        data = store.require_dataset_split(fp, [f"{split}{i}" for i in range(n)], np.zeros((3, 3), np.uint8), chunk)
-        group = store.require_model_split("m", data, model_fp)
-        for c in range(n // chunk):
-            pair = np.stack([rng.permutation(3)[:2] for _ in range(chunk)])              # two classes per image
-            patch = pair[np.arange(chunk)[:, None], rng.integers(0, 2, (chunk, GRID * GRID))]  # (chunk, P)
-            labels = np.kron(patch.reshape(chunk, GRID, GRID), np.ones((SIZE // GRID, SIZE // GRID))).astype(np.uint8)
-            data.write_labels(c, labels, np.zeros((chunk, SIZE, SIZE, 3), np.uint8))
-            noise = rng.standard_normal((2, 2, chunk, GRID * GRID, DIM)).astype(np.float32)
-            keys = noise[0] + (patch == 0)[None, :, :, None] * direction
-            arrays = {"queries": noise[1].reshape(2, chunk, GRID, GRID, DIM).astype(np.float16),
-                      "keys": keys.reshape(2, chunk, GRID, GRID, DIM).astype(np.float16),
-                      **({"class_queries": rng.standard_normal((2, chunk, DIM)).astype(np.float16),
-                          "class_keys": rng.standard_normal((2, chunk, DIM)).astype(np.float16)} if version == 2 else
-                         {"class_tokens": rng.standard_normal((2, chunk, DIM)).astype(np.float16)}),
-                      "attention_mi": np.ones((2, chunk, 1), np.float32),
-                      "attention_sum": np.full((2, GRID**2, GRID**2), 1 / GRID**2, np.float32)}
-            group.write_chunk(c, arrays)
-        group.finalize()
-    if version == 1:
-        import zarr
-
-        root = zarr.open_group(str(path), mode="a")
-        root.attrs["rep_pipeline"] = {**root.attrs["rep_pipeline"], "schema_version": 1}
-    return path
-
-
-def _cfg(tmp_path, **kw):
-    kw.setdefault("shots", (1, 5, 50))  # 50: more support images than the split has, skipped
-    kw.setdefault("trials", 3)
-    kw.setdefault("query_images", 4)
-    return ProbeConfig(store=tmp_path / "s.zarr", model="m", train_split="train", split="val",
-                       results=tmp_path / "results", **kw)
-
-
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory, ray_local):
+def planted(tmp_path_factory, ray_local, planted_store, probe_config):
     tmp = tmp_path_factory.mktemp("planted")
-    _planted_store(tmp / "s.zarr")
-    cfg = _cfg(tmp, layers=(1,))
+    planted_store(tmp / "s.zarr")
+    cfg = probe_config(tmp, layers=(1,))
     result = run_probe(cfg, progress=False)
     return tmp, cfg, result
 
@@ -113,15 +57,16 @@ def test_balanced_metrics_and_summaries_equal_references_from_the_raw_counts(pla
     assert hyper and all(r["f1_std"] is None for r in hyper)
 
 
-def test_a_rerun_reuses_the_templates_and_gives_identical_tables_with_two_workers(planted, tmp_path):
+def test_a_rerun_reuses_the_templates_and_gives_identical_tables_with_two_workers(planted, tmp_path, planted_store,
+                                                                                      probe_config):
     tmp, cfg, _ = planted
     assert is_done(cfg)
     first = Results(cfg.results).rows("SELECT * FROM direction_probes ORDER BY ALL")
     again = run_probe(cfg.replace(workers=2), progress=False)
     assert again.reused == 2  # both embeddings' layer: templates read back, not trained
     assert Results(cfg.results).rows("SELECT * FROM direction_probes ORDER BY ALL") == first
-    _planted_store(tmp_path / "s.zarr")  # the same store built afresh: trained from scratch on two workers
-    fresh = _cfg(tmp_path, layers=(1,), workers=2)
+    planted_store(tmp_path / "s.zarr")  # the same store built afresh: trained from scratch on two workers
+    fresh = probe_config(tmp_path, layers=(1,), workers=2)
     run_probe(fresh, progress=False)
     assert Results(fresh.results).rows("SELECT * FROM direction_probes ORDER BY ALL") == first
 
@@ -170,19 +115,19 @@ def test_the_whole_path_from_a_tiny_model_on_the_synthetic_scenes(ray_local, tmp
     assert {r["object"] for r in summary} == {"patch", "class_token"}
 
 
-def test_a_version_1_store_stays_readable_by_every_stage(ray_local, tmp_path):
+def test_a_version_1_store_stays_readable_by_every_stage(ray_local, tmp_path, planted_store, probe_config):
     from rep_pipeline.pipeline.config import ClusterConfig, EvaluateConfig
     from rep_pipeline.pipeline.store import check_store, validate_store
     from rep_pipeline.stages.cluster import run_cluster
     from rep_pipeline.stages.evaluate import run_evaluate
 
-    _planted_store(tmp_path / "s.zarr", version=1)
+    planted_store(tmp_path / "s.zarr", version=1)
     assert validate_store(tmp_path / "s.zarr") == [] and FeatureStore(tmp_path / "s.zarr").schema_version == 1
     assert check_store(tmp_path / "s.zarr").problems == []
     run_cluster(ClusterConfig(store=tmp_path / "s.zarr", model="m", train_split="train", k=(3,), methods=("lloyd",),
                               init_batches=2, batch_images=8, embeddings=("keys",)), progress=False)
     run_evaluate(EvaluateConfig(store=tmp_path / "s.zarr", split="val"), progress=False)
-    probe = _cfg(tmp_path, objects=("patch",), rules=("cosine",), shots=(1,), trials=2)
+    probe = probe_config(tmp_path, objects=("patch",), rules=("cosine",), shots=(1,), trials=2)
     run_probe(probe, progress=False)
     assert Results(probe.results).rows("SELECT DISTINCT embedding FROM direction_summary ORDER BY 1") == [
         {"embedding": "keys"}, {"embedding": "queries"}]
@@ -209,7 +154,7 @@ def test_pascal_part_objects_and_parts_are_two_categories_of_one_run(ray_local, 
     assert "person:head" in names
 
 
-def test_the_masks_of_figure_d4_hold_both_rules(planted):
+def test_the_masks_of_figure_d4_hold_both_rules(planted, planted_store):
     _, cfg, _ = planted
     maps = Results(cfg.results).maps()
     from rep_pipeline.storage_schemas.results import direction_masks
@@ -218,5 +163,5 @@ def test_the_masks_of_figure_d4_hold_both_rules(planted):
     attrs = maps.attrs(path)
     assert attrs["cosine_embedding"] == "queries" and 1 <= len(attrs["concepts"]) <= 3
     hyper, cosine = maps.read(path, "decisions"), maps.read(path, "cosine_decisions")
-    assert hyper.shape == cosine.shape == (len(attrs["concepts"]), GRID, GRID)
-    assert maps.read(path, "truth").shape == (len(attrs["concepts"]), SIZE, SIZE)
+    assert hyper.shape == cosine.shape == (len(attrs["concepts"]), planted_store.grid, planted_store.grid)
+    assert maps.read(path, "truth").shape == (len(attrs["concepts"]), planted_store.size, planted_store.size)

@@ -9,7 +9,6 @@ from rep_pipeline.pipeline.checkpoints import load_weights_file, read_state_dict
 from rep_pipeline.pipeline.errors import CheckpointError, UnknownModelError, WeightsUnavailableError
 from rep_pipeline.pipeline.registry import build_model, check_weights, get_spec, input_size_for, list_models, state_dict_sha256
 
-from conftest import TINY_MODELS
 
 
 def test_every_registered_model_names_a_real_timm_model():
@@ -38,12 +37,11 @@ def test_input_size_is_nearest_patch_multiple(size, patch, expected):
     assert input_size_for(size, patch) == expected
 
 
-@pytest.mark.parametrize("name", TINY_MODELS)
-def test_tiny_models_build_with_seeded_weights(name):
-    a, b = build_model(name, "random", seed=3), build_model(name, "random", seed=3)
+def test_tiny_models_build_with_seeded_weights(tiny_model):
+    a, b = build_model(tiny_model, "random", seed=3), build_model(tiny_model, "random", seed=3)
     assert a.weights_sha256 == b.weights_sha256
-    assert build_model(name, "random", seed=4).weights_sha256 != a.weights_sha256
-    expected_patch = 14 if "dinov2" in name else 16
+    assert build_model(tiny_model, "random", seed=4).weights_sha256 != a.weights_sha256
+    expected_patch = 14 if "dinov2" in tiny_model else 16
     assert (a.patch_size, a.input_size, a.grid) == (expected_patch, input_size_for(320, expected_patch),
                                                     input_size_for(320, expected_patch) // expected_patch)
 

@@ -9,7 +9,6 @@ import subprocess
 
 import numpy as np
 import pytest
-from test_report_directions import _hand_made_results
 
 from rep_pipeline.pipeline.config import ReportConfig
 from rep_pipeline.pipeline.errors import ConfigError
@@ -248,9 +247,10 @@ def test_results_of_other_data_and_a_request_of_nothing_there_fail(results_with_
         ReportData(ReportConfig(results=results_with_ablation, out=tmp_path / "x", dataset="coco"))
 
 
-def test_correspondence_beside_direction_probes_adds_its_section_only(tmp_path, monkeypatch):
+def test_correspondence_beside_direction_probes_adds_its_section_only(tmp_path, monkeypatch,
+                                                                      hand_made_direction_results):
     monkeypatch.setattr(report_stage, "DIRECTION_PANELS", DIRECTION_PANELS[:1])  # d1 stands for them (time)
-    path = _hand_made_results(tmp_path / "results", (1,))
+    path = hand_made_direction_results(tmp_path / "results", (1,))
     before = run_report(ReportConfig(results=path, out=tmp_path / "before")).index.read_text()
     _write_models(Results(path, mode="a"), *KP)
     after = run_report(ReportConfig(results=path, out=tmp_path / "after"))

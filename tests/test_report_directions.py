@@ -7,11 +7,8 @@ import re
 import numpy as np
 import pytest
 from matplotlib.container import BarContainer
-from test_probe import _cfg, _planted_store
 
 from rep_pipeline.pipeline.config import ClusterConfig, EvaluateConfig, ReportConfig
-from rep_pipeline.pipeline.results import Results
-from rep_pipeline.storage_schemas import results as layout
 from rep_pipeline.stages.report import figures, run_report
 from rep_pipeline.stages.report.panels import COMPARISON_PANELS, DIRECTION_PANELS, SUMMARY_PANELS
 
@@ -80,55 +77,9 @@ def test_concept_masks_show_decisions_nearest_upsampled():
 
 
 # -- a page from hand-written direction tables alone (no Ray) ---------------------------------------
-_SETTING = {"dataset": "synthetic", "split": "val", "train_split": "train", "store_fingerprint": "s",
-            "train_store_fingerprint": "t"}
-
-
-def _summary(model, emb, layer, obj, rule, k, category, f1):
-    std = None if rule == "hyperplane" else 0.02
-    return {**_SETTING, "model": model, "embedding": emb, "layer": layer, "object": obj, "rule": rule, "k_shot": k,
-            "category": category, "n_concepts": 3, "accuracy": f1, "accuracy_std": std, "precision": f1,
-            "precision_std": std, "recall": f1, "recall_std": std, "f1": f1, "f1_std": std}
-
-
-def _probe_row(model, emb, layer, category, concept, f1):
-    return {**_SETTING, "model": model, "embedding": emb, "layer": layer, "object": "patch", "rule": "hyperplane",
-            "k_shot": None, "trial": 0, "concept_id": concept, "concept_name": f"c{concept}", "category": category,
-            "n_pos": 1, "n_neg": 1, "tp": 1, "fp": 0, "tn": 1, "fn": 0, "accuracy": f1, "precision": f1, "recall": f1,
-            "f1": f1, "threshold": 0.0, "seed": 0}
-
-
-def _hand_made_results(path, layers):
-    """Direction tables of two models (keys best for 'dino', queries for 'mae'), two categories,
-    both rules, and figure d4's maps at the last block; nothing of segmentation."""
-    results = Results(path, mode="a")
-    for model, best in (("dino", "keys"), ("mae", "queries")):
-        summary, probes = [], []
-        for emb in ("tokens", "keys", "queries"):
-            for layer in layers:
-                f1 = (0.8 if emb == best else 0.5) + 0.01 * layer
-                for obj in ("patch", "class_token"):
-                    for rule, k in (("hyperplane", None), ("cosine", 1), ("cosine", 5)):
-                        summary += [_summary(model, emb, layer, obj, rule, k, c, f1 - (k == 1) * 0.2)
-                                    for c in ("all", "stuff", "things")]
-                probes += [_probe_row(model, emb, layer, c, i, 0.25 * i) for c in ("stuff", "things") for i in range(3)]
-        results.write_table("direction_summary", summary, dataset="synthetic", model=model, part="all")
-        results.write_table("direction_probes", probes, dataset="synthetic", model=model, part="all")
-        maps = results.maps()
-        for category in ("stuff", "things"):
-            truth = np.zeros((3, 8, 8), np.uint8)
-            truth[:, :4] = 1
-            maps.write(f"{layout.direction_maps('synthetic', 'val', model)}/{category}/keys-l{max(layers)}",
-                       attrs={"concepts": [0, 1, 2], "names": ["c0", "c1", "c2"], "image_index": [0, 1, 2],
-                              "embedding": "keys", "layer": max(layers)},
-                       images=np.zeros((3, 8, 8, 3), np.uint8), truth=truth, decisions=np.eye(2, dtype=np.uint8)[None]
-                       .repeat(3, 0))
-    return path
-
-
 @pytest.mark.parametrize("layers", [(0, 1), (1,)])
-def test_a_page_of_direction_probes_alone(tmp_path, layers):
-    results = _hand_made_results(tmp_path / "results", layers)
+def test_a_page_of_direction_probes_alone(tmp_path, layers, hand_made_direction_results):
+    results = hand_made_direction_results(tmp_path / "results", layers)
     result = run_report(ReportConfig(results=results, out=tmp_path / "report"))
     page = result.index.read_text()
     expected = {"d1", "d2", "d3", "d4", "d5"} if len(layers) > 1 else {"d1", "d2", "d3", "d4"}
@@ -148,7 +99,7 @@ def test_a_page_of_direction_probes_alone(tmp_path, layers):
 
 # -- pages from the probe stage's results ---------------------------------------------------------
 @pytest.fixture(scope="module")
-def reports(ray_local, tmp_path_factory):
+def reports(ray_local, tmp_path_factory, planted_store, probe_config):
     """Segmentation results of the planted store, reported before and after probing two blocks;
     and the probes of one block alone, in another results folder."""
     from rep_pipeline.stages.cluster import run_cluster
@@ -156,18 +107,18 @@ def reports(ray_local, tmp_path_factory):
     from rep_pipeline.stages.probe import run_probe
 
     both = tmp_path_factory.mktemp("both")
-    _planted_store(both / "s.zarr")
+    planted_store(both / "s.zarr")
     run_cluster(ClusterConfig(store=both / "s.zarr", model="m", train_split="train", results=both / "results", k=(3,),
                               embeddings=("keys",), steps=30, init_batches=3, batch_images=4, log_every=10,
                               max_iter=20), progress=False)
     run_evaluate(EvaluateConfig(store=both / "s.zarr", split="val", results=both / "results", n_examples=3),
                  progress=False)
     before = run_report(ReportConfig(results=both / "results", out=both / "before"))
-    run_probe(_cfg(both, layers=(0, 1), shots=(1, 5)), progress=False)
+    run_probe(probe_config(both, layers=(0, 1), shots=(1, 5)), progress=False)
     after = run_report(ReportConfig(results=both / "results", out=both / "after"))
     alone = tmp_path_factory.mktemp("alone")
-    _planted_store(alone / "s.zarr")
-    run_probe(_cfg(alone, layers=(1,), shots=(1, 5), objects=("patch",)), progress=False)
+    planted_store(alone / "s.zarr")
+    run_probe(probe_config(alone, layers=(1,), shots=(1, 5), objects=("patch",)), progress=False)
     return before, after, run_report(ReportConfig(results=alone / "results", out=alone / "report"))
 
 

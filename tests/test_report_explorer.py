@@ -59,10 +59,19 @@ def _decode(uri):
     return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 
 
+def _section_parts(section):
+    """The explorer section's embedded JSON text (as the page holds it), its style and its script."""
+    found = re.fullmatch(r'<section id="explorer">.*?<style>(.*?)</style>.*?'
+                         r'<script type="application/json" id="explorer-data">(.*?)</script>'
+                         r'<script>(.*)</script></section>', section, re.S)
+    assert found, section[:200]
+    return found.group(2), found.group(1), found.group(3)
+
+
 def test_each_example_image_is_embedded_once_and_settings_add_small_maps():
     fake = _Fake()
     blob = explorer.explorer_data(fake)
-    text = explorer._json(blob)
+    text, _, _ = _section_parts(explorer.explorer_section(fake))
     assert len(blob["images"]) == len(blob["truth"]) == 4
     for uri in blob["images"] + blob["truth"]:
         assert text.count(uri.split(",", 1)[1]) == 1  # shared by every setting, embedded once
@@ -102,9 +111,15 @@ def test_the_budget_keeps_each_curves_best_layer_first_and_the_rest_as_numbers()
 
 def test_the_section_is_inert_text_without_an_address():
     assert explorer.explorer_section(type("NoSegmentation", (), {"segmented": False})()) == ""
-    escaped = explorer._json({"x": "</script>http://x"})
-    assert "</" not in escaped and "http" not in escaped and json.loads(escaped) == {"x": "</script>http://x"}
-    for code in (explorer._JS, explorer._CSS):
+    odd = _Fake()  # a model whose name could close the script element or spell an address
+    for s in odd.settings:
+        if s["model"] == "a":
+            s["model"] = "</script>http://x"
+    odd.maps = {("</script>http://x" if m == "a" else m, layer): v for (m, layer), v in odd.maps.items()}
+    escaped, css, js = _section_parts(explorer.explorer_section(odd))
+    assert "</" not in escaped and "http" not in escaped
+    assert "</script>http://x" in {s["model"] for s in json.loads(escaped)["settings"]}
+    for code in (js, css):
         assert "http" not in code and "<img" not in code.lower() and "</script" not in code.lower()
     section = explorer.explorer_section(_Fake())
     assert "http" not in section and "<img" not in section  # the page's own checks count <img> and 'http'

@@ -2,12 +2,14 @@
 their names, the run section that plans them, and the table evaluate fills."""
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from rep_pipeline.cli.run import RunConfig, run_all
+from rep_pipeline.cli.run import RunConfig
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore, fingerprint_hash
@@ -66,15 +68,15 @@ def test_a_bad_study_is_refused_before_any_work(tmp_path, bad, match):
 
 @pytest.mark.integration
 def test_the_study_runs_after_the_main_evaluation_and_fills_its_table(tmp_path):
-    from rep_pipeline.pipeline import runner
-
-    cfg = RunConfig.from_dict(_config(tmp_path, seeds=[0, 1], batch_images=[4, 6], init_intervals=[1, 2]),
-                              base=tmp_path)
-    try:
-        result = run_all(cfg, address=runner.INLINE, progress=False, say=lambda _: None)
-    finally:
-        runner._inline = False  # later tests in this process start their Ray pools as usual
-    assert ("sensitivity", "tiny-vit", "done") in result.stages
+    """Run as a user runs it, ``rep-pipeline run ... --address inline``, in a process of its own
+    (inline mode is the process's: this one's later tests start their Ray pools as usual)."""
+    raw = _config(tmp_path, seeds=[0, 1], batch_images=[4, 6], init_intervals=[1, 2])
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
+    done = subprocess.run([sys.executable, "-m", "rep_pipeline.cli.app", "run", str(tmp_path / "run.yaml"),
+                           "--address", "inline", "--no-progress"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "sensitivity tiny-vit: done" in done.stdout, done.stdout
+    cfg = RunConfig.from_dict(raw, base=tmp_path)
     results = Results(tmp_path / "r")
     best = results.rows("SELECT best_layer FROM best_layers WHERE embedding = 'tokens' AND k = 4")[0]["best_layer"]
     rows = results.rows("SELECT * FROM kmeans_sensitivity ORDER BY batch_images, pca_interval, seed")

@@ -1,29 +1,13 @@
-"""Datasets by name: ``build_dataset("cocostuff27", root)``; see ``DATASETS`` for the list."""
+"""Datasets by name: ``build_dataset("cocostuff27", root)``; see ``DATASETS`` for the list.
+
+The registry lives in ``registry.py``; the dataset modules imported below register themselves
+there as they load (none of them imports this package back).
+"""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-
-from ..errors import ConfigError
-from .base import Item, LabelMap, SegmentationDataset, voc_palette
-
-DATASETS: dict[str, type[SegmentationDataset]] = {}
-
-
-def register_dataset(cls: type[SegmentationDataset]) -> type[SegmentationDataset]:
-    DATASETS[cls.name] = cls
-    return cls
-
-
-def build_dataset(name: str, root: str | Path | None = None, **options: Any) -> SegmentationDataset:
-    try:
-        cls = DATASETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown dataset {name!r}; available: {', '.join(sorted(DATASETS))}") from None
-    return cls(root, **options)
-
-
-from . import (ade150, cityscapes, cocostuff, folder, pascalpart, spair,  # noqa: E402,F401  (they register)
+from . import (ade150, cityscapes, cocostuff, folder, pascalpart, spair,  # noqa: F401  (they register)
                synthetic, synthetic_pairs, voc)
+from .base import Item, LabelMap, SegmentationDataset, voc_palette
+from .registry import DATASETS, build_dataset, register_dataset
 
 __all__ = ["DATASETS", "Item", "LabelMap", "SegmentationDataset", "build_dataset", "register_dataset", "voc_palette"]

@@ -13,7 +13,7 @@ from functools import cached_property
 import numpy as np
 
 from ..errors import DataRootError
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, SegmentationDataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

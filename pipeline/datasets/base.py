@@ -378,7 +378,7 @@ class SegmentationDataset:
         Files of more than ``max_pixels`` pixels are refused from their header, before
         decoding; label values are checked on the whole file, not only the crop."""
         with _pil_bomb_check_off():  # PIL checks crops too: ours is the limit throughout
-            image, raw = self._read_pair(item, max_pixels)
+            image, raw = self.read_pair(item, max_pixels)
             if raw is None:
                 label = np.full((image_size, image_size), self.ignore_index, dtype=np.uint8)
             else:
@@ -394,10 +394,12 @@ class SegmentationDataset:
             if self.geometry == "pad" else 0
         return place(raw, image_size, self.geometry, Image.NEAREST, ignore)
 
-    def _read_pair(self, item: Item, max_pixels: int | None = config.MAX_IMAGE_PIXELS
-                   ) -> tuple[Image.Image, Image.Image | None]:
+    def read_pair(self, item: Item, max_pixels: int | None = config.MAX_IMAGE_PIXELS
+                  ) -> tuple[Image.Image, Image.Image | None]:
         """The decoded image (8-bit RGB, see ``to_rgb``) and raw label image (one channel of
-        0..255). Both headers are checked (pixel limit, equal sizes) before either is decoded."""
+        0..255) at their native size, before placement on the grid (``load_placed`` places them;
+        ``partpairs`` reads them whole). Both headers are checked (pixel limit, equal sizes)
+        before either is decoded."""
         with _pil_bomb_check_off():
             image = _open_header(item.image_path, "image", max_pixels)
             raw = None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, SegmentationDataset
 
 _CLASSES = (

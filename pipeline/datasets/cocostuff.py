@@ -6,7 +6,7 @@ from functools import cached_property
 import numpy as np
 
 from ..errors import DataRootError
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, SegmentationDataset
 
 # PROTOCOL.md's table: coarse id -> name and the fine ids (0-based, COCO id - 1) it gathers.

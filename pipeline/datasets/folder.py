@@ -11,7 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from ..errors import DataRootError
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, SegmentationDataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

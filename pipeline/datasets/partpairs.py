@@ -147,7 +147,7 @@ def _keypoint_names(part_classes: tuple[str, ...]) -> dict[str, tuple[str, ...]]
 def _read_maps(dataset: PascalPart, item: Item, max_pixels: int | None) -> tuple[np.ndarray, np.ndarray]:
     """(object class ids, part ids) of one image at its size, each file checked (pixel limit,
     size, values on the whole file)."""
-    image, raw = dataset._read_pair(item, max_pixels)
+    image, raw = dataset.read_pair(item, max_pixels)
     objects = np.asarray(raw)
     dataset.check_label_values(objects, item.label_path)
     (name, path), = item.extra_labels

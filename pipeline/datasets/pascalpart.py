@@ -31,7 +31,7 @@ from PIL import Image
 
 from .. import config
 from ..errors import ConfigError, DataRootError, DatasetError, LabelValueError, SizeMismatchError
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, LabelMap, SegmentationDataset, _decode, _open_header, _pil_bomb_check_off
 from .voc import VOC_CLASSES
 
@@ -166,12 +166,12 @@ class PascalPart(SegmentationDataset):
             return [i for i, keep in zip(ids, pool.map(shows_animal, ids)) if keep]
 
     # -- parts6 and animals6: the primary labels come from both maps ---------------------------
-    def _read_pair(self, item: Item, max_pixels: int | None = config.MAX_IMAGE_PIXELS
-                   ) -> tuple[Image.Image, Image.Image | None]:
+    def read_pair(self, item: Item, max_pixels: int | None = config.MAX_IMAGE_PIXELS
+                  ) -> tuple[Image.Image, Image.Image | None]:
         """The image and, with ``labels`` parts6 or animals6, the label image of their class ids
         (255 = ignore) made from the objects and parts maps, each file checked (pixel limit,
         size, values on the whole file)."""
-        image, objects = super()._read_pair(item, max_pixels)
+        image, objects = super().read_pair(item, max_pixels)
         if self.labels == "objects" or objects is None:
             return image, objects
         try:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..errors import DataRootError, DatasetError
 from ..location import is_local
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, SegmentationDataset
 
 SPAIR_CATEGORIES = (

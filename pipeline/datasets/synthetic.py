@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .. import config
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, SegmentationDataset
 
 CLASSES = ("sky", "ground", "water", "disc", "box", "triangle")
@@ -60,7 +60,7 @@ class SyntheticScenes(SegmentationDataset):
     def _list_items(self, split: str) -> list[Item]:
         return [Item(f"{split}-{i:05d}") for i in range(int(self.sizes[split]))]
 
-    def _read_pair(self, item: Item, max_pixels: int | None = None) -> tuple[Image.Image, Image.Image]:
+    def read_pair(self, item: Item, max_pixels: int | None = None) -> tuple[Image.Image, Image.Image]:
         split, index = item.image_id.rsplit("-", 1)
         rgb, label = self.render(split, int(index))
         return Image.fromarray(rgb), Image.fromarray(label)

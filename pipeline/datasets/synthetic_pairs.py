@@ -30,7 +30,7 @@ from PIL import Image
 
 from .. import config
 from ..errors import ConfigError
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, SegmentationDataset
 from .synthetic import _BASE_RGB, _TEXTURES, BOX, CLASSES, DISC, GROUND, SKY, TRIANGLE, WATER
 
@@ -104,7 +104,7 @@ class SyntheticPairs(SegmentationDataset):
     def _list_items(self, split: str) -> list[Item]:
         return [Item(f"pair-{i}-{side}") for i in range(self.n_pairs) for side in SIDES]
 
-    def _read_pair(self, item: Item, max_pixels: int | None = None) -> tuple[Image.Image, Image.Image]:
+    def read_pair(self, item: Item, max_pixels: int | None = None) -> tuple[Image.Image, Image.Image]:
         _, index, side = item.image_id.split("-")
         rgb, label = self.render(int(index), side)
         return Image.fromarray(rgb), Image.fromarray(label)

@@ -6,7 +6,7 @@ Reads the standard layout (``JPEGImages``, ``SegmentationClass``,
 """
 from __future__ import annotations
 
-from . import register_dataset
+from .registry import register_dataset
 from .base import Item, SegmentationDataset
 
 VOC_CLASSES = (
