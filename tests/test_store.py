@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import zarr
@@ -169,3 +171,28 @@ def test_maps_of_another_results_version_are_refused(tmp_path):
     for mode in ("r", "a"):
         with pytest.raises(StoreError, match=f"version {TABLES_VERSION + 1}.*reads and writes version {TABLES_VERSION}"):
             MapStore(tmp_path / "maps.zarr", mode=mode)
+
+
+def test_typed_metadata_round_trips_the_stored_attributes_and_names_what_is_wrong(tmp_path):
+    from rep_pipeline.pipeline.store.metadata import CodebookMeta, DatasetMeta, ModelMeta
+
+    store, data, target = _fill(tmp_path)
+    book = target.require_codebook("online", 2, 0, {"steps": 10})
+    # to_dict gives back the attributes key for key: the store layout stays as written
+    assert data.meta.to_dict() == dict(data.group.attrs) and target.meta.to_dict() == dict(target.group.attrs)
+    assert book.meta.to_dict() == dict(book.group.attrs)
+    assert data.meta.classes == ("a", "b") and data.meta.palette_array.shape == (2, 3) and data.meta.ignore_index == 255
+    assert data.meta.geometry_mode == "crop" and data.meta.primary_category == "synthetic"
+    assert target.meta.grid == G and target.meta.layers == (0, 1, 2) and target.meta.class_embeddings == ("tokens",)
+    assert book.meta.k == 2 and book.meta.hyperparameters == {"steps": 10} and book.meta.variant is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        target.meta.grid = 3  # type: ignore[misc]
+    attrs = {k: v for k, v in target.attrs.items() if k != "grid"}
+    with pytest.raises(StoreError, match="models/m/synthetic/val: attribute 'grid' missing"):
+        ModelMeta.from_dict(attrs, target.path)
+    with pytest.raises(StoreError, match="datasets/synthetic/val: attribute 'n_images' is 'ten', expected an integer"):
+        DatasetMeta.from_dict(dict(data.group.attrs, n_images="ten"), data.path)
+    with pytest.raises(StoreError, match="attribute 'k' missing"):
+        CodebookMeta.from_dict({k: v for k, v in book.attrs.items() if k != "k"}, book.path)
+    # the stages' readers hand NumPy arrays, not zarr ones
+    assert isinstance(data.read_labels(0, 2), np.ndarray) and isinstance(target.attention_mi(), np.ndarray)

@@ -13,6 +13,7 @@ from rep_pipeline.storage_schemas import feature_store as layout
 
 from ..errors import StoreError
 from .fingerprints import fingerprint_hash
+from .metadata import CodebookMeta, ExplanationsMeta, TemplatesMeta, _Meta
 from .zarr_io import _create, _read_together, _write_together
 
 if TYPE_CHECKING:  # the model group owns its artefacts; they only need to know its layers
@@ -27,13 +28,20 @@ class _Trained:
     the hash of those that say what it was trained as (``FINGERPRINT_KEYS``)."""
 
     FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = ()
+    META: ClassVar[type[_Meta]] = _Meta
     group: zarr.Group
     path: str
     features: ModelSplit
 
     @property
     def attrs(self) -> dict[str, Any]:
+        """The raw attributes (the store's own comparisons; stages read ``meta``)."""
         return dict(self.group.attrs)
+
+    @property
+    def meta(self) -> Any:
+        """The group's attributes, typed (``META``; a missing or malformed one: a ``StoreError`` naming it)."""
+        return self.META.from_dict(self.group.attrs.asdict(), self.path)
 
     @property
     def fingerprint_hash(self) -> str:
@@ -46,6 +54,11 @@ class Codebook(_Trained):
     """Centroids of one (method, K, seed) for every captured layer of some embeddings."""
 
     FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = layout.CODEBOOK_FINGERPRINT_KEYS
+    META: ClassVar[type[_Meta]] = CodebookMeta
+
+    @property
+    def meta(self) -> CodebookMeta:
+        return CodebookMeta.from_dict(self.group.attrs.asdict(), self.path)
 
     @property
     def name(self) -> str:
@@ -100,10 +113,15 @@ class Templates(_Trained):
     """Hyperplane templates (w, b) of one seed for every captured layer of some embeddings."""
 
     FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = layout.TEMPLATE_FINGERPRINT_KEYS
+    META: ClassVar[type[_Meta]] = TemplatesMeta
+
+    @property
+    def meta(self) -> TemplatesMeta:
+        return TemplatesMeta.from_dict(self.group.attrs.asdict(), self.path)
 
     @property
     def concepts(self) -> list[dict[str, Any]]:
-        return list(self.group.attrs["concepts"])
+        return list(self.meta.concepts)
 
     def require(self, embedding: str) -> None:
         """Create the arrays of ``embedding`` (once, before workers write layers into them)."""
@@ -139,9 +157,14 @@ class Explanations(_Trained):
     images of a model group (PROTOCOL.md section 8.4), written a (layer, image chunk) at a time."""
 
     FINGERPRINT_KEYS: ClassVar[tuple[str, ...]] = layout.EXPLANATION_FINGERPRINT_KEYS
+    META: ClassVar[type[_Meta]] = ExplanationsMeta
 
-    layers = property(lambda self: tuple(self.group.attrs["layers"]))
-    n_images = property(lambda self: int(self.group.attrs["n_images"]))
+    @property
+    def meta(self) -> ExplanationsMeta:
+        return ExplanationsMeta.from_dict(self.group.attrs.asdict(), self.path)
+
+    layers = property(lambda self: self.meta.layers)
+    n_images = property(lambda self: self.meta.n_images)
 
     def slot(self, layer: int) -> int:
         if layer not in self.layers:

@@ -22,6 +22,7 @@ from ..location import ObjectPath, as_location
 from ..parquet import read_parquet, write_parquet
 from .artefacts import Codebook, Explanations, Templates
 from .fingerprints import _check_example_attention, _check_same, fingerprint_hash
+from .metadata import DatasetMeta, ModelMeta
 from .zarr_io import (Location, _create, _Group, _location_of, _metadata_read, _open_root, _read_together, _sizes,
                       _write_together)
 
@@ -189,18 +190,40 @@ def _dataset_attrs(group: zarr.Group) -> dict[str, Any]:
 
 @dataclass
 class DatasetSplit(_Group):
+    """A dataset split's group: its metadata (``meta``), labels, example crops, geometry and
+    keypoint pairs, read as NumPy arrays."""
+
+    @property
+    def meta(self) -> DatasetMeta:
+        """The split's attributes, typed (a missing or malformed one: a ``StoreError`` naming it)."""
+        return DatasetMeta.from_dict(self.group.attrs.asdict(), self.path)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
-        return {k: v for k, v in self.group.attrs.items() if k not in ("palette", "chunk_images")}
+        return self.meta.fingerprint
 
-    dataset = property(lambda self: self.group.attrs["dataset"])
-    split = property(lambda self: self.group.attrs["split"])
-    n_images = property(lambda self: int(self.group.attrs["n_images"]))
-    chunk_images = property(lambda self: int(self.group.attrs["chunk_images"]))
+    dataset = property(lambda self: self.meta.dataset)
+    split = property(lambda self: self.meta.split)
+    n_images = property(lambda self: self.meta.n_images)
+    chunk_images = property(lambda self: self.meta.chunk_images)
     n_chunks = property(lambda self: layout.n_chunks(self.n_images, self.chunk_images))
     labels = property(lambda self: self.array("labels"))
     done = property(lambda self: self.array("done"))
+
+    def read_labels(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """(image, S, S) uint8 class ids of images [start, stop) (all by default)."""
+        return self.labels[start:stop]
+
+    def read_extra_labels(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The further label map ``name`` of images [start, stop), like ``read_labels``."""
+        return self.extra_labels(name)[start:stop]
+
+    def pending_chunks(self) -> list[int]:
+        """Image chunks whose labels are not written yet."""
+        return [int(i) for i in np.flatnonzero(~self.done[:])]
+
+    def chunk_done(self, chunk: int) -> bool:
+        return bool(self.done[chunk])
 
     def image_ids(self) -> list[str]:
         return [str(v) for v in self.array("image_ids")[:]]
@@ -211,7 +234,7 @@ class DatasetSplit(_Group):
     @property
     def label_maps(self) -> dict[str, list[str]]:
         """Further label maps beside ``labels``: name -> classes (none for most datasets)."""
-        return dict(self.group.attrs.get("label_maps") or {})
+        return dict(self.meta.label_maps or {})
 
     def extra_labels(self, name: str) -> zarr.Array:
         if name not in self.label_maps:
@@ -239,7 +262,7 @@ class DatasetSplit(_Group):
     @property
     def geometry_mode(self) -> str:
         """``crop`` or ``pad``: how the split's images lie on the grid (PROTOCOL.md section 8.2)."""
-        return str(layout.dataset_options(dict(self.group.attrs))["geometry"])
+        return self.meta.geometry_mode
 
     def geometry(self) -> np.ndarray:
         """(image, 6) int32 rows [W, H, W', H', ox, oy]; a split written before the array
@@ -283,19 +306,43 @@ class DatasetSplit(_Group):
 
 @dataclass
 class ModelSplit(_Group):
+    """A model group: its metadata (``meta``), features and attention read as NumPy arrays,
+    written one image chunk at a time, and what is trained on its features."""
 
     @property
     def attrs(self) -> dict[str, Any]:
+        """The raw attributes (the store's own comparisons; stages read ``meta``)."""
         return dict(self.group.attrs)
 
+    @property
+    def meta(self) -> ModelMeta:
+        """The group's attributes, typed (a missing or malformed one: a ``StoreError`` naming it)."""
+        return ModelMeta.from_dict(self.group.attrs.asdict(), self.path)
+
     n_images = property(lambda self: int(self.array("attention_mi").shape[1]))
-    chunk_images = property(lambda self: int(self.group.attrs["chunk_images"]))
+    chunk_images = property(lambda self: self.meta.chunk_images)
     n_chunks = property(lambda self: int(self.array("done").shape[0]))
     done = property(lambda self: self.array("done"))
-    layers = property(lambda self: tuple(self.group.attrs["layers"]))
-    embeddings = property(lambda self: tuple(self.group.attrs["embeddings"]))
-    class_embeddings = property(lambda self: layout.class_embeddings(self.group.attrs))
-    finished = property(lambda self: bool(self.group.attrs.get("finished")))
+    layers = property(lambda self: self.meta.layers)
+    embeddings = property(lambda self: self.meta.embeddings)
+    class_embeddings = property(lambda self: self.meta.class_embeddings)
+    finished = property(lambda self: bool(self.meta.finished))
+
+    def check_embedding(self, embedding: str) -> None:
+        """Fail, naming the captured embeddings and what produces it, unless the group holds ``embedding``."""
+        self.features(embedding)
+
+    def check_class_embedding(self, embedding: str) -> None:
+        """Fail, like ``check_embedding``, unless the group holds the class token's ``embedding``."""
+        self.class_features(embedding)
+
+    def read_class_features(self, embedding: str, layer: int) -> np.ndarray:
+        """(image, channel) float16: the class token's ``embedding`` at block ``layer``, every image."""
+        return self.class_features(embedding)[self.layer_slot(layer)]
+
+    def attention_mi(self) -> np.ndarray:
+        """(layer, image, head) float32: I(K,Q) of every image, layer and head."""
+        return self.array("attention_mi")[:]
 
     def features(self, embedding: str) -> zarr.Array:
         if embedding not in self.embeddings:
