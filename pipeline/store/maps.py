@@ -13,6 +13,7 @@ from rep_pipeline.storage_schemas import results as results_layout
 
 from ..errors import StoreError
 from ..location import ObjectPath, as_location
+from .metadata import AttentionMapsMeta, GroundTruthMapsMeta, RunRecord
 from .zarr_io import Location, _open_root
 
 
@@ -60,9 +61,31 @@ class MapStore:
             os.replace(staging.path / path, target)
 
     def attrs(self, path: str) -> dict[str, Any]:
+        """The raw attributes of the group at ``path`` (stages read the typed accessors below)."""
         if path not in self.root:
             raise StoreError(f"{self.path} has no {path}")
         return dict(self.root[path].attrs)
+
+    def recorded(self, path: str) -> dict[str, Any]:
+        """What the stage that wrote the maps at ``path`` recorded beside them (a copy); a path
+        not written is a ``StoreError`` naming it."""
+        return self.attrs(path)
+
+    def ground_truth(self, path: str) -> GroundTruthMapsMeta:
+        """The ground-truth maps' metadata (``storage_schemas.results.ground_truth_maps``)."""
+        return GroundTruthMapsMeta.from_dict(self.attrs(path), f"{self.path}/{path}")
+
+    def attention(self, path: str) -> AttentionMapsMeta:
+        """The attention maps' metadata (``storage_schemas.results.attention_maps``)."""
+        return AttentionMapsMeta.from_dict(self.attrs(path), f"{self.path}/{path}")
+
+    def run_record(self, path: str) -> RunRecord:
+        """The record of the probe or correspondence run whose maps lie at ``path``."""
+        return RunRecord.from_dict(self.attrs(path), f"{self.path}/{path}")
+
+    def has(self, path: str, name: str | None = None) -> bool:
+        """Whether the group ``path`` (and its array ``name``) is stored."""
+        return path in self.root and (name is None or name in self.root[path])
 
     def read(self, path: str, name: str) -> np.ndarray:
         if path not in self.root or name not in self.root[path]:

@@ -171,7 +171,7 @@ class DatasetMeta(_Meta):
     @property
     def palette_array(self) -> np.ndarray:
         """(class, 3) uint8."""
-        return np.asarray(self.palette, dtype=np.uint8).reshape(-1, 3)
+        return np.asarray(self.palette, dtype=np.uint8)
 
     @property
     def geometry_mode(self) -> str:
@@ -301,6 +301,53 @@ class ExplanationsMeta(_Meta):
     schema_version: int | None = attr(parse_int, optional=True)
     package_version: str | None = attr(parse_str, optional=True)
     fit: dict[str, Any] | None = attr(parse_mapping, optional=True)
+
+
+# -- the results' maps.zarr (storage_schemas.results): what the stages recorded beside their maps --------
+@dataclass(frozen=True, kw_only=True)
+class GroundTruthMapsMeta(_Meta):
+    """``<d>/<split>/ground_truth``: the split's classes and palette, the example images' ids and
+    the evaluation options the maps were computed with."""
+
+    KIND: ClassVar[str] = "ground-truth maps"
+    classes: tuple[str, ...] = attr(parse_str_tuple)
+    palette: tuple[tuple[int, int, int], ...] = attr(parse_palette)
+    example_ids: tuple[str, ...] | None = attr(parse_str_tuple, optional=True)
+    evaluation: dict[str, Any] | None = attr(parse_mapping, optional=True)
+
+    @property
+    def palette_array(self) -> np.ndarray:
+        return np.asarray(self.palette, dtype=np.uint8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionMapsMeta(_Meta):
+    """``<d>/<split>/<model>/attention``: the blocks of the mean attention maps, the patch grid's
+    side, and the example images (and blocks) of the per-image rows where stored."""
+
+    KIND: ClassVar[str] = "attention maps"
+    layers: tuple[int, ...] = attr(parse_int_tuple)
+    grid: int | None = attr(parse_int, optional=True)
+    example_ids: tuple[str, ...] | None = attr(parse_str_tuple, optional=True)
+    example_layers: tuple[int, ...] | None = attr(parse_int_tuple, optional=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRecord(_Meta):
+    """What a probe or correspondence run recorded beside its maps: the options and features it
+    depends on (``record``, under the stage's key) and the settings it completed."""
+
+    KIND: ClassVar[str] = "run record"
+    settings: tuple[tuple[Any, ...], ...] = attr(lambda v, w, k: tuple(tuple(s) for s in _listed(v, w, k)),
+                                                 optional=True)
+
+    def record(self, key: str) -> dict[str, Any] | None:
+        """The run's record under ``key`` (``probe``, ``correspond``), None where there is none."""
+        value = self.extra.get(key)
+        return dict(value) if isinstance(value, Mapping) else None
+
+    def done(self) -> set[tuple[Any, ...]]:
+        return set(self.settings or ())
 
 
 def _listed(value: Any, where: str, key: str) -> list[Any]:
