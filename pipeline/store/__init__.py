@@ -18,7 +18,7 @@ from .check import CheckReport, check_store, validate_store
 from .features import DatasetSplit, FeatureStore, ModelSplit
 from .fingerprints import fingerprint_hash
 from .maps import MapStore
-from .zarr_io import Location, check_store_location
+from .zarr_io import LIBRARY, Location, check_store_location
 
-__all__ = ["CheckReport", "Codebook", "DatasetSplit", "Explanations", "FeatureStore", "Location", "MapStore",
+__all__ = ["LIBRARY", "CheckReport", "Codebook", "DatasetSplit", "Explanations", "FeatureStore", "Location", "MapStore",
            "ModelSplit", "Templates", "check_store", "check_store_location", "fingerprint_hash", "validate_store"]

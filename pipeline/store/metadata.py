@@ -312,7 +312,7 @@ class GroundTruthMapsMeta(_Meta):
     KIND: ClassVar[str] = "ground-truth maps"
     classes: tuple[str, ...] = attr(parse_str_tuple)
     palette: tuple[tuple[int, int, int], ...] = attr(parse_palette)
-    example_ids: tuple[str, ...] | None = attr(parse_str_tuple, optional=True)
+    example_ids: list[Any] | None = attr(parse_any, optional=True)
     evaluation: dict[str, Any] | None = attr(parse_mapping, optional=True)
 
     @property
@@ -327,9 +327,17 @@ class AttentionMapsMeta(_Meta):
 
     KIND: ClassVar[str] = "attention maps"
     layers: tuple[int, ...] = attr(parse_int_tuple)
-    grid: int | None = attr(parse_int, optional=True)
-    example_ids: tuple[str, ...] | None = attr(parse_str_tuple, optional=True)
-    example_layers: tuple[int, ...] | None = attr(parse_int_tuple, optional=True)
+    grid: Any = attr(parse_any, optional=True)
+    example_ids: list[Any] | None = attr(parse_any, optional=True)
+    example_layers: tuple[int, ...] | None = attr(nullable(parse_int_tuple), optional=True)
+
+    @property
+    def grid_side(self) -> int | None:
+        """G, where recorded (a number, or a one-element list)."""
+        grid = self.grid
+        if not grid:
+            return None
+        return int(grid[0] if isinstance(grid, (list, tuple)) else grid)
 
 
 @dataclass(frozen=True, kw_only=True)

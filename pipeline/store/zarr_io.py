@@ -23,6 +23,7 @@ from ..errors import StoreError
 from ..location import ObjectPath, as_location, is_local, put_object_async
 
 Location = Path | ObjectPath
+LIBRARY = zarr.__name__  # the distribution whose version a report records for the stores
 # Some S3 servers (SeaweedFS) keep listing the prefix of a removed array as an empty "folder";
 # zarr warns about it on every listing, while ``store check`` reports real orphans itself.
 warnings.filterwarnings("ignore", message=r"Object at .* is not recognized as a component of a Zarr hierarchy")
