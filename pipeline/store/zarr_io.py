@@ -179,6 +179,10 @@ class _Group:
     path: str
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def sizes(self) -> dict[str, int]:
+        """``bytes_stored`` (compressed, as on disk) and ``bytes_raw`` of the group's arrays."""
+        return _sizes(self.group)
+
     @_metadata_read
     def array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
