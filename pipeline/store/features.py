@@ -22,7 +22,7 @@ from ..location import ObjectPath, as_location
 from ..parquet import read_parquet, write_parquet
 from .artefacts import Codebook, Explanations, Templates
 from .fingerprints import _check_example_attention, _check_same, fingerprint_hash
-from .metadata import DatasetMeta, ModelMeta
+from .metadata import CodebookMeta, DatasetMeta, ExplanationsMeta, ModelMeta, TemplatesMeta
 from .zarr_io import (Location, _create, _Group, _location_of, _metadata_read, _open_root, _read_together, _sizes,
                       _write_together)
 
@@ -114,6 +114,7 @@ class FeatureStore:
         """The dataset split group for ``fingerprint``, created on first use."""
         attrs = dict(fingerprint, palette=np.asarray(palette).tolist(), chunk_images=chunk_images)
         path = layout.dataset_path(attrs["dataset"], attrs["split"])
+        DatasetMeta.from_dict(attrs, path)  # what is written reads back: refused before anything is created
         if path in self.root:
             group = self.root[path]
             _check_same("dataset configuration", f"{self.path}/{path}", _dataset_attrs(group), attrs,
@@ -139,6 +140,7 @@ class FeatureStore:
                      chunk_images=data.chunk_images, schema_version=layout.SCHEMA_VERSION,
                      package_version=__version__, finished=False)
         path = layout.model_path(model, data.dataset, data.split)
+        ModelMeta.from_dict(attrs, path)  # what is written reads back: refused before anything is created
         if path in self.root and dict(self.root[path].attrs):
             group = self.root[path]
             _check_example_attention(f"{self.path}/{path}", dict(group.attrs), attrs)
@@ -509,6 +511,7 @@ class ModelSplit(_Group):
         if variant:
             attrs["variant"] = variant
         name = layout.codebook_name(method, k, seed, variant)
+        CodebookMeta.from_dict(attrs, layout.codebook_path(self.path, name))
         books = self.group.require_group("codebooks")
         if force:
             name += layout.REPLACEMENT_SUFFIX
@@ -596,6 +599,7 @@ class ModelSplit(_Group):
         ``force``: then a replacement is created beside it (``replace_templates`` swaps it in)."""
         attrs = self._templates_attrs(seed, concepts, hyperparameters)
         name = layout.templates_name(seed)
+        TemplatesMeta.from_dict(attrs, f"{self.path}/templates/{name}")
         parent = self.group.require_group("templates")
         if force:
             name += layout.REPLACEMENT_SUFFIX
@@ -626,11 +630,12 @@ class ModelSplit(_Group):
         """The explanation group of (f, embedding), created with its arrays on first use (by the
         driver, before workers write chunks into it); one made with other choices is refused."""
         name = layout.explanations_name(f, embedding)
-        P = int(self.attrs["grid"]) ** 2
+        P = self.meta.grid ** 2
         attrs = {"f": f, "embedding": embedding, "layers": list(layers), "order": "latest_left",
                  "self_fill": "max_other", "hyperparameters": dict(hyperparameters), "n_images": n_images,
                  "features_fingerprint": self.fingerprint_hash, "schema_version": layout.SCHEMA_VERSION,
                  "package_version": __version__}
+        ExplanationsMeta.from_dict(attrs, f"{self.path}/explanations/{name}")
         parent = self.group.require_group("explanations")
         if name in parent and dict(parent[name].attrs):
             _check_same("explanation", f"{self.path}/explanations/{name}", dict(parent[name].attrs), attrs,
