@@ -187,6 +187,8 @@ def test_typed_metadata_round_trips_the_stored_attributes_and_names_what_is_wron
     assert book.meta.k == 2 and book.meta.hyperparameters == {"steps": 10} and book.meta.variant is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         target.meta.grid = 3  # type: ignore[misc]
+    nulled = dict(target.attrs, weights_sha256=None)  # an optional attribute stored as null stays stored
+    assert ModelMeta.from_dict(nulled, target.path).to_dict() == nulled
     attrs = {k: v for k, v in target.attrs.items() if k != "grid"}
     with pytest.raises(StoreError, match="models/m/synthetic/val: attribute 'grid' missing"):
         ModelMeta.from_dict(attrs, target.path)

@@ -198,7 +198,7 @@ class DatasetSplit(_Group):
     @property
     def meta(self) -> DatasetMeta:
         """The split's attributes, typed (a missing or malformed one: a ``StoreError`` naming it)."""
-        return DatasetMeta.from_dict(self.group.attrs.asdict(), self.path)
+        return self._parsed(DatasetMeta)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -319,7 +319,7 @@ class ModelSplit(_Group):
     @property
     def meta(self) -> ModelMeta:
         """The group's attributes, typed (a missing or malformed one: a ``StoreError`` naming it)."""
-        return ModelMeta.from_dict(self.group.attrs.asdict(), self.path)
+        return self._parsed(ModelMeta)
 
     n_images = property(lambda self: int(self.array("attention_mi").shape[1]))
     chunk_images = property(lambda self: self.meta.chunk_images)

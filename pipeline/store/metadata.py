@@ -114,6 +114,8 @@ class _Meta:
     KIND: ClassVar[str] = "group"
     where: str = field(compare=False, default="")
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # the optional attributes stored as null (``to_dict`` writes them back; other None fields are absent)
+    stored_null: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @classmethod
     def _attr_fields(cls) -> list[tuple[dataclasses.Field, str]]:
@@ -124,6 +126,8 @@ class _Meta:
         """The metadata of the group at ``where`` from its attributes; a required attribute
         that is missing, or any of the wrong type, is a ``StoreError`` naming group and key."""
         values: dict[str, Any] = {}
+        nulls = frozenset(key for f, key in cls._attr_fields() if f.metadata["optional"] and key in attrs
+                          and attrs[key] is None)
         for f, key in cls._attr_fields():
             if key not in attrs:
                 if f.metadata["optional"]:
@@ -133,14 +137,14 @@ class _Meta:
                                  f"`rep-pipeline store check` lists every problem of the store")
             values[f.name] = f.metadata["parse"](attrs[key], where, key)
         named = {key for _, key in cls._attr_fields()}
-        return cls(**values, where=where, extra={k: v for k, v in attrs.items() if k not in named})
+        return cls(**values, where=where, extra={k: v for k, v in attrs.items() if k not in named}, stored_null=nulls)
 
     def to_dict(self) -> dict[str, Any]:
         """The attributes, as they are stored (``from_dict``'s input, key for key)."""
         out = dict(self.extra)
         for f, key in self._attr_fields():
             value = getattr(self, f.name)
-            if value is not None or not f.metadata["optional"]:
+            if value is not None or not f.metadata["optional"] or key in self.stored_null:
                 out[key] = _plain(value)
         return out
 

@@ -178,6 +178,15 @@ class _Group:
     group: zarr.Group
     path: str
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _meta_cache: Any = field(default=None, init=False, repr=False, compare=False)
+
+    def _parsed(self, meta_class: Any) -> Any:
+        """``meta_class.from_dict`` of the group's attributes, parsed again only once they change."""
+        attrs = self.group.attrs.asdict()
+        cached = self._meta_cache
+        if cached is None or cached[0] is not meta_class or cached[1] != attrs:
+            cached = self._meta_cache = (meta_class, dict(attrs), meta_class.from_dict(attrs, self.path))
+        return cached[2]
 
     def sizes(self) -> dict[str, int]:
         """``bytes_stored`` (compressed, as on disk) and ``bytes_raw`` of the group's arrays."""
