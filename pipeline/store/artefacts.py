@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Protocol
 
 import numpy as np
 
@@ -16,10 +16,22 @@ from .fingerprints import fingerprint_hash
 from .metadata import CodebookMeta, ExplanationsMeta, TemplatesMeta, _Meta
 from .zarr_io import _create, _read_together, _write_together
 
-if TYPE_CHECKING:  # the model group owns its artefacts; they only need to know its layers
+if TYPE_CHECKING:
     import zarr
 
-    from .features import ModelSplit
+
+class ModelGroup(Protocol):
+    """What an artefact knows of the model group it is trained on (``features.ModelSplit``,
+    which owns its artefacts: this module never imports it)."""
+
+    layers: tuple[int, ...]
+    embeddings: tuple[str, ...]
+    chunk_images: int
+
+    @property
+    def meta(self) -> Any: ...
+
+    def layer_slot(self, layer: int) -> int: ...
 
 
 @dataclass
@@ -31,7 +43,7 @@ class _Trained:
     META: ClassVar[type[_Meta]] = _Meta
     group: zarr.Group
     path: str
-    features: ModelSplit
+    features: ModelGroup
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -75,7 +87,7 @@ class Codebook(_Trained):
         """The centroid and done arrays of ``embedding``, created if absent (by the driver,
         before workers write layers into them: two creating one array would race)."""
         if f"{embedding}_done" not in self.group:
-            L, k, D = len(self.features.layers), int(self.group.attrs["k"]), int(self.features.attrs["embed_dim"])
+            L, k, D = len(self.features.layers), int(self.group.attrs["k"]), self.features.meta.embed_dim
             spec = layout.CODEBOOK_ARRAYS
             _create(self.group, layout.ArraySpec(embedding, spec["centroids"].dims, "float32",
                                                  spec["centroids"].chunks, spec["centroids"].doc), (L, k, D), 1)
@@ -127,7 +139,7 @@ class Templates(_Trained):
         """Create the arrays of ``embedding`` (once, before workers write layers into them)."""
         if f"{embedding}_done" in self.group:
             return
-        L, C, D = len(self.features.layers), len(self.concepts), int(self.features.attrs["embed_dim"])
+        L, C, D = len(self.features.layers), len(self.concepts), self.features.meta.embed_dim
         for spec, name, shape in ((layout.TEMPLATE_ARRAYS["weights"], embedding, (L, C, D)),
                                   (layout.TEMPLATE_ARRAYS["bias"], f"{embedding}_bias", (L, C)),
                                   (layout.TEMPLATE_ARRAYS["done"], f"{embedding}_done", (L,))):
