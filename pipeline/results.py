@@ -223,9 +223,9 @@ def _query_error(exc: duckdb.Error) -> QueryError:
 def feature_group_row(model: str, dataset: str, split: str, group: Any) -> dict[str, Any]:
     """The ``feature_groups`` row of a store's model group (a ``ModelSplit``): what its model
     key stands for, so views can pair groups of one model (``ln_ablation``)."""
-    a = group.attrs
-    return {"model": model, "dataset": dataset, "split": split, "alias": a.get("model") or model,
-            "timm_name": a.get("timm_name") or "", "weights_sha256": a.get("weights_sha256"),
-            "last_norm": a.get("last_norm") or "after", "rope": a.get("rope") or "before",
-            "depth": int(a.get("depth") or max(group.layers) + 1), "image_size": int(a.get("image_size") or 0),
+    meta = group.meta
+    return {"model": model, "dataset": dataset, "split": split, "alias": meta.model or model,
+            "timm_name": meta.timm_name or "", "weights_sha256": meta.weights_sha256,
+            "last_norm": meta.last_norm_mode, "rope": meta.rope_mode,
+            "depth": int(meta.depth or max(group.layers) + 1), "image_size": int(meta.image_size or 0),
             "store_fingerprint": group.fingerprint_hash}
