@@ -106,9 +106,9 @@ def bench_model(name: str, n_images: int, batch: int, repeats: int, device: str,
                 fn(path if label == "files" else store)
                 timings[label].append(time.perf_counter() - t0)
                 if label == "write":
-                    mb = sum(a.nbytes_stored() for _, a in store[1].group.arrays()) / n_images / 2**20
+                    mb = store[1].sizes()["bytes_stored"] / n_images / 2**20
                     if not stored_files:
-                        group_dir = path / store[1].group.path
+                        group_dir = path / store[1].path
                         stored_files[:] = [f.read_bytes() for f in sorted(group_dir.rglob("c.*"))]
                 if path.exists():
                     shutil.rmtree(path)

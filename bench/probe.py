@@ -35,7 +35,7 @@ def read_pass(store: Path, model: str, splits: tuple[str, str], embeddings: tupl
         for _ in FeatureStream(group, [(e, layer) for e in embeddings], get_backend("numpy"), cache_bytes=0).sequential():
             pass
         for e in embeddings:
-            group.class_features(e)[group.layer_slot(layer)]
+            group.read_class_features(e, layer)
     return time.perf_counter() - t0
 
 

@@ -152,24 +152,24 @@ def part_a(server, images: int, rounds: int) -> None:
 
 def part_b(server, rounds: int) -> None:
     import obstore.store
-    import zarr
-    from zarr.storage import FsspecStore, ObjectStore
+
+    from rep_pipeline.pipeline.store.zarr_io import bare_array  # the store package is the one that imports zarr
 
     data = _features(CHUNK, 1)
     codec = {"name": "blosc", "configuration": {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}}
     stores = {
-        "obstore": lambda prefix: ObjectStore(obstore.store.from_url(
-            server.url(prefix), client_options={"allow_http": True})),
-        "fsspec/s3fs": lambda prefix: FsspecStore.from_url(server.url(prefix), storage_options={
+        "obstore": lambda prefix: ("obstore", obstore.store.from_url(
+            server.url(prefix), client_options={"allow_http": True}), None),
+        "fsspec/s3fs": lambda prefix: ("fsspec", server.url(prefix), {
             "endpoint_url": server.endpoint, "key": server.env["AWS_ACCESS_KEY_ID"],
             "secret": server.env["AWS_SECRET_ACCESS_KEY"], "asynchronous": True}),
     }
     times: dict[str, dict[str, list[float]]] = {n: {"write": [], "read": []} for n in stores}
     for _ in range(rounds):
         for name, make in stores.items():
-            store = make(f"zarr-{uuid.uuid4().hex}")
-            arr = zarr.create_array(store, shape=data.shape, chunks=(1, CHUNK, GRID, GRID, DIM), dtype="float16",
-                                    compressors=[codec], fill_value=0)
+            kind, source, options = make(f"zarr-{uuid.uuid4().hex}")
+            arr = bare_array(kind, source, storage_options=options, shape=data.shape,
+                             chunks=(1, CHUNK, GRID, GRID, DIM), dtype="float16", codec=codec)
             t0 = time.perf_counter()
             arr[...] = data
             times[name]["write"].append(time.perf_counter() - t0)

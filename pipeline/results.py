@@ -1,4 +1,5 @@
-"""Parquet and DuckDB I/O over a results folder: the only module that touches either.
+"""Parquet and DuckDB I/O over a results folder: the only module that touches DuckDB (Parquet
+files are read and written through ``pipeline/parquet.py``).
 
 ``Results`` writes table parts (cast to ``storage_schemas.tables``, atomically), reads every
 table through DuckDB, and opens the ``maps.zarr`` beside them. Every path comes from
@@ -16,9 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import json
-import os
 import uuid
 from functools import cached_property
 from pathlib import Path
@@ -27,7 +26,6 @@ from typing import Any, Iterator, Mapping, Sequence
 import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 
 from rep_pipeline import __version__
 from rep_pipeline.storage_schemas import results as layout
@@ -35,7 +33,9 @@ from rep_pipeline.storage_schemas.tables import SCHEMAS, TABLES_VERSION, VIEWS
 
 from .errors import QueryError, StoreError
 from .location import ObjectPath, as_location, is_local, remove_tree
-from .store import MapStore, check_store_location
+from .parquet import parquet_bytes, schema_metadata, write_whole
+from .store.maps import MapStore
+from .store.zarr_io import check_store_location
 
 _TABLES = f"tables: {', '.join(SCHEMAS)}; views: {', '.join(VIEWS)}"
 # set before the sandbox is locked: nothing may be installed or loaded behind a query's back, and
@@ -85,7 +85,7 @@ class Results:
                 raise StoreError(f"{marker} is not a rep-pipeline results marker: {exc}") from exc
         for table in SCHEMAS:
             for part in self._parts(table):
-                meta = pq.read_schema(part, filesystem=self._filesystem).metadata or {}
+                meta = schema_metadata(part, self._filesystem)
                 found.setdefault(int(meta.get(b"version", b"0")), str(part))
         if len(found) > 1:
             raise StoreError(f"results folder {self.path} mixes results versions: "
@@ -96,7 +96,7 @@ class Results:
     def _ensure_marker(self) -> None:
         marker = self.path / layout.MARKER
         if not marker.is_file():
-            _write_whole(marker, json.dumps({"kind": layout.RESULTS_KIND, "tables_version": TABLES_VERSION,
+            write_whole(marker, json.dumps({"kind": layout.RESULTS_KIND, "tables_version": TABLES_VERSION,
                                              "package_version": __version__}).encode())
 
     # -- writing -------------------------------------------------------------------------------
@@ -113,9 +113,7 @@ class Results:
             data = pa.Table.from_pylist(list(rows), schema=schema)
         self._ensure_marker()
         path = self.path / layout.part_file(table, dataset, model, part)
-        buffer = io.BytesIO()
-        pq.write_table(data, buffer)
-        _write_whole(path, buffer.getvalue())
+        write_whole(path, parquet_bytes(data))
         return path
 
     def maps(self) -> MapStore:
@@ -225,38 +223,9 @@ def _query_error(exc: duckdb.Error) -> QueryError:
 def feature_group_row(model: str, dataset: str, split: str, group: Any) -> dict[str, Any]:
     """The ``feature_groups`` row of a store's model group (a ``ModelSplit``): what its model
     key stands for, so views can pair groups of one model (``ln_ablation``)."""
-    a = group.attrs
-    return {"model": model, "dataset": dataset, "split": split, "alias": a.get("model") or model,
-            "timm_name": a.get("timm_name") or "", "weights_sha256": a.get("weights_sha256"),
-            "last_norm": a.get("last_norm") or "after", "rope": a.get("rope") or "before",
-            "depth": int(a.get("depth") or max(group.layers) + 1), "image_size": int(a.get("image_size") or 0),
+    meta = group.meta
+    return {"model": model, "dataset": dataset, "split": split, "alias": meta.model or model,
+            "timm_name": meta.timm_name or "", "weights_sha256": meta.weights_sha256,
+            "last_norm": meta.last_norm_mode, "rope": meta.rope_mode,
+            "depth": int(meta.depth or max(group.layers) + 1), "image_size": int(meta.image_size or 0),
             "store_fingerprint": group.fingerprint_hash}
-
-
-def write_parquet(path: Path | ObjectPath, rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> None:
-    """``rows`` cast to ``schema`` as one Parquet file, written whole (see ``_write_whole``)."""
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(list(rows), schema=schema), buffer)
-    _write_whole(path, buffer.getvalue())
-
-
-def read_parquet(path: Path | ObjectPath, schema: pa.Schema) -> pa.Table:
-    """One Parquet file read and cast to ``schema``; a file that does not parse or lacks a
-    column is a ``StoreError`` naming it."""
-    try:
-        data = path.read_bytes() if not is_local(path) else Path(path).read_bytes()
-        return pq.read_table(io.BytesIO(data)).select(schema.names).cast(schema)
-    except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
-        raise StoreError(f"{path} cannot be read as {schema.metadata.get(b'table', b'a table').decode()}: {exc}") from exc
-
-
-def _write_whole(path: Path | ObjectPath, data: bytes) -> None:
-    """Readers see no file or the whole one: a file is written aside and renamed into place;
-    an object is put in one request."""
-    if not is_local(path):
-        path.write_bytes(data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -1,6 +1,8 @@
 """The feature store on a local folder: its Zarr layout on disk (dimensions, codecs, chunk
 files), the documented zarr and xarray reading, and the validator on hand-broken arrays. What
 every backend answers alike is the contract in tests/test_store_contract.py."""
+import dataclasses
+
 import numpy as np
 import pytest
 import zarr
@@ -107,3 +109,30 @@ def test_a_finished_group_records_the_request_it_answers(tmp_path):
     target.record_request(request)
     reopened = FeatureStore(tmp_path / "s.zarr").model_split("m", "synthetic", "val")
     assert reopened.request_sha256 == fingerprint_hash(request) and reopened.attrs["request"] == request
+
+
+def test_typed_metadata_round_trips_the_stored_attributes_and_names_what_is_wrong(tmp_path):
+    from rep_pipeline.pipeline.store.metadata import CodebookMeta, DatasetMeta, ModelMeta
+
+    store, data, target = _fill(tmp_path)
+    book = target.require_codebook("online", 2, 0, {"steps": 10})
+    # to_dict gives back the attributes key for key: the store layout stays as written
+    assert data.meta.to_dict() == dict(data.group.attrs) and target.meta.to_dict() == dict(target.group.attrs)
+    assert book.meta.to_dict() == dict(book.group.attrs)
+    assert data.meta.classes == ("a", "b") and data.meta.palette_array.shape == (2, 3) and data.meta.ignore_index == 255
+    assert data.meta.geometry_mode == "crop" and data.meta.primary_category == "synthetic"
+    assert target.meta.grid == G and target.meta.layers == (0, 1, 2) and target.meta.class_embeddings == ("tokens",)
+    assert book.meta.k == 2 and book.meta.hyperparameters == {"steps": 10} and book.meta.variant is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        target.meta.grid = 3  # type: ignore[misc]
+    nulled = dict(target.attrs, weights_sha256=None)  # an optional attribute stored as null stays stored
+    assert ModelMeta.from_dict(nulled, target.path).to_dict() == nulled
+    attrs = {k: v for k, v in target.attrs.items() if k != "grid"}
+    with pytest.raises(StoreError, match="models/m/synthetic/val: attribute 'grid' missing"):
+        ModelMeta.from_dict(attrs, target.path)
+    with pytest.raises(StoreError, match="datasets/synthetic/val: attribute 'n_images' is 'ten', expected an integer"):
+        DatasetMeta.from_dict(dict(data.group.attrs, n_images="ten"), data.path)
+    with pytest.raises(StoreError, match="attribute 'k' missing"):
+        CodebookMeta.from_dict({k: v for k, v in book.attrs.items() if k != "k"}, book.path)
+    # the stages' readers hand NumPy arrays, not zarr ones
+    assert isinstance(data.read_labels(0, 2), np.ndarray) and isinstance(target.attention_mi(), np.ndarray)

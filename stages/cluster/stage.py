@@ -237,12 +237,12 @@ def _requested(cfg: ClusterConfig, store: FeatureStore) -> tuple[str, ModelSplit
         group.layer_slot(layer)  # raises, naming the captured layers
     embeddings = cfg.embeddings or group.embeddings
     for emb in embeddings:
-        group.features(emb)      # raises, naming the captured embeddings
-    n_classes = len(store.dataset_split(dataset, cfg.train_split).fingerprint["classes"])
+        group.check_embedding(emb)  # raises, naming the captured embeddings
+    n_classes = len(store.dataset_split(dataset, cfg.train_split).meta.classes)
     ks = cfg.k or ((n_classes,) if n_classes >= 2 else None)
     if ks is None:
         raise ConfigError(f"{dataset} has no class list to take K from; pass --k")
-    n_vectors = group.n_images * group.attrs["grid"] ** 2
+    n_vectors = group.n_images * group.meta.grid ** 2
     if max(ks) > n_vectors:
         raise ConfigError(f"K={max(ks)} is larger than the {n_vectors} patch vectors of "
                           f"{group.path} ({group.n_images} images)")

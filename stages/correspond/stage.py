@@ -77,7 +77,7 @@ class Keypoints:
         index = {image_id: i for i, image_id in enumerate(data.image_ids())}
         src = np.array([index[i] for i in col("src_image_id")])
         trg = np.array([index[i] for i in col("trg_image_id")])
-        geometry, size = data.geometry(), int(data.group.attrs["image_size"])
+        geometry, size = data.geometry(), data.meta.image_size
         if not geometry[np.union1d(src, trg), 0].all():
             raise StoreError(f"{data.path}/geometry: rows of keypoint images are not written; run the same extract "
                              f"command to complete the split")
@@ -172,7 +172,7 @@ def _settings(cfg: CorrespondConfig, group: ModelSplit) -> tuple[tuple[str, ...]
         raise StoreError(f"{group.path} holds none of {', '.join(CORRESPONDENCE_EMBEDDINGS)}; extract with "
                          f"--embeddings {','.join(CORRESPONDENCE_EMBEDDINGS)}")
     for emb in embeddings:
-        group.features(emb)
+        group.check_embedding(emb)
     layers = resolve_layers(cfg.layers, group.layers) if cfg.layers else group.layers
     for layer in layers:
         group.layer_slot(layer)
@@ -205,12 +205,13 @@ def is_done(cfg: CorrespondConfig) -> bool:
         store = FeatureStore(cfg.store)
         dataset, group, data = _group(cfg, store)
         embeddings, layers = _settings(cfg, group)
-        recorded = Results(cfg.results).maps().attrs(results_layout.correspondence_maps(dataset, cfg.split, cfg.model))
+        recorded = Results(cfg.results).maps().run_record(results_layout.correspondence_maps(dataset, cfg.split,
+                                                                                             cfg.model))
     except StoreError:
         return False
     wanted = {(e, layer) for e in embeddings for layer in layers}
-    done = {tuple(s) for s in recorded.get("settings", [])}
-    return recorded.get("correspond") == _record(cfg, group, Keypoints.of(data).fingerprint) and wanted <= done
+    return (recorded.record("correspond") == _record(cfg, group, Keypoints.of(data).fingerprint)
+            and wanted <= recorded.done())
 
 
 def run_correspond(cfg: CorrespondConfig, *, address: str | None = None, progress: bool = True) -> CorrespondResult:
@@ -269,9 +270,9 @@ def _correspond(cfg: CorrespondConfig, address: str | None, progress: bool, data
 def _tables(cfg: CorrespondConfig, dataset: str, group: ModelSplit, data: DatasetSplit, kp: Keypoints,
             out: list[dict[str, Any]], pairs_fp: str) -> dict[str, list[dict[str, Any]]]:
     geometry, size = kp.geometry, kp.size
-    a = group.attrs
-    run = {"image_size": size, "geometry": data.geometry_mode, "last_norm": a.get("last_norm", "after"),
-           "rope": a.get("rope", "before"), "store_fingerprint": group.fingerprint_hash, "pairs_fingerprint": pairs_fp}
+    meta = group.meta
+    run = {"image_size": size, "geometry": data.geometry_mode, "last_norm": meta.last_norm_mode,
+           "rope": meta.rope_mode, "store_fingerprint": group.fingerprint_hash, "pairs_fingerprint": pairs_fp}
     base = {"model": cfg.model, "dataset": dataset, "split": cfg.split}
     tables: dict[str, list[dict[str, Any]]] = {t: [] for t in TABLES}
     categories = sorted(set(kp.category))
@@ -324,9 +325,9 @@ def _write_heatmaps(results: Results, cfg: CorrespondConfig, dataset: str, group
     maps_path = results_layout.correspondence_maps(dataset, cfg.split, cfg.model)
     done = [[e, layer] for e, layer in settings]
     try:  # the settings of an earlier run with the same options, features and pairs stay done
-        before = results.maps().attrs(maps_path)
-        if before.get("correspond") == record:
-            done += [s for s in before.get("settings", []) if s not in done]
+        before = results.maps().run_record(maps_path)
+        if before.record("correspond") == record:
+            done += [list(s) for s in before.settings or () if list(s) not in done]
     except StoreError:
         pass
     best_of = {b["embedding"]: b["best_layer"] for b in best if abs(b["alpha"] - HEATMAP_ALPHA) < 1e-9}

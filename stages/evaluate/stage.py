@@ -123,7 +123,7 @@ def _stale(cfg: EvaluateConfig, targets: list[_Target], results: Results) -> lis
                                   split=cfg.split)}
     maps = results.maps()
     try:
-        if any(maps.attrs(layout.ground_truth_maps(d, cfg.split)).get("evaluation") != _options(cfg)
+        if any(maps.ground_truth(layout.ground_truth_maps(d, cfg.split)).evaluation != _options(cfg)
                for d in {t.dataset for t in targets}):
             return targets
     except StoreError:
@@ -180,20 +180,21 @@ def _check_labels(data: DatasetSplit) -> None:
     classes, _, ignore, _ = _classes(data)
     if not classes:
         raise StoreError(f"{data.path} has no labels to evaluate against")
-    if not data.done[:].all():
-        raise StoreError(f"{data.path}: the labels of chunks {np.flatnonzero(~data.done[:])[:10].tolist()} are not "
+    pending = data.pending_chunks()
+    if pending:
+        raise StoreError(f"{data.path}: the labels of chunks {pending[:10]} are not "
                          f"written; complete the extract run first")
     for c in range(data.n_chunks):
         start, stop = data.bounds(c)
-        labels = data.labels[start:stop]
+        labels = data.read_labels(start, stop)
         if ((labels >= len(classes)) & (labels != ignore)).any():
             raise StoreError(f"{data.path}/labels holds values outside 0..{len(classes) - 1} near image {start}")
 
 
 def _classes(data: DatasetSplit) -> tuple[list[str], np.ndarray, int, int]:
     """(class names, palette, ignore index, S) of a dataset split."""
-    fp = data.fingerprint
-    return fp["classes"], np.asarray(data.group.attrs["palette"], dtype=np.uint8), fp["ignore_index"], fp["image_size"]
+    meta = data.meta
+    return list(meta.classes), meta.palette_array, meta.ignore_index, meta.image_size
 
 
 def _evaluate_ground_truth(cfg: EvaluateConfig, maps: MapStore, data: DatasetSplit
@@ -210,7 +211,7 @@ def _evaluate_ground_truth(cfg: EvaluateConfig, maps: MapStore, data: DatasetSpl
     pooled_null: list[np.ndarray] = []
     for c in range(data.n_chunks):
         start, stop = data.bounds(c)
-        labels = data.labels[start:stop]
+        labels = data.read_labels(start, stop)
         shifted = metrics.roll_maps(labels, dy[start:stop], dx[start:stop])
         counts += metrics.position_class_counts(labels, C, ignore)
         null += metrics.position_class_counts(shifted, C, ignore)
@@ -221,7 +222,7 @@ def _evaluate_ground_truth(cfg: EvaluateConfig, maps: MapStore, data: DatasetSpl
     n_ex = min(cfg.n_examples, data.n_images)
     maps.write(layout.ground_truth_maps(data.dataset, cfg.split), counts=counts,
                aggregate=metrics.aggregate_map(counts, palette), images=data.example_images(),
-               labels=data.labels[:n_ex],
+               labels=data.read_labels(0, n_ex),
                attrs={"classes": classes, "palette": palette.tolist(), "example_ids": data.image_ids()[:n_ex],
                       "evaluation": _options(cfg)})
     dfp = fingerprint_hash(data.fingerprint)
@@ -259,14 +260,14 @@ def _evaluate_model(cfg: EvaluateConfig, be: Backend, maps: MapStore, data: Data
     dy, dx = metrics.random_shifts(data.n_images, S, cfg.seed)
     rows: dict[str, list[dict]] = {table: [] for table in TABLES}
     example_ids = data.image_ids()[: cfg.n_examples]
-    G = group.attrs["grid"]
+    G = group.meta.grid
     work = [(emb, layer, [(ts, b) for ts, b in t.books if b.is_done(emb, layer)])
             for emb in group.embeddings for layer in group.layers]
     work = [w for w in work if w[2]]
     with ImageProgress(f"evaluate {t.model}", len(work) * data.n_images, enabled=progress) as bar:
         for emb, layer, todo in work:
             cents = xp.concatenate([be.asarray(b.centroids(emb, layer)) for _, b in todo])
-            ks = tuple(int(b.attrs["k"]) for _, b in todo)
+            ks = tuple(b.meta.k for _, b in todo)
             accs = [ClusterMapScores(k, C, S, be, seed=cfg.seed, draws=cfg.draws) for k in ks]
             stream = FeatureStream(group, [(emb, layer)], be, cache_bytes=0)
             for index, arrays in stream.sequential():
@@ -274,7 +275,7 @@ def _evaluate_model(cfg: EvaluateConfig, be: Backend, maps: MapStore, data: Data
                 raw = arrays[(emb, layer)]
                 check_finite(raw, index, f"{group.path}/{emb} layer {layer}")
                 x = be.float32(raw).reshape(stop - start, G, G, -1)
-                lab = be.asarray(data.labels[start:stop]).astype(xp.int64)
+                lab = be.asarray(data.read_labels(start, stop)).astype(xp.int64)
                 shifts = (be.asarray(dy[start:stop]), be.asarray(dx[start:stop]))
                 for i in range(0, stop - start, cfg.images_per_step):  # bounds the (n, S, S, sum K) scores
                     part = slice(i, i + cfg.images_per_step)
@@ -283,11 +284,11 @@ def _evaluate_model(cfg: EvaluateConfig, be: Backend, maps: MapStore, data: Data
                         if start + i < cfg.n_examples:
                             acc.examples.append(be.to_numpy(clusters)[: cfg.n_examples - start - i])
                 bar.advance(stop - start)
-            studied = {(ts, b.attrs["method"], int(b.attrs["k"])) for ts, b in todo if b.variant}
+            studied = {(ts, b.meta.method, b.meta.k) for ts, b in todo if b.variant}
             for (train_split, book), acc in zip(todo, accs):
                 setting = dict(model=t.model, dataset=t.dataset, split=cfg.split, train_split=train_split,
-                               embedding=emb, layer=layer, k=acc.k, method=book.attrs["method"],
-                               seed=int(book.attrs["seed"]))
+                               embedding=emb, layer=layer, k=acc.k, method=book.meta.method,
+                               seed=book.meta.seed)
                 fps = {"store_fingerprint": group.fingerprint_hash, "codebook_fingerprint": book.fingerprint_hash}
                 if (train_split, setting["method"], acc.k) in studied:  # the k-means sensitivity study (12.2)
                     rows["kmeans_sensitivity"].append(_sensitivity_row(acc, setting, book, data.n_images, fps))
@@ -301,7 +302,7 @@ def _sensitivity_row(acc: ClusterMapScores, setting: dict, book: Codebook, n_ima
     """A ``kmeans_sensitivity`` row: one codebook of the study (a variant, or the main one it
     varies) scored as section 5 scores every codebook."""
     h = headline(acc)
-    hp = book.attrs["hyperparameters"]
+    hp = book.meta.hyperparameters
     return {**{k: setting[k] for k in ("model", "dataset", "split", "train_split", "embedding", "layer", "k", "seed")},
             "batch_images": int(hp["batch_images"]), "pca_batches": int(hp["init_batches"]),
             "pca_interval": int(hp.get("init_interval", 1)), "codebook": book.name, "miou": h.scores.miou,
@@ -313,12 +314,12 @@ def _attention(cfg: EvaluateConfig, maps: MapStore, t: _Target) -> tuple[str, li
     """The model's mean attention map written (with the example images' own attention rows,
     where the features hold them: PROTOCOL.md 12.5); its I(K,Q) table part returned."""
     group = t.group
-    attrs: dict[str, Any] = {"layers": list(group.layers), "grid": group.attrs["grid"]}
+    attrs: dict[str, Any] = {"layers": list(group.layers), "grid": group.meta.grid}
     arrays = {"attention": group.attention_map()}
     if group.has_example_attention:
         arrays["example_attention"], attrs["example_ids"] = group.example_attention()
     maps.write(layout.attention_maps(t.dataset, cfg.split, t.model), attrs=attrs, **arrays)
-    mi = group.array("attention_mi")[:]  # (layer, image, head)
+    mi = group.attention_mi()  # (layer, image, head)
     rows = [{"model": t.model, "dataset": t.dataset, "split": cfg.split, "layer": layer, "head": h,
              "mean": float(mi[i, :, h].mean()), "std": float(mi[i, :, h].std()), "n_images": mi.shape[1],
              "store_fingerprint": group.fingerprint_hash}
@@ -332,7 +333,7 @@ def _attention_intervals(cfg: EvaluateConfig, t: _Target, part: tuple[str, list[
     of the mean over images, per (layer, head), from the per-image values (seed ``cfg.seed``)."""
     table, rows, dataset, model = part
     group = t.group
-    mi = group.array("attention_mi")[:]  # (layer, image, head)
+    mi = group.attention_mi()  # (layer, image, head)
     if cfg.draws == 0:
         lo = hi = np.full(mi.shape[::2], np.nan)
     else:

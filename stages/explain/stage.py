@@ -77,10 +77,10 @@ def _splits(cfg: ExplainConfig, store: FeatureStore) -> tuple[str, list[_Split]]
         group = store.model_split(cfg.model, dataset, split)
         if not group.finished:
             raise StoreError(f"{group.path} is not finished; run the same extract command to complete it")
-        group.features("tokens")  # segment descriptors and the check of z (section 10.4, 10.11)
+        group.check_embedding("tokens")  # segment descriptors and the check of z (section 10.4, 10.11)
         data = store.dataset_split(dataset, split)
         out.append(_Split(split, data, group, min(cfg.limit, data.n_images)))
-    if len(out) > 1 and out[0].group.attrs.get("weights_sha256") != out[1].group.attrs.get("weights_sha256"):
+    if len(out) > 1 and out[0].group.meta.weights_sha256 != out[1].group.meta.weights_sha256:
         raise StoreError(f"{out[0].group.path} and {out[1].group.path} hold features of different weights")
     return dataset, out
 
@@ -98,10 +98,10 @@ def _layers(cfg: ExplainConfig, group: ModelSplit) -> tuple[int, ...]:
 def _dataset(cfg: ExplainConfig, name: str, split: _Split) -> tuple[Any, list[Any]]:
     """The dataset adapter the store's split was made with, checked against its fingerprint, and
     the split's items."""
-    options = store_layout.dataset_options(dict(split.data.group.attrs))
+    options = split.data.meta.placement_options
     dataset = build_dataset(name, cfg.data_root, **options)
     items = dataset.items(split.name, split.data.n_images)
-    found = dataset.fingerprint(split.name, items, int(split.data.group.attrs["image_size"]))
+    found = dataset.fingerprint(split.name, items, split.data.meta.image_size)
     stored = {**split.data.fingerprint, "options": options}
     if fingerprint_hash(found) != fingerprint_hash(stored):
         differ = sorted(k for k in set(found) | set(stored) if found.get(k) != stored.get(k))
@@ -143,13 +143,13 @@ class ExplainWorker:
         store = FeatureStore(cfg.store, mode="a")  # the maps go into it
         self.splits = {s.name: s for s in _splits(cfg, store)[1]}
         first = next(iter(self.splits.values()))
-        attrs = first.group.attrs
+        meta = first.group.meta
         self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
                                    else "cpu")
-        self.loaded = build_model(attrs["model"], cfg.weights, int(attrs["image_size"]), cfg.seed)
+        self.loaded = build_model(meta.model, cfg.weights, meta.image_size, cfg.seed)
         self.loaded.model.to(self.device)
-        self.explainer = Explainer(self.loaded, layers, cfg.embedding, cfg.f, attrs.get("last_norm", "after"),
-                                   attrs.get("rope", "before"), cfg.memory_budget)
+        self.explainer = Explainer(self.loaded, layers, cfg.embedding, cfg.f, meta.last_norm_mode, meta.rope_mode,
+                                   cfg.memory_budget)
         self.input = ModelInput(self.loaded, self.device)
         self.datasets = {name: _dataset(cfg, dataset, s) for name, s in self.splits.items()}  # (adapter, items)
 
@@ -162,10 +162,9 @@ class ExplainWorker:
         if self._init_error is not None:
             raise self._init_error
         cfg, s = self.cfg, self.splits[self.cfg.train_split]
-        S, G = int(s.data.group.attrs["image_size"]), int(s.group.attrs["grid"])
-        attrs = s.group.attrs
-        ulta_s = Explainer(self.loaded, self.layers, cfg.embedding, "sum", attrs.get("last_norm", "after"),
-                           attrs.get("rope", "before"), cfg.memory_budget)
+        S, G, meta = s.data.meta.image_size, s.group.meta.grid, s.group.meta
+        ulta_s = Explainer(self.loaded, self.layers, cfg.embedding, "sum", meta.last_norm_mode, meta.rope_mode,
+                           cfg.memory_budget)
         dataset, items = self.datasets[s.name]
         images, maps = [], {layer: [] for layer in self.layers}
         for item in items[: cfg.fit_images]:
@@ -201,11 +200,11 @@ class ExplainWorker:
         start, stop = book.bounds(chunk)
         dataset, items = self.datasets[split]
         items = items[start:stop]
-        loaded = [dataset.load_placed(it, int(s.data.group.attrs["image_size"]), self.cfg.max_image_pixels)
+        loaded = [dataset.load_placed(it, s.data.meta.image_size, self.cfg.max_image_pixels)
                   for it in items]
         images, geometry = np.stack([p[0] for p in loaded]), np.stack([p[2] for p in loaded])
         x = self.input(images, geometry, pad=dataset.geometry == "pad")
-        labels = s.data.labels[start:stop]
+        labels = s.data.read_labels(start, stop)
         tokens = {layer: s.group.read_features("tokens", layer, start, stop).astype(np.float32) for layer in self.layers}
         explained = 0
         maps: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -244,8 +243,8 @@ class ExplainWorker:
         from . import concepts, perturb
 
         cfg, s = self.cfg, self.splits[split]
-        G, S = int(s.group.attrs["grid"]), int(s.data.group.attrs["image_size"])
-        C, ignore = len(s.data.fingerprint["classes"]), int(s.data.fingerprint["ignore_index"])
+        G, S = s.group.meta.grid, s.data.meta.image_size
+        C, ignore = len(s.data.meta.classes), s.data.meta.ignore_index
         test = split == cfg.split
         out: dict[str, Any] = {"layers": {}}
         for layer in self.layers:
@@ -351,9 +350,9 @@ def _explain(cfg: ExplainConfig, address: str | None, progress: bool, dataset: s
     with runner.ActorPool(ExplainWorker, [(cfg, dataset, layers, threads)] * n_actors, num_cpus=1 if gpus else threads,
                           num_gpus=1 if gpus else 0) as pool:
         for fp in pool.call_all("fingerprint"):
-            attrs = splits[0].group.attrs
+            meta = splits[0].group.meta
             differ = [k for k in ("model", "timm_name", "weights_sha256", "image_size", "grid", "embed_dim")
-                      if json.dumps(fp.get(k)) != json.dumps(attrs.get(k))]
+                      if json.dumps(fp.get(k)) != json.dumps(meta.get(k))]
             if differ:
                 raise FingerprintMismatchError(f"{splits[0].group.path} was extracted from other weights or geometry "
                                                f"({', '.join(differ)} differ); pass the --weights it was extracted with")
@@ -418,7 +417,7 @@ def _write(cfg: ExplainConfig, dataset: str, splits: list[_Split], layers: tuple
             neg = [d[mode][1] for d in distances]
             summary = perturb.summarise(pos, neg, seed=cfg.draw_seed) if cfg.tokens_per_image else {}
             tables["ultra_perturbation"].append({**base, "layer": layer, "perturbation": mode, "fraction": cfg.rho,
-                                                 "tokens_per_image": min(cfg.tokens_per_image, int(test.group.attrs["grid"]) ** 2),
+                                                 "tokens_per_image": min(cfg.tokens_per_image, test.group.meta.grid ** 2),
                                                  **{k: _finite(v) for k, v in summary.items()},
                                                  "n_images": len(distances), "seed": cfg.draw_seed})
         if cfg.train_split:
@@ -460,8 +459,9 @@ def _dataset_scores(cfg: ExplainConfig, dataset: str, splits: list[_Split], laye
     K-cluster maps go through section 5 unchanged."""
     be = get_backend("numpy")
     test, train = splits
-    classes = list(test.data.fingerprint["classes"])
-    C, ignore, S = len(classes), int(test.data.fingerprint["ignore_index"]), int(test.data.fingerprint["image_size"])
+    meta = test.data.meta
+    classes = list(meta.classes)
+    C, ignore, S = len(classes), meta.ignore_index, meta.image_size
     train_desc = np.concatenate(_gather(parts, train.name, layer, "descriptors")).astype(np.float32)
     pca = PCAInit(be, train_desc.shape[1])
     pca.add(train_desc)
@@ -474,7 +474,7 @@ def _dataset_scores(cfg: ExplainConfig, dataset: str, splits: list[_Split], laye
     centroids = lloyd.centroids()[0]
     acc = ClusterMapScores(C, C, S, be)
     dy, dx = metrics.random_shifts(test.n_images, S, cfg.draw_seed)
-    labels = test.data.labels[: test.n_images].astype(np.int64)  # one read
+    labels = test.data.read_labels(0, test.n_images).astype(np.int64)  # one read
     examples = []
     for i, (segments, desc) in enumerate(zip(_gather(parts, cfg.split, layer, "segments"),
                                              _gather(parts, cfg.split, layer, "descriptors"))):
@@ -494,8 +494,8 @@ def _write_maps(maps: Any, cfg: ExplainConfig, dataset: str, test: _Split, layer
                 tables: dict[str, list[dict[str, Any]]]) -> None:
     """Per layer: every test image's segment map, the examples of figures u1 to u3, and the
     section 5 rows and maps of the ``dataset`` scoring (written here: they need the maps store)."""
-    classes = list(test.data.fingerprint["classes"])
-    palette = np.asarray(test.data.group.attrs["palette"], dtype=np.uint8)
+    classes = list(test.data.meta.classes)
+    palette = test.data.meta.palette_array
     ids = test.data.image_ids()[: store_layout.EXAMPLE_IMAGES]
     fps = {"store_fingerprint": test.group.fingerprint_hash, "codebook_fingerprint": rid}
     for acc, setting in scored:
@@ -513,8 +513,8 @@ def _write_maps(maps: Any, cfg: ExplainConfig, dataset: str, test: _Split, layer
                                                               if key in example else value)
         maps.write(layout.ultra_maps(dataset, cfg.split, cfg.model, rid, layer),
                    attrs={"run_id": rid, "layer": layer, "tokens": example["tokens"].tolist(),
-                          "zetas": list(EXAMPLE_ZETAS), "grid": int(test.group.attrs["grid"]),
-                          "n_prefix": int(test.group.attrs["num_prefix_tokens"]), "rho": cfg.rho,
+                          "zetas": list(EXAMPLE_ZETAS), "grid": test.group.meta.grid,
+                          "n_prefix": test.group.meta.n_prefix, "rho": cfg.rho,
                           "tau": HEADLINE_TAU},
                    segments=np.stack(segments).astype(dtype), images=example["images"], labels=example["labels"],
                    token_maps=example["token_maps"].astype(np.float32), class_maps=example["class_maps"].astype(np.float32),

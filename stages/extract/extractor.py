@@ -156,7 +156,7 @@ class Extractor:
         self.flush()
 
         def write() -> None:
-            if not data.done[chunk]:
+            if not data.chunk_done(chunk):
                 data.write_labels(chunk, labels, images, extra_labels, geometry)
             target.write_chunk(chunk, arrays, provenance)
 

@@ -79,7 +79,7 @@ def _groups(cfg: ProbeConfig, store: FeatureStore) -> tuple[str, ModelSplit, Mod
             raise StoreError(f"{group.path} is not finished; run the same extract command to complete it")
         groups.append(group)
     train, test = groups
-    differ = [k for k in MODEL_FINGERPRINT_KEYS if k != "dataset_fingerprint" and train.attrs.get(k) != test.attrs.get(k)]
+    differ = [k for k in MODEL_FINGERPRINT_KEYS if k != "dataset_fingerprint" and train.meta.get(k) != test.meta.get(k)]
     if differ:
         raise StoreError(f"{train.path} and {test.path} hold different features ({', '.join(differ)} differ); "
                          f"extract both splits with one command")
@@ -95,9 +95,9 @@ def _settings(cfg: ProbeConfig, group: ModelSplit) -> tuple[tuple[str, ...], tup
                          f"--embeddings {','.join(PROBE_TOKEN_TYPES)}")
     for emb in embeddings:
         if "patch" in cfg.objects:
-            group.features(emb)
+            group.check_embedding(emb)
         if "class_token" in cfg.objects:
-            group.class_features(emb)
+            group.check_class_embedding(emb)
     layers = resolve_layers(cfg.layers, group.layers) if cfg.layers else (max(group.layers),)
     for layer in layers:
         group.layer_slot(layer)
@@ -108,13 +108,13 @@ def _categories(store: FeatureStore, dataset: str, cfg: ProbeConfig) -> list[Cat
     """Every label map of the dataset: the primary one (``labels``) and any further ones."""
     train, test = store.dataset_split(dataset, cfg.train_split), store.dataset_split(dataset, cfg.split)
     for data in (train, test):
-        if not data.done[:].all():
-            raise StoreError(f"{data.path}: labels of chunks {np.flatnonzero(~data.done[:])[:5].tolist()} are not "
+        if data.pending_chunks():
+            raise StoreError(f"{data.path}: labels of chunks {data.pending_chunks()[:5]} are not "
                              f"written; run the same extract command")
-    attrs = dict(test.group.attrs)
-    out = [Category(attrs.get("category", dataset), tuple(attrs["classes"]), train.labels[:], test.labels[:])]
+    meta = test.meta
+    out = [Category(meta.category or dataset, meta.classes, train.read_labels(), test.read_labels())]
     for name, classes in test.label_maps.items():
-        out.append(Category(name, tuple(classes), train.extra_labels(name)[:], test.extra_labels(name)[:]))
+        out.append(Category(name, tuple(classes), train.read_extra_labels(name), test.read_extra_labels(name)))
     return out
 
 
@@ -178,13 +178,13 @@ class ProbeWorker:
         book = train.templates(cfg.seed, replacement=self.replacing) if "hyperplane" in cfg.rules else None
         examples = len(store.dataset_split(self.dataset, cfg.split).example_images())
         out: dict[str, list[dict]] = {"rows": [], "skipped": [], "masks": [], "cosine_masks": []}
-        grid, ignore = int(train.attrs["grid"]), int(dict(test.group.attrs).get("ignore_index", 255))
+        grid, ignore = train.meta.grid, store.dataset_split(self.dataset, cfg.split).meta.ignore_index
         objects = {(obj, cat.name, split): Objects.of(getattr(cat, split), len(cat.classes), obj, grid, ignore)
                    for obj in cfg.objects for cat in categories for split in ("train", "test")}
         # figure d4: the example image where each concept covers the largest area (-1: none)
         shown = {cat.name: _largest_area(cat.test[:examples], len(cat.classes)) for cat in categories}
         for emb, layer in self.settings:
-            weights = np.zeros((len(concepts), int(train.attrs["embed_dim"])), np.float32)
+            weights = np.zeros((len(concepts), train.meta.embed_dim), np.float32)
             bias = np.full(len(concepts), np.nan, np.float32)
             reuse = book is not None and book.is_done(emb, layer)
             if reuse:
@@ -192,7 +192,7 @@ class ProbeWorker:
             seed = int(np.random.default_rng([cfg.seed, EMBEDDINGS.index(emb), layer]).integers(2**31))
             for obj in cfg.objects:
                 feats = {s: (g.read_features(emb, layer, 0, g.n_images) if obj == "patch"
-                             else g.class_features(emb)[g.layer_slot(layer)]) for s, g in (("train", train), ("test", test))}
+                             else g.read_class_features(emb, layer)) for s, g in (("train", train), ("test", test))}
                 for cat in categories:
                     tr = objects[(obj, cat.name, "train")].with_features(feats["train"], be)
                     te = objects[(obj, cat.name, "test")].with_features(feats["test"], be)
@@ -315,12 +315,11 @@ def is_done(cfg: ProbeConfig) -> bool:
         results = Results(cfg.results)
         if "direction_summary" not in results.tables():
             return False
-        recorded = results.maps().attrs(results_layout.direction_maps(dataset, cfg.split, cfg.model))
+        recorded = results.maps().run_record(results_layout.direction_maps(dataset, cfg.split, cfg.model))
     except StoreError:
         return False
     wanted = {(e, layer, o, r) for e in embeddings for layer in layers for o in cfg.objects for r in cfg.rules}
-    done = {tuple(s) for s in recorded.get("settings", [])}
-    return recorded.get("probe") == _record(cfg, train, test) and wanted <= done
+    return recorded.record("probe") == _record(cfg, train, test) and wanted <= recorded.done()
 
 
 def _record(cfg: ProbeConfig, train: ModelSplit, test: ModelSplit) -> dict[str, Any]:
@@ -384,9 +383,9 @@ def _probe(cfg: ProbeConfig, address: str | None, progress: bool, dataset: str, 
     record = _record(cfg, train, test)
     done = [[e, layer, o, r] for e, layer in settings for o in cfg.objects for r in cfg.rules]
     try:  # the settings of an earlier run with the same options and features stay done
-        before = results.maps().attrs(results_layout.direction_maps(dataset, cfg.split, cfg.model))
-        if before.get("probe") == record:
-            done += [s for s in before.get("settings", []) if s not in done]
+        before = results.maps().run_record(results_layout.direction_maps(dataset, cfg.split, cfg.model))
+        if before.record("probe") == record:
+            done += [list(s) for s in before.settings or () if list(s) not in done]
     except StoreError:
         pass
     with results.staged_maps() as maps:

@@ -42,6 +42,7 @@ from rep_pipeline.pipeline.config import Comparison, ReportConfig
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
 from rep_pipeline.pipeline.location import ObjectPath, is_local
 from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.store import LIBRARY as STORE_LIBRARY
 from rep_pipeline.storage_schemas import results as layout
 
 from . import figures
@@ -103,13 +104,13 @@ class ReportData:
 
     def _read_ground_truth(self) -> None:
         gt_path = layout.ground_truth_maps(self.dataset, self.split)
-        gt_attrs = self.maps.attrs(gt_path)
-        self.classes = list(gt_attrs["classes"])
-        self.palette = np.asarray(gt_attrs["palette"], dtype=np.uint8)
+        truth_meta = self.maps.ground_truth(gt_path)
+        self.classes = list(truth_meta.classes)
+        self.palette = truth_meta.palette_array
         self.gt_images = self.maps.read(gt_path, "images")
         self.gt_labels = self.maps.read(gt_path, "labels")
         self.gt_aggregate = self.maps.read(gt_path, "aggregate")
-        self.gt_example_ids = list(gt_attrs.get("example_ids") or [])
+        self.gt_example_ids = list(truth_meta.example_ids or [])
         try:  # the classes of the whole test split's ground truth (the aggregate maps' legend)
             present = self.maps.read(gt_path, "counts").sum(axis=(0, 1)) > 0
             self.gt_present = [int(c) for c in np.flatnonzero(present)]
@@ -158,7 +159,7 @@ class ReportData:
             for embedding in sorted(dict.fromkeys(probed), key=lambda e: (e != "keys", probed.index(e))):
                 path = layout.direction_masks(self.dataset, self.split, model, category, embedding, layer)
                 try:
-                    attrs = self.maps.attrs(path)
+                    attrs = self.maps.recorded(path)
                 except StoreError:
                     continue
                 f1 = {r["concept_id"]: r["f1"] for r in self.rows(
@@ -236,7 +237,7 @@ class ReportData:
             for layer in sorted(run["layers"]):
                 path = layout.ultra_maps(self.dataset, self.split, run["model"], run_id, layer)
                 try:
-                    attrs = self.maps.attrs(path)
+                    attrs = self.maps.recorded(path)
                 except StoreError:
                     continue
                 out.append({**attrs, "layer": int(layer), **{name: self.maps.read(path, name) for name in (
@@ -362,15 +363,15 @@ class ReportData:
         out = []
         for m in data["models"]:
             try:
-                recorded = self.maps.attrs(layout.correspondence_maps(dataset, split, m["model"]))
+                recorded = self.maps.run_record(layout.correspondence_maps(dataset, split, m["model"]))
             except StoreError:
                 continue
             scored = {r["embedding"] for r in data["rows"] if r["model"] == m["model"]}
-            for embedding in figures.embedding_order([s[0] for s in recorded.get("settings", [])] + sorted(scored)):
+            for embedding in figures.embedding_order([s[0] for s in recorded.settings or ()] + sorted(scored)):
                 for j in itertools.count():
                     path = layout.correspondence_example(dataset, split, m["model"], embedding, j)
                     try:
-                        attrs = self.maps.attrs(path)
+                        attrs = self.maps.recorded(path)
                     except StoreError:
                         break
                     example = {**attrs, "model": m["model"], "embedding": embedding, "example": j,
@@ -438,7 +439,7 @@ class ReportData:
 
     def _has_array(self, path: str, name: str) -> bool:
         try:
-            return path in self.maps.root and name in self.maps.root[path]
+            return self.maps.has(path, name)
         except Exception:  # noqa: BLE001 - a store that cannot answer holds nothing to draw
             return False
 
@@ -534,7 +535,7 @@ class ReportData:
         path = layout.attention_maps(self.dataset, self.split, model)
         if (model, layer) not in self._attention:
             self._attention[(model, layer)] = self.maps.read(path, "attention")[
-                list(self.maps.attrs(path)["layers"]).index(layer)]
+                list(self.maps.attention(path).layers).index(layer)]
         return self._attention[(model, layer)]
 
     @cached_property
@@ -543,14 +544,14 @@ class ReportData:
 
     def attention_layers(self, model: str) -> list[int]:
         """The blocks whose image-averaged attention is stored for ``model``."""
-        return [int(v) for v in self.maps.attrs(layout.attention_maps(self.dataset, self.split, model))["layers"]]
+        return list(self.maps.attention(layout.attention_maps(self.dataset, self.split, model)).layers)
 
     def attention_grid(self, model: str) -> int:
         """G, the side of ``model``'s patch grid (the attention maps' attrs; else from the matrix)."""
         path = layout.attention_maps(self.dataset, self.split, model)
-        grid = self.maps.attrs(path).get("grid")
+        grid = self.maps.attention(path).grid_side
         if grid:
-            return int(grid[0] if isinstance(grid, (list, tuple)) else grid)
+            return grid
         return int(round(np.sqrt(self.attention(model, self.attention_layers(model)[0]).shape[-1])))
 
     def has_example_attention(self, model: str) -> bool:
@@ -563,12 +564,12 @@ class ReportData:
         example, the index of the same image among the stored ground-truth examples (matched by
         the attrs' ``example_ids``; by position where none are recorded; None: not stored)."""
         path = layout.attention_maps(self.dataset, self.split, model)
-        attrs = self.maps.attrs(path)
+        meta = self.maps.attention(path)
         maps = self.maps.read(path, "example_attention")
-        layers = [int(v) for v in (attrs.get("example_layers") or attrs["layers"])]
+        layers = list(meta.example_layers or meta.layers)
         if len(layers) != maps.shape[0]:
-            layers = [int(v) for v in attrs["layers"]][-maps.shape[0]:]
-        ids = [str(i) for i in attrs.get("example_ids") or []]
+            layers = list(meta.layers)[-maps.shape[0]:]
+        ids = [str(i) for i in meta.example_ids or []]
         known = [str(i) for i in self.gt_example_ids]
         if ids and known:
             where = [known.index(i) if i in known else None for i in ids]
@@ -855,7 +856,7 @@ def _between_models(data: ReportData, rows: list[dict[str, Any]]) -> float | Non
     return max(best.values()) - min(best.values()) if len(best) > 1 else None
 
 
-VERSIONED = ("torch", "timm", "zarr", "numpy", "duckdb", "pyarrow", "matplotlib")
+VERSIONED = ("torch", "timm", STORE_LIBRARY, "numpy", "duckdb", "pyarrow", "matplotlib")
 
 
 def package_versions() -> list[tuple[str, str]]:
