@@ -45,17 +45,7 @@ def _folder(run_id):
 
 
 # -- the helpers -----------------------------------------------------------------------------------
-def test_the_sets_and_the_scaled_map_follow_the_explain_stage():
-    from rep_pipeline.stages.explain import perturb
-
-    rng = np.random.default_rng(0)
-    for rho in (0.0, 0.1, 0.29, 0.5):
-        s = rng.random(P)
-        s[3] = s[7]  # a tie, ordered by index
-        for own in (0, 7, P - 1):
-            ours, theirs = figures.relevance_sets(s, own, rho), perturb.relevance_sets(s, own, rho)
-            assert [a.tolist() for a in ours] == [b.tolist() for b in theirs]
-            assert own not in np.concatenate(ours) and len(ours[0]) == int(np.floor(rho * (P - 1) + 1e-9))
+def test_the_scaled_map_and_the_patch_centre():
     # bilinear, align_corners=False (torch's formula): 2 -> 4 pixels weigh (1, 0), (3/4, 1/4), (1/4, 3/4), (0, 1)
     assert np.allclose(figures.scaled_map(np.array([0.0, 2.0, 0.0, 2.0]), 2, 4), [[0, 0.25, 0.75, 1]] * 4)
     assert figures.scaled_map(np.ones(P), G, S).max() == 0  # a constant map scales to 0

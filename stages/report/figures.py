@@ -805,17 +805,6 @@ def patch_centre(patch: int, grid: int, size: int) -> tuple[float, float]:
     return (r + 0.5) * size / grid - 0.5, (c + 0.5) * size / grid - 0.5
 
 
-def relevance_sets(patch_map: np.ndarray, own: int, rho: float) -> tuple[np.ndarray, np.ndarray]:
-    """The perturbation test's sets (section 10.6) of the token of patch ``own``: the other
-    patches ordered by S_i descending (ties by index), positive = the first m, negative = the
-    last m, m = floor(rho (P - 1)); the explain stage's own convention (``perturb.relevance_sets``)."""
-    s = np.asarray(patch_map, dtype=np.float64).ravel()
-    m = int(np.floor(rho * (s.size - 1) + 1e-9))
-    order = np.argsort(-s, kind="stable")
-    order = order[order != own]
-    return order[:m], order[order.size - m:]
-
-
 def _mark(ax: Any, point: tuple[float, float], colour: str = "cyan") -> None:
     ax.plot([point[1]], [point[0]], marker="o", markersize=4, color=colour, markeredgecolor="black",
             markeredgewidth=0.6, linestyle="none")

@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rep_pipeline.pipeline.relevance import relevance_sets
+
 from . import figures
 
 
@@ -972,7 +974,7 @@ def ultra_perturbation(data: Any, run_id: str) -> Any:
         token, grid, image = tokens[which], int(s["grid"]), s["images"][0]
         s_i = s["token_maps"][0][which]
         rho = float(s.get("rho", rows[0]["fraction"] if rows else 0.5))
-        positive, negative = figures.relevance_sets(s_i, token, rho)
+        positive, negative = relevance_sets(s_i, token, rho)
         axes = subs["sets"].subplots(1, 4)
         figures.plot_token_on_image(image, token, grid, title=f"image 0, token {token}", ax=axes[0])
         figures.plot_explanation_map(image, s_i, grid, token=token, title=f"M(S~_i), block {s['layer']}", ax=axes[1])
