@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from rep_pipeline.pipeline.arrays import minmax
 from rep_pipeline.pipeline.errors import ConfigError, LabelValueError
 from rep_pipeline.stages.explain import concepts as cc
 
@@ -26,16 +27,6 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
 
 # --- scaling and upsampling ------------------------------------------------------------------------
 
-def test_minmax_per_map_and_constant_maps_are_zero():
-    a = np.array([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]], dtype=np.float32)
-    out = cc.minmax(a)
-    np.testing.assert_allclose(out, [[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]])
-    assert out.dtype == np.float32
-    stack = np.stack([np.arange(4.0).reshape(2, 2), np.full((2, 2), 7.0)])
-    np.testing.assert_allclose(cc.minmax(stack, axis=(-2, -1)), [[[0, 1 / 3], [2 / 3, 1]], np.zeros((2, 2))])
-    assert cc.minmax(np.array([[0, 2]])).dtype == np.float32
-
-
 def test_upsample_is_bilinear_align_corners_false():
     from rep_pipeline.stages.evaluate import bilinear_matrix  # the formula PROTOCOL.md names
 
@@ -49,7 +40,7 @@ def test_upsample_is_bilinear_align_corners_false():
 def test_scaled_upsampled_equals_upsampling_the_scaled_map_then_scaling():
     maps = np.random.default_rng(2).random((4, 16)) * 7 + 3
     a = cc.scaled_upsampled(maps, 4, 10)
-    b = cc.minmax(cc.upsample(cc.minmax(maps).reshape(4, 4, 4), 10), axis=(-2, -1))
+    b = minmax(cc.upsample(minmax(maps, axis=-1).reshape(4, 4, 4), 10), axis=(-2, -1))
     np.testing.assert_allclose(a, b, atol=1e-6)
     assert a.min() == 0 and np.allclose(a.reshape(4, -1).max(1), 1)
 
@@ -89,7 +80,7 @@ def test_patch_segments_take_the_plurality_of_the_footprint():
 
 def test_zeta_zero_gives_one_cluster_per_distinct_map():
     rng = np.random.default_rng(3)
-    distinct = cc.minmax(rng.random((5, 16)))
+    distinct = minmax(rng.random((5, 16)), axis=-1)
     which = np.array([0, 1, 2, 1, 3, 4, 0, 0, 2, 3])
     maps = distinct[which]
     maps = np.vstack([maps, np.zeros((2, 16))])          # two constant maps: a sixth distinct map
@@ -101,7 +92,7 @@ def test_zeta_zero_gives_one_cluster_per_distinct_map():
 
 def test_constant_maps_form_a_cluster_of_their_own_and_distances_are_cosine():
     rng = np.random.default_rng(4)
-    maps = cc.minmax(rng.random((8, 9)))
+    maps = minmax(rng.random((8, 9)), axis=-1)
     d = cc.cosine_distances(np.vstack([maps, np.zeros((2, 9))]))
     ref = 1 - (maps / np.linalg.norm(maps, axis=1, keepdims=True)) @ (maps / np.linalg.norm(maps, axis=1)[:, None]).T
     np.testing.assert_allclose(d[:8, :8], np.clip(ref, 0, None) * (1 - np.eye(8)), atol=1e-12)
@@ -111,7 +102,7 @@ def test_constant_maps_form_a_cluster_of_their_own_and_distances_are_cosine():
 
 
 def test_clustering_matches_scipy_average_cosine_on_nonzero_maps():
-    maps = cc.minmax(np.random.default_rng(5).random((30, 25)))
+    maps = minmax(np.random.default_rng(5).random((30, 25)), axis=-1)
     ref = linkage(maps, method="average", metric="cosine")
     labels, tree = cc.cluster(maps, zeta=0.2)
     np.testing.assert_allclose(tree[:, 2], ref[:, 2], atol=1e-9)
@@ -120,7 +111,7 @@ def test_clustering_matches_scipy_average_cosine_on_nonzero_maps():
 
 def test_block_structured_maps_are_recovered_by_distance_and_by_maxclust():
     maps, quadrant = _block_maps(8)
-    scaled = cc.minmax(maps)
+    scaled = minmax(maps, axis=-1)
     by_zeta, _ = cc.cluster(scaled, zeta=0.4)
     by_k, _ = cc.cluster(scaled, k=4)
     assert _same_partition(by_zeta, quadrant) and _same_partition(by_k, quadrant)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from rep_pipeline.pipeline.arrays import minmax
 from rep_pipeline.pipeline.config import Comparison, ReportConfig
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.stages.report import ReportData, figures, run_report
@@ -87,7 +88,7 @@ def _run_maps(maps, run_id, rng, images, labels):
     """Figures u1-u3's maps of one run at every layer: random token maps, the linkage of random
     patch-token maps (as the stage clusters them) and its cuts."""
     for layer in LAYERS:
-        patch_maps = figures.minmax(rng.random((E, P, P)), axis=-1)
+        patch_maps = minmax(rng.random((E, P, P)).astype(np.float32), axis=-1)
         links = np.stack([linkage(m, method="average", metric="cosine") for m in patch_maps])
         cuts = np.stack([[figures.upsample_nearest(fcluster(z, zeta, criterion="distance").reshape(G, G) - 1, S)
                           for zeta in ZETAS] for z in links]).astype(np.uint16)

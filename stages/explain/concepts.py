@@ -7,7 +7,7 @@ and pools what they return (confusions are summed over the split, ITIoU averaged
 
 Conventions this module fixes where PROTOCOL.md leaves a detail open:
 
-- Min-max scaling M(S) is applied per map; a constant map scales to 0 everywhere. The
+- Min-max scaling M(S) (``pipeline/arrays.py``) is applied per map; a constant map scales to 0 everywhere. The
   upsampled scaled map is M(S~_i) = minmax(upsample(S_i)), which equals
   minmax(upsample(M(S_i))) because upsampling is linear with weights summing to one.
 - Clustering (10.3, A17): average linkage on cosine distances of the scaled rows M(S_i).
@@ -37,28 +37,13 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import squareform
 
+from rep_pipeline.pipeline.arrays import minmax
 from rep_pipeline.pipeline.errors import ConfigError, LabelValueError
 
 AGGREGATES = ("sum", "mean")
 
 
 # --- scaling and upsampling (10.2) -----------------------------------------------------------------
-
-def minmax(a: np.ndarray, axis: int | tuple[int, ...] = -1) -> np.ndarray:
-    """(a - min)/(max - min) over ``axis`` (one map per remaining index); 0 where constant.
-
-    Floating input keeps its dtype, anything else becomes float32. Use ``axis=(-2, -1)`` for
-    stacks of 2-D maps.
-    """
-    a = np.asarray(a)
-    if not np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float32)
-    lo = a.min(axis=axis, keepdims=True)
-    span = a.max(axis=axis, keepdims=True) - lo
-    out = a - lo                                   # 0 everywhere on a constant map
-    np.divide(out, np.where(span > 0, span, 1).astype(a.dtype), out=out)
-    return out
-
 
 def upsample(maps: np.ndarray, size: int) -> np.ndarray:
     """(n, G, G) -> (n, S, S) float32, bilinear with align_corners=False (torch's formula,

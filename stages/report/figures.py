@@ -13,6 +13,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from rep_pipeline.pipeline.arrays import minmax
+
 STYLE = {
     "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "axes.spines.top": False,
     "axes.spines.right": False, "figure.dpi": 110, "savefig.bbox": "tight", "legend.frameon": False,
@@ -778,14 +780,6 @@ ULTRA_SCALARS = {"sum": "ULTra_S", "energy": "ULTra_E", "learned": "ULTra_W"}  #
 ULTRA_TAU = 0.2  # the headline threshold of the masks and of ITIoU (section 10.5)
 ULTRA_CMAP = "inferno"  # explanation maps: dark (irrelevant) to bright yellow (relevant)
 SEGMENT_CMAP = "tab20"  # per-image segment ids: arbitrary labels, a qualitative map
-
-
-def minmax(values: np.ndarray, axis: int | tuple[int, ...] | None = None) -> np.ndarray:
-    """M(S) = (S - min S) / (max S - min S) over ``axis`` (float32), 0 where the map is constant."""
-    values = np.asarray(values, dtype=np.float32)
-    lo = values.min(axis=axis, keepdims=True)
-    span = values.max(axis=axis, keepdims=True) - lo
-    return (values - lo) / np.where(span > 0, span, 1.0)
 
 
 def scaled_map(patch_map: np.ndarray, grid: int, size: int) -> np.ndarray:
