@@ -5,6 +5,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 from rep_pipeline.pipeline.arrays import minmax
 from rep_pipeline.pipeline.errors import ConfigError, LabelValueError
+from rep_pipeline.pipeline.upsample import scaled_upsampled
 from rep_pipeline.stages.explain import concepts as cc
 
 IGNORE = 255
@@ -23,26 +24,6 @@ def _block_maps(grid: int) -> tuple[np.ndarray, np.ndarray]:
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     a, b = np.asarray(a).ravel(), np.asarray(b).ravel()
     return len(set(zip(a, b))) == len(set(a)) == len(set(b))
-
-
-# --- scaling and upsampling ------------------------------------------------------------------------
-
-def test_upsample_is_bilinear_align_corners_false():
-    from rep_pipeline.stages.evaluate import bilinear_matrix  # the formula PROTOCOL.md names
-
-    maps = np.random.default_rng(1).random((3, 5, 5)).astype(np.float32)
-    out = cc.upsample(maps, 12)
-    u = bilinear_matrix(5, 12)
-    assert out.shape == (3, 12, 12) and out.dtype == np.float32
-    np.testing.assert_allclose(out, np.einsum("yi,nij,xj->nyx", u, maps, u), atol=1e-6)
-
-
-def test_scaled_upsampled_equals_upsampling_the_scaled_map_then_scaling():
-    maps = np.random.default_rng(2).random((4, 16)) * 7 + 3
-    a = cc.scaled_upsampled(maps, 4, 10)
-    b = minmax(cc.upsample(minmax(maps, axis=-1).reshape(4, 4, 4), 10), axis=(-2, -1))
-    np.testing.assert_allclose(a, b, atol=1e-6)
-    assert a.min() == 0 and np.allclose(a.reshape(4, -1).max(1), 1)
 
 
 # --- patch labels and patch segments -------------------------------------------------------------
@@ -266,7 +247,7 @@ def test_itiou_sweep_equals_one_threshold_at_a_time():
     rng = np.random.default_rng(9)
     labels = _labels(rng, size=24, n_classes=4)
     grid = 6
-    maps = cc.scaled_upsampled(rng.random((grid * grid, grid * grid)), grid, 24)
+    maps = scaled_upsampled(rng.random((grid * grid, grid * grid)), grid, 24)
     token_labels = cc.patch_labels(labels, grid)
     taus = np.round(np.arange(0, 1.0001, 0.05), 2)
     swept, n = cc.itiou_sweep(maps, token_labels, labels, taus, chunk=7)

@@ -46,10 +46,7 @@ def _folder(run_id):
 
 
 # -- the helpers -----------------------------------------------------------------------------------
-def test_the_scaled_map_and_the_patch_centre():
-    # bilinear, align_corners=False (torch's formula): 2 -> 4 pixels weigh (1, 0), (3/4, 1/4), (1/4, 3/4), (0, 1)
-    assert np.allclose(figures.scaled_map(np.array([0.0, 2.0, 0.0, 2.0]), 2, 4), [[0, 0.25, 0.75, 1]] * 4)
-    assert figures.scaled_map(np.ones(P), G, S).max() == 0  # a constant map scales to 0
+def test_the_patch_centre():
     assert figures.patch_centre(G + 2, G, S) == (1.5 * S / G - 0.5, 2.5 * S / G - 0.5)  # (row, col)
 
 

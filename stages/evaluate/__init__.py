@@ -4,6 +4,6 @@
 ``stage`` streams the test features through every finished codebook; ``metrics`` holds the
 formulas, as functions of accumulated counts.
 """
-from .stage import EvaluateResult, bilinear_matrix, is_done, run_evaluate, segment, upsample
+from .stage import EvaluateResult, is_done, run_evaluate, segment
 
-__all__ = ["EvaluateResult", "bilinear_matrix", "is_done", "run_evaluate", "segment", "upsample"]
+__all__ = ["EvaluateResult", "is_done", "run_evaluate", "segment"]

@@ -33,7 +33,8 @@ from rep_pipeline.pipeline.streaming import FeatureStream, check_finite
 from rep_pipeline.storage_schemas import results as layout
 
 from rep_pipeline.pipeline import bootstrap, metrics
-from rep_pipeline.pipeline.segscore import ClusterMapScores, bilinear_matrix, finish_scores, headline, upsample  # noqa: F401
+from rep_pipeline.pipeline.segscore import ClusterMapScores, finish_scores, headline
+from rep_pipeline.pipeline.upsample import upsample
 
 TABLES = ("segmentation", "per_class_iou", "classwise_mi", "confusion", "matching", "kmeans_sensitivity")  # per model
 

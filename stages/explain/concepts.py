@@ -7,9 +7,10 @@ and pools what they return (confusions are summed over the split, ITIoU averaged
 
 Conventions this module fixes where PROTOCOL.md leaves a detail open:
 
-- Min-max scaling M(S) (``pipeline/arrays.py``) is applied per map; a constant map scales to 0 everywhere. The
-  upsampled scaled map is M(S~_i) = minmax(upsample(S_i)), which equals
-  minmax(upsample(M(S_i))) because upsampling is linear with weights summing to one.
+- Min-max scaling M(S) (``pipeline/arrays.py``) is applied per map; a constant map scales to
+  0 everywhere. The upsampled scaled map is M(S~_i) = minmax(upsample(S_i))
+  (``pipeline/upsample.py``: ``scaled_upsampled``), which equals minmax(upsample(M(S_i)))
+  because upsampling is linear with weights summing to one.
 - Clustering (10.3, A17): average linkage on cosine distances of the scaled rows M(S_i).
   A row of zeros (a constant map) has no direction: it is at distance 0 from every other
   zero row and at distance 1 from every non-zero row (1 is the largest cosine distance two
@@ -39,31 +40,9 @@ from scipy.spatial.distance import squareform
 
 from rep_pipeline.pipeline.arrays import minmax
 from rep_pipeline.pipeline.errors import ConfigError, LabelValueError
+from rep_pipeline.pipeline.upsample import scaled_upsampled
 
 AGGREGATES = ("sum", "mean")
-
-
-# --- scaling and upsampling (10.2) -----------------------------------------------------------------
-
-def upsample(maps: np.ndarray, size: int) -> np.ndarray:
-    """(n, G, G) -> (n, S, S) float32, bilinear with align_corners=False (torch's formula,
-    the same as the evaluate stage's ``bilinear_matrix``)."""
-    import torch
-    import torch.nn.functional as F
-
-    maps = np.asarray(maps, dtype=np.float32)
-    if maps.ndim != 3 or maps.shape[1] != maps.shape[2]:
-        raise ConfigError(f"upsample expects square maps (n, G, G), got shape {maps.shape}")
-    with torch.no_grad():
-        out = F.interpolate(torch.from_numpy(np.ascontiguousarray(maps))[:, None], size=(size, size),
-                            mode="bilinear", align_corners=False)
-    return out[:, 0].numpy()
-
-
-def scaled_upsampled(maps: np.ndarray, grid: int, size: int) -> np.ndarray:
-    """M(S~_i): (n, G*G) patch maps -> (n, S, S) float32, upsampled then min-max scaled per map."""
-    maps = np.asarray(maps, dtype=np.float32)
-    return minmax(upsample(maps.reshape(-1, grid, grid), size), axis=(-2, -1))
 
 
 # --- footprints: patch labels and patch segments (Conventions, A1) ---------------------------------

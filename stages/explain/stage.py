@@ -32,6 +32,7 @@ from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.segscore import ClusterMapScores, finish_scores
 from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit, check_store_location, fingerprint_hash
+from rep_pipeline.pipeline.upsample import scaled_upsampled
 from rep_pipeline.storage_schemas import feature_store as store_layout
 from rep_pipeline.storage_schemas import results as layout
 
@@ -253,7 +254,7 @@ class ExplainWorker:
             rows: dict[str, list[Any]] = {"segments": [], "descriptors": [], "confusion": [], "itiou": [],
                                           "n_tokens": [], "perturbation": []}
             for i in range(len(m)):
-                scaled = concepts.scaled_upsampled(m[i], G, S)  # M(S~_i): the concepts' and ITIoU's
+                scaled = scaled_upsampled(m[i], G, S)  # M(S~_i): the concepts' and ITIoU's
                 segments, _, _ = concepts.segment_image(m[i], G, S, cfg.zeta, cfg.k_img, cfg.aggregate, scaled)
                 rows["segments"].append(segments)
                 rows["descriptors"].append(concepts.segment_descriptors(segments, tokens[layer][i]))
@@ -290,7 +291,7 @@ class ExplainWorker:
             linkage.append(per_zeta[0][2])
             cuts.append(np.stack([seg.astype(np.uint16) for seg, _, _ in per_zeta]))
             _, clusters, _ = concepts.segment_image(m[i], G, S, cfg.zeta, cfg.k_img, cfg.aggregate)
-            sigma.append(concepts.concept_maps(clusters, concepts.scaled_upsampled(m[i], G, S), cfg.aggregate))
+            sigma.append(concepts.concept_maps(clusters, scaled_upsampled(m[i], G, S), cfg.aggregate))
         width = max(len(c) for c in sigma)  # the run's concept maps, padded with NaN to one count
         concept = np.full((n, width, S, S), np.nan, np.float32)
         for i, c in enumerate(sigma):

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from rep_pipeline.pipeline.arrays import minmax
+from rep_pipeline.pipeline.upsample import scaled_upsampled
 
 STYLE = {
     "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "axes.spines.top": False,
@@ -782,16 +783,6 @@ ULTRA_CMAP = "inferno"  # explanation maps: dark (irrelevant) to bright yellow (
 SEGMENT_CMAP = "tab20"  # per-image segment ids: arbitrary labels, a qualitative map
 
 
-def scaled_map(patch_map: np.ndarray, grid: int, size: int) -> np.ndarray:
-    """M(S~): a (G * G,) patch map (row-major), upsampled bilinearly to (size, size) with
-    align_corners=False (torch's formula, as the explain and evaluate stages) and min-max
-    scaled; the map a ULTra mask thresholds (section 10.5)."""
-    from rep_pipeline.pipeline.segscore import bilinear_matrix
-
-    u = bilinear_matrix(grid, size)
-    return minmax(u @ np.asarray(patch_map, dtype=np.float32).reshape(grid, grid) @ u.T)
-
-
 def patch_centre(patch: int, grid: int, size: int) -> tuple[float, float]:
     """(row, col) of the centre of patch ``patch`` (row-major on the G x G grid) in the pixel
     coordinates of an image of ``size`` x ``size`` as ``imshow`` draws it."""
@@ -812,7 +803,7 @@ def plot_explanation_map(image: np.ndarray, patch_map: np.ndarray, grid: int, *,
     ax = _axes(ax, (1.4, 1.4))
     image = np.asarray(image)
     size = image.shape[0]
-    scaled = scaled_map(patch_map, grid, size)
+    scaled = scaled_upsampled(patch_map, grid, size)[0]
     if tau is None:
         ax.imshow(image, interpolation="nearest")
         ax.imshow(scaled, cmap=ULTRA_CMAP, vmin=0, vmax=1, alpha=opacity, interpolation="nearest")
