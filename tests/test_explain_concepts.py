@@ -5,6 +5,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 
 from rep_pipeline.pipeline.arrays import minmax
 from rep_pipeline.pipeline.errors import ConfigError, LabelValueError
+from rep_pipeline.pipeline.footprints import patch_labels
 from rep_pipeline.pipeline.upsample import scaled_upsampled
 from rep_pipeline.stages.explain import concepts as cc
 
@@ -27,27 +28,6 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
 
 
 # --- patch labels and patch segments -------------------------------------------------------------
-
-def test_patch_labels_follow_the_footprint_rule():
-    labels = np.full((4, 4), IGNORE, dtype=np.uint8)
-    labels[0:2, 0:2] = [[1, 1], [2, IGNORE]]        # 1 has half the footprint: labelled 1
-    labels[0:2, 2:4] = [[3, 4], [IGNORE, IGNORE]]   # 3 and 4 a quarter each: no label
-    labels[2:4, 0:2] = [[5, 6], [5, 6]]             # a tie at one half: the lower id
-    labels[2:4, 2:4] = 7
-    np.testing.assert_array_equal(cc.patch_labels(labels, 2), [1, IGNORE, 5, 7])
-    assert (cc.patch_labels(np.full((4, 4), IGNORE, np.uint8), 2) == IGNORE).all()
-
-
-@pytest.mark.parametrize("size,grid", [(32, 4), (30, 7), (23, 23)])
-def test_patch_labels_equal_the_probe_stage(size, grid):
-    from rep_pipeline.stages.probe.templates import patch_labels  # one rule for sections 9 and 10
-
-    rng = np.random.default_rng(size)
-    labels = rng.integers(0, 4, (size, size)).astype(np.uint8)
-    labels[rng.random((size, size)) < 0.3] = IGNORE
-    labels[: size // 2, : size // 2] = 2
-    np.testing.assert_array_equal(cc.patch_labels(labels, grid), patch_labels(labels[None], grid, IGNORE)[0].ravel())
-
 
 def test_patch_segments_take_the_plurality_of_the_footprint():
     seg = np.zeros((6, 6), dtype=np.uint8)
@@ -209,7 +189,7 @@ def test_masks_equal_to_the_ground_truth_give_itiou_one():
     rng = np.random.default_rng(8)
     labels = _labels(rng, size=16, n_classes=4)
     grid = 4
-    token_labels = cc.patch_labels(labels, grid)
+    token_labels = patch_labels(labels, grid).ravel()
     assert (token_labels != IGNORE).any()
     maps = np.stack([(labels == c).astype(np.float32) if c != IGNORE else np.zeros(labels.shape, np.float32)
                      for c in token_labels])
@@ -248,7 +228,7 @@ def test_itiou_sweep_equals_one_threshold_at_a_time():
     labels = _labels(rng, size=24, n_classes=4)
     grid = 6
     maps = scaled_upsampled(rng.random((grid * grid, grid * grid)), grid, 24)
-    token_labels = cc.patch_labels(labels, grid)
+    token_labels = patch_labels(labels, grid).ravel()
     taus = np.round(np.arange(0, 1.0001, 0.05), 2)
     swept, n = cc.itiou_sweep(maps, token_labels, labels, taus, chunk=7)
     one_by_one = [cc.itiou_image(maps, token_labels, labels, tau)[0] for tau in taus]

@@ -24,8 +24,9 @@ Conventions this module fixes where PROTOCOL.md leaves a detail open:
   uint8 (section 10.9), uint16 only where more than 256 segments survive (tiny zeta on a
   large grid).
 - A patch's segment is the segment covering most of its footprint (ties to the lower id);
-  a patch's *label* follows the Conventions' rule (majority class with at least half of the
-  footprint, ignore pixels counting in the footprint but not in the vote, else no label).
+  a patch's *label* follows the Conventions' rule (``pipeline/footprints.py``: majority class
+  with at least half of the footprint, ignore pixels counting in the footprint but not in the
+  vote, else no label).
 - Confusions of the per-image oracle are (predicted class, true class), as ``mapped`` in
   the evaluate stage; the split's score sums them before ``oracle_scores``.
 """
@@ -40,6 +41,7 @@ from scipy.spatial.distance import squareform
 
 from rep_pipeline.pipeline.arrays import minmax
 from rep_pipeline.pipeline.errors import ConfigError, LabelValueError
+from rep_pipeline.pipeline.footprints import footprint_cells
 from rep_pipeline.pipeline.upsample import scaled_upsampled
 
 AGGREGATES = ("sum", "mean")
@@ -47,42 +49,16 @@ AGGREGATES = ("sum", "mean")
 
 # --- footprints: patch labels and patch segments (Conventions, A1) ---------------------------------
 
-def _footprint_cells(size: int, grid: int) -> np.ndarray:
-    """(S*S,) the patch (row-major) whose footprint holds each pixel of the S x S grid: pixel
-    row y is in patch row r for y in [floor(r S/G), floor((r+1) S/G))."""
-    if size < grid:
-        raise ConfigError(f"a {size} x {size} map cannot hold a {grid} x {grid} patch grid")
-    edges = (np.arange(grid + 1) * size) // grid
-    rows = np.searchsorted(edges, np.arange(size), side="right") - 1
-    return (rows[:, None] * grid + rows[None, :]).ravel()
-
-
 def _footprint_counts(values: np.ndarray, valid: np.ndarray, grid: int, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
     """(counts (P, n_bins) of each value among the valid pixels of each footprint, areas (P,)
     of the footprints with invalid pixels included)."""
     size = values.shape[0]
-    cell = _footprint_cells(size, grid)
+    cell = footprint_cells(size, size, grid)
     area = np.bincount(cell, minlength=grid * grid)
     ok = valid.ravel()
     key = cell[ok] * n_bins + values.ravel()[ok].astype(np.int64)
     counts = np.bincount(key, minlength=grid * grid * n_bins).reshape(grid * grid, n_bins)
     return counts, area
-
-
-def patch_labels(labels: np.ndarray, grid: int, ignore: int = 255) -> np.ndarray:
-    """(S, S) label map -> (P,) int64 patch labels, row-major, by the Conventions' rule (A1).
-
-    A patch takes the majority class of its footprint if that class covers at least half of
-    the footprint's pixels (ignore pixels count in the footprint, not in the vote); else
-    ``ignore``. Of two classes with exactly half each, the lower id wins (as the probe stage).
-    """
-    labels = _square(labels, "labels")
-    valid = labels != ignore
-    n_bins = int(labels[valid].max()) + 1 if valid.any() else 1
-    counts, area = _footprint_counts(labels, valid, grid, n_bins)
-    best = counts.argmax(1)
-    votes = counts[np.arange(len(best)), best]
-    return np.where((votes > 0) & (2 * votes >= area), best, ignore).astype(np.int64)
 
 
 def patch_segments(segments: np.ndarray, grid: int) -> np.ndarray:

@@ -26,6 +26,7 @@ from rep_pipeline.pipeline.backend import get_backend
 from rep_pipeline.pipeline.config import ExplainConfig, resolve_layers
 from rep_pipeline.pipeline.datasets import build_dataset
 from rep_pipeline.pipeline.errors import ConfigError, FingerprintMismatchError, StoreError
+from rep_pipeline.pipeline.footprints import patch_labels
 from rep_pipeline.pipeline.kmeans import LloydKMeans, PCAInit, l2_normalize
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
@@ -261,7 +262,7 @@ class ExplainWorker:
                 if not test:
                     continue
                 rows["confusion"].append(concepts.per_image_confusion(segments, labels[i], C, ignore))
-                values, n_tok = concepts.itiou_sweep(scaled, concepts.patch_labels(labels[i], G, ignore), labels[i],
+                values, n_tok = concepts.itiou_sweep(scaled, patch_labels(labels[i], G, ignore).ravel(), labels[i],
                                                      cfg.taus, ignore)
                 rows["itiou"].append(values)
                 rows["n_tokens"].append(n_tok)

@@ -22,6 +22,7 @@ from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.backend import get_backend
 from rep_pipeline.pipeline.config import EMBEDDINGS, PROBE_TOKEN_TYPES, ProbeConfig, resolve_layers
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
+from rep_pipeline.pipeline.footprints import patch_labels
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
@@ -142,7 +143,7 @@ class Objects:
         if obj == "class_token":
             present, absent = templates.image_labels(labels, n_classes, ignore)
             return cls(None, present, absent, np.arange(n), n)
-        patch = templates.patch_labels(labels, grid, ignore).reshape(-1)
+        patch = patch_labels(labels, grid, ignore).reshape(-1)
         keep = np.flatnonzero(patch != ignore)
         positive = patch[keep][:, None] == np.arange(n_classes)[None]
         return cls(keep, positive, ~positive, np.repeat(np.arange(n), grid * grid)[keep], n)
