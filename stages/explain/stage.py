@@ -25,6 +25,7 @@ from rep_pipeline.pipeline import metrics, runner
 from rep_pipeline.pipeline.backend import get_backend
 from rep_pipeline.pipeline.config import ExplainConfig, resolve_layers
 from rep_pipeline.pipeline.datasets import build_dataset
+from rep_pipeline.pipeline.devices import torch_device
 from rep_pipeline.pipeline.errors import ConfigError, FingerprintMismatchError, StoreError
 from rep_pipeline.pipeline.footprints import patch_labels
 from rep_pipeline.pipeline.kmeans import LloydKMeans, PCAInit, l2_normalize
@@ -146,8 +147,7 @@ class ExplainWorker:
         self.splits = {s.name: s for s in _splits(cfg, store)[1]}
         first = next(iter(self.splits.values()))
         attrs = first.group.attrs
-        self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                                   else "cpu")
+        self.device = torch_device(cfg.device)
         self.loaded = build_model(attrs["model"], cfg.weights, int(attrs["image_size"]), cfg.seed)
         self.loaded.model.to(self.device)
         self.explainer = Explainer(self.loaded, layers, cfg.embedding, cfg.f, attrs.get("last_norm", "after"),
