@@ -27,6 +27,7 @@ from rep_pipeline.pipeline.config import ExplainConfig, resolve_layers
 from rep_pipeline.pipeline.datasets import build_dataset
 from rep_pipeline.pipeline.devices import torch_device
 from rep_pipeline.pipeline.errors import ConfigError, FingerprintMismatchError, StoreError
+from rep_pipeline.pipeline.finite import finite_or
 from rep_pipeline.pipeline.footprints import patch_labels
 from rep_pipeline.pipeline.kmeans import LloydKMeans, PCAInit, l2_normalize
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
@@ -421,7 +422,7 @@ def _write(cfg: ExplainConfig, dataset: str, splits: list[_Split], layers: tuple
             summary = perturb.summarise(pos, neg, seed=cfg.draw_seed) if cfg.tokens_per_image else {}
             tables["ultra_perturbation"].append({**base, "layer": layer, "perturbation": mode, "fraction": cfg.rho,
                                                  "tokens_per_image": min(cfg.tokens_per_image, int(test.group.attrs["grid"]) ** 2),
-                                                 **{k: _finite(v) for k, v in summary.items()},
+                                                 **{k: finite_or(v) for k, v in summary.items()},
                                                  "n_images": len(distances), "seed": cfg.draw_seed})
         if cfg.train_split:
             scored.append(_dataset_scores(cfg, dataset, splits, layer, parts))
@@ -449,10 +450,6 @@ def _pad_concepts(parts: list[np.ndarray]) -> np.ndarray:
     width = max(p.shape[1] for p in parts)
     return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0), (0, 0)), constant_values=np.nan)
                            for p in parts])
-
-
-def _finite(value: Any) -> float | None:
-    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def _dataset_scores(cfg: ExplainConfig, dataset: str, splits: list[_Split], layer: int, parts: list[dict[str, Any]]

@@ -18,9 +18,9 @@ from rep_pipeline.pipeline.datasets import Item, build_dataset
 from rep_pipeline.pipeline.model_input import ModelInput
 from rep_pipeline.pipeline.devices import torch_device
 from rep_pipeline.pipeline.errors import NonFiniteFeaturesError, RepPipelineError
+from rep_pipeline.pipeline.finite import all_finite, non_finite_images
 from rep_pipeline.pipeline.registry import build_model
 from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit
-from rep_pipeline.pipeline.streaming import all_finite, non_finite_images
 from rep_pipeline.storage_schemas.feature_store import EXAMPLE_ATTENTION, n_examples
 
 from .capture import CaptureSpec, FeatureCapture

@@ -29,6 +29,7 @@ import base64
 import html
 import io
 import itertools
+import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ import numpy as np
 
 from rep_pipeline.pipeline.config import Comparison, ReportConfig
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
+from rep_pipeline.pipeline.finite import finite_or
 from rep_pipeline.pipeline.location import ObjectPath, is_local
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.storage_schemas import results as layout
@@ -321,11 +323,11 @@ class ReportData:
         for m in self.correspondence_models(dataset, split):
             mine = [r for r in rows if r["model"] == m["model"]]
             best: dict[str, dict[str, Any]] = {}
-            for r in sorted(mine, key=lambda r: (-_finite(r["pck_point"]), r["layer"])):
+            for r in sorted(mine, key=lambda r: (-finite_or(r["pck_point"], -math.inf), r["layer"])):
                 best.setdefault(r["embedding"], r)
             if not best:
                 continue
-            top = min(best, key=lambda e: (-_finite(best[e]["pck_point"]), best[e]["layer"], e))
+            top = min(best, key=lambda e: (-finite_or(best[e]["pck_point"], -math.inf), best[e]["layer"], e))
             out.append({**m, "pck": {e: r["pck_point"] for e, r in best.items()},
                         "interval": {e: figures.interval(r, "pck_point") for e, r in best.items()},
                         "layer": {e: int(r["layer"]) for e, r in best.items()},
@@ -580,10 +582,6 @@ HEADLINE_ALPHA = 0.10  # PROTOCOL.md section 11.4
 ULTRA_METHOD_PREFIX = "ultra_"  # the section 5 methods of ULTra's 'dataset' scoring (PROTOCOL.md section 10.4)
 _ALIAS = re.compile(r"^(?P<family>.+)-(?P<size>[sblgh])(?P<patch>\d+)$")  # dino-b16, dinov2-reg-l14, clip-l14
 _SIZES = "sblgh"
-
-
-def _finite(value: Any) -> float:
-    return float(value) if value is not None and np.isfinite(value) else float("-inf")
 
 
 def _shown_models(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
