@@ -26,6 +26,7 @@ from rep_pipeline.pipeline.footprints import patch_labels
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.stage_result import SettingsResult
 from rep_pipeline.pipeline.store import FeatureStore, ModelSplit, check_store_location
 from rep_pipeline.storage_schemas import results as results_layout
 from rep_pipeline.storage_schemas.feature_store import MODEL_FINGERPRINT_KEYS, model_path, templates_name
@@ -49,18 +50,15 @@ class Category:
 
 
 @dataclass
-class ProbeResult:
-    model: str
-    results: str
-    settings: int = 0
+class ProbeResult(SettingsResult):
     rows: int = 0
     reused: int = 0
-    seconds: float = 0.0
 
-    def summary(self) -> list[str]:
-        return [f"probe {self.model}: {self.settings} (embedding, layer) settings, {self.rows} templates evaluated "
-                f"({self.reused} hyperplane layers reused) in {self.seconds:.1f} s; tables direction_probes, "
-                f"direction_summary, direction_skipped in {self.results}"]
+    STAGE, TABLES = "probe", TABLES
+
+    def work(self) -> str:
+        return (f"{self.settings} (embedding, layer) settings, {self.rows} templates evaluated ({self.reused} "
+                f"hyperplane layers reused) in {self.seconds:.1f} s")
 
 
 # -- what to probe --------------------------------------------------------------------------------
