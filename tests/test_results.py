@@ -118,3 +118,27 @@ def test_parts_written_before_the_interval_columns_read_as_null(tmp_path):
                    tmp_path / "ground_truth/dataset=d/old.parquet")
     rows = Results(tmp_path).rows("SELECT split, nmi, nmi_lo FROM ground_truth ORDER BY split")
     assert rows == [{"split": "old", "nmi": 0.25, "nmi_lo": None}, {"split": "val", "nmi": 0.25, "nmi_lo": None}]
+
+
+def test_selections_and_query_values_reach_duckdb_as_values_not_sql(tmp_path):
+    odd = "o'brien; DROP VIEW feature_groups; --"  # a quote and SQL in a name: only ever a value
+    results = Results(tmp_path, mode="a")
+    for model in ("m1", odd, layout.GROUND_TRUTH_MODEL):
+        for split in ("val", odd):
+            row = {"model": model, "dataset": odd, "split": split, "alias": model, "timm_name": "t",
+                   "weights_sha256": None, "last_norm": "after", "rope": "before", "depth": 2, "image_size": 32,
+                   "store_fingerprint": "f"}
+            results.write_table("feature_groups", [row], dataset="d", model=model.replace("'", "").replace(" ", ""),
+                                part=split.replace("'", "").replace(" ", "").replace(";", ""))
+    sql = "SELECT model, split FROM feature_groups ORDER BY model, split"
+    every = Results(tmp_path).rows(sql)
+    assert len(every) == 6
+    chosen = Results(tmp_path, models=[odd]).rows(sql, dataset=odd, split=odd)
+    assert chosen == [{"model": m, "split": odd} for m in sorted((odd, layout.GROUND_TRUTH_MODEL))]
+    assert Results(tmp_path).rows("SELECT count(*) AS n FROM feature_groups WHERE model = ?", [odd]) == [{"n": 2}]
+    assert Results(tmp_path).rows("SELECT count(*) AS n FROM feature_groups WHERE model = $m AND depth = $d",
+                                  {"m": odd, "d": 2}) == [{"n": 2}]
+    assert Results(tmp_path).fetch_rows("SELECT split FROM feature_groups WHERE model = ? AND split = ?", 5,
+                                        ["m1", "val"]) == (["split"], [("val",)])
+    with pytest.raises(QueryError, match="refused"):  # the sandbox holds with parameters too
+        Results(tmp_path).query("SELECT * FROM read_parquet(?)", [str(tmp_path / "x.parquet")])

@@ -298,17 +298,13 @@ def _tables(cfg: CorrespondConfig, dataset: str, group: ModelSplit, data: Datase
 def _best(results: Results, cfg: CorrespondConfig, dataset: str, group: ModelSplit, pairs_fp: str) -> list[dict]:
     """``correspondence_best`` over every layer the results hold for these features and pairs
     (this run's and earlier runs'), rewritten whole."""
-    rows = results.rows(f"SELECT embedding, layer, alpha, pck_point, pck_point_lo, pck_point_hi FROM correspondence "
-                        f"WHERE model = '{_sql(cfg.model)}' AND split = '{_sql(cfg.split)}' AND store_fingerprint = "
-                        f"'{group.fingerprint_hash}' AND pairs_fingerprint = '{pairs_fp}'", dataset=dataset)
+    rows = results.rows("SELECT embedding, layer, alpha, pck_point, pck_point_lo, pck_point_hi FROM correspondence "
+                        "WHERE model = ? AND split = ? AND store_fingerprint = ? AND pairs_fingerprint = ?",
+                        [cfg.model, cfg.split, group.fingerprint_hash, pairs_fp], dataset=dataset)
     best = [{"model": cfg.model, "dataset": dataset, "split": cfg.split, **b,
              "store_fingerprint": group.fingerprint_hash} for b in pck.best_layers(rows)]
     results.write_table("correspondence_best", best, dataset=dataset, model=cfg.model, part=cfg.split)
     return best
-
-
-def _sql(value: str) -> str:
-    return value.replace("'", "''")
 
 
 def _write_heatmaps(results: Results, cfg: CorrespondConfig, dataset: str, group: ModelSplit, data: DatasetSplit,

@@ -315,7 +315,7 @@ def is_done(cfg: ExplainConfig) -> bool:
         results = Results(cfg.results)
         if "ultra_runs" not in results.tables():
             return False
-        return bool(results.rows(f"SELECT 1 FROM ultra_runs WHERE run_id = '{rid}'"))
+        return bool(results.rows("SELECT 1 FROM ultra_runs WHERE run_id = ?", [rid]))
     except StoreError:
         return False
 
