@@ -40,6 +40,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import squareform
 
 from rep_pipeline.pipeline.arrays import minmax
+from rep_pipeline.pipeline.config import IGNORE_INDEX
 from rep_pipeline.pipeline.errors import ConfigError, LabelValueError
 from rep_pipeline.pipeline.footprints import footprint_cells
 from rep_pipeline.pipeline.upsample import scaled_upsampled
@@ -190,7 +191,7 @@ def segment_descriptors(segments: np.ndarray, tokens: np.ndarray) -> np.ndarray:
 
 # --- the per-image oracle (10.4 `per_image`) ---------------------------------------------------------
 
-def per_image_confusion(segments: np.ndarray, labels: np.ndarray, n_classes: int, ignore: int = 255) -> np.ndarray:
+def per_image_confusion(segments: np.ndarray, labels: np.ndarray, n_classes: int, ignore: int = IGNORE_INDEX) -> np.ndarray:
     """(C, C) int64 pixel counts (predicted class, true class) of one image after matching its
     segments to classes: Hungarian (maximal overlap) between its segments and the classes
     present in its labelled pixels, every unmatched segment to its majority class (A19).
@@ -254,7 +255,7 @@ def _class_mean_of_token_means(iou: np.ndarray, classes: np.ndarray) -> np.ndarr
 
 
 def itiou_image(upsampled_scaled: np.ndarray, token_labels: np.ndarray, labels: np.ndarray, tau: float = 0.2,
-                ignore: int = 255) -> tuple[float, int]:
+                ignore: int = IGNORE_INDEX) -> tuple[float, int]:
     """ITIoU_n of one image (Eq. 17) at threshold ``tau``: (value, labelled tokens).
 
     For each labelled token i (``token_labels`` (P,), ``ignore`` = unlabelled) of class c,
@@ -278,7 +279,7 @@ def itiou_image(upsampled_scaled: np.ndarray, token_labels: np.ndarray, labels: 
 
 
 def itiou_sweep(upsampled_scaled: np.ndarray, token_labels: np.ndarray, labels: np.ndarray, taus: Sequence[float],
-                ignore: int = 255, chunk: int = 32) -> tuple[np.ndarray, int]:
+                ignore: int = IGNORE_INDEX, chunk: int = 32) -> tuple[np.ndarray, int]:
     """ITIoU_n of one image at every threshold of ``taus`` in one pass: ((len(taus),), tokens).
 
     Each labelled token's valid pixels are binned by how many thresholds they reach

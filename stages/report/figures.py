@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from rep_pipeline.pipeline.arrays import minmax
+from rep_pipeline.pipeline.config import IGNORE_INDEX
 from rep_pipeline.pipeline.upsample import scaled_upsampled
 
 STYLE = {
@@ -50,7 +51,7 @@ def _axes(ax: Any, figsize: tuple[float, float] = (4.0, 3.0)) -> Any:
     return pyplot().subplots(figsize=figsize)[1]
 
 
-def colourise(classes: np.ndarray, palette: np.ndarray, ignore: int = 255) -> np.ndarray:
+def colourise(classes: np.ndarray, palette: np.ndarray, ignore: int = IGNORE_INDEX) -> np.ndarray:
     """Class-id maps -> RGB with the dataset palette; ignore pixels white."""
     pal = np.vstack([palette.astype(np.uint8), np.zeros((256 - len(palette), 3), np.uint8)])
     rgb = pal[np.asarray(classes, dtype=np.int64).clip(0, 255)]
@@ -105,7 +106,7 @@ def plot_example_grid(images: np.ndarray, ground_truth: np.ndarray, rows: Sequen
         axes[r, 0].set_ylabel(labels[r], rotation=0, ha="right", va="center", fontsize=8)
     for c, title in enumerate(list(column_titles)[:n]):
         axes[0, c].set_title(title, fontsize=6.5)
-    present = sorted(set(np.unique(ground_truth).tolist()) - {255})
+    present = sorted(set(np.unique(ground_truth).tolist()) - {IGNORE_INDEX})
     class_legend(axes[1, -1], class_names, palette, present)
     fig.subplots_adjust(wspace=0.03, hspace=0.03)
     return fig

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from rep_pipeline.pipeline.config import Comparison, ReportConfig
+from rep_pipeline.pipeline.config import IGNORE_INDEX, Comparison, ReportConfig
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
 from rep_pipeline.pipeline.finite import finite_or
 from rep_pipeline.pipeline.location import ObjectPath, is_local
@@ -117,7 +117,7 @@ class ReportData:
             present = self.maps.read(gt_path, "counts").sum(axis=(0, 1)) > 0
             self.gt_present = [int(c) for c in np.flatnonzero(present)]
         except StoreError:
-            self.gt_present = sorted(set(np.unique(self.gt_labels).tolist()) - {255})
+            self.gt_present = sorted(set(np.unique(self.gt_labels).tolist()) - {IGNORE_INDEX})
         truth = self.rows("SELECT * FROM ground_truth") if "ground_truth" in self.results.tables() else []
         if not truth:
             raise StoreError(f"{self.cfg.results} has no ground-truth row for {self.dataset}/{self.split}; run "
@@ -261,7 +261,7 @@ class ReportData:
             "SELECT DISTINCT class_id, class_name FROM per_class_iou WHERE codebook_fingerprint = ?", [run_id])} \
             if "per_class_iou" in self.results.tables() else {}
         labels = stored[0]["labels"] if stored else np.zeros((0, 1, 1), np.uint8)
-        present = [int(v) for v in np.unique(labels) if v != 255]
+        present = [int(v) for v in np.unique(labels) if v != IGNORE_INDEX]
         n = max([*names, *present, -1]) + 1
         return {"images": stored[0]["images"] if stored else np.zeros((0, 1, 1, 3), np.uint8), "labels": labels,
                 "classes": [names.get(c, f"class {c}") for c in range(n)], "palette": voc_palette(max(n, 1))}
