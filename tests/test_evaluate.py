@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rep_pipeline.pipeline import metrics
 from rep_pipeline.pipeline.config import ClusterConfig, EvaluateConfig, ExtractConfig
 from rep_pipeline.pipeline.errors import QueryError, StoreError
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore
 from rep_pipeline.stages.cluster import run_cluster
-from rep_pipeline.stages.evaluate import is_done, metrics, run_evaluate, segment
+from rep_pipeline.stages.evaluate import is_done, run_evaluate, segment
 from rep_pipeline.stages.extract import run_extract
 from rep_pipeline.storage_schemas import results as layout
 
