@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from rep_pipeline.pipeline.backend import get_backend
-from rep_pipeline.stages.evaluate import segment, upsample
+from rep_pipeline.pipeline.upsample import upsample
+from rep_pipeline.stages.evaluate import segment
 from rep_pipeline.pipeline.kmeans import l2_normalize
 
 

@@ -113,11 +113,10 @@ class SensitivityStudy:
             return self.layer
         from rep_pipeline.pipeline.results import Results
         try:
-            quoted = lambda v: "'" + str(v).replace("'", "''") + "'"  # noqa: E731
             rows = Results(self.evaluate.results).rows(
-                f"SELECT best_layer FROM best_layers WHERE model = {quoted(self.model)} AND embedding = "
-                f"{quoted(self.embedding)} AND k = {self.k} AND method = 'online' AND seed = {self.base.seed} "
-                f"AND train_split = {quoted(self.base.train_split)}", dataset=self.base.dataset,
+                "SELECT best_layer FROM best_layers WHERE model = ? AND embedding = ? AND k = ? AND method = 'online' "
+                "AND seed = ? AND train_split = ?",
+                [self.model, self.embedding, self.k, self.base.seed, self.base.train_split], dataset=self.base.dataset,
                 split=self.evaluate.split)
         except RepPipelineError:
             return None

@@ -1,7 +1,8 @@
 """timm's attention math, for the stages that re-run it with taps (extract's capture, explain's
-rollout): each attention class's q/k/v projection, the blocks whose ``norm2`` reads x1, and the
-rotary embedding as ``EvaAttention`` applies it. A new ViT attention class registers one line in
-``PROJECTIONS``."""
+rollout): each attention class's q/k/v projection, the blocks whose ``norm2`` reads x1, the
+rotary embedding as ``EvaAttention`` applies it, and the two ends of the forward both taps
+share (``attention_inputs``: q, k, v and the output gate; ``attention_output``: heads to the
+block's residual branch). A new ViT attention class registers one line in ``PROJECTIONS``."""
 from __future__ import annotations
 
 from typing import Callable
@@ -52,3 +53,32 @@ def rotate(t: torch.Tensor, rope: torch.Tensor, attn: torch.nn.Module, n_prefix:
     as ``EvaAttention`` does (prefix tokens are not rotated)."""
     half = getattr(attn, "rotate_half", False)
     return torch.cat([t[:, :, :n_prefix], apply_rot_embed_cat(t[:, :, n_prefix:], rope, half=half)], 2)
+
+
+def attention_inputs(attn: torch.nn.Module, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                     is_causal: bool = False, who: str = "a tapped forward"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The start of timm's attention forward on ``x`` (B, N, C): (q, k, v, gate), q and k after
+    ``q_norm``/``k_norm`` and before any rotary embedding, each (B, heads, N, head_dim); gate the
+    sigmoid output gate where the class has one, else None. Masks are refused, naming ``who``."""
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError(f"{who} runs full bidirectional attention only")
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    q, k, v = PROJECTIONS[type(attn)](attn, x)
+    return attn.q_norm(q), attn.k_norm(k), v, gate
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor, attn: torch.nn.Module,
+              n_prefix: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k with the rotary embedding (``rotate``), in v's dtype, as ``EvaAttention``."""
+    return rotate(q, rope, attn, n_prefix).type_as(v), rotate(k, rope, attn, n_prefix).type_as(v)
+
+
+def attention_output(attn: torch.nn.Module, y: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The end of the forward: the attended values ``y`` (B, heads, N, head_dim), heads side by
+    side, through ``attn.norm``, the gate and the output projection."""
+    B, _, N, _ = y.shape
+    y = attn.norm(y.transpose(1, 2).reshape(B, N, -1))
+    if gate is not None:
+        y = y * gate
+    return attn.proj_drop(attn.proj(y))

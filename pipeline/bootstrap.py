@@ -24,6 +24,7 @@ import numpy as np
 
 from . import metrics
 from .backend import Backend
+from .finite import finite_or
 
 DRAWS = 1000        # bootstrap draws
 LEVEL = 0.95        # percentile interval (2.5 %, 97.5 %)
@@ -78,7 +79,7 @@ def basic_interval(estimate: float, draws: Any, draws_centre: float | None = Non
 
 def finite_or_none(value: float) -> float | None:
     """A table cell: the float, or null where it is NaN or infinite."""
-    return float(value) if value is not None and np.isfinite(value) else None
+    return finite_or(value, None)
 
 
 def resample(be: Backend, weights: np.ndarray, per_image: Any, bound: float | None = None) -> Any:

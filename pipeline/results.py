@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
@@ -43,8 +44,17 @@ _TABLES = f"tables: {', '.join(SCHEMAS)}; views: {', '.join(VIEWS)}"
 _DUCKDB_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False, "temp_directory": ""}
 
 
-def _literal(value: Any) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
+Params = Sequence[Any] | Mapping[str, Any] | None  # DuckDB's query parameters: ``?`` in order, or ``$name``
+
+
+def _plain(params: Params) -> Params:
+    """``params`` with NumPy scalars as the Python values DuckDB binds (it refuses ``np.int64``)."""
+    plain = lambda v: v.item() if isinstance(v, np.generic) else v  # noqa: E731
+    if params is None:
+        return None
+    if isinstance(params, Mapping):
+        return {k: plain(v) for k, v in params.items()}
+    return [plain(v) for v in params]
 
 
 class Results:
@@ -164,13 +174,16 @@ class Results:
             parts = pads.dataset(self._parts(table), format="parquet", schema=SCHEMAS[table],
                                  filesystem=self._filesystem)
             con.register(f"{table}_parts", parts)
-            where = [f"{col} = {_literal(v)}" for col, v in (("dataset", dataset), ("split", split))
+            # the selection as expressions, its values as constants: no value is spliced into SQL
+            column, constant = duckdb.ColumnExpression, duckdb.ConstantExpression
+            where = [column(col) == constant(v) for col, v in (("dataset", dataset), ("split", split))
                      if v is not None and col in SCHEMAS[table].names]
             if self.models is not None and "model" in SCHEMAS[table].names:
-                kept = ", ".join(_literal(m) for m in (*self.models, layout.GROUND_TRUTH_MODEL))
-                where.append(f"model IN ({kept})")
-            con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_parts"
-                        + (f" WHERE {' AND '.join(where)}" if where else ""))
+                where.append(column("model").isin(*(constant(m) for m in (*self.models, layout.GROUND_TRUTH_MODEL))))
+            view = con.table(f"{table}_parts")
+            for condition in where:
+                view = view.filter(condition)
+            view.create_view(table, replace=False)
         for view, (needs, sql, parts) in VIEWS.items():
             present = [part for table, part in parts.items() if table in found]
             if needs in found and present:
@@ -179,11 +192,12 @@ class Results:
         con.execute("SET lock_configuration = true")
         return con
 
-    def rows(self, sql: str, **selection: str | None) -> list[dict[str, Any]]:
-        """The rows of ``sql`` over the views (``connect(**selection)``) as dicts."""
+    def rows(self, sql: str, params: Params = None, **selection: str | None) -> list[dict[str, Any]]:
+        """The rows of ``sql`` over the views (``connect(**selection)``) as dicts; the values
+        of ``sql``'s ``?`` / ``$name`` placeholders are ``params``."""
         try:
             con = self._reader(**selection) if self.snapshot else self.connect(**selection)
-            rel = con.sql(sql)
+            rel = con.sql(sql, params=_plain(params))
             return [dict(zip(rel.columns, r)) for r in rel.fetchall()]
         except duckdb.Error as exc:  # a table without the columns asked for, say
             raise StoreError(f"results folder {self.path}: {exc}") from exc
@@ -192,21 +206,22 @@ class Results:
     def _reader(self, *, dataset: str | None = None, split: str | None = None) -> duckdb.DuckDBPyConnection:
         return self.connect(dataset=dataset, split=split)
 
-    def query(self, sql: str) -> duckdb.DuckDBPyRelation:
-        """Run ``sql`` against the tables, in the sandbox (see the module's docstring); the
-        result of its last statement."""
+    def query(self, sql: str, params: Params = None) -> duckdb.DuckDBPyRelation:
+        """Run ``sql`` against the tables, in the sandbox (see the module's docstring), with
+        ``params`` the values of its ``?`` / ``$name`` placeholders; the result of its last
+        statement."""
         con = self.connect()
         try:
-            relation = con.sql(sql)
+            relation = con.sql(sql, params=_plain(params))
         except duckdb.Error as exc:
             raise _query_error(exc) from exc
         if relation is None:  # a statement without a result, such as SET
             raise QueryError(f"the statement returns no rows; rep-pipeline query shows a query's rows ({_TABLES})")
         return relation
 
-    def fetch_rows(self, sql: str, limit: int) -> tuple[list[str], list[tuple]]:
+    def fetch_rows(self, sql: str, limit: int, params: Params = None) -> tuple[list[str], list[tuple]]:
         """The column names and at most ``limit`` rows of ``query``; errors while running too."""
-        relation = self.query(sql)
+        relation = self.query(sql, params)
         try:
             return relation.columns, relation.limit(limit).fetchall()
         except duckdb.Error as exc:  # some only show when the rows are computed (casts, overflow)

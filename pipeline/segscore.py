@@ -21,27 +21,6 @@ from .backend import Backend
 from .store import MapStore
 
 
-def bilinear_matrix(src: int, dst: int) -> np.ndarray:
-    """(dst, src) weights of 1-D bilinear resampling with align_corners=False, as
-    ``torch.nn.functional.interpolate`` computes it (source positions below 0 clamp to 0)."""
-    pos = np.maximum((np.arange(dst) + 0.5) * (src / dst) - 0.5, 0.0)
-    lo = np.minimum(np.floor(pos).astype(np.int64), src - 1)
-    hi = np.minimum(lo + 1, src - 1)
-    frac = pos - lo
-    weights = np.zeros((dst, src))
-    np.add.at(weights, (np.arange(dst), lo), 1.0 - frac)
-    np.add.at(weights, (np.arange(dst), hi), frac)
-    return weights.astype(np.float32)
-
-
-def upsample(be: Backend, grid_values: Any, size: int) -> Any:
-    """(n, G, G, c) -> (n, S, S, c), bilinear, align_corners=False: two small matrix products."""
-    xp = be.xp
-    u = be.asarray(bilinear_matrix(grid_values.shape[1], size))
-    rows = xp.einsum("yi,nijc->nyjc", u, grid_values)
-    return xp.einsum("xj,nyjc->nyxc", u, rows)
-
-
 @dataclass
 class ClusterMapScores:
     """What the section 5 scores need of one K-cluster segmentation, summed over the test split,

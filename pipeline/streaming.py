@@ -1,27 +1,23 @@
-"""What the stages share over features: streams of patch vectors, and the NaN/inf checks.
+"""What the stages share over features: streams of patch vectors.
 
 ``FeatureStream`` reads image chunks of several (embedding, layer) arrays of one model group,
 on a read-ahead thread, or keeps them in host (and GPU) memory when they fit; the cluster and
-evaluate stages read features through it. The finite checks name the images at fault:
-``check_finite`` on NumPy/CuPy arrays read from the store, ``all_finite`` and
-``non_finite_images`` on the torch tensors extract produces, before they leave the device.
+evaluate stages read features through it, a cached stream checked once for NaN/inf
+(``pipeline/finite.py``).
 """
 from __future__ import annotations
 
 import queue
 import threading
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
 from .backend import Backend, host_float32
 from .config import READ_AHEAD_BATCHES, SHUFFLE_WINDOW_CHUNKS
-from .errors import NonFiniteFeaturesError
+from .finite import check_finite
 from .store import ModelSplit
 from ..storage_schemas.feature_store import chunk_bounds
-
-if TYPE_CHECKING:  # torch is loaded only where extract's tensors are checked
-    import torch
 
 FeatureKey = tuple[str, int]  # (embedding, block number)
 
@@ -172,39 +168,9 @@ class FeatureStream:
         return np.arange(*chunk_bounds(int(chunk), self.chunk, self.n_images))
 
 
-def check_finite(x: Any, image_index: np.ndarray, what: str, be: Backend | None = None) -> None:
-    """Raise, naming the array and images, if ``x`` (images, ...) holds NaN or inf."""
-    xp = be.xp if be is not None else np
-    per_image = x.reshape(x.shape[0], -1).sum(1, dtype=xp.float32)
-    bad = ~xp.isfinite(per_image)
-    if bool(bad.any()):
-        where = image_index[be.to_numpy(bad) if be is not None else bad]
-        raise NonFiniteFeaturesError(f"{what} holds NaN/inf for images {where[:5].tolist()} (positions in the split)")
-
-
 def _runs(index: np.ndarray) -> list[tuple[int, int]]:
     """Contiguous runs [(first, last), ...] of a sorted index."""
     if len(index) == 0:
         return []
     breaks = np.flatnonzero(np.diff(index) != 1) + 1
     return [(int(r[0]), int(r[-1])) for r in np.split(index, breaks)]
-
-
-def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or inf anywhere: min and max propagate NaN, so two reductions decide it, reading
-    float16 at memory speed (``isfinite`` or a float32 sum would copy); the per-image search
-    (``non_finite_images``) runs only when this fails.
-    """
-    import torch
-
-    low, high = torch.aminmax(tensor)
-    return bool(torch.isfinite(low) & torch.isfinite(high))
-
-
-def non_finite_images(tensor: torch.Tensor, image_ids: list[str]) -> list[str]:
-    """The ids of the images with a NaN/inf anywhere in ``tensor`` (layer, image, ...)."""
-    rows = tensor.reshape(tensor.shape[0], tensor.shape[1], -1)
-    import torch
-
-    finite = torch.isfinite(rows.amin(-1)) & torch.isfinite(rows.amax(-1))
-    return sorted({image_ids[i] for i in torch.nonzero(~finite)[:, 1].tolist()})

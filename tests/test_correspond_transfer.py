@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as TF
 
 from rep_pipeline.stages.correspond import transfer
-from rep_pipeline.stages.correspond.transfer import (TargetFeatures, brute_force_match, interpolation_matrix,
-                                                     sample, upsampled_norms)
+from rep_pipeline.pipeline.upsample import bilinear_matrix, bilinear_taps
+from rep_pipeline.stages.correspond.transfer import TargetFeatures, brute_force_match, sample, upsampled_norms
 
 
 def torch_upsample(F, size):
@@ -33,16 +33,6 @@ def padding_mask(rng, size):
 def first_clamped(grid, size):
     """The first grid index whose source position is clamped to the last patch."""
     return int(np.argmax((np.arange(size) + 0.5) * grid / size - 0.5 >= grid - 1))
-
-
-@pytest.mark.parametrize("grid,size", [(4, 64), (20, 320), (23, 320), (20, 322), (23, 322), (7, 3), (5, 5)])
-def test_interpolation_matrix_equals_torch(grid, size):
-    x = np.random.default_rng(grid * size).standard_normal((grid, grid))
-    A = interpolation_matrix(grid, size, np)
-    assert A.shape == (size, grid) and A.dtype == np.float64
-    np.testing.assert_array_equal(A.sum(1), 1.0)
-    assert ((A != 0).sum(1) <= 2).all()
-    np.testing.assert_allclose(A @ x @ A.T, torch_upsample(x[..., None], size)[..., 0], rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("grid,size,dim", [(23, 322, 64), (4, 64, 8)])
@@ -88,9 +78,9 @@ def test_ties_go_to_the_first_pixel_in_row_major_order(backend):
     xp, rng, grid, size, dim = backend.xp, np.random.default_rng(2), 23, 322, 64
     F = features(rng, grid, dim)
     F[5:9, 10:13] = F[0, 5]  # a 4 x 3 region of one feature
-    reads = backend.to_numpy(transfer.interpolation_matrix(grid, size, xp)) != 0  # (size, grid): the taps used
-    inner_rows = np.flatnonzero(reads[:, 5:9].sum(1) == reads.sum(1))  # output rows that read patch rows 5..8 only
-    inner_cols = np.flatnonzero(reads[:, 10:13].sum(1) == reads.sum(1))
+    i0, i1, _ = (backend.to_numpy(t) for t in bilinear_taps(grid, size, xp))
+    inner_rows = np.flatnonzero((i0 >= 5) & (i1 <= 8))
+    inner_cols = np.flatnonzero((i0 >= 10) & (i1 <= 12))
     last = first_clamped(grid, size)
     queries = np.stack([F[0, 5], F[0, 0], F[-1, -1]]).astype(np.float64)
     want = [inner_rows[0] * size + inner_cols[0], 0, last * size + last]
@@ -147,7 +137,7 @@ def test_self_pair_maps_every_pixel_to_itself(backend, grid, size):
     """Source = target, all valid, D = 768: every pixel is matched to itself, or, in the
     clamped border bands where pixels share one feature, to the first pixel sharing it."""
     xp, rng = backend.xp, np.random.default_rng(grid)
-    _, first, inverse = np.unique(interpolation_matrix(grid, size, np), axis=0, return_index=True,
+    _, first, inverse = np.unique(bilinear_matrix(grid, size, np, np.float64), axis=0, return_index=True,
                                   return_inverse=True)
     same = first[inverse.ravel()]  # per grid index: the first index with the same weights
     valid = xp.asarray(np.ones((size, size), bool))

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from rep_pipeline.pipeline import metrics
 from rep_pipeline.pipeline.config import ClusterConfig, EvaluateConfig, ExtractConfig
 from rep_pipeline.pipeline.errors import QueryError, StoreError
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore
 from rep_pipeline.stages.cluster import run_cluster
-from rep_pipeline.stages.evaluate import bilinear_matrix, is_done, metrics, run_evaluate, segment
+from rep_pipeline.stages.evaluate import is_done, run_evaluate, segment
 from rep_pipeline.stages.extract import run_extract
 from rep_pipeline.storage_schemas import results as layout
 
@@ -22,14 +23,6 @@ INTERVALS = {"segmentation": ("miou", "pixel_accuracy", "nmi", "nmi_bias_aware")
 
 def run_query(results, sql):
     return Results(results).query(sql)
-
-
-@pytest.mark.parametrize("src,dst", [(20, 320), (23, 320), (3, 7), (7, 3), (5, 5)])
-def test_bilinear_matrix_equals_torch(src, dst):
-    x = torch.randn(1, 1, src, src)
-    ours = bilinear_matrix(src, dst) @ x[0, 0].numpy() @ bilinear_matrix(src, dst).T
-    want = F.interpolate(x, size=(dst, dst), mode="bilinear", align_corners=False)[0, 0].numpy()
-    np.testing.assert_allclose(ours, want, atol=1e-5)
 
 
 def test_score_upsampling_equals_upsampling_features_first(backend):

@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from rep_pipeline.pipeline.arrays import minmax
 from rep_pipeline.pipeline.errors import ConfigError, LabelValueError
+from rep_pipeline.pipeline.footprints import patch_labels
+from rep_pipeline.pipeline.upsample import scaled_upsampled
 from rep_pipeline.stages.explain import concepts as cc
 
 IGNORE = 255
@@ -24,58 +27,7 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return len(set(zip(a, b))) == len(set(a)) == len(set(b))
 
 
-# --- scaling and upsampling ------------------------------------------------------------------------
-
-def test_minmax_per_map_and_constant_maps_are_zero():
-    a = np.array([[1.0, 3.0, 2.0], [5.0, 5.0, 5.0]], dtype=np.float32)
-    out = cc.minmax(a)
-    np.testing.assert_allclose(out, [[0.0, 1.0, 0.5], [0.0, 0.0, 0.0]])
-    assert out.dtype == np.float32
-    stack = np.stack([np.arange(4.0).reshape(2, 2), np.full((2, 2), 7.0)])
-    np.testing.assert_allclose(cc.minmax(stack, axis=(-2, -1)), [[[0, 1 / 3], [2 / 3, 1]], np.zeros((2, 2))])
-    assert cc.minmax(np.array([[0, 2]])).dtype == np.float32
-
-
-def test_upsample_is_bilinear_align_corners_false():
-    from rep_pipeline.stages.evaluate import bilinear_matrix  # the formula PROTOCOL.md names
-
-    maps = np.random.default_rng(1).random((3, 5, 5)).astype(np.float32)
-    out = cc.upsample(maps, 12)
-    u = bilinear_matrix(5, 12)
-    assert out.shape == (3, 12, 12) and out.dtype == np.float32
-    np.testing.assert_allclose(out, np.einsum("yi,nij,xj->nyx", u, maps, u), atol=1e-6)
-
-
-def test_scaled_upsampled_equals_upsampling_the_scaled_map_then_scaling():
-    maps = np.random.default_rng(2).random((4, 16)) * 7 + 3
-    a = cc.scaled_upsampled(maps, 4, 10)
-    b = cc.minmax(cc.upsample(cc.minmax(maps).reshape(4, 4, 4), 10), axis=(-2, -1))
-    np.testing.assert_allclose(a, b, atol=1e-6)
-    assert a.min() == 0 and np.allclose(a.reshape(4, -1).max(1), 1)
-
-
 # --- patch labels and patch segments -------------------------------------------------------------
-
-def test_patch_labels_follow_the_footprint_rule():
-    labels = np.full((4, 4), IGNORE, dtype=np.uint8)
-    labels[0:2, 0:2] = [[1, 1], [2, IGNORE]]        # 1 has half the footprint: labelled 1
-    labels[0:2, 2:4] = [[3, 4], [IGNORE, IGNORE]]   # 3 and 4 a quarter each: no label
-    labels[2:4, 0:2] = [[5, 6], [5, 6]]             # a tie at one half: the lower id
-    labels[2:4, 2:4] = 7
-    np.testing.assert_array_equal(cc.patch_labels(labels, 2), [1, IGNORE, 5, 7])
-    assert (cc.patch_labels(np.full((4, 4), IGNORE, np.uint8), 2) == IGNORE).all()
-
-
-@pytest.mark.parametrize("size,grid", [(32, 4), (30, 7), (23, 23)])
-def test_patch_labels_equal_the_probe_stage(size, grid):
-    from rep_pipeline.stages.probe.templates import patch_labels  # one rule for sections 9 and 10
-
-    rng = np.random.default_rng(size)
-    labels = rng.integers(0, 4, (size, size)).astype(np.uint8)
-    labels[rng.random((size, size)) < 0.3] = IGNORE
-    labels[: size // 2, : size // 2] = 2
-    np.testing.assert_array_equal(cc.patch_labels(labels, grid), patch_labels(labels[None], grid, IGNORE)[0].ravel())
-
 
 def test_patch_segments_take_the_plurality_of_the_footprint():
     seg = np.zeros((6, 6), dtype=np.uint8)
@@ -89,7 +41,7 @@ def test_patch_segments_take_the_plurality_of_the_footprint():
 
 def test_zeta_zero_gives_one_cluster_per_distinct_map():
     rng = np.random.default_rng(3)
-    distinct = cc.minmax(rng.random((5, 16)))
+    distinct = minmax(rng.random((5, 16)), axis=-1)
     which = np.array([0, 1, 2, 1, 3, 4, 0, 0, 2, 3])
     maps = distinct[which]
     maps = np.vstack([maps, np.zeros((2, 16))])          # two constant maps: a sixth distinct map
@@ -101,7 +53,7 @@ def test_zeta_zero_gives_one_cluster_per_distinct_map():
 
 def test_constant_maps_form_a_cluster_of_their_own_and_distances_are_cosine():
     rng = np.random.default_rng(4)
-    maps = cc.minmax(rng.random((8, 9)))
+    maps = minmax(rng.random((8, 9)), axis=-1)
     d = cc.cosine_distances(np.vstack([maps, np.zeros((2, 9))]))
     ref = 1 - (maps / np.linalg.norm(maps, axis=1, keepdims=True)) @ (maps / np.linalg.norm(maps, axis=1)[:, None]).T
     np.testing.assert_allclose(d[:8, :8], np.clip(ref, 0, None) * (1 - np.eye(8)), atol=1e-12)
@@ -111,7 +63,7 @@ def test_constant_maps_form_a_cluster_of_their_own_and_distances_are_cosine():
 
 
 def test_clustering_matches_scipy_average_cosine_on_nonzero_maps():
-    maps = cc.minmax(np.random.default_rng(5).random((30, 25)))
+    maps = minmax(np.random.default_rng(5).random((30, 25)), axis=-1)
     ref = linkage(maps, method="average", metric="cosine")
     labels, tree = cc.cluster(maps, zeta=0.2)
     np.testing.assert_allclose(tree[:, 2], ref[:, 2], atol=1e-9)
@@ -120,7 +72,7 @@ def test_clustering_matches_scipy_average_cosine_on_nonzero_maps():
 
 def test_block_structured_maps_are_recovered_by_distance_and_by_maxclust():
     maps, quadrant = _block_maps(8)
-    scaled = cc.minmax(maps)
+    scaled = minmax(maps, axis=-1)
     by_zeta, _ = cc.cluster(scaled, zeta=0.4)
     by_k, _ = cc.cluster(scaled, k=4)
     assert _same_partition(by_zeta, quadrant) and _same_partition(by_k, quadrant)
@@ -237,7 +189,7 @@ def test_masks_equal_to_the_ground_truth_give_itiou_one():
     rng = np.random.default_rng(8)
     labels = _labels(rng, size=16, n_classes=4)
     grid = 4
-    token_labels = cc.patch_labels(labels, grid)
+    token_labels = patch_labels(labels, grid).ravel()
     assert (token_labels != IGNORE).any()
     maps = np.stack([(labels == c).astype(np.float32) if c != IGNORE else np.zeros(labels.shape, np.float32)
                      for c in token_labels])
@@ -275,8 +227,8 @@ def test_itiou_sweep_equals_one_threshold_at_a_time():
     rng = np.random.default_rng(9)
     labels = _labels(rng, size=24, n_classes=4)
     grid = 6
-    maps = cc.scaled_upsampled(rng.random((grid * grid, grid * grid)), grid, 24)
-    token_labels = cc.patch_labels(labels, grid)
+    maps = scaled_upsampled(rng.random((grid * grid, grid * grid)), grid, 24)
+    token_labels = patch_labels(labels, grid).ravel()
     taus = np.round(np.arange(0, 1.0001, 0.05), 2)
     swept, n = cc.itiou_sweep(maps, token_labels, labels, taus, chunk=7)
     one_by_one = [cc.itiou_image(maps, token_labels, labels, tau)[0] for tau in taus]

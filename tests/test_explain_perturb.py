@@ -7,7 +7,7 @@ from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.stages.explain import perturb as pt
 
 
-# --- token choice and relevance sets -------------------------------------------------------------
+# --- token choice (the relevance sets: test_relevance.py) -------------------------------------------------------------
 
 def test_choose_tokens_draws_distinct_patches_reproducibly():
     a = pt.choose_tokens(400, 10, np.random.default_rng(0))
@@ -19,24 +19,6 @@ def test_choose_tokens_draws_distinct_patches_reproducibly():
     counts = np.bincount(np.concatenate([pt.choose_tokens(20, 5, np.random.default_rng(s)) for s in range(2000)]),
                          minlength=20)
     assert counts.min() > 400 and counts.max() < 600                          # uniform: 500 each
-
-
-def test_relevance_sets_sizes_order_and_own_patch():
-    s = np.array([0.1, 0.9, 0.5, 0.9, 0.0, 0.3, 0.7, 1.0, 0.2])   # own patch 7 has the largest value
-    pos, neg = pt.relevance_sets(s, own=7, rho=0.5)                # m = floor(0.5 * 8) = 4
-    np.testing.assert_array_equal(pos, [1, 3, 6, 2])                # ties by index
-    np.testing.assert_array_equal(neg, [5, 8, 0, 4])
-    assert 7 not in pos and 7 not in neg and not set(pos) & set(neg)
-    pos, neg = pt.relevance_sets(s, own=1, rho=0.25)               # m = 2
-    np.testing.assert_array_equal(pos, [7, 3])
-    np.testing.assert_array_equal(neg, [0, 4])
-    empty = pt.relevance_sets(s, own=0, rho=0.0)
-    assert empty[0].size == 0 and empty[1].size == 0
-    assert pt.set_size(101, 0.29) == 29 and pt.set_size(400, 0.5) == 199
-    with pytest.raises(ConfigError):
-        pt.relevance_sets(s, own=0, rho=0.6)
-    with pytest.raises(ConfigError):
-        pt.relevance_sets(s, own=9)
 
 
 # --- perturbations -------------------------------------------------------------------------------

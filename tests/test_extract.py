@@ -13,7 +13,7 @@ from rep_pipeline.pipeline.errors import FingerprintMismatchError, ImageReadErro
 from rep_pipeline.pipeline.registry import build_model
 from rep_pipeline.pipeline.store import FeatureStore
 from rep_pipeline.pipeline.store import validate_store
-from rep_pipeline.pipeline.streaming import all_finite, non_finite_images
+from rep_pipeline.pipeline.finite import all_finite, non_finite_images
 from rep_pipeline.stages.extract import Extractor, is_done, run_extract
 
 

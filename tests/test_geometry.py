@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from rep_pipeline.pipeline.datasets import build_dataset
-from rep_pipeline.pipeline.datasets.geometry import inside, place, placement, to_grid, to_original
+from rep_pipeline.pipeline.datasets.geometry import inside, place, placement, tight_box, to_grid, to_original
 from rep_pipeline.pipeline.errors import ConfigError
 
 
@@ -77,3 +77,9 @@ def test_the_model_sees_zero_on_the_padding():
     shown = torch.from_numpy(np.stack([inside(g, 64) for g in geometry]))[:, None].float()
     shown = torch.nn.functional.interpolate(shown, size=x.shape[-1], mode="nearest").expand_as(x)
     assert (x[shown == 0] == 0).all() and (x[shown == 1] != 0).float().mean() > 0.9
+
+
+def test_tight_box_is_half_open_in_original_pixels():
+    mask = np.zeros((7, 9), bool)
+    mask[2:5, 3] = mask[4, 6] = True
+    assert tight_box(mask) == (3, 2, 7, 5) and all(type(v) is int for v in tight_box(mask))

@@ -5,7 +5,7 @@ import pytest
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.stages.probe.templates import (
     ObjectSet, RoundTrace, _f1_thresholds, balanced_metrics, cosine_probe, evaluate_hyperplane, hard_negatives,
-    hyperplane_probe, image_labels, patch_labels,
+    hyperplane_probe, image_labels,
 )
 
 
@@ -54,32 +54,6 @@ def test_balanced_metrics_elementwise_and_zero_where_undefined():
 
 
 # --- labels ----------------------------------------------------------------------------------------
-
-def test_patch_labels_footprint_majority_with_ignore_in_the_footprint_not_in_the_vote():
-    ig = 255
-    lab = np.full((1, 10, 10), 2, np.uint8)
-    lab[0, :5, :5].flat[:15] = 0                            # 60 % a -> a
-    lab[0, :5, 5:].flat[:] = [0] * 10 + [1] * 10 + [ig] * 5  # 40 % a, 40 % b, 20 % ignore -> none
-    lab[0, 5:, :5].flat[:] = [0] * 10 + [ig] * 15            # a is the only voter, 40 % of the footprint -> none
-    lab[0, 5:, 5:].flat[:] = [1] * 13 + [ig] * 12            # ignore is no class: b with 52 % -> b
-    got = patch_labels(lab, 2, ig)
-    np.testing.assert_array_equal(got[0], [[0, ig], [ig, 1]])
-    assert got.dtype == np.uint8
-
-
-def test_patch_labels_equal_a_loop_over_footprints_when_s_is_not_a_multiple_of_g():
-    rng = np.random.default_rng(0)
-    lab = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(3, 23, 23), p=[0.5, 0.2, 0.1, 0.2])
-    grid, edges = 5, (np.arange(6) * 23) // 5
-    got = patch_labels(lab, grid, 255)
-    for i in range(3):
-        for y in range(grid):
-            for x in range(grid):
-                fp = lab[i, edges[y]:edges[y + 1], edges[x]:edges[x + 1]]
-                votes = np.bincount(fp[fp != 255], minlength=3)
-                want = votes.argmax() if 2 * votes.max() >= fp.size else 255
-                assert got[i, y, x] == want
-
 
 def test_image_labels_thresholds():
     lab = np.zeros((3, 10, 10), np.uint8)

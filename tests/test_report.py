@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
+from rep_pipeline.pipeline.arrays import minmax
 from rep_pipeline.pipeline.config import Comparison, ReportConfig
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.cli.run import RunConfig, run_all
@@ -386,7 +387,8 @@ def test_single_query_attention_maps_with_and_without_the_example_images(augment
     q = figures.query_positions(grid)[0][1]
     layer = rows[0].setting["layer"] if rows[0].setting["model"] == a["attended"] else None
     if layer is not None:  # the top-left map is the image-averaged row of the centre query, min-max scaled
-        expected = figures.minmax(data.attention(a["attended"], layer)[q[0] * grid + q[1]].reshape(grid, grid))
+        row = np.asarray(data.attention(a["attended"], layer)[q[0] * grid + q[1]], np.float32)
+        expected = minmax(row.reshape(grid, grid))
         assert np.allclose(np.asarray(fig.axes[0].images[0].get_array()), expected)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 
+from rep_pipeline.pipeline.arrays import minmax
 from rep_pipeline.pipeline.config import Comparison, ReportConfig
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.stages.report import ReportData, figures, run_report
@@ -45,20 +46,7 @@ def _folder(run_id):
 
 
 # -- the helpers -----------------------------------------------------------------------------------
-def test_the_sets_and_the_scaled_map_follow_the_explain_stage():
-    from rep_pipeline.stages.explain import perturb
-
-    rng = np.random.default_rng(0)
-    for rho in (0.0, 0.1, 0.29, 0.5):
-        s = rng.random(P)
-        s[3] = s[7]  # a tie, ordered by index
-        for own in (0, 7, P - 1):
-            ours, theirs = figures.relevance_sets(s, own, rho), perturb.relevance_sets(s, own, rho)
-            assert [a.tolist() for a in ours] == [b.tolist() for b in theirs]
-            assert own not in np.concatenate(ours) and len(ours[0]) == int(np.floor(rho * (P - 1) + 1e-9))
-    # bilinear, align_corners=False (torch's formula): 2 -> 4 pixels weigh (1, 0), (3/4, 1/4), (1/4, 3/4), (0, 1)
-    assert np.allclose(figures.scaled_map(np.array([0.0, 2.0, 0.0, 2.0]), 2, 4), [[0, 0.25, 0.75, 1]] * 4)
-    assert figures.scaled_map(np.ones(P), G, S).max() == 0  # a constant map scales to 0
+def test_the_patch_centre():
     assert figures.patch_centre(G + 2, G, S) == (1.5 * S / G - 0.5, 2.5 * S / G - 0.5)  # (row, col)
 
 
@@ -97,7 +85,7 @@ def _run_maps(maps, run_id, rng, images, labels):
     """Figures u1-u3's maps of one run at every layer: random token maps, the linkage of random
     patch-token maps (as the stage clusters them) and its cuts."""
     for layer in LAYERS:
-        patch_maps = figures.minmax(rng.random((E, P, P)), axis=-1)
+        patch_maps = minmax(rng.random((E, P, P)).astype(np.float32), axis=-1)
         links = np.stack([linkage(m, method="average", metric="cosine") for m in patch_maps])
         cuts = np.stack([[figures.upsample_nearest(fcluster(z, zeta, criterion="distance").reshape(G, G) - 1, S)
                           for zeta in ZETAS] for z in links]).astype(np.uint16)

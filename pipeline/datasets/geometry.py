@@ -26,7 +26,7 @@ GEOMETRIES: tuple[str, ...] = ("crop", "pad")
 PAD_FILL_RGB = (124, 116, 104)
 
 __all__ = ["GEOMETRIES", "GEOMETRY_FIELDS", "GeometryMode", "PAD_FILL_RGB", "inside", "place", "placement",
-           "to_grid", "to_original"]
+           "tight_box", "to_grid", "to_original"]
 
 
 def placement(width: int, height: int, size: int, mode: str) -> tuple[int, int, int, int, int, int]:
@@ -77,3 +77,11 @@ def inside(geometry: np.ndarray, size: int) -> np.ndarray:
     rows = (np.arange(size) >= oy) & (np.arange(size) < oy + nh)
     cols = (np.arange(size) >= ox) & (np.arange(size) < ox + nw)
     return rows[:, None] & cols[None, :]
+
+
+def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """[x1, y1, x2, y2] of the true pixels of a non-empty (H, W) mask, in original pixels,
+    half-open: x2 = the largest column + 1, y2 = the largest row + 1 (the keypoint datasets'
+    boxes, PROTOCOL.md 8.3)."""
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1

@@ -43,6 +43,7 @@ from .. import config
 from ..errors import ConfigError, DatasetError, LabelValueError, SizeMismatchError
 from ..location import is_url
 from .base import Item, _decode, _open_header, _pil_bomb_check_off
+from .geometry import tight_box
 from .pascalpart import PascalPart
 from .spair import FLAGS, SPAIR_CATEGORIES
 from .voc import VOC_CLASSES
@@ -179,7 +180,7 @@ def _instances(image_id: str, objects: np.ndarray, parts: np.ndarray, part_class
         if _largest_component_fraction(mask) < min_fraction:
             continue
         keypoints = _part_keypoints(np.where(mask, _kp_table(category, part_classes, kp_names)[parts], -1), min_area)
-        found.append(_Instance(category, image_id, (mask.shape[1], mask.shape[0]), _tight_box(mask), keypoints))
+        found.append(_Instance(category, image_id, (mask.shape[1], mask.shape[0]), tight_box(mask), keypoints))
     return found
 
 
@@ -197,12 +198,6 @@ def _kp_table(category: str, part_classes: tuple[str, ...], kp_names: dict[str, 
 def _largest_component_fraction(mask: np.ndarray) -> float:
     labels, n = ndimage.label(mask, structure=_EIGHT_CONNECTED)
     return float(np.bincount(labels.ravel())[1:].max() / mask.sum()) if n else 0.0
-
-
-def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """[x1, y1, x2, y2], half-open: x2 = the largest column + 1."""
-    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
-    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def _part_keypoints(kp_map: np.ndarray, min_area: int) -> dict[int, tuple[int, int]]:

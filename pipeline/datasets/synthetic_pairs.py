@@ -32,6 +32,7 @@ from .. import config
 from ..errors import ConfigError
 from .registry import register_dataset
 from .base import Item, SegmentationDataset
+from .geometry import tight_box
 from .synthetic import _BASE_RGB, _TEXTURES, BOX, CLASSES, DISC, GROUND, SKY, TRIANGLE, WATER
 
 SHAPES = (DISC, BOX, TRIANGLE)       # kp_id = index here
@@ -172,7 +173,7 @@ class SyntheticPairs(SegmentationDataset):
 
     def _pair_rows(self, index: int) -> list[dict[str, Any]]:
         scene = self.scene(index)
-        boxes = {side: _tight_box(self.labels(index, side) >= DISC) for side in SIDES}
+        boxes = {side: tuple(map(float, tight_box(self.labels(index, side) >= DISC))) for side in SIDES}
         shared = {"pair_id": f"pair-{index}", "category": CATEGORY, "src_image_id": f"pair-{index}-src",
                   "trg_image_id": f"pair-{index}-trg",
                   **{f"{side}_bbox_{c}": v for side in SIDES for c, v in zip(("x1", "y1", "x2", "y2"), boxes[side])},
@@ -206,9 +207,3 @@ def _place(classes: np.ndarray, radii: np.ndarray, size: tuple[int, int], rng: n
         else:
             return None
     return tuple(placed)
-
-
-def _tight_box(mask: np.ndarray) -> tuple[float, float, float, float]:
-    """[x1, y1, x2, y2], half-open: x2 = the largest column + 1."""
-    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
-    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)

@@ -27,7 +27,8 @@ from rep_pipeline.pipeline.leases import Lease, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.store import FeatureStore, ModelSplit, check_store_location
-from rep_pipeline.pipeline.streaming import FeatureKey, FeatureStream, check_finite
+from rep_pipeline.pipeline.finite import check_finite
+from rep_pipeline.pipeline.streaming import FeatureKey, FeatureStream
 from rep_pipeline.storage_schemas.feature_store import model_path
 from rep_pipeline.storage_schemas.results import curve_part
 

@@ -25,6 +25,7 @@ from rep_pipeline.pipeline.errors import StoreError
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results, feature_group_row
+from rep_pipeline.pipeline.stage_result import SettingsResult
 from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit, check_store_location, fingerprint_hash
 from rep_pipeline.storage_schemas import results as results_layout
 
@@ -35,19 +36,15 @@ HEATMAP_ALPHA = 0.10  # the circle of figure c3 (the headline alpha)
 
 
 @dataclass
-class CorrespondResult:
-    model: str
-    results: str
-    settings: int = 0
+class CorrespondResult(SettingsResult):
     pairs: int = 0
     keypoints: int = 0
     best: str = ""
-    seconds: float = 0.0
 
-    def summary(self) -> list[str]:
-        return [f"correspond {self.model}: {self.keypoints} keypoints of {self.pairs} pairs over {self.settings} "
-                f"(embedding, layer) settings in {self.seconds:.1f} s{self.best}; tables correspondence, "
-                f"correspondence_by_category, correspondence_best in {self.results}"]
+    STAGE, TABLES = "correspond", ("correspondence", "correspondence_by_category", "correspondence_best")
+
+    def work(self) -> str:
+        return f"{self.keypoints} keypoints of {self.pairs} pairs over {super().work()}{self.best}"
 
 
 @dataclass(frozen=True)
@@ -259,7 +256,8 @@ def _correspond(cfg: CorrespondConfig, address: str | None, progress: bool, data
                         model=cfg.model, part=cfg.split)
     best = _best(results, cfg, dataset, group, pairs_fp)
     _write_heatmaps(results, cfg, dataset, group, data, kp, out, examples, best, settings)
-    result = CorrespondResult(cfg.model, str(cfg.results), len(settings), len(np.unique(kp.pair_id)), len(kp.src))
+    result = CorrespondResult(cfg.model, str(cfg.results), settings=len(settings), pairs=len(np.unique(kp.pair_id)),
+                              keypoints=len(kp.src))
     top = [b for b in best if b["model_best"] and abs(b["alpha"] - HEATMAP_ALPHA) < 1e-9]
     if top:
         result.best = f"; best PCK@0.1 {top[0]['pck_point']:.3f} ({top[0]['embedding']}, block {top[0]['best_layer']})"
@@ -301,17 +299,13 @@ def _tables(cfg: CorrespondConfig, dataset: str, group: ModelSplit, data: Datase
 def _best(results: Results, cfg: CorrespondConfig, dataset: str, group: ModelSplit, pairs_fp: str) -> list[dict]:
     """``correspondence_best`` over every layer the results hold for these features and pairs
     (this run's and earlier runs'), rewritten whole."""
-    rows = results.rows(f"SELECT embedding, layer, alpha, pck_point, pck_point_lo, pck_point_hi FROM correspondence "
-                        f"WHERE model = '{_sql(cfg.model)}' AND split = '{_sql(cfg.split)}' AND store_fingerprint = "
-                        f"'{group.fingerprint_hash}' AND pairs_fingerprint = '{pairs_fp}'", dataset=dataset)
+    rows = results.rows("SELECT embedding, layer, alpha, pck_point, pck_point_lo, pck_point_hi FROM correspondence "
+                        "WHERE model = ? AND split = ? AND store_fingerprint = ? AND pairs_fingerprint = ?",
+                        [cfg.model, cfg.split, group.fingerprint_hash, pairs_fp], dataset=dataset)
     best = [{"model": cfg.model, "dataset": dataset, "split": cfg.split, **b,
              "store_fingerprint": group.fingerprint_hash} for b in pck.best_layers(rows)]
     results.write_table("correspondence_best", best, dataset=dataset, model=cfg.model, part=cfg.split)
     return best
-
-
-def _sql(value: str) -> str:
-    return value.replace("'", "''")
 
 
 def _write_heatmaps(results: Results, cfg: CorrespondConfig, dataset: str, group: ModelSplit, data: DatasetSplit,

@@ -31,31 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from rep_pipeline.pipeline.upsample import bilinear_matrix, bilinear_taps
+
 TIE_TOL = 1e-12  # cosines within this of the maximum are ties (first pixel in row-major order wins)
 MAP_BUDGET = 1 << 24  # score values (float64) held at once by ``TargetFeatures.match``: 128 MiB
-
-
-def _taps(grid: int, size: int, xp: Any) -> tuple[Any, Any, Any]:
-    """Per output index u of ``size``: the two source indices (i0, i1) and the weight of i1,
-    as torch's bilinear align_corners=False: src = (u + 0.5) G / S - 0.5 clamped below at 0,
-    i0 = floor(src), i1 = min(i0 + 1, G - 1). Where i1 == i0 (the last patch) the weight is
-    set to 0, the same value without a (1 - w) + w rounding."""
-    src = xp.maximum((xp.arange(size, dtype=xp.float64) + 0.5) * (grid / size) - 0.5, 0.0)
-    i0 = xp.minimum(xp.floor(src).astype(xp.int64), grid - 1)
-    i1 = xp.minimum(i0 + 1, grid - 1)
-    weight = xp.where(i1 > i0, src - i0, 0.0)
-    return i0, i1, weight
-
-
-def interpolation_matrix(grid: int, size: int, xp: Any) -> Any:
-    """(S, G) float64 weights of 1-D bilinear resampling G -> S (align_corners=False): row u
-    holds 1 - w at i0 and w at i1 (one 1.0 on the clamped borders)."""
-    i0, i1, w = _taps(grid, size, xp)
-    out = xp.zeros((size, grid), dtype=xp.float64)
-    rows = xp.arange(size)
-    out[rows, i0] = 1.0 - w
-    out[rows, i1] += w  # i1 == i0 only where w == 0
-    return out
 
 
 def _float64(a: Any, xp: Any) -> Any:
@@ -66,8 +45,8 @@ def sample(F: Any, rows: Any, cols: Any, size: int, xp: Any) -> Any:
     """(K, D): F^[rows, cols] for integer pixels of the S x S grid, exactly from each
     pixel's <= 2 x 2 neighbouring patches (F is (G, G, D))."""
     F = _float64(F, xp)
-    i0, i1, wy = (t[xp.asarray(rows)] for t in _taps(F.shape[0], size, xp))
-    j0, j1, wx = (t[xp.asarray(cols)] for t in _taps(F.shape[1], size, xp))
+    i0, i1, wy = (t[xp.asarray(rows)] for t in bilinear_taps(F.shape[0], size, xp))
+    j0, j1, wx = (t[xp.asarray(cols)] for t in bilinear_taps(F.shape[1], size, xp))
     wy, wx = wy[:, None], wx[:, None]
     top = (1.0 - wx) * F[i0, j0] + wx * F[i0, j1]
     bottom = (1.0 - wx) * F[i1, j0] + wx * F[i1, j1]
@@ -102,7 +81,7 @@ def upsampled_norms(F: Any, size: int, xp: Any, grams: Any = None) -> Any:
     most one patch apart, each offset class one product (S, G) @ (G, G) @ (G, S)."""
     grams = neighbour_grams(F, xp) if grams is None else grams
     grid = grams.shape[1]
-    square, pair = _pair_weights(interpolation_matrix(grid, size, xp), xp)
+    square, pair = _pair_weights(bilinear_matrix(grid, size, xp, np.float64), xp)
     sq = (square @ grams[0] @ square.T
           + 2.0 * (square @ grams[1] @ pair.T)
           + 2.0 * (pair @ grams[2] @ square.T)
@@ -136,7 +115,7 @@ class TargetFeatures:
         if self.valid.shape != (size, size) or not bool(self.valid.any()):
             raise ValueError(f"valid must be a ({size}, {size}) mask with at least one true pixel, "
                              f"got shape {self.valid.shape}")
-        self.A = interpolation_matrix(self.grid, size, xp)
+        self.A = bilinear_matrix(self.grid, size, xp, np.float64)
         norms = upsampled_norms(self.F, size, xp)
         self.inv_norms = _inverse(norms, xp)  # 0 where F^_t[p] is zero: its cosine is 0
 

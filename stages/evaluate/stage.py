@@ -29,11 +29,13 @@ from rep_pipeline.pipeline.leases import Lease, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results, feature_group_row
 from rep_pipeline.pipeline.store import Codebook, DatasetSplit, FeatureStore, MapStore, ModelSplit, fingerprint_hash
-from rep_pipeline.pipeline.streaming import FeatureStream, check_finite
+from rep_pipeline.pipeline.finite import check_finite
+from rep_pipeline.pipeline.streaming import FeatureStream
 from rep_pipeline.storage_schemas import results as layout
 
 from rep_pipeline.pipeline import bootstrap, metrics
-from rep_pipeline.pipeline.segscore import ClusterMapScores, bilinear_matrix, finish_scores, headline, upsample  # noqa: F401
+from rep_pipeline.pipeline.segscore import ClusterMapScores, finish_scores, headline
+from rep_pipeline.pipeline.upsample import upsample
 
 TABLES = ("segmentation", "per_class_iou", "classwise_mi", "confusion", "matching", "kmeans_sensitivity")  # per model
 

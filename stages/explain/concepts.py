@@ -7,9 +7,10 @@ and pools what they return (confusions are summed over the split, ITIoU averaged
 
 Conventions this module fixes where PROTOCOL.md leaves a detail open:
 
-- Min-max scaling M(S) is applied per map; a constant map scales to 0 everywhere. The
-  upsampled scaled map is M(S~_i) = minmax(upsample(S_i)), which equals
-  minmax(upsample(M(S_i))) because upsampling is linear with weights summing to one.
+- Min-max scaling M(S) (``pipeline/arrays.py``) is applied per map; a constant map scales to
+  0 everywhere. The upsampled scaled map is M(S~_i) = minmax(upsample(S_i))
+  (``pipeline/upsample.py``: ``scaled_upsampled``), which equals minmax(upsample(M(S_i)))
+  because upsampling is linear with weights summing to one.
 - Clustering (10.3, A17): average linkage on cosine distances of the scaled rows M(S_i).
   A row of zeros (a constant map) has no direction: it is at distance 0 from every other
   zero row and at distance 1 from every non-zero row (1 is the largest cosine distance two
@@ -23,8 +24,9 @@ Conventions this module fixes where PROTOCOL.md leaves a detail open:
   uint8 (section 10.9), uint16 only where more than 256 segments survive (tiny zeta on a
   large grid).
 - A patch's segment is the segment covering most of its footprint (ties to the lower id);
-  a patch's *label* follows the Conventions' rule (majority class with at least half of the
-  footprint, ignore pixels counting in the footprint but not in the vote, else no label).
+  a patch's *label* follows the Conventions' rule (``pipeline/footprints.py``: majority class
+  with at least half of the footprint, ignore pixels counting in the footprint but not in the
+  vote, else no label).
 - Confusions of the per-image oracle are (predicted class, true class), as ``mapped`` in
   the evaluate stage; the split's score sums them before ``oracle_scores``.
 """
@@ -37,88 +39,27 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import squareform
 
+from rep_pipeline.pipeline.arrays import minmax
+from rep_pipeline.pipeline.config import IGNORE_INDEX
 from rep_pipeline.pipeline.errors import ConfigError, LabelValueError
+from rep_pipeline.pipeline.footprints import footprint_cells
+from rep_pipeline.pipeline.upsample import scaled_upsampled
 
 AGGREGATES = ("sum", "mean")
 
 
-# --- scaling and upsampling (10.2) -----------------------------------------------------------------
-
-def minmax(a: np.ndarray, axis: int | tuple[int, ...] = -1) -> np.ndarray:
-    """(a - min)/(max - min) over ``axis`` (one map per remaining index); 0 where constant.
-
-    Floating input keeps its dtype, anything else becomes float32. Use ``axis=(-2, -1)`` for
-    stacks of 2-D maps.
-    """
-    a = np.asarray(a)
-    if not np.issubdtype(a.dtype, np.floating):
-        a = a.astype(np.float32)
-    lo = a.min(axis=axis, keepdims=True)
-    span = a.max(axis=axis, keepdims=True) - lo
-    out = a - lo                                   # 0 everywhere on a constant map
-    np.divide(out, np.where(span > 0, span, 1).astype(a.dtype), out=out)
-    return out
-
-
-def upsample(maps: np.ndarray, size: int) -> np.ndarray:
-    """(n, G, G) -> (n, S, S) float32, bilinear with align_corners=False (torch's formula,
-    the same as the evaluate stage's ``bilinear_matrix``)."""
-    import torch
-    import torch.nn.functional as F
-
-    maps = np.asarray(maps, dtype=np.float32)
-    if maps.ndim != 3 or maps.shape[1] != maps.shape[2]:
-        raise ConfigError(f"upsample expects square maps (n, G, G), got shape {maps.shape}")
-    with torch.no_grad():
-        out = F.interpolate(torch.from_numpy(np.ascontiguousarray(maps))[:, None], size=(size, size),
-                            mode="bilinear", align_corners=False)
-    return out[:, 0].numpy()
-
-
-def scaled_upsampled(maps: np.ndarray, grid: int, size: int) -> np.ndarray:
-    """M(S~_i): (n, G*G) patch maps -> (n, S, S) float32, upsampled then min-max scaled per map."""
-    maps = np.asarray(maps, dtype=np.float32)
-    return minmax(upsample(maps.reshape(-1, grid, grid), size), axis=(-2, -1))
-
-
 # --- footprints: patch labels and patch segments (Conventions, A1) ---------------------------------
-
-def _footprint_cells(size: int, grid: int) -> np.ndarray:
-    """(S*S,) the patch (row-major) whose footprint holds each pixel of the S x S grid: pixel
-    row y is in patch row r for y in [floor(r S/G), floor((r+1) S/G))."""
-    if size < grid:
-        raise ConfigError(f"a {size} x {size} map cannot hold a {grid} x {grid} patch grid")
-    edges = (np.arange(grid + 1) * size) // grid
-    rows = np.searchsorted(edges, np.arange(size), side="right") - 1
-    return (rows[:, None] * grid + rows[None, :]).ravel()
-
 
 def _footprint_counts(values: np.ndarray, valid: np.ndarray, grid: int, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
     """(counts (P, n_bins) of each value among the valid pixels of each footprint, areas (P,)
     of the footprints with invalid pixels included)."""
     size = values.shape[0]
-    cell = _footprint_cells(size, grid)
+    cell = footprint_cells(size, size, grid)
     area = np.bincount(cell, minlength=grid * grid)
     ok = valid.ravel()
     key = cell[ok] * n_bins + values.ravel()[ok].astype(np.int64)
     counts = np.bincount(key, minlength=grid * grid * n_bins).reshape(grid * grid, n_bins)
     return counts, area
-
-
-def patch_labels(labels: np.ndarray, grid: int, ignore: int = 255) -> np.ndarray:
-    """(S, S) label map -> (P,) int64 patch labels, row-major, by the Conventions' rule (A1).
-
-    A patch takes the majority class of its footprint if that class covers at least half of
-    the footprint's pixels (ignore pixels count in the footprint, not in the vote); else
-    ``ignore``. Of two classes with exactly half each, the lower id wins (as the probe stage).
-    """
-    labels = _square(labels, "labels")
-    valid = labels != ignore
-    n_bins = int(labels[valid].max()) + 1 if valid.any() else 1
-    counts, area = _footprint_counts(labels, valid, grid, n_bins)
-    best = counts.argmax(1)
-    votes = counts[np.arange(len(best)), best]
-    return np.where((votes > 0) & (2 * votes >= area), best, ignore).astype(np.int64)
 
 
 def patch_segments(segments: np.ndarray, grid: int) -> np.ndarray:
@@ -250,7 +191,7 @@ def segment_descriptors(segments: np.ndarray, tokens: np.ndarray) -> np.ndarray:
 
 # --- the per-image oracle (10.4 `per_image`) ---------------------------------------------------------
 
-def per_image_confusion(segments: np.ndarray, labels: np.ndarray, n_classes: int, ignore: int = 255) -> np.ndarray:
+def per_image_confusion(segments: np.ndarray, labels: np.ndarray, n_classes: int, ignore: int = IGNORE_INDEX) -> np.ndarray:
     """(C, C) int64 pixel counts (predicted class, true class) of one image after matching its
     segments to classes: Hungarian (maximal overlap) between its segments and the classes
     present in its labelled pixels, every unmatched segment to its majority class (A19).
@@ -314,7 +255,7 @@ def _class_mean_of_token_means(iou: np.ndarray, classes: np.ndarray) -> np.ndarr
 
 
 def itiou_image(upsampled_scaled: np.ndarray, token_labels: np.ndarray, labels: np.ndarray, tau: float = 0.2,
-                ignore: int = 255) -> tuple[float, int]:
+                ignore: int = IGNORE_INDEX) -> tuple[float, int]:
     """ITIoU_n of one image (Eq. 17) at threshold ``tau``: (value, labelled tokens).
 
     For each labelled token i (``token_labels`` (P,), ``ignore`` = unlabelled) of class c,
@@ -338,7 +279,7 @@ def itiou_image(upsampled_scaled: np.ndarray, token_labels: np.ndarray, labels: 
 
 
 def itiou_sweep(upsampled_scaled: np.ndarray, token_labels: np.ndarray, labels: np.ndarray, taus: Sequence[float],
-                ignore: int = 255, chunk: int = 32) -> tuple[np.ndarray, int]:
+                ignore: int = IGNORE_INDEX, chunk: int = 32) -> tuple[np.ndarray, int]:
     """ITIoU_n of one image at every threshold of ``taus`` in one pass: ((len(taus),), tokens).
 
     Each labelled token's valid pixels are binned by how many thresholds they reach

@@ -11,9 +11,8 @@ The model enters only as ``embed``: a callable from a (B, 3, H, W) input batch t
 module needs neither the store nor a particular model family.
 
 Conventions this module fixes:
-- Ties in S_i are ordered by patch index (a stable sort of -S_i), so the sets are
-  deterministic; m uses floor(rho (P - 1) + 1e-9) so that e.g. rho = 0.29, P - 1 = 100
-  gives 29, not 28. rho must lie in [0, 0.5]: beyond, the two sets would overlap.
+- The sets themselves (ties, m, the range of rho) are ``pipeline/relevance.py``'s, which
+  the report draws too.
 - ``choose_tokens`` draws min(k, P) tokens (all of them on a grid smaller than k) and
   returns them sorted.
 - The original input is embedded in the same call as its perturbations, so rho = 0 gives
@@ -24,12 +23,12 @@ Conventions this module fixes:
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Sequence
 
 import numpy as np
 
 from rep_pipeline.pipeline.errors import ConfigError
+from rep_pipeline.pipeline.relevance import relevance_sets
 
 MODES = ("mask", "noise")
 RNG = np.random.Generator | int | None
@@ -44,27 +43,6 @@ def choose_tokens(n_patches: int, k: int = 10, rng: RNG = None) -> np.ndarray:
     if k < 0:
         raise ConfigError(f"tokens per image must be >= 0, got {k}")
     return np.sort(_rng(rng).choice(n_patches, size=min(k, n_patches), replace=False)).astype(np.int64)
-
-
-def set_size(n_patches: int, rho: float) -> int:
-    """m = floor(rho (P - 1)), the size of each of the two sets."""
-    if not 0.0 <= rho <= 0.5:
-        raise ConfigError(f"rho must lie in [0, 0.5] (larger sets would overlap), got {rho}")
-    return int(math.floor(rho * (n_patches - 1) + 1e-9))
-
-
-def relevance_sets(s_i: np.ndarray, own: int, rho: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """(positive, negative) patch indices for the token of patch ``own`` with map ``s_i`` (P,):
-    the m most and the m least relevant of the other P - 1 patches, each in the order of
-    descending S_i (ties by index); ``own`` is in neither."""
-    s_i = np.asarray(s_i, dtype=np.float64).ravel()
-    p = s_i.size
-    if not 0 <= own < p:
-        raise ConfigError(f"own patch {own} outside 0..{p - 1}")
-    m = set_size(p, rho)
-    order = np.argsort(-s_i, kind="stable")
-    order = order[order != own]
-    return order[:m].copy(), order[order.size - m:].copy()
 
 
 def _patch_mask(patches: np.ndarray, grid: int, height: int, width: int):

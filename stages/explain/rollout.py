@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rep_pipeline.pipeline.attention import MID_BLOCKS, PROJECTIONS, rotate
+from rep_pipeline.pipeline.attention import MID_BLOCKS, PROJECTIONS, attention_inputs, attention_output, rotate_qk
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.pipeline.registry import LoadedModel
 
@@ -193,31 +193,23 @@ class Explainer:
 
     def _attention_forward(self, attn: torch.nn.Module, block: int, tape: _Tape) -> Callable:
         """timm's attention math (both classes), with the softmax written out and recorded."""
-        project = PROJECTIONS[type(attn)]
         npt = getattr(attn, "num_prefix_tokens", self.loaded.num_prefix_tokens)
 
         def forward(x, rope=None, attn_mask=None, is_causal=False):
-            if attn_mask is not None or is_causal:
-                raise NotImplementedError("explanations run full bidirectional attention only")
             B, N, _ = x.shape
-            gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-            q, k, v = project(attn, x)
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k, v, gate = attention_inputs(attn, x, attn_mask, is_causal, "explanations")
             if block in tape.qkv_blocks:
                 for name, t in (("queries", q), ("keys", k), ("values", v)):
                     tape.qkv[(block, name)] = t.transpose(1, 2).reshape(B, N, -1)
             if rope is not None:  # as EvaAttention: the prefix tokens are not rotated
-                q, k = rotate(q, rope, attn, npt).type_as(v), rotate(k, rope, attn, npt).type_as(v)
+                q, k = rotate_qk(q, k, v, rope, attn, npt)
                 if block in tape.qkv_blocks:
                     for name, t in (("queries_rot", q), ("keys_rot", k)):
                         tape.qkv[(block, name)] = t.transpose(1, 2).reshape(B, N, -1)
             a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(-1)
             if tape.keep_attention:
                 tape.attentions.append(a)
-            y = attn.norm((a @ v).transpose(1, 2).reshape(B, N, -1))
-            if gate is not None:
-                y = y * gate
-            return attn.proj_drop(attn.proj(y))
+            return attention_output(attn, a @ v, gate)
 
         return forward
 

@@ -25,13 +25,17 @@ from rep_pipeline.pipeline import metrics, runner
 from rep_pipeline.pipeline.backend import get_backend
 from rep_pipeline.pipeline.config import ExplainConfig, resolve_layers
 from rep_pipeline.pipeline.datasets import build_dataset
+from rep_pipeline.pipeline.devices import torch_device
 from rep_pipeline.pipeline.errors import ConfigError, FingerprintMismatchError, StoreError
+from rep_pipeline.pipeline.finite import finite_or
+from rep_pipeline.pipeline.footprints import patch_labels
 from rep_pipeline.pipeline.kmeans import LloydKMeans, PCAInit, l2_normalize
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
 from rep_pipeline.pipeline.segscore import ClusterMapScores, finish_scores
 from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit, check_store_location, fingerprint_hash
+from rep_pipeline.pipeline.upsample import scaled_upsampled
 from rep_pipeline.storage_schemas import feature_store as store_layout
 from rep_pipeline.storage_schemas import results as layout
 
@@ -144,8 +148,7 @@ class ExplainWorker:
         self.splits = {s.name: s for s in _splits(cfg, store)[1]}
         first = next(iter(self.splits.values()))
         meta = first.group.meta
-        self.device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-                                   else "cpu")
+        self.device = torch_device(cfg.device)
         self.loaded = build_model(meta.model, cfg.weights, meta.image_size, cfg.seed)
         self.loaded.model.to(self.device)
         self.explainer = Explainer(self.loaded, layers, cfg.embedding, cfg.f, meta.last_norm_mode, meta.rope_mode,
@@ -252,14 +255,14 @@ class ExplainWorker:
             rows: dict[str, list[Any]] = {"segments": [], "descriptors": [], "confusion": [], "itiou": [],
                                           "n_tokens": [], "perturbation": []}
             for i in range(len(m)):
-                scaled = concepts.scaled_upsampled(m[i], G, S)  # M(S~_i): the concepts' and ITIoU's
+                scaled = scaled_upsampled(m[i], G, S)  # M(S~_i): the concepts' and ITIoU's
                 segments, _, _ = concepts.segment_image(m[i], G, S, cfg.zeta, cfg.k_img, cfg.aggregate, scaled)
                 rows["segments"].append(segments)
                 rows["descriptors"].append(concepts.segment_descriptors(segments, tokens[layer][i]))
                 if not test:
                     continue
                 rows["confusion"].append(concepts.per_image_confusion(segments, labels[i], C, ignore))
-                values, n_tok = concepts.itiou_sweep(scaled, concepts.patch_labels(labels[i], G, ignore), labels[i],
+                values, n_tok = concepts.itiou_sweep(scaled, patch_labels(labels[i], G, ignore).ravel(), labels[i],
                                                      cfg.taus, ignore)
                 rows["itiou"].append(values)
                 rows["n_tokens"].append(n_tok)
@@ -289,7 +292,7 @@ class ExplainWorker:
             linkage.append(per_zeta[0][2])
             cuts.append(np.stack([seg.astype(np.uint16) for seg, _, _ in per_zeta]))
             _, clusters, _ = concepts.segment_image(m[i], G, S, cfg.zeta, cfg.k_img, cfg.aggregate)
-            sigma.append(concepts.concept_maps(clusters, concepts.scaled_upsampled(m[i], G, S), cfg.aggregate))
+            sigma.append(concepts.concept_maps(clusters, scaled_upsampled(m[i], G, S), cfg.aggregate))
         width = max(len(c) for c in sigma)  # the run's concept maps, padded with NaN to one count
         concept = np.full((n, width, S, S), np.nan, np.float32)
         for i, c in enumerate(sigma):
@@ -311,7 +314,7 @@ def is_done(cfg: ExplainConfig) -> bool:
         results = Results(cfg.results)
         if "ultra_runs" not in results.tables():
             return False
-        return bool(results.rows(f"SELECT 1 FROM ultra_runs WHERE run_id = '{rid}'"))
+        return bool(results.rows("SELECT 1 FROM ultra_runs WHERE run_id = ?", [rid]))
     except StoreError:
         return False
 
@@ -418,7 +421,7 @@ def _write(cfg: ExplainConfig, dataset: str, splits: list[_Split], layers: tuple
             summary = perturb.summarise(pos, neg, seed=cfg.draw_seed) if cfg.tokens_per_image else {}
             tables["ultra_perturbation"].append({**base, "layer": layer, "perturbation": mode, "fraction": cfg.rho,
                                                  "tokens_per_image": min(cfg.tokens_per_image, test.group.meta.grid ** 2),
-                                                 **{k: _finite(v) for k, v in summary.items()},
+                                                 **{k: finite_or(v) for k, v in summary.items()},
                                                  "n_images": len(distances), "seed": cfg.draw_seed})
         if cfg.train_split:
             scored.append(_dataset_scores(cfg, dataset, splits, layer, parts))
@@ -446,10 +449,6 @@ def _pad_concepts(parts: list[np.ndarray]) -> np.ndarray:
     width = max(p.shape[1] for p in parts)
     return np.concatenate([np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0), (0, 0)), constant_values=np.nan)
                            for p in parts])
-
-
-def _finite(value: Any) -> float | None:
-    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def _dataset_scores(cfg: ExplainConfig, dataset: str, splits: list[_Split], layer: int, parts: list[dict[str, Any]]

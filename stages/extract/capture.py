@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from rep_pipeline.pipeline import config
-from rep_pipeline.pipeline.attention import MID_BLOCKS, PROJECTIONS, rotate
+from rep_pipeline.pipeline.attention import MID_BLOCKS, PROJECTIONS, attention_inputs, attention_output, rotate_qk
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.pipeline.registry import LoadedModel
 from rep_pipeline.storage_schemas.feature_store import EXAMPLE_ATTENTION, class_array
@@ -289,19 +289,14 @@ class FeatureCapture:
         return hook
 
     def _make_forward(self, attn: torch.nn.Module, out: dict[str, torch.Tensor], slot: int) -> Callable:
-        project = PROJECTIONS[type(attn)]
         npt, keep_rotated = self.loaded.num_prefix_tokens, self.spec.rope == "after"
         wanted, compiled = self._qkv_wanted, self.spec.compile_statistics
 
         def forward(x, rope=None, attn_mask=None, is_causal=False):
-            if attn_mask is not None or is_causal:
-                raise NotImplementedError("capture runs full bidirectional attention only")
-            B, N, _ = x.shape
-            gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-            q, k, v = project(attn, x)
-            q, k = attn.q_norm(q), attn.k_norm(k)
+            B = x.shape[0]
+            q, k, v, gate = attention_inputs(attn, x, attn_mask, is_causal, "capture")
             if rope is not None:  # as EvaAttention: prefix tokens are not rotated
-                q_rot, k_rot = rotate(q, rope, attn, npt).type_as(v), rotate(k, rope, attn, npt).type_as(v)
+                q_rot, k_rot = rotate_qk(q, k, v, rope, attn, npt)
             else:
                 q_rot, k_rot = q, k
             kept = {"queries": q_rot if keep_rotated else q, "keys": k_rot if keep_rotated else k, "values": v}
@@ -314,9 +309,6 @@ class FeatureCapture:
                                           out["attention_sum"][slot], compiled, self._scratch)
             if EXAMPLE_ATTENTION in out:
                 head_mean_attention(q_rot, k_rot, attn.scale, npt, out[EXAMPLE_ATTENTION][slot])
-            y = attn.norm(y.transpose(1, 2).reshape(B, N, -1))
-            if gate is not None:
-                y = y * gate
-            return attn.proj_drop(attn.proj(y))
+            return attention_output(attn, y, gate)
 
         return forward

@@ -16,10 +16,11 @@ from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.config import ExtractConfig, resolve_layers
 from rep_pipeline.pipeline.datasets import Item, build_dataset
 from rep_pipeline.pipeline.model_input import ModelInput
+from rep_pipeline.pipeline.devices import torch_device
 from rep_pipeline.pipeline.errors import NonFiniteFeaturesError, RepPipelineError
+from rep_pipeline.pipeline.finite import all_finite, non_finite_images
 from rep_pipeline.pipeline.registry import build_model
 from rep_pipeline.pipeline.store import DatasetSplit, FeatureStore, ModelSplit
-from rep_pipeline.pipeline.streaming import all_finite, non_finite_images
 from rep_pipeline.storage_schemas.feature_store import EXAMPLE_ATTENTION, n_examples
 
 from .capture import CaptureSpec, FeatureCapture
@@ -41,9 +42,7 @@ class Extractor:
         if threads:
             torch.set_num_threads(threads)
         self.cfg = cfg
-        self.device = torch.device(
-            "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-        )
+        self.device = torch_device(cfg.device)
         self.loaded = build_model(cfg.model, cfg.weights, cfg.image_size, cfg.seed)
         self.loaded.model.to(self.device)
         blocks = tuple(range(self.loaded.depth))

@@ -22,9 +22,11 @@ from rep_pipeline.pipeline import runner
 from rep_pipeline.pipeline.backend import get_backend
 from rep_pipeline.pipeline.config import EMBEDDINGS, PROBE_TOKEN_TYPES, ProbeConfig, resolve_layers
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
+from rep_pipeline.pipeline.footprints import patch_labels
 from rep_pipeline.pipeline.leases import Lease, leases, leases_beside
 from rep_pipeline.pipeline.progress import ImageProgress
 from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.stage_result import SettingsResult
 from rep_pipeline.pipeline.store import FeatureStore, ModelSplit, check_store_location
 from rep_pipeline.storage_schemas import results as results_layout
 from rep_pipeline.storage_schemas.feature_store import MODEL_FINGERPRINT_KEYS, model_path, templates_name
@@ -48,18 +50,15 @@ class Category:
 
 
 @dataclass
-class ProbeResult:
-    model: str
-    results: str
-    settings: int = 0
+class ProbeResult(SettingsResult):
     rows: int = 0
     reused: int = 0
-    seconds: float = 0.0
 
-    def summary(self) -> list[str]:
-        return [f"probe {self.model}: {self.settings} (embedding, layer) settings, {self.rows} templates evaluated "
-                f"({self.reused} hyperplane layers reused) in {self.seconds:.1f} s; tables direction_probes, "
-                f"direction_summary, direction_skipped in {self.results}"]
+    STAGE, TABLES = "probe", TABLES
+
+    def work(self) -> str:
+        return (f"{self.settings} (embedding, layer) settings, {self.rows} templates evaluated ({self.reused} "
+                f"hyperplane layers reused) in {self.seconds:.1f} s")
 
 
 # -- what to probe --------------------------------------------------------------------------------
@@ -142,7 +141,7 @@ class Objects:
         if obj == "class_token":
             present, absent = templates.image_labels(labels, n_classes, ignore)
             return cls(None, present, absent, np.arange(n), n)
-        patch = templates.patch_labels(labels, grid, ignore).reshape(-1)
+        patch = patch_labels(labels, grid, ignore).reshape(-1)
         keep = np.flatnonzero(patch != ignore)
         positive = patch[keep][:, None] == np.arange(n_classes)[None]
         return cls(keep, positive, ~positive, np.repeat(np.arange(n), grid * grid)[keep], n)

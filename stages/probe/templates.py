@@ -38,42 +38,9 @@ class ObjectSet:
 
 # --- labels ----------------------------------------------------------------------------------------
 
-def _edges(size: int, grid: int) -> np.ndarray:
-    """Footprint bounds floor(i S / G), i = 0..G, of the Conventions of PROTOCOL.md section 7."""
-    return (np.arange(grid + 1) * size) // grid
-
-
 def _chunks(n: int, per_item: int, budget: int = 1 << 23) -> list[slice]:
     step = max(1, budget // max(per_item, 1))
     return [slice(lo, min(lo + step, n)) for lo in range(0, n, step)]
-
-
-def patch_labels(labels: np.ndarray, grid: int, ignore_index: int) -> np.ndarray:
-    """(n, S, S) uint8 label maps -> (n, G, G) uint8 patch labels by the footprint rule (A1).
-
-    A patch takes the majority class of its footprint if that class covers at least half of
-    the footprint's pixels, ignore pixels included in the footprint but not voting; otherwise
-    ``ignore_index``. Of two classes with exactly half each, the lower id wins. One
-    ``bincount`` of (image, patch, class) keys per chunk of images, no loop over patches.
-    """
-    labels = np.asarray(labels)
-    n, h, w = labels.shape
-    rows = np.searchsorted(_edges(h, grid), np.arange(h), side="right") - 1   # patch row of each pixel row
-    cols = np.searchsorted(_edges(w, grid), np.arange(w), side="right") - 1
-    cell = (rows[:, None] * grid + cols[None, :]).ravel()                       # (h * w,) patch of each pixel
-    area = np.bincount(cell, minlength=grid * grid)                             # footprint sizes, ignore included
-    valid = labels != ignore_index
-    n_bins = int(labels[valid].max()) + 1 if valid.any() else 1
-    out = np.full((n, grid * grid), ignore_index, dtype=np.uint8)
-    for sl in _chunks(n, h * w):
-        lab, ok = labels[sl].reshape(-1, h * w), valid[sl].reshape(-1, h * w)
-        img = np.broadcast_to(np.arange(lab.shape[0])[:, None], lab.shape)
-        key = (img[ok] * (grid * grid) + np.broadcast_to(cell, lab.shape)[ok]) * n_bins + lab[ok]
-        counts = np.bincount(key, minlength=lab.shape[0] * grid * grid * n_bins).reshape(-1, grid * grid, n_bins)
-        best = counts.argmax(-1)
-        votes = np.take_along_axis(counts, best[..., None], -1)[..., 0]
-        out[sl] = np.where((votes > 0) & (2 * votes >= area), best, ignore_index)
-    return out.reshape(n, grid, grid)
 
 
 def image_labels(labels: np.ndarray, n_classes: int, ignore_index: int,

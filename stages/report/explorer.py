@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from rep_pipeline.pipeline.errors import StoreError
+from rep_pipeline.pipeline.finite import finite_or
 
 EXPLORER_BUDGET = 4_000_000  # bytes of the explorer's JSON blob (docs/report.md)
 IMAGE_SIDE = 128  # example images and class maps: at most this many pixels a side
@@ -133,14 +134,10 @@ def _priority(rows: list[dict[str, Any]]) -> list[int]:
     best: dict[tuple, int] = {}
     for i, r in enumerate(rows):
         curve = tuple(r.get(k) for k in ("model", "embedding", "k", "method", "train_split", "seed"))
-        if curve not in best or _finite(r["miou"]) > _finite(rows[best[curve]]["miou"]):
+        if curve not in best or finite_or(r["miou"], -math.inf) > finite_or(rows[best[curve]]["miou"], -math.inf):
             best[curve] = i
     first = sorted(best.values())
     return first + sorted(set(range(len(rows))) - set(first))
-
-
-def _finite(value: Any) -> float:
-    return float(value) if value is not None and math.isfinite(value) else float("-inf")
 
 
 def _number(value: Any) -> float | None:

@@ -13,6 +13,10 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from rep_pipeline.pipeline.arrays import minmax
+from rep_pipeline.pipeline.config import IGNORE_INDEX
+from rep_pipeline.pipeline.upsample import scaled_upsampled
+
 STYLE = {
     "font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "axes.spines.top": False,
     "axes.spines.right": False, "figure.dpi": 110, "savefig.bbox": "tight", "legend.frameon": False,
@@ -47,7 +51,7 @@ def _axes(ax: Any, figsize: tuple[float, float] = (4.0, 3.0)) -> Any:
     return pyplot().subplots(figsize=figsize)[1]
 
 
-def colourise(classes: np.ndarray, palette: np.ndarray, ignore: int = 255) -> np.ndarray:
+def colourise(classes: np.ndarray, palette: np.ndarray, ignore: int = IGNORE_INDEX) -> np.ndarray:
     """Class-id maps -> RGB with the dataset palette; ignore pixels white."""
     pal = np.vstack([palette.astype(np.uint8), np.zeros((256 - len(palette), 3), np.uint8)])
     rgb = pal[np.asarray(classes, dtype=np.int64).clip(0, 255)]
@@ -102,7 +106,7 @@ def plot_example_grid(images: np.ndarray, ground_truth: np.ndarray, rows: Sequen
         axes[r, 0].set_ylabel(labels[r], rotation=0, ha="right", va="center", fontsize=8)
     for c, title in enumerate(list(column_titles)[:n]):
         axes[0, c].set_title(title, fontsize=6.5)
-    present = sorted(set(np.unique(ground_truth).tolist()) - {255})
+    present = sorted(set(np.unique(ground_truth).tolist()) - {IGNORE_INDEX})
     class_legend(axes[1, -1], class_names, palette, present)
     fig.subplots_adjust(wspace=0.03, hspace=0.03)
     return fig
@@ -780,40 +784,11 @@ ULTRA_CMAP = "inferno"  # explanation maps: dark (irrelevant) to bright yellow (
 SEGMENT_CMAP = "tab20"  # per-image segment ids: arbitrary labels, a qualitative map
 
 
-def minmax(values: np.ndarray, axis: int | tuple[int, ...] | None = None) -> np.ndarray:
-    """M(S) = (S - min S) / (max S - min S) over ``axis`` (float32), 0 where the map is constant."""
-    values = np.asarray(values, dtype=np.float32)
-    lo = values.min(axis=axis, keepdims=True)
-    span = values.max(axis=axis, keepdims=True) - lo
-    return (values - lo) / np.where(span > 0, span, 1.0)
-
-
-def scaled_map(patch_map: np.ndarray, grid: int, size: int) -> np.ndarray:
-    """M(S~): a (G * G,) patch map (row-major), upsampled bilinearly to (size, size) with
-    align_corners=False (torch's formula, as the explain and evaluate stages) and min-max
-    scaled; the map a ULTra mask thresholds (section 10.5)."""
-    from rep_pipeline.pipeline.segscore import bilinear_matrix
-
-    u = bilinear_matrix(grid, size)
-    return minmax(u @ np.asarray(patch_map, dtype=np.float32).reshape(grid, grid) @ u.T)
-
-
 def patch_centre(patch: int, grid: int, size: int) -> tuple[float, float]:
     """(row, col) of the centre of patch ``patch`` (row-major on the G x G grid) in the pixel
     coordinates of an image of ``size`` x ``size`` as ``imshow`` draws it."""
     r, c = divmod(int(patch), grid)
     return (r + 0.5) * size / grid - 0.5, (c + 0.5) * size / grid - 0.5
-
-
-def relevance_sets(patch_map: np.ndarray, own: int, rho: float) -> tuple[np.ndarray, np.ndarray]:
-    """The perturbation test's sets (section 10.6) of the token of patch ``own``: the other
-    patches ordered by S_i descending (ties by index), positive = the first m, negative = the
-    last m, m = floor(rho (P - 1)); the explain stage's own convention (``perturb.relevance_sets``)."""
-    s = np.asarray(patch_map, dtype=np.float64).ravel()
-    m = int(np.floor(rho * (s.size - 1) + 1e-9))
-    order = np.argsort(-s, kind="stable")
-    order = order[order != own]
-    return order[:m], order[order.size - m:]
 
 
 def _mark(ax: Any, point: tuple[float, float], colour: str = "cyan") -> None:
@@ -829,7 +804,7 @@ def plot_explanation_map(image: np.ndarray, patch_map: np.ndarray, grid: int, *,
     ax = _axes(ax, (1.4, 1.4))
     image = np.asarray(image)
     size = image.shape[0]
-    scaled = scaled_map(patch_map, grid, size)
+    scaled = scaled_upsampled(patch_map, grid, size)[0]
     if tau is None:
         ax.imshow(image, interpolation="nearest")
         ax.imshow(scaled, cmap=ULTRA_CMAP, vmin=0, vmax=1, alpha=opacity, interpolation="nearest")

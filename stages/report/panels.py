@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from rep_pipeline.pipeline.relevance import relevance_sets
+
 from . import figures
 
 
@@ -233,15 +235,14 @@ def layer_curves(data: Any, rows: list[Row]) -> Any:
     return fig
 
 
-def _setting_condition(s: dict[str, Any]) -> str:
-    return (f"source = 'prediction' AND model = '{s['model']}' AND embedding = '{s['embedding']}' "
-            f"AND layer = {s['layer']} AND k = {s['k']} AND method = '{s['method']}' AND seed = {s['seed']}")
+_CLASSWISE_KEYS = ("model", "embedding", "layer", "k", "method", "seed")  # a setting's classwise_mi rows
 
 
 @panel("classwise", "classwise_mi", "class-wise MI, top classes",
        "Class-wise MI I_c for the classes whose ground-truth position dependence is highest.")
 def classwise(data: Any, rows: list[Row]) -> Any:
-    series = [(r.label, data.classwise(_setting_condition(r.setting))) for r in rows]
+    series = [(r.label, data.classwise(source="prediction", **{c: r.setting[c] for c in _CLASSWISE_KEYS}))
+              for r in rows]
     return figures.plot_classwise_mi(data.classes, data.gt_classwise, series).figure
 
 
@@ -425,8 +426,8 @@ def confusion(data: Any, rows: list[Row]) -> Any:
 
 
 def _correlation_rows(data: Any, k: int, method: str) -> dict[str, dict[str, Any]]:
-    return {c["name"]: c for c in data.rows(f"SELECT * FROM correlations WHERE k = {int(k)} AND "
-                                            f"method = '{method}'")} if data.has_table("correlations") else {}
+    return {c["name"]: c for c in data.rows("SELECT * FROM correlations WHERE k = ? AND method = ?",
+                                            [int(k), method])} if data.has_table("correlations") else {}
 
 
 @panel("correlations", "correlations", "correlation scatter plots",
@@ -972,7 +973,7 @@ def ultra_perturbation(data: Any, run_id: str) -> Any:
         token, grid, image = tokens[which], int(s["grid"]), s["images"][0]
         s_i = s["token_maps"][0][which]
         rho = float(s.get("rho", rows[0]["fraction"] if rows else 0.5))
-        positive, negative = figures.relevance_sets(s_i, token, rho)
+        positive, negative = relevance_sets(s_i, token, rho)
         axes = subs["sets"].subplots(1, 4)
         figures.plot_token_on_image(image, token, grid, title=f"image 0, token {token}", ax=axes[0])
         figures.plot_explanation_map(image, s_i, grid, token=token, title=f"M(S~_i), block {s['layer']}", ax=axes[1])

@@ -29,6 +29,7 @@ import base64
 import html
 import io
 import itertools
+import math
 import re
 import tempfile
 from dataclasses import dataclass, field
@@ -38,10 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from rep_pipeline.pipeline.config import Comparison, ReportConfig
+from rep_pipeline.pipeline.config import IGNORE_INDEX, Comparison, ReportConfig
 from rep_pipeline.pipeline.errors import ConfigError, StoreError
+from rep_pipeline.pipeline.finite import finite_or
 from rep_pipeline.pipeline.location import ObjectPath, is_local
-from rep_pipeline.pipeline.results import Results
+from rep_pipeline.pipeline.results import Params, Results
 from rep_pipeline.pipeline.store import LIBRARY as STORE_LIBRARY
 from rep_pipeline.storage_schemas import results as layout
 
@@ -74,9 +76,10 @@ class ReportData:
         self.maps = self.results.maps()
         tables = self.results.tables()
         # ULTra's section 5 rows (methods ultra_*) belong to its own section, not to the comparisons
-        where = {"segmentation": f" WHERE NOT starts_with(method, {_sql(ULTRA_METHOD_PREFIX)})"}
+        where = {"segmentation": (" WHERE NOT starts_with(method, ?)", [ULTRA_METHOD_PREFIX])}
         found = {table: [tuple(r.values()) for r in self.results.rows(
-            f"SELECT DISTINCT dataset, split FROM {table}{where.get(table, '')} ORDER BY ALL")] if table in tables
+            f"SELECT DISTINCT dataset, split FROM {table}{where.get(table, ('',))[0]} ORDER BY ALL",
+            where.get(table, ('', None))[1])] if table in tables
             else [] for table in ("segmentation", "direction_summary", "correspondence", "ultra_runs")}
         if not any(found.values()):
             raise StoreError(f"{cfg.results} holds neither segmentation results, direction probes, ULTra "
@@ -115,13 +118,13 @@ class ReportData:
             present = self.maps.read(gt_path, "counts").sum(axis=(0, 1)) > 0
             self.gt_present = [int(c) for c in np.flatnonzero(present)]
         except StoreError:
-            self.gt_present = sorted(set(np.unique(self.gt_labels).tolist()) - {255})
+            self.gt_present = sorted(set(np.unique(self.gt_labels).tolist()) - {IGNORE_INDEX})
         truth = self.rows("SELECT * FROM ground_truth") if "ground_truth" in self.results.tables() else []
         if not truth:
             raise StoreError(f"{self.cfg.results} has no ground-truth row for {self.dataset}/{self.split}; run "
                              f"`rep-pipeline evaluate` again")
         self.gt = truth[0]
-        self.gt_classwise = self.classwise("source = 'ground_truth'")
+        self.gt_classwise = self.classwise(source="ground_truth")
 
     # -- direction probes ----------------------------------------------------------------------
     @cached_property
@@ -162,10 +165,10 @@ class ReportData:
                     attrs = self.maps.recorded(path)
                 except StoreError:
                     continue
+                where, params = _where(rule="hyperplane", object="patch", model=model, embedding=embedding,
+                                       layer=int(layer), category=category)
                 f1 = {r["concept_id"]: r["f1"] for r in self.rows(
-                    f"SELECT concept_id, f1 FROM direction_probes WHERE rule = 'hyperplane' AND object = 'patch' "
-                    f"AND model = {_sql(model)} AND embedding = {_sql(embedding)} AND layer = {int(layer)} "
-                    f"AND category = {_sql(category)}")}
+                    f"SELECT concept_id, f1 FROM direction_probes WHERE {where}", params)}
                 cosine = self.maps.read(path, "cosine_decisions") if attrs.get("cosine_embedding") else None
                 out.append({"model": model, "category": category, "embedding": embedding, "layer": layer,
                             "names": list(attrs["names"]), "f1": [f1.get(c, float("nan")) for c in attrs["concepts"]],
@@ -194,8 +197,8 @@ class ReportData:
                for table, o in order.items()}
         out["ultra_runs"] = list({r["run_id"]: r for r in out["ultra_runs"]}.values())
         out["segmentation"] = self.rows(
-            f"SELECT * FROM segmentation WHERE starts_with(method, {_sql(ULTRA_METHOD_PREFIX)}) "
-            f"ORDER BY codebook_fingerprint, layer, method") if "segmentation" in tables else []
+            "SELECT * FROM segmentation WHERE starts_with(method, ?) ORDER BY codebook_fingerprint, layer, method",
+            [ULTRA_METHOD_PREFIX]) if "segmentation" in tables else []
         return out
 
     def ultra_runs(self) -> list[dict[str, Any]]:
@@ -256,10 +259,10 @@ class ReportData:
 
         stored = self.ultra_maps(run_id)
         names = {r["class_id"]: r["class_name"] for r in self.rows(
-            f"SELECT DISTINCT class_id, class_name FROM per_class_iou WHERE codebook_fingerprint = {_sql(run_id)}")} \
+            "SELECT DISTINCT class_id, class_name FROM per_class_iou WHERE codebook_fingerprint = ?", [run_id])} \
             if "per_class_iou" in self.results.tables() else {}
         labels = stored[0]["labels"] if stored else np.zeros((0, 1, 1), np.uint8)
-        present = [int(v) for v in np.unique(labels) if v != 255]
+        present = [int(v) for v in np.unique(labels) if v != IGNORE_INDEX]
         n = max([*names, *present, -1]) + 1
         return {"images": stored[0]["images"] if stored else np.zeros((0, 1, 1, 3), np.uint8), "labels": labels,
                 "classes": [names.get(c, f"class {c}") for c in range(n)], "palette": voc_palette(max(n, 1))}
@@ -322,11 +325,11 @@ class ReportData:
         for m in self.correspondence_models(dataset, split):
             mine = [r for r in rows if r["model"] == m["model"]]
             best: dict[str, dict[str, Any]] = {}
-            for r in sorted(mine, key=lambda r: (-_finite(r["pck_point"]), r["layer"])):
+            for r in sorted(mine, key=lambda r: (-finite_or(r["pck_point"], -math.inf), r["layer"])):
                 best.setdefault(r["embedding"], r)
             if not best:
                 continue
-            top = min(best, key=lambda e: (-_finite(best[e]["pck_point"]), best[e]["layer"], e))
+            top = min(best, key=lambda e: (-finite_or(best[e]["pck_point"], -math.inf), best[e]["layer"], e))
             out.append({**m, "pck": {e: r["pck_point"] for e, r in best.items()},
                         "interval": {e: figures.interval(r, "pck_point") for e, r in best.items()},
                         "layer": {e: int(r["layer"]) for e, r in best.items()},
@@ -394,10 +397,11 @@ class ReportData:
         return [r for r in rows if (r["task"] == "correspondence" and r["dataset"] == dataset)
                 or (r["task"] == "segmentation" and (not self.segmented or r["dataset"] == self.dataset))]
 
-    def rows(self, sql: str) -> list[dict[str, Any]]:
-        """Rows of ``sql``; every table holds only this dataset's and split's rows (all rows where
-        the report has no segmentation or direction probes)."""
-        return self.results.rows(sql, dataset=self.dataset, split=self.split)
+    def rows(self, sql: str, params: Params = None) -> list[dict[str, Any]]:
+        """Rows of ``sql`` (its placeholders' values ``params``); every table holds only this
+        dataset's and split's rows (all rows where the report has no segmentation or direction
+        probes)."""
+        return self.results.rows(sql, params, dataset=self.dataset, split=self.split)
 
     @cached_property
     def _tables(self) -> set[str]:
@@ -410,8 +414,8 @@ class ReportData:
     def _segmentation(self) -> list[dict[str, Any]]:
         if not self.has_table("segmentation"):
             return []
-        rows = self.rows(f"SELECT * FROM segmentation WHERE NOT starts_with(method, {_sql(ULTRA_METHOD_PREFIX)}) "
-                         f"ORDER BY model, embedding, layer, k, method, seed")
+        rows = self.rows("SELECT * FROM segmentation WHERE NOT starts_with(method, ?) "
+                         "ORDER BY model, embedding, layer, k, method, seed", [ULTRA_METHOD_PREFIX])
         return [r for r in rows if not r.get("variant")]  # codebook variants (12.2) have their own section
 
     def segmentation_rows(self) -> list[dict[str, Any]]:
@@ -446,28 +450,27 @@ class ReportData:
     def has_setting_map(self, s: dict[str, Any], name: str) -> bool:
         return self._has_array(self._setting_path(s), name)
 
-    def _setting_where(self, s: dict[str, Any]) -> str:
-        return (f"model = {_sql(s['model'])} AND train_split = {_sql(s['train_split'])} AND embedding = "
-                f"{_sql(s['embedding'])} AND layer = {int(s['layer'])} AND k = {int(s['k'])} AND method = "
-                f"{_sql(s['method'])} AND seed = {int(s['seed'])}")
+    def _setting_where(self, s: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return _where(model=s["model"], train_split=s["train_split"], embedding=s["embedding"], layer=int(s["layer"]),
+                      k=int(s["k"]), method=s["method"], seed=int(s["seed"]))
 
     def training_curve(self, s: dict[str, Any]) -> list[dict[str, Any]]:
         """The training curve (step, loss) of a setting's codebook, on its train split (that
         codebook's: its fingerprint tells it from variants trained for 12.2 beside it)."""
         if not self.has_table("training_curves"):
             return []
-        where = (f"model = {_sql(s['model'])} AND split = {_sql(s['train_split'])} AND embedding = "
-                 f"{_sql(s['embedding'])} AND layer = {int(s['layer'])} AND k = {int(s['k'])} AND method = "
-                 f"{_sql(s['method'])} AND seed = {int(s['seed'])}")
-        if s.get("codebook_fingerprint"):
-            where += f" AND codebook_fingerprint = {_sql(s['codebook_fingerprint'])}"
-        return self.results.rows(f"SELECT step, loss FROM training_curves WHERE {where} ORDER BY step",
+        fingerprint = {"codebook_fingerprint": s["codebook_fingerprint"]} if s.get("codebook_fingerprint") else {}
+        where, params = _where(model=s["model"], split=s["train_split"], embedding=s["embedding"],
+                               layer=int(s["layer"]), k=int(s["k"]), method=s["method"], seed=int(s["seed"]),
+                               **fingerprint)
+        return self.results.rows(f"SELECT step, loss FROM training_curves WHERE {where} ORDER BY step", params,
                                  dataset=self.dataset)
 
     def per_class_iou(self, s: dict[str, Any]) -> np.ndarray:
         """A setting's IoU per class (NaN where the class is neither predicted nor present)."""
         values = np.full(len(self.classes), np.nan)
-        for r in self.rows(f"SELECT class_id, iou FROM per_class_iou WHERE {self._setting_where(s)}"):
+        where, params = self._setting_where(s)
+        for r in self.rows(f"SELECT class_id, iou FROM per_class_iou WHERE {where}", params):
             if r["iou"] is not None and 0 <= r["class_id"] < len(values):
                 values[r["class_id"]] = r["iou"]
         return values
@@ -477,12 +480,13 @@ class ReportData:
         class (-1 where not recorded) and whether the Hungarian matching mapped it."""
         k = int(s["k"])
         matrix = np.zeros((k, len(self.classes)), np.int64)
-        for r in self.rows(f"SELECT cluster, class_id, pixels FROM confusion WHERE {self._setting_where(s)}"):
+        where, params = self._setting_where(s)
+        for r in self.rows(f"SELECT cluster, class_id, pixels FROM confusion WHERE {where}", params):
             if 0 <= r["cluster"] < k and 0 <= r["class_id"] < len(self.classes):
                 matrix[r["cluster"], r["class_id"]] += r["pixels"]
         mapped, hungarian = [-1] * k, [True] * k
         if self.has_table("matching"):
-            for r in self.rows(f"SELECT cluster, class_id, hungarian FROM matching WHERE {self._setting_where(s)}"):
+            for r in self.rows(f"SELECT cluster, class_id, hungarian FROM matching WHERE {where}", params):
                 if 0 <= r["cluster"] < k:
                     mapped[r["cluster"]], hungarian[r["cluster"]] = int(r["class_id"]), bool(r["hungarian"])
         return matrix, mapped, hungarian
@@ -521,11 +525,14 @@ class ReportData:
         except (OSError, StoreError, ValueError, AttributeError):
             return None
 
-    def classwise(self, condition: str) -> np.ndarray:
-        values = np.full(len(self.classes), np.nan)
-        for r in self.rows(f"SELECT class_id, mi FROM classwise_mi WHERE {condition} ORDER BY class_id"):
-            values[r["class_id"]] = r["mi"]
-        return values
+    def classwise(self, **values: Any) -> np.ndarray:
+        """Class-wise MI per class of the ``classwise_mi`` rows whose columns hold ``values``
+        (NaN for a class without a row)."""
+        where, params = _where(**values)
+        out = np.full(len(self.classes), np.nan)
+        for r in self.rows(f"SELECT class_id, mi FROM classwise_mi WHERE {where} ORDER BY class_id", params):
+            out[r["class_id"]] = r["mi"]
+        return out
 
     def setting_map(self, s: dict[str, Any], name: str) -> np.ndarray:
         return self.maps.read(layout.setting_maps(self.dataset, self.split, s["model"], s["train_split"], s["method"],
@@ -583,10 +590,6 @@ _ALIAS = re.compile(r"^(?P<family>.+)-(?P<size>[sblgh])(?P<patch>\d+)$")  # dino
 _SIZES = "sblgh"
 
 
-def _finite(value: Any) -> float:
-    return float(value) if value is not None and np.isfinite(value) else float("-inf")
-
-
 def _shown_models(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The model keys of ``rows`` the c-panels draw, ordered by family and then size (see
     ``ReportData.correspondence_models``)."""
@@ -605,8 +608,10 @@ def _shown_models(rows: list[dict[str, Any]], groups: dict[str, dict[str, Any]])
                                          len(_SIZES), m["alias"], m["model"]))
 
 
-def _sql(value: str) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
+def _where(**values: Any) -> tuple[str, dict[str, Any]]:
+    """``column = $column AND ...`` over the keyword names (columns, written by this module),
+    and the parameters that carry the values to DuckDB."""
+    return " AND ".join(f"{column} = ${column}" for column in values), values
 
 
 def _slug(text: str) -> str:
@@ -790,8 +795,8 @@ def _correlations_section(data: ReportData, seg: dict[str, Any], out: Path, writ
     """The two correlations over every (model, layer, embedding) at one K and method: a table of
     Spearman rho, n and p, then the scatter plots."""
     k, method = seg["k"], seg["method"]
-    stats = [r for r in data.rows(f"SELECT * FROM correlations WHERE k = {int(k)} AND method = {_sql(method)} "
-                                  f"ORDER BY name")] if data.has_table("correlations") else []
+    stats = [r for r in data.rows("SELECT * FROM correlations WHERE k = ? AND method = ? ORDER BY name",
+                                  [int(k), method])] if data.has_table("correlations") else []
     names = {"nmi_vs_log_miou": "NMI vs log mIoU", "kq_nmi_vs_attention_mi": "NMI of keys/queries vs I(K,Q)"}
     table = _table(["correlation", "Spearman rho", "n (points)", "p (two-sided)"],
                    [[names.get(r["name"], r["name"]), r["rho"], r.get("n_pairs"),

@@ -65,12 +65,12 @@ def test_the_heartbeat_keeps_a_long_holder_alive(tmp_path):
         holder.release()
 
 
-def _take(path, name, ready, results):
+def _take(path, name, ready, results, done):
     ready.wait()
     try:
         lease = Lease(path, name, name).acquire()
         results.put("won")
-        time.sleep(1.0)
+        done.wait(60)  # held until every taker has answered, however slowly the others start
         lease.release()
     except LeaseHeldError:
         results.put("refused")
@@ -79,13 +79,14 @@ def _take(path, name, ready, results):
 def test_of_several_takers_of_a_stale_lease_exactly_one_wins(tmp_path):
     _write_record(Lease(tmp_path, "g", "g"), host=socket.gethostname(), pid=_dead_pid())
     ctx = multiprocessing.get_context("spawn")
-    ready, results = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_take, args=(tmp_path, "g", ready, results)) for _ in range(4)]
+    ready, results, done = ctx.Event(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_take, args=(tmp_path, "g", ready, results, done)) for _ in range(4)]
     for p in procs:
         p.start()
     time.sleep(0.5)
     ready.set()
-    outcomes = sorted(results.get(timeout=30) for _ in procs)
+    outcomes = sorted(results.get(timeout=60) for _ in procs)
+    done.set()
     for p in procs:
         p.join()
     assert outcomes == ["refused"] * 3 + ["won"]

@@ -1,0 +1,64 @@
+"""Bilinear upsampling from the G x G patch grid to the S x S label grid (PROTOCOL.md sections
+5 and 7: align_corners=False, torch's formula), the one definition the evaluate, explain and
+correspond stages and the report use.
+
+Along one axis, output index u of ``dst`` reads the source position
+src = (u + 0.5) G / S - 0.5, clamped below at 0: i0 = floor(src), i1 = min(i0 + 1, G - 1),
+weight w = src - i0 of i1 (0 where i1 == i0, the clamped last patch, so that border weights
+are exactly 1 and not a (1 - w) + w rounding). Two small matrix products with the (S, G)
+weights upsample a 2-D map, channel by channel.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .arrays import minmax
+from .backend import Backend
+from .errors import ConfigError
+
+
+def bilinear_taps(src: int, dst: int, xp: Any = np) -> tuple[Any, Any, Any]:
+    """Per output index of ``dst``: the two source indices (i0, i1) int64 and the float64
+    weight of i1, on ``xp`` (NumPy or CuPy)."""
+    pos = xp.maximum((xp.arange(dst, dtype=xp.float64) + 0.5) * (src / dst) - 0.5, 0.0)
+    i0 = xp.minimum(xp.floor(pos).astype(xp.int64), src - 1)
+    i1 = xp.minimum(i0 + 1, src - 1)
+    weight = xp.where(i1 > i0, pos - i0, 0.0)
+    return i0, i1, weight
+
+
+def bilinear_matrix(src: int, dst: int, xp: Any = np, dtype: Any = np.float32) -> Any:
+    """(dst, src) weights of 1-D bilinear resampling (row u: 1 - w at i0, w at i1; one 1.0
+    on the clamped borders), computed in float64 and returned as ``dtype`` on ``xp``."""
+    i0, i1, w = bilinear_taps(src, dst, xp)
+    out = xp.zeros((dst, src), dtype=xp.float64)
+    rows = xp.arange(dst)
+    out[rows, i0] = 1.0 - w
+    out[rows, i1] += w  # i1 == i0 only where w == 0
+    return out.astype(dtype, copy=False)
+
+
+def upsample(be: Backend, grid_values: Any, size: int) -> Any:
+    """(n, G, G, c) -> (n, S, S, c) on the backend, float32 weights: two small matrix products."""
+    xp = be.xp
+    u = be.asarray(bilinear_matrix(grid_values.shape[1], size))
+    rows = xp.einsum("yi,nijc->nyjc", u, grid_values)
+    return xp.einsum("xj,nyjc->nyxc", u, rows)
+
+
+def upsample_maps(maps: np.ndarray, size: int) -> np.ndarray:
+    """(..., G, G) maps -> (..., S, S) float32 NumPy, each upsampled by u @ map @ u^T."""
+    maps = np.asarray(maps, dtype=np.float32)
+    if maps.ndim < 2 or maps.shape[-1] != maps.shape[-2]:
+        raise ConfigError(f"upsample expects square maps (..., G, G), got shape {maps.shape}")
+    u = bilinear_matrix(maps.shape[-1], size)
+    return u @ maps @ u.T
+
+
+def scaled_upsampled(maps: np.ndarray, grid: int, size: int) -> np.ndarray:
+    """M(S~) of section 10.2: (n, G * G) patch maps (row-major) -> (n, S, S) float32,
+    upsampled and then min-max scaled per map (the map a ULTra mask thresholds, 10.5)."""
+    maps = np.asarray(maps, dtype=np.float32)
+    return minmax(upsample_maps(maps.reshape(-1, grid, grid), size), axis=(-2, -1))
