@@ -59,6 +59,7 @@ class _RunFile(Options):
     sensitivity: dict[str, Any] | None = None  # SensitivityConfig: the k-means sensitivity study (12.2), when present
     comparisons: list[dict[str, Any]] = [{}]
     figure: str | None = None  # the paper figure a preset reproduces (configs/paper/)
+    address: str | None = None  # where the workers run (as --address, which wins): a Ray address, or inline
 
 
 def _check_section(name: str, section: Mapping[str, Any], where: str) -> None:
@@ -164,6 +165,7 @@ class RunConfig:
     explains: tuple[ExplainConfig, ...] = ()
     sensitivity: SensitivityStudy | None = None
     text: str = ""  # the config as run (overrides applied), kept beside the results
+    address: str | None = None  # the config's own `address:` (--address wins)
 
     @classmethod
     def from_yaml(cls, path: str | Path, storage_options: Mapping[str, Any] | None = None,
@@ -258,7 +260,7 @@ class RunConfig:
                                      "models": [c.model for c in clusters],  # a shared results folder: the run's
                                      "title": f"{top.title or Path(where).stem} ({top.figure})" if top.figure
                                      else top.title}, where)
-        cfg = cls(title=top.title or Path(where).stem, extracts=tuple(extracts), clusters=tuple(clusters),
+        cfg = cls(address=top.address, title=top.title or Path(where).stem, extracts=tuple(extracts), clusters=tuple(clusters),
                   evaluate=evaluate, report=report, probes=probes, keypoint_extracts=tuple(keypoint_extracts),
                   corresponds=corresponds, explains=explains, sensitivity=sensitivity,
                   text=yaml.safe_dump(dict(raw), sort_keys=False))
@@ -401,6 +403,7 @@ def run_all(cfg: RunConfig, *, address: str | None = None, progress: bool = True
     config as run is kept beside the results (``run_config.yaml``; the report shows it)."""
     t0 = time.perf_counter()
     result = RunResult()
+    address = address if address is not None else cfg.address
     for name, label, stage_cfg in cfg.plan():
         stage = stage_cfg if name == "sensitivity" else STAGES[name]
         if name == "report" and cfg.text:

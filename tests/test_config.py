@@ -275,3 +275,10 @@ def test_the_sensitivity_section_is_a_config_of_its_own():
                                 lambda key: f"sensitivity.{key}")
     assert str(err.value).splitlines()[1:] == ["  sensitivity.layer: must be 'best' or a block number, got 'last'",
                                                "  sensitivity.batch_images: distinct positive integers, got [4, 4]"]
+
+
+def test_a_run_config_names_where_its_workers_run():
+    assert RunConfig.from_yaml(DEMO).address == "inline"  # the demo fits one process
+    raw = yaml.safe_load(DEMO.read_text())
+    raw.pop("address")
+    assert RunConfig.from_dict(raw, base=DEMO.parent).address is None  # default: a local Ray instance

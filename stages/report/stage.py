@@ -708,9 +708,12 @@ def _save(fig: Any, out: Path, name: str, written: list[Path]) -> str:
     """Write PNG and SVG; return the PNG as base64 for the page."""
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    # the tight box once for both formats: savefig's "tight" draws the figure twice per format
+    fig.draw_without_rendering()
+    box = fig.get_tightbbox().padded(figures.pyplot().rcParams["savefig.pad_inches"])
+    fig.savefig(buf, format="png", bbox_inches=box)
     (out / f"{name}.png").write_bytes(buf.getvalue())
-    fig.savefig(out / f"{name}.svg")
+    fig.savefig(out / f"{name}.svg", bbox_inches=box)
     figures.pyplot().close(fig)
     written += [out / f"{name}.png", out / f"{name}.svg"]
     return base64.b64encode(buf.getvalue()).decode()
