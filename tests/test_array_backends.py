@@ -1,0 +1,94 @@
+"""The array code of the stages on every backend: NumPy, array-api-strict on its extra device
+``device1`` (marker ``strict``: any implicit host crossing, mixed-device operation or call
+outside the standard fails), torch, and CuPy where a GPU is present. Results equal NumPy's:
+exactly for counts and assignments, to float32 tolerance for centroids and scores."""
+import numpy as np
+import pytest
+
+from rep_pipeline.pipeline import backend as B
+from rep_pipeline.pipeline.kmeans import LloydKMeans, OnlineKMeans, PCAInit, l2_normalize
+
+from conftest import ARRAY_BACKENDS, make_array_backend
+
+
+@pytest.fixture(params=[p for p in ARRAY_BACKENDS if p != "numpy"])
+def other(request):
+    """Each backend but the NumPy reference."""
+    return make_array_backend(request.param)
+
+
+def _planted(n=3000, d=24, k=5, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = l2_normalize(np, rng.standard_normal((k, d)))
+    x = centers[rng.integers(0, k, n)] + 0.3 * rng.standard_normal((n, d)) / np.sqrt(d)
+    return l2_normalize(np, x).astype(np.float32)
+
+
+def _train(be, x, ks, passes=4, batch=700, raw_scale=2.0):
+    pca = PCAInit(be, x.shape[1])
+    for off in range(0, len(x), batch):
+        pca.add(be.asarray(raw_scale * x[off:off + batch] + 0.5))
+    inits = [pca.centroids(k, seed=3) for k in ks]
+    km = LloydKMeans(be, inits, len(x), tol=0.0, max_iter=passes)
+    stats = []
+    while not km.done:
+        for off in range(0, len(x), batch):
+            km.accumulate(be.asarray(x[off:off + batch]), off)
+        stats.append(km.update())
+    return ([B.to_host(c) for c in inits], [B.to_host(c) for c in km.centroids()],
+            B.to_host(km.assignments), stats)
+
+
+def test_strict_backend_is_on_another_device():
+    be = make_array_backend("strict")
+    a = be.asarray(np.ones(3, np.float32))
+    assert str(B.device(a)) != str(B.device(be.xp.asarray([1.0])))
+    with pytest.raises(RuntimeError):  # no silent conversion to NumPy off device1
+        np.asarray(a)
+    np.testing.assert_array_equal(B.to_host(a), np.ones(3))
+
+
+def test_helpers_equal_numpy(other):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 11, (500, 3)).astype(np.int64)
+    x = rng.standard_normal((500, 7)).astype(np.float32)
+    ref_sums, ref_counts = B.row_sums(labels, x, 11)
+    sums, counts = B.row_sums(other.asarray(labels), other.asarray(x), 11)
+    assert str(B.device(sums)) == str(B.device(other.asarray(x)))
+    np.testing.assert_array_equal(B.to_host(counts), ref_counts)
+    np.testing.assert_allclose(B.to_host(sums), ref_sums, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(B.to_host(B.bincount(other.asarray(labels[:, 0]), 13)),
+                                  np.bincount(labels[:, 0], minlength=13))
+    moved = B.to_device(np.arange(4), other.asarray(x))
+    assert str(B.device(moved)) == str(B.device(other.asarray(x)))
+
+
+def test_lloyd_and_pca_equal_numpy(other):
+    """PCA initialisation (including the random picks beyond the rank: a host crossing),
+    several codebooks in one pass, every assignment and the pass statistics."""
+    x = _planted()
+    ref = _train(B.get_backend("numpy"), x, (3, 5, 30))
+    got = _train(other, x, (3, 5, 30))
+    for a, b in zip(ref[0], got[0]):
+        np.testing.assert_allclose(b, a, atol=2e-4)
+    for a, b in zip(ref[1], got[1]):
+        np.testing.assert_allclose(b, a, atol=2e-4)
+    np.testing.assert_array_equal(got[2][:2], ref[2][:2])       # K = 3, 5: exact
+    assert (got[2][2] == ref[2][2]).mean() > 0.995              # K = 30 over 5 clusters: ties may move
+    for sa, sb in zip(ref[3], got[3]):
+        for a, b in zip(sa, sb):
+            np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_online_equals_numpy(other):
+    x = _planted(n=1200)
+    rng = np.random.default_rng(1)
+    inits = [l2_normalize(np, rng.standard_normal((k, x.shape[1]))).astype(np.float32) for k in (4, 7)]
+    np_be = B.get_backend("numpy")
+    ref = OnlineKMeans(np_be, [np_be.asarray(c) for c in inits], lr=5e-3)
+    got = OnlineKMeans(other, [other.asarray(c) for c in inits], lr=5e-3)
+    for step in range(12):
+        batch = x[step * 100:(step + 1) * 100]
+        np.testing.assert_allclose(B.to_host(got.step(other.asarray(batch))), ref.step(batch), rtol=1e-5, atol=1e-6)
+    for a, b in zip(ref.centroids(), got.centroids()):
+        np.testing.assert_allclose(B.to_host(b), a, atol=1e-5)
