@@ -32,7 +32,8 @@ def test_bilinear_matrix_equals_torch(src, dst):
     np.testing.assert_allclose(ours, want, atol=1e-5)
 
 
-def test_score_upsampling_equals_upsampling_features_first(backend):
+def test_score_upsampling_equals_upsampling_features_first(array_backend):
+    backend = array_backend
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((2, 6, 6, 32)).astype(np.float32) + 0.5
     cents = rng.standard_normal((9, 32)).astype(np.float32)
