@@ -32,7 +32,11 @@ class Backend:
     device: Any = None        # where ``asarray`` puts arrays (None: the namespace's default)
 
     def asarray(self, a: Any, dtype: Any = None) -> Any:
-        """``a`` on this backend's device: the explicit host-to-device crossing."""
+        """``a`` on this backend's device: the explicit host-to-device crossing. float16 host
+        data is widened to float32 first where the namespace has no float16 (the standard
+        does not require one)."""
+        if not hasattr(self.xp, "float16") and getattr(a, "dtype", None) == np.float16:
+            a = host_float32(a)
         if self.device is None:
             return self.xp.asarray(a, dtype=dtype)
         return self.xp.asarray(a, dtype=dtype, device=self.device)

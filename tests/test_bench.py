@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASETS = os.environ.get("REP_PIPELINE_DATASETS", "")
 
 SMALLEST = {  # script: its arguments at the smallest size that still runs every part
-    "cluster.py": ["--n", "10000", "--dim", "16", "--iters", "1", "--batch", "512", "--images", "4", "--grid", "4",
+    "cluster.py": ["--n", "10000", "--dim", "16", "--iters", "1", "--batch", "512", "--images", "8", "--grid", "4",
                    "--passes", "1", "--rounds", "1"],
     "codecs.py": ["--model", "tiny-vit"],
     "correspond.py": ["--dim", "16", "--grid", "4", "--size", "32", "--keypoints", "2", "--targets", "2",
@@ -21,7 +21,7 @@ SMALLEST = {  # script: its arguments at the smallest size that still runs every
     "extract.py": ["--models", "tiny-vit", "--images", "2", "--batch", "2", "--repeats", "1"],
     "probe.py": ["--data-root", str(Path(DATASETS) / "cocostuff-sample"), "--model", "tiny-vit", "--rounds", "1",
                  "--limit", "8", "--shots", "1,2", "--trials", "1"],
-    "scaling.py": ["--model", "tiny-vit", "--images", "8", "--rounds", "1"],
+    "scaling.py": ["--model", "tiny-vit", "--images", "16", "--rounds", "1"],
     "storage.py": ["--images", "2", "--rounds", "1"],
 }
 NEEDS_DATA = {"probe.py"}
