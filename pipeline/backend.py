@@ -112,21 +112,48 @@ def is_numpy(xp: Any) -> bool:
     return array_api_compat.is_numpy_namespace(xp)
 
 
-def bincount(x: Any, minlength: int) -> Any:
-    """Counts of the non-negative integers ``x`` (1-d), ``minlength`` of them, int64, on ``x``'s device."""
-    xp = namespace(x)
+def bincount(x: Any, minlength: int, weights: Any = None) -> Any:
+    """Counts of the non-negative integers ``x`` (1-d), ``minlength`` of them, on ``x``'s
+    device: int64, or float64 sums of ``weights`` (one per element of ``x``)."""
+    xp = namespace(x) if weights is None else namespace(x, weights)
     if is_numpy(xp):
-        return np.bincount(x, minlength=minlength)
+        return np.bincount(x, weights=weights, minlength=minlength)
     if array_api_compat.is_cupy_namespace(xp) or array_api_compat.is_torch_namespace(xp):
-        return xp.astype(xp.bincount(x, minlength=minlength)[:minlength], xp.int64)
+        out = xp.bincount(x, weights=weights, minlength=minlength)[:minlength]
+        return xp.astype(out, xp.int64 if weights is None else xp.float64)
     # the standard has no scatter-add: a one-hot sum, in slices that bound the temporary
+    dtype = xp.int64 if weights is None else xp.float64
     bins = xp.arange(minlength, dtype=x.dtype, device=device(x))
-    out = xp.zeros(minlength, dtype=xp.int64, device=device(x))
+    out = xp.zeros(minlength, dtype=dtype, device=device(x))
     step = max(1, 2 ** 22 // max(minlength, 1))
     for start in range(0, x.shape[0], step):
-        part = x[start:min(start + step, x.shape[0])]
-        out = out + xp.sum(xp.astype(part[:, None] == bins[None, :], xp.int64), axis=0)
+        stop = min(start + step, x.shape[0])
+        hit = xp.astype(x[start:stop, None] == bins[None, :], dtype)
+        if weights is not None:
+            hit = hit * xp.astype(weights[start:stop], dtype)[:, None]
+        out = out + xp.sum(hit, axis=0)
     return out
+
+
+def sparse_product(rows: Any, cols: Any, values: Any, shape: tuple[int, int], x: Any) -> Any:
+    """M @ x for the sparse (rows, cols, values) matrix M of ``shape`` (duplicates add) and a
+    dense ``x`` (shape[1], d), on ``x``'s device: out[rows[j]] += values[j] * x[cols[j]].
+    NumPy / CuPy: a CSR matrix product (SciPy, cupyx); torch: ``index_add_``; elsewhere a
+    dense one-hot product (the standard has no scatter-add)."""
+    xp, dev = namespace(x, rows, cols, values), device(x)
+    if is_numpy(xp) or array_api_compat.is_cupy_namespace(xp):
+        if is_numpy(xp):
+            import scipy.sparse as sparse
+        else:
+            import cupyx.scipy.sparse as sparse
+        m = sparse.coo_matrix((values, (rows, cols)), shape=shape).tocsr()
+        return xp.asarray(m @ x)
+    if array_api_compat.is_torch_namespace(xp):
+        out = xp.zeros((shape[0], x.shape[1]), dtype=x.dtype, device=dev)
+        return out.index_add_(0, rows, xp.take(x, cols, axis=0) * xp.astype(values, x.dtype)[:, None])
+    r = xp.astype(rows[:, None] == xp.arange(shape[0], dtype=rows.dtype, device=dev)[None, :], x.dtype)
+    c = xp.astype(cols[:, None] == xp.arange(shape[1], dtype=cols.dtype, device=dev)[None, :], x.dtype)
+    return (r * xp.astype(values, x.dtype)[:, None]).T @ (c @ x)
 
 
 def row_sums(labels: Any, x: Any, n_rows: int) -> tuple[Any, Any]:

@@ -92,3 +92,64 @@ def test_online_equals_numpy(other):
         np.testing.assert_allclose(B.to_host(got.step(other.asarray(batch))), ref.step(batch), rtol=1e-5, atol=1e-6)
     for a, b in zip(ref.centroids(), got.centroids()):
         np.testing.assert_allclose(B.to_host(b), a, atol=1e-5)
+
+
+def _cluster_maps(n=5, k=4, c=3, size=12, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, (n, size, size))
+    labels[:, :2] = 255
+    clusters = np.where(rng.random((n, size, size)) < 0.6, labels % k, rng.integers(0, k, (n, size, size)))
+    return clusters.astype(np.int16), labels.astype(np.int64)
+
+
+def test_evaluate_counts_and_matching_equal_numpy(other):
+    """Score upsampling, confusion and position counts exactly; the Hungarian's K x C input is
+    the one crossing (``hungarian_match`` takes device counts)."""
+    from rep_pipeline.pipeline import metrics
+    from rep_pipeline.pipeline.segscore import ClusterMapScores, headline
+    from rep_pipeline.stages.evaluate.stage import segment
+
+    np_be = B.get_backend("numpy")
+    clusters, labels = _cluster_maps()
+    dy, dx = metrics.random_shifts(len(clusters), clusters.shape[1], seed=3)
+    heads = []
+    for be in (np_be, other):
+        acc = ClusterMapScores(4, 3, clusters.shape[1], be, seed=1, draws=50)
+        acc.add(be.asarray(clusters), be.asarray(labels), (be.asarray(dy), be.asarray(dx)), 255)
+        conf = metrics.confusion_matrix(be.asarray(clusters), be.asarray(labels), 4, 3, 255)
+        np.testing.assert_array_equal(B.to_host(conf), B.to_host(acc.confusion))
+        assert metrics.hungarian_match(conf)[0].tolist() == metrics.hungarian_match(B.to_host(conf))[0].tolist()
+        heads.append(headline(acc))
+    ref, got = heads
+    np.testing.assert_array_equal(got.confusion, ref.confusion)
+    np.testing.assert_array_equal(got.counts, ref.counts)
+    np.testing.assert_array_equal(got.mapping, ref.mapping)
+    assert got.scores.miou == ref.scores.miou and got.positional.nmi == pytest.approx(ref.positional.nmi, abs=1e-12)
+    for key, value in ref.intervals.items():
+        assert got.intervals[key] == pytest.approx(value, abs=1e-6), key
+    rng = np.random.default_rng(0)
+    feats = rng.standard_normal((2, 5, 5, 16)).astype(np.float32)
+    cents = l2_normalize(np, rng.standard_normal((7, 16))).astype(np.float32)
+    want = segment(np_be, feats, cents, (3, 4), 20)
+    for a, b in zip(want, segment(other, other.asarray(feats), other.asarray(cents), (3, 4), 20)):
+        assert (B.to_host(b) == a).mean() > 0.999  # float32 products: a near tie may flip
+
+
+def test_cosine_probe_equals_numpy(other):
+    import dataclasses
+
+    from test_probe_templates import _patches
+
+    from rep_pipeline.stages.probe.templates import cosine_probe
+
+    train = _patches(n_images=40, seed=1, planted=2.0, dim=16)
+    test = _patches(n_images=40, seed=2, planted=2.0, dim=16)
+    ref = cosine_probe(B.get_backend("numpy"), train, test, [0, 1, 2], [1, 5], 3, 6, 7)
+    moved = [dataclasses.replace(s, features=other.asarray(s.features)) for s in (train, test)]
+    got = cosine_probe(other, *moved, [0, 1, 2], [1, 5], 3, 6, 7)
+    assert got[1] == ref[1]
+    assert len(got[0]) == len(ref[0])
+    for a, b in zip(ref[0], got[0]):
+        assert {k: a[k] for k in ("concept", "k_shot", "trial", "tp", "fp", "tn", "fn")} == \
+            {k: b[k] for k in ("concept", "k_shot", "trial", "tp", "fp", "tn", "fn")}
+        assert b["threshold"] == pytest.approx(a["threshold"], abs=1e-5)
