@@ -153,3 +153,19 @@ def test_cosine_probe_equals_numpy(other):
         assert {k: a[k] for k in ("concept", "k_shot", "trial", "tp", "fp", "tn", "fn")} == \
             {k: b[k] for k in ("concept", "k_shot", "trial", "tp", "fp", "tn", "fn")}
         assert b["threshold"] == pytest.approx(a["threshold"], abs=1e-5)
+
+
+@pytest.mark.strict
+def test_strict_fails_where_an_explicit_crossing_is_removed(monkeypatch):
+    """The guard itself: without ``to_device`` (host picks beyond the rank into PCA's device
+    sample) or ``to_host`` (the Hungarian's K x C input), the strict backend refuses."""
+    import rep_pipeline.pipeline.kmeans as kmeans
+    import rep_pipeline.pipeline.metrics as metrics
+
+    strict = make_array_backend("strict")
+    monkeypatch.setattr(kmeans, "to_device", lambda a, like, dtype=None: B.namespace(like).asarray(a, dtype=dtype))
+    with pytest.raises(ValueError, match="different devices"):
+        _train(strict, _planted(n=800), (30,), passes=1)
+    monkeypatch.setattr(metrics, "to_host", lambda a: a)
+    with pytest.raises(RuntimeError, match="NumPy"):
+        metrics.hungarian_match(strict.asarray(np.eye(3, dtype=np.int64)))

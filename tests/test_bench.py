@@ -18,6 +18,7 @@ SMALLEST = {  # script: its arguments at the smallest size that still runs every
                       "--repeats", "1"],
     "evaluate.py": ["--dim", "16", "--k", "4", "--size", "32", "--grid", "4", "--images", "1", "--repeats", "1"],
     "explain.py": ["--model", "tiny-vit", "--size", "32", "--chunks", "2", "--targets", "2", "--repeats", "1"],
+    "gpu.py": ["--dry-run"],
     "extract.py": ["--models", "tiny-vit", "--images", "2", "--batch", "2", "--repeats", "1"],
     "probe.py": ["--data-root", str(Path(DATASETS) / "cocostuff-sample"), "--model", "tiny-vit", "--rounds", "1",
                  "--limit", "8", "--shots", "1,2", "--trials", "1"],
