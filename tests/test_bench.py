@@ -26,13 +26,15 @@ SMALLEST = {  # script: its arguments at the smallest size that still runs every
     "storage.py": ["--images", "2", "--rounds", "1"],
 }
 NEEDS_DATA = {"probe.py"}
+ON_RAY = {"probe.py", "scaling.py"}  # whole stages on a real Ray instance: the integration tier (~45 s each here)
 
 
 def test_every_bench_has_a_smallest_size():
     assert sorted(p.name for p in (ROOT / "bench").glob("*.py")) == sorted(SMALLEST)
 
 
-@pytest.mark.parametrize("script", sorted(SMALLEST))
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.integration) if s in ON_RAY else s
+                                    for s in sorted(SMALLEST)])
 def test_bench_runs_at_its_smallest_size(script, tmp_path):
     if script in NEEDS_DATA and not (Path(DATASETS) / "cocostuff-sample").is_dir():
         pytest.skip("REP_PIPELINE_DATASETS does not point at the shared dataset samples")
