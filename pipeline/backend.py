@@ -163,7 +163,7 @@ def row_sums(labels: Any, x: Any, n_rows: int) -> tuple[Any, Any]:
     NumPy and CuPy: one sparse one-hot in CSC layout, a column per vector with m entries, so
     the product reads every vector once and adds it into each of its targets' sums (which
     stay in cache) instead of reading the batch once per codebook. torch: ``index_add_`` on
-    CUDA, a dense one-hot product on the CPU.
+    CUDA, a dense one-hot product per codebook on the CPU.
     Elsewhere (the standard has no scatter-add): a dense one-hot product per codebook.
     """
     xp, dev = namespace(x, labels), device(x)
@@ -183,10 +183,17 @@ def row_sums(labels: Any, x: Any, n_rows: int) -> tuple[Any, Any]:
             for j in range(m):
                 sums.index_add_(0, labels[:, j], x)
             return sums, bincount(rows, n_rows)
-        # on the CPU index_add_ runs serially: a dense one-hot product is several times faster
-        onehot = xp.zeros((n_rows, n), dtype=x.dtype, device=dev)
-        onehot.scatter_add_(0, labels.T, xp.ones((m, n), dtype=x.dtype, device=dev))
-        return onehot @ x, bincount(rows, n_rows)
+        # on the CPU index_add_ runs serially: a dense one-hot product per target column is
+        # several times faster, and (its shape set by the rows that column reaches) it sums a
+        # codebook alike whether trained alone or with others
+        sums = xp.zeros((n_rows, x.shape[1]), dtype=x.dtype, device=dev)
+        for j in range(m):
+            col = labels[:, j]
+            lo, hi = int(col.min()), int(col.max()) + 1
+            onehot = xp.zeros((hi - lo, n), dtype=x.dtype, device=dev)
+            onehot.scatter_(0, (col - lo)[None, :], 1.0)
+            sums[lo:hi, :] += onehot @ x
+        return sums, bincount(rows, n_rows)
     bins = xp.arange(n_rows, dtype=labels.dtype, device=dev)
     sums = xp.zeros((n_rows, x.shape[1]), dtype=x.dtype, device=dev)
     for j in range(m):
