@@ -97,8 +97,7 @@ def part_a(args, be) -> None:
 
 def part_b(args, be) -> None:
     from rep_pipeline.pipeline.config import ClusterConfig
-    from rep_pipeline.pipeline.store import FeatureStore
-    from rep_pipeline.stages.cluster import ClusterWorker, GroupPlan
+    from rep_pipeline.stages.cluster import ClusterWorker, GroupPlan, plan_codebooks
 
     ks = (8, 16, 27, 48, 64, 97)
     embeddings, layers = ("keys", "tokens"), (0, 1, 2, 3)
@@ -108,9 +107,7 @@ def part_b(args, be) -> None:
         cfg = ClusterConfig(store=path, model="bench", train_split="train", k=ks, methods=("lloyd",),
                             tol=0.0, max_iter=args.passes, init_batches=4, batch_images=24, host_cache_bytes=0,
                             results=Path(tmp) / "results", backend=be.name)
-        group = FeatureStore(path, mode="a").model_split("bench", "synthetic", "train")
-        for k in ks:
-            group.require_codebook("lloyd", k, cfg.seed, cfg.hyperparameters("lloyd"), force=True)
+        plan_codebooks(cfg)  # the driver's part: every codebook group and array, before workers run
         plans = [GroupPlan(e, layer, {"lloyd": ks}) for e in embeddings for layer in layers]
         # warm-up, untimed: imports, thread pools and the page cache, for both sides alike
         ClusterWorker(cfg, "bench", "synthetic", [GroupPlan(embeddings[0], layers[0], {"lloyd": ks[:1]})]).run()

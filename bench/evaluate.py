@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from rep_pipeline.pipeline.backend import get_backend
+from rep_pipeline.pipeline.backend import get_backend, namespace
 from rep_pipeline.pipeline.upsample import upsample
 from rep_pipeline.stages.evaluate import segment
 from rep_pipeline.pipeline.kmeans import l2_normalize
@@ -45,7 +45,8 @@ def main() -> None:
         out = []
         for i in range(args.images):
             pixels = upsample(be, feats[i:i + 1], args.size)
-            out.append((l2_normalize(xp, pixels) @ cents.T).argmax(-1).astype(xp.int16))
+            ns = namespace(pixels)
+            out.append(ns.astype(ns.argmax(l2_normalize(ns, pixels) @ cents.T, axis=-1), ns.int16))
         be.synchronize()
         return out
 

@@ -45,6 +45,9 @@ def main() -> None:
     parser.add_argument("--model", default="dino-b16")
     parser.add_argument("--store", default=None, help="keep the extracted store here (default: a temporary one)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=None, help="the first N images of each split (default all)")
+    parser.add_argument("--shots", default=None, help="k values, comma-separated (default the probe's)")
+    parser.add_argument("--trials", type=int, default=None, help="cosine trials per (concept, k) (default the probe's)")
     args = parser.parse_args()
 
     from rep_pipeline.pipeline.config import PROBE_TOKEN_TYPES, ExtractConfig, ProbeConfig
@@ -58,9 +61,10 @@ def main() -> None:
         last = build_model(args.model, "random").depth - 1
         run_extract(ExtractConfig(model=args.model, weights="random", store=store, dataset="cocostuff27",
                                   data_root=args.data_root, splits=splits, layers=(last,),
-                                  embeddings=PROBE_TOKEN_TYPES), progress=False)
+                                  embeddings=PROBE_TOKEN_TYPES, limit=args.limit), progress=False)
+        sizes = {k: v for k, v in (("shots", args.shots), ("trials", args.trials)) if v is not None}
         cfg = ProbeConfig(store=store, model=args.model, train_split=splits[0], split=splits[1], workers=1,
-                          results=Path(tmp) / "results")
+                          results=Path(tmp) / "results", **sizes)
         run_probe(cfg, progress=False)  # warm-up: imports, the Ray instance, templates
         times: dict[str, list[float]] = {"read": [], "probe": [], "cosine": []}
         for _ in range(args.rounds):

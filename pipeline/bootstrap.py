@@ -13,6 +13,10 @@ Draw d of a run seeded s resamples the images ``resample_indices(n, s)[d]``; eve
 of that run uses the same draws (common random numbers across settings). What is per-draw
 beyond the product (the Hungarian matching of a resampled confusion) runs exactly as the
 point estimate does (``metrics.hungarian_match``).
+
+The products and the MI are Array API standard code on the counts' namespace and device; the
+host-made draw weights and one-hot matchings cross to it with ``to_device``, and what the
+host needs back (resampled confusions for the Hungarian step, the NMI draws) with ``to_host``.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from . import metrics
-from .backend import Backend
+from .backend import Backend, bincount, device, namespace, to_device, to_host
 from .finite import finite_or
 
 DRAWS = 1000        # bootstrap draws
@@ -86,14 +90,15 @@ def resample(be: Backend, weights: np.ndarray, per_image: Any, bound: float | No
     """``weights`` (draws, n) @ ``per_image`` (n, ...) -> (draws, ...) on the backend. Counts are
     summed exactly: float32 while every sum (and ``bound``, a larger sum made of them later)
     stays below 2^24, float64 otherwise."""
-    xp = be.xp
+    xp = namespace(per_image)
     n = per_image.shape[0]
-    flat = per_image.reshape(n, -1)
+    flat = xp.reshape(per_image, (n, -1))
     if bound is None:
-        bound = float(be.to_numpy(flat.max())) * n if flat.size else 0.0
-    dtype = xp.float32 if bound < 2 ** 24 and flat.dtype.kind in "iub" else xp.float64
-    out = be.asarray(weights, dtype=dtype) @ flat.astype(dtype, copy=False)
-    return out.reshape((weights.shape[0],) + tuple(per_image.shape[1:]))
+        bound = float(to_host(xp.max(flat))) * n if n * flat.shape[1] else 0.0
+    counts = xp.isdtype(flat.dtype, ("integral", "bool"))
+    dtype = xp.float32 if bound < 2 ** 24 and counts else xp.float64
+    out = to_device(weights, flat, dtype=dtype) @ xp.astype(flat, dtype, copy=False)
+    return xp.reshape(out, (weights.shape[0],) + tuple(per_image.shape[1:]))
 
 
 # -- pooled per-image position counts -----------------------------------------------------------------
@@ -106,15 +111,19 @@ def pooled_cells(size: int, cells: int = POOLED_CELLS) -> tuple[np.ndarray, int]
 
 
 def pooled_counts(maps: Any, n_classes: int, cell: Any, n_cells: int, ignore: int | None = None,
-                  xp: Any = np) -> Any:
+                  xp: Any = None) -> Any:
     """(images, cells, classes) counts of each image's pixels per pooled cell and class, of
-    ``maps`` (images, S, S); ignore pixels dropped. ``cell`` is ``pooled_cells``'s map on ``xp``."""
+    ``maps`` (images, S, S), on their device; ignore pixels dropped (into one bin past the
+    end). ``cell`` is ``pooled_cells``'s map on the maps' device."""
+    xp = namespace(maps, cell)
     n = maps.shape[0]
-    flat = maps.reshape(n, -1).astype(xp.int64)
-    idx = (xp.arange(n)[:, None] * n_cells + cell.reshape(1, -1)) * n_classes + flat
+    flat = xp.astype(xp.reshape(maps, (n, -1)), xp.int64)
+    at = xp.arange(n, dtype=xp.int64, device=device(maps))[:, None]
+    idx = (at * n_cells + xp.reshape(cell, (1, -1))) * n_classes + flat
+    end = n * n_cells * n_classes
     if ignore is not None:
-        idx = idx[flat != ignore]
-    return xp.bincount(idx.ravel(), minlength=n * n_cells * n_classes).reshape(n, n_cells, n_classes)
+        idx = xp.where(flat != ignore, idx, xp.asarray(end, dtype=xp.int64, device=device(maps)))
+    return xp.reshape(bincount(xp.reshape(idx, (-1,)), end + 1)[:end], (n, n_cells, n_classes))
 
 
 def small_count_dtype(size: int, cells: int = POOLED_CELLS) -> Any:
@@ -125,27 +134,28 @@ def small_count_dtype(size: int, cells: int = POOLED_CELLS) -> Any:
 
 # -- the statistics, batched over draws ------------------------------------------------------------------
 def _xlogx(a: Any, xp: Any) -> Any:
-    return a * xp.log(xp.maximum(a, a.dtype.type(1)))  # 0 log 0 = 0: counts are whole numbers
+    return a * xp.log(xp.clip(a, min=1.0))  # 0 log 0 = 0: counts are whole numbers
 
 
-def mutual_information(counts: Any, xp: Any = np) -> tuple[Any, Any]:
+def mutual_information(counts: Any, xp: Any = None) -> tuple[Any, Any]:
     """(MI, H(class)) of position and class, natural log, for ``counts`` (draws, positions,
     classes), per draw: the plug-in formulas of ``metrics.positional_effect`` written on
     counts, MI = (sum n log n - sum_p n_p log n_p - sum_c n_c log n_c) / N + log N. NaN where
     N = 0. float32 counts (exact below 2^24, as ``resample`` gives them) keep the largest term
     in float32 (4x faster; MI good to about 1e-6 nats); every sum is float64."""
-    n = counts if counts.dtype in (xp.float32, xp.float64) else counts.astype(xp.float64)
+    xp, dev = namespace(counts), device(counts)
+    n = counts if counts.dtype in (xp.float32, xp.float64) else xp.astype(counts, xp.float64)
     d = n.shape[0]
-    s_pc = xp.einsum("ij->i", _xlogx(n, xp).reshape(d, -1), dtype=xp.float64)
+    s_pc = xp.sum(xp.reshape(_xlogx(n, xp), (d, -1)), axis=1, dtype=xp.float64)
     # a cell's sum over classes stays below 2^24 for float32 counts (``resample``'s bound): exact
-    per_position = (n @ xp.ones(n.shape[-1], dtype=n.dtype)).astype(xp.float64)
-    total = per_position.sum(-1)
-    if n.dtype == xp.float32 and float(total.max()) < 2 ** 24:  # float32 class sums exact too
-        per_class = (xp.ones((1, n.shape[1]), dtype=n.dtype) @ n)[:, 0].astype(xp.float64)
+    per_position = xp.astype(n @ xp.ones(n.shape[-1], dtype=n.dtype, device=dev), xp.float64)
+    total = xp.sum(per_position, axis=-1)
+    if n.dtype == xp.float32 and float(to_host(xp.max(total))) < 2 ** 24:  # float32 class sums exact too
+        per_class = xp.astype((xp.ones((1, n.shape[1]), dtype=n.dtype, device=dev) @ n)[:, 0, :], xp.float64)
     else:
-        per_class = xp.einsum("dpc->dc", n, dtype=xp.float64)
-    s_p = _xlogx(per_position, xp).sum(-1)
-    s_c = _xlogx(per_class, xp).sum(-1)
+        per_class = xp.sum(n, axis=1, dtype=xp.float64)
+    s_p = xp.sum(_xlogx(per_position, xp), axis=-1)
+    s_c = xp.sum(_xlogx(per_class, xp), axis=-1)
     with np.errstate(divide="ignore", invalid="ignore"):
         safe = xp.where(total > 0, total, 1.0)
         log_n = xp.log(safe)
@@ -183,7 +193,7 @@ def segmentation_draws(be: Backend, confusions: Any, weights: np.ndarray) -> Seg
     """Per draw: the resampled confusion (clusters x classes), its own matching
     (``metrics.hungarian_match``, majority for K > C, as the point estimate) and its scores.
     ``confusions`` (images, K, C) are the per-image confusions, on the backend."""
-    conf = np.rint(be.to_numpy(resample(be, weights, confusions).astype(be.xp.float64))).astype(np.int64)
+    conf = np.rint(to_host(resample(be, weights, confusions))).astype(np.int64)  # K x C per draw: to the host
     mappings = np.stack([metrics.hungarian_match(c)[0] for c in conf]) if len(conf) else \
         np.zeros((0, confusions.shape[1]), np.int64)
     miou, accuracy = segmentation_scores_batched(conf, mappings)
@@ -202,12 +212,13 @@ def positional_draws(be: Backend, weights: np.ndarray, pooled: Any, pooled_null:
     ``pooled_null`` (images, cells, K) are the per-image counts of the maps and of the shifted
     maps (``pooled_counts``); with ``mappings`` (draws, K) each draw's clusters map to its own
     classes (``n_classes`` of them) before the MI; without, the K columns are the classes."""
-    xp = be.xp
+    xp = namespace(pooled, pooled_null)
     n, cells, k = pooled.shape
     draws = weights.shape[0]
     step = max(1, _BLOCK // max(cells * k, 1))
     # a mapped count sums the clusters of a cell: bounded by n times the largest cell of an image
-    bound = max(float(be.to_numpy(c.sum(-1).max())) * n if c.size else 0.0 for c in (pooled, pooled_null))
+    bound = max(float(to_host(xp.max(xp.sum(c, axis=-1)))) * n if n * cells * k else 0.0
+                for c in (pooled, pooled_null))
     nmi, aware = np.empty(draws), np.empty(draws)
     for lo in range(0, draws, step):
         w = weights[lo:lo + step]
@@ -216,19 +227,19 @@ def positional_draws(be: Backend, weights: np.ndarray, pooled: Any, pooled_null:
             m = mappings[lo:lo + step]
             host = np.zeros((len(m), k, n_classes), dtype=np.float32)
             host[np.arange(len(m))[:, None], np.arange(k)[None, :], m] = 1.0
-            onehot = be.asarray(host)
+            onehot = to_device(host, pooled)
         mi = []
         for counts in (pooled, pooled_null):
             drawn = resample(be, w, counts, bound)             # (b, cells, K)
             if onehot is not None:
-                drawn = xp.matmul(drawn, onehot.astype(drawn.dtype))  # (b, cells, C): sums of counts, exact
-            mi.append(mutual_information(drawn, xp))
+                drawn = xp.matmul(drawn, xp.astype(onehot, drawn.dtype))  # (b, cells, C): sums of counts, exact
+            mi.append(mutual_information(drawn))
         (m_pos, h), (m_null, _) = mi
         with np.errstate(invalid="ignore", divide="ignore"):
             good = h > 0
             safe = xp.where(good, h, 1.0)
-            nmi[lo:lo + step] = be.to_numpy(xp.where(good, m_pos / safe, xp.nan))
-            aware[lo:lo + step] = be.to_numpy(xp.where(good, (m_pos - m_null) / safe, xp.nan))
+            nmi[lo:lo + step] = to_host(xp.where(good, m_pos / safe, xp.nan))
+            aware[lo:lo + step] = to_host(xp.where(good, (m_pos - m_null) / safe, xp.nan))
     return PositionalDraws(nmi, aware)
 
 

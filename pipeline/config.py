@@ -58,7 +58,7 @@ Embedding = Literal["queries", "keys", "values", "tokens", "mid_tokens", "mid_no
 EMBEDDINGS: tuple[str, ...] = get_args(Embedding)
 DEFAULT_EMBEDDINGS = ("queries", "keys", "values", "tokens", "mid_tokens")  # mid_normed on request
 KMeansMethod = Literal["online", "lloyd"]
-BackendName = Literal["numpy", "cupy"]
+BackendName = Literal["numpy", "cupy", "torch"]
 
 
 # -- parsers shared by the CLI's strings and YAML's lists ------------------------------------

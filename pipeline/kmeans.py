@@ -1,9 +1,13 @@
-"""Our cosine k-means engine (PROTOCOL.md section 4), one code path for NumPy and CuPy.
+"""Our cosine k-means engine (PROTOCOL.md section 4), one code path for every backend.
 
 Every class here trains *several* codebooks of one (layer, embedding) feature set at once:
 their centroids sit in one matrix, so each batch is scored against all of them with a single
 matrix product. ``OnlineKMeans`` is the paper's method (Adam on the batch k-means loss);
 ``LloydKMeans`` is exact spherical k-means, one iteration per pass over the data.
+
+Array API standard code: each call takes its namespace and device from its inputs; the
+scatter-add of the cluster sums is ``backend.row_sums``, and the one host crossing (PCA
+initialisation's random picks beyond the rank) is ``backend.to_device``.
 """
 from __future__ import annotations
 
@@ -12,13 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rep_pipeline.pipeline.backend import Backend
+from rep_pipeline.pipeline.backend import Backend, device, namespace, row_sums, to_device
 
 
 def l2_normalize(xp: Any, x: Any, eps: float = 1e-12) -> Any:
-    """Rows of ``x`` scaled to unit length (rows of zeros stay zero)."""
-    sq = xp.einsum("...i,...i->...", x, x)  # one pass, no squared temporary
-    return x * (1.0 / xp.maximum(xp.sqrt(sq), eps))[..., None]
+    """Rows of ``x`` scaled to unit length (rows of zeros stay zero). ``xp`` is ignored (the
+    namespace is ``x``'s); it stays for the callers that pass one."""
+    xp = namespace(x)
+    sq = xp.linalg.vecdot(x, x)  # one pass, no squared temporary
+    return x * (1.0 / xp.clip(xp.sqrt(sq), min=eps))[..., None]
 
 
 class PCAInit:
@@ -34,50 +40,52 @@ class PCAInit:
     SAMPLE_ROWS_PER_BATCH = 512
 
     def __init__(self, be: Backend, dim: int):
-        xp = be.xp
-        self.be, self.n, self.shift = be, 0, None
-        self.total = xp.zeros(dim, dtype=xp.float64)
-        self.outer = xp.zeros((dim, dim), dtype=xp.float64)
+        self.be, self.dim, self.n, self.shift = be, dim, 0, None
+        self.total: Any = None   # float64 sums, on the first batch's namespace and device
+        self.outer: Any = None
         self.samples: list[Any] = []  # an even subsample, for the signs and for K beyond the rank
         self._directions: Any = None
 
     def add(self, x: Any) -> None:
-        xp = self.be.xp
+        xp = namespace(x)
         if self.shift is None:  # centring on a pilot mean keeps E[xx^T] - mm^T well conditioned
-            self.shift = x.mean(0, dtype=xp.float64).astype(xp.float32)
+            self.shift = xp.astype(xp.sum(x, axis=0, dtype=xp.float64) / x.shape[0], xp.float32)
+            self.total = xp.zeros(self.dim, dtype=xp.float64, device=device(x))
+            self.outer = xp.zeros((self.dim, self.dim), dtype=xp.float64, device=device(x))
         xs = x - self.shift
-        self.total += xs.sum(0, dtype=xp.float64)
-        self.outer += (xs.T @ xs).astype(xp.float64)  # float32 product of one batch, float64 sum
+        self.total += xp.sum(xs, axis=0, dtype=xp.float64)
+        self.outer += xp.astype(xs.T @ xs, xp.float64)  # float32 product of one batch, float64 sum
         self.n += x.shape[0]
-        self.samples.append(xs[:: max(1, x.shape[0] // self.SAMPLE_ROWS_PER_BATCH)])
+        self.samples.append(xs[:: max(1, x.shape[0] // self.SAMPLE_ROWS_PER_BATCH), ...])
         self._directions = None
 
     def components(self) -> tuple[Any, Any]:
         """(all principal directions, largest variance first, oriented; the shifted sample)."""
-        xp = self.be.xp
+        xp = namespace(self.total)
         if self._directions is None:
             mean = self.total / self.n
-            cov = self.outer / self.n - xp.outer(mean, mean)
+            cov = self.outer / self.n - xp.linalg.outer(mean, mean)
             _, vecs = xp.linalg.eigh(cov)                  # ascending eigenvalues
-            comps = vecs[:, ::-1].T
-            sample = xp.concatenate(self.samples).astype(xp.float64) - mean
+            comps = xp.flip(vecs, axis=1).T
+            sample = xp.astype(xp.concat(self.samples), xp.float64) - mean
             proj = sample @ comps.T
-            skew = (proj * proj * proj).mean(0)
-            self._directions = (comps * xp.where(skew < 0, -1.0, 1.0)[:, None], sample + mean + self.shift)
+            skew = xp.mean(proj * proj * proj, axis=0)
+            sign = 1.0 - 2.0 * xp.astype(skew < 0, xp.float64)
+            self._directions = (comps * sign[:, None], sample + mean + self.shift)
         return self._directions
 
     def centroids(self, k: int, seed: int) -> Any:
         """Unit centroids: the top-``k`` principal components of the centred data, oriented
         toward their heavier tails; beyond the rank, random samples of the data."""
-        xp = self.be.xp
         comps, sample = self.components()
-        comps = comps[:k]
+        xp = namespace(comps)
+        comps = comps[:min(k, comps.shape[0]), ...]
         if k > comps.shape[0]:
             rng = np.random.default_rng(seed)
             extra = k - comps.shape[0]
             picks = rng.choice(sample.shape[0], size=extra, replace=sample.shape[0] < extra)
-            comps = xp.concatenate([comps, sample[xp.asarray(picks)]])
-        return l2_normalize(xp, comps.astype(xp.float32))
+            comps = xp.concat([comps, xp.take(sample, to_device(picks, sample), axis=0)])  # host picks: explicit
+        return l2_normalize(xp, xp.astype(comps, xp.float32))
 
 
 @dataclass
@@ -97,6 +105,7 @@ class _Layout:
 def _assign(xp: Any, scores: Any, layout: _Layout) -> tuple[list[Any], list[Any]]:
     """Per codebook: the best centroid of each row (as a row of the stacked matrix) and its
     cosine similarity."""
+    xp = namespace(scores)
     idx, best = [], []
     for sl in layout.slices():
         block = scores[:, sl]
@@ -106,19 +115,11 @@ def _assign(xp: Any, scores: Any, layout: _Layout) -> tuple[list[Any], list[Any]
     return idx, best
 
 
-def _cluster_sums(be: Backend, labels: Sequence[Any], x: Any, n_rows: int) -> tuple[Any, Any]:
+def _cluster_sums(labels: Sequence[Any], x: Any, n_rows: int) -> tuple[Any, Any]:
     """(sum of the rows of ``x`` assigned to each stacked centroid (n_rows, d), counts).
-
-    ``labels`` holds one stacked-row index per vector for each codebook. They form one sparse
-    one-hot in CSC layout, a column per vector with one entry per codebook, so the product
-    reads every vector once and adds it into each of its centroids' sums (which stay in
-    cache), instead of reading the batch once per codebook.
-    """
-    xp, n, m = be.xp, x.shape[0], len(labels)
-    rows = xp.stack(labels, axis=1).reshape(-1)
-    onehot = be.sparse.csc_matrix((xp.ones(n * m, dtype=x.dtype), rows, xp.arange(0, n * m + 1, m)),
-                                  shape=(n_rows, n))
-    return xp.asarray(onehot @ x), xp.bincount(rows, minlength=n_rows)
+    ``labels`` holds one stacked-row index per vector for each codebook (``row_sums``)."""
+    xp = namespace(x)
+    return row_sums(xp.stack(labels, axis=1), x, n_rows)
 
 
 class OnlineKMeans:
@@ -131,31 +132,31 @@ class OnlineKMeans:
 
     def __init__(self, be: Backend, inits: Sequence[Any], lr: float, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
-        xp = be.xp
+        xp = namespace(*inits)
         self.be, self.lr, self.betas, self.eps = be, lr, betas, eps
         self.layout = _Layout(tuple(int(c.shape[0]) for c in inits))
-        self.w = xp.concatenate([xp.asarray(c, dtype=xp.float32) for c in inits])
+        self.w = xp.concat([xp.astype(c, xp.float32) for c in inits])
         self.m, self.v, self.t = xp.zeros_like(self.w), xp.zeros_like(self.w), 0
 
     def centroids(self) -> list[Any]:
-        c = l2_normalize(self.be.xp, self.w)
-        return [c[sl] for sl in self.layout.slices()]
+        c = l2_normalize(None, self.w)
+        return [c[sl, ...] for sl in self.layout.slices()]
 
     def step(self, x: Any) -> Any:
         """One Adam step on unit rows ``x`` (n, d); returns each codebook's loss (device array)."""
-        xp, n = self.be.xp, x.shape[0]
-        norms = xp.maximum(xp.linalg.norm(self.w, axis=1, keepdims=True), 1e-12)
+        xp, n = namespace(x, self.w), x.shape[0]
+        norms = xp.clip(xp.linalg.vector_norm(self.w, axis=1, keepdims=True), min=1e-12)
         c = self.w / norms
         idx, best = _assign(xp, x @ c.T, self.layout)
-        grad_c = -_cluster_sums(self.be, idx, x, c.shape[0])[0] / n
-        grad = (grad_c - (grad_c * c).sum(1, keepdims=True) * c) / norms
+        grad_c = -_cluster_sums(idx, x, c.shape[0])[0] / n
+        grad = (grad_c - xp.sum(grad_c * c, axis=1, keepdims=True) * c) / norms
         b1, b2 = self.betas
         self.t += 1
         self.m = b1 * self.m + (1 - b1) * grad
         self.v = b2 * self.v + (1 - b2) * grad * grad
         m_hat, v_hat = self.m / (1 - b1**self.t), self.v / (1 - b2**self.t)
         self.w = self.w - self.lr * m_hat / (xp.sqrt(v_hat) + self.eps)
-        return -xp.stack([b.mean() for b in best])
+        return -xp.stack([xp.mean(b) for b in best])
 
 
 class LloydKMeans:
@@ -167,22 +168,22 @@ class LloydKMeans:
     """
 
     def __init__(self, be: Backend, inits: Sequence[Any], n_vectors: int, tol: float, max_iter: int):
-        xp = be.xp
+        xp = namespace(*inits)
         self.be, self.tol, self.max_iter, self.n_vectors = be, tol, max_iter, n_vectors
         self.layout = _Layout(tuple(int(c.shape[0]) for c in inits))
-        self.c = xp.concatenate([l2_normalize(xp, xp.asarray(c, dtype=xp.float32)) for c in inits])
+        self.c = xp.concat([l2_normalize(xp, xp.astype(c, xp.float32)) for c in inits])
         n_books = len(inits)
-        self.assignments = xp.full((n_books, n_vectors), -1, dtype=xp.int32)
+        self.assignments = xp.full((n_books, n_vectors), -1, dtype=xp.int32, device=device(self.c))
         self.active = [True] * n_books
         self.iterations = [0] * n_books
         self._begin()
 
     def _begin(self) -> None:
-        xp = self.be.xp
+        xp, dev = namespace(self.c), device(self.c)
         self.sums = xp.zeros_like(self.c)
-        self.counts = xp.zeros(self.c.shape[0], dtype=xp.int64)
-        self.changed = xp.zeros(len(self.layout.ks), dtype=xp.int64)
-        self.objective = xp.zeros(len(self.layout.ks), dtype=xp.float64)
+        self.counts = xp.zeros(self.c.shape[0], dtype=xp.int64, device=dev)
+        self.changed = xp.zeros(len(self.layout.ks), dtype=xp.int64, device=dev)
+        self.objective = xp.zeros(len(self.layout.ks), dtype=xp.float64, device=dev)
         self.seen = 0
 
     @property
@@ -190,28 +191,29 @@ class LloydKMeans:
         return not any(self.active)
 
     def centroids(self) -> list[Any]:
-        return [self.c[sl] for sl in self.layout.slices()]
+        return [self.c[sl, ...] for sl in self.layout.slices()]
 
     def accumulate(self, x: Any, offset: int) -> None:
         """Add unit rows ``x``, which are vectors ``offset ..`` of the pass, to the sums."""
-        xp = self.be.xp
+        xp = namespace(x, self.c)
         idx, best = _assign(xp, x @ self.c.T, self.layout)
         rows = slice(offset, offset + x.shape[0])
         active = [b for b, on in enumerate(self.active) if on]
-        sums, counts = _cluster_sums(self.be, [idx[b] for b in active], x, self.c.shape[0])
+        sums, counts = _cluster_sums([idx[b] for b in active], x, self.c.shape[0])
         self.sums += sums
         self.counts += counts
         for b in active:
             # device-side sums: no host round trip per batch on a GPU
-            self.changed[b] += (self.assignments[b, rows] != idx[b]).sum()
-            self.assignments[b, rows] = idx[b]
-            self.objective[b] += best[b].sum()
+            new = xp.astype(idx[b], xp.int32)
+            self.changed[b] += xp.sum(xp.astype(self.assignments[b, rows] != new, xp.int64))
+            self.assignments[b, rows] = new
+            self.objective[b] += xp.sum(xp.astype(best[b], xp.float64))
         self.seen += x.shape[0]
 
     def update(self) -> list[tuple[float, float] | None]:
         """End a pass: new centroids for active codebooks; per codebook (mean cosine, changed
         fraction) of the pass just finished, None for codebooks that had already stopped."""
-        xp = self.be.xp
+        xp = namespace(self.c)
         stats: list[tuple[float, float] | None] = []
         for b, sl in enumerate(self.layout.slices()):
             if not self.active[b]:
@@ -220,7 +222,7 @@ class LloydKMeans:
             frac = float(self.changed[b]) / max(self.seen, 1)
             stats.append((float(self.objective[b]) / max(self.seen, 1), frac))
             filled = (self.counts[sl] > 0)[:, None]
-            self.c[sl] = xp.where(filled, l2_normalize(xp, self.sums[sl]), self.c[sl])
+            self.c[sl, ...] = xp.where(filled, l2_normalize(xp, self.sums[sl, ...]), self.c[sl, ...])
             self.iterations[b] += 1
             if frac < self.tol or self.iterations[b] >= self.max_iter:
                 self.active[b] = False

@@ -3,6 +3,11 @@
 Everything here works on accumulated counts (a confusion matrix, position-by-class counts),
 so the evaluate stage can stream over the test split once and compute every figure after.
 Natural logarithms throughout; 0 log 0 = 0.
+
+The count builders (``confusion_matrix``, ``roll_maps``, ``position_class_counts``) are Array
+API standard code on the maps' own namespace and device (their ``xp`` argument is ignored);
+the formulas on finished counts run on the host, and ``hungarian_match`` takes its small
+K x C matrix there explicitly (``to_host``): the one crossing evaluate needs.
 """
 from __future__ import annotations
 
@@ -11,20 +16,26 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+from array_api_compat import is_numpy_array
 from scipy.optimize import linear_sum_assignment
 from scipy.stats import spearmanr
 
-
-def confusion_matrix(clusters: Any, labels: Any, k: int, n_classes: int, ignore: int, xp: Any = np) -> Any:
-    """(k, n_classes) pixel counts of cluster x class; ignore pixels dropped. ``xp`` is NumPy
-    or CuPy, whichever holds the maps."""
-    keep = labels != ignore
-    flat = clusters[keep].astype(xp.int64) * n_classes + labels[keep].astype(xp.int64)
-    return xp.bincount(flat, minlength=k * n_classes).reshape(k, n_classes)
+from .backend import bincount, device, namespace, to_host
 
 
-def hungarian_match(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster -> class, whether each cluster was matched one-to-one by the Hungarian step)."""
+def confusion_matrix(clusters: Any, labels: Any, k: int, n_classes: int, ignore: int, xp: Any = None) -> Any:
+    """(k, n_classes) pixel counts of cluster x class, on the maps' device; ignore pixels
+    dropped (counted into one bin past the end: no data-dependent shape)."""
+    xp = namespace(clusters, labels)
+    flat = xp.astype(clusters, xp.int64) * n_classes + xp.astype(labels, xp.int64)
+    flat = xp.where(labels != ignore, flat, xp.asarray(k * n_classes, dtype=xp.int64, device=device(flat)))
+    return xp.reshape(bincount(xp.reshape(flat, (-1,)), k * n_classes + 1)[:-1], (k, n_classes))
+
+
+def hungarian_match(confusion: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster -> class, whether each cluster was matched one-to-one by the Hungarian step).
+    SciPy's solver runs on the host: a device ``confusion`` crosses here, explicitly."""
+    confusion = to_host(confusion)
     rows, cols = linear_sum_assignment(confusion, maximize=True)
     mapping = confusion.argmax(axis=1)          # majority class for the clusters left over
     mapping[rows] = cols
@@ -99,12 +110,20 @@ def positional_scores(counts: np.ndarray, null_counts: np.ndarray) -> Positional
     return PositionalScores(pe.mi, pe.nmi, null.mi, bias_aware, pe.classwise_mi)
 
 
-def roll_maps(maps: Any, dy: Any, dx: Any, xp: Any = np) -> Any:
-    """Every map (images, S, S) cyclically shifted by its own offset (dy[i], dx[i])."""
+def roll_maps(maps: Any, dy: Any, dx: Any, xp: Any = None) -> Any:
+    """Every map (images, S, S) cyclically shifted by its own offset (dy[i], dx[i]); the
+    offsets on the maps' device."""
+    xp = namespace(maps, dy, dx)
     n_img, S, _ = maps.shape
-    rows = (xp.arange(S)[None, :] + dy[:, None]) % S
-    cols = (xp.arange(S)[None, :] + dx[:, None]) % S
-    return maps[xp.arange(n_img)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if is_numpy_array(maps):  # one fancy-index gather: NumPy's fastest
+        rows = (np.arange(S)[None, :] + dy[:, None]) % S
+        cols = (np.arange(S)[None, :] + dx[:, None]) % S
+        return maps[np.arange(n_img)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    at = xp.arange(S, dtype=xp.int64, device=device(maps))[None, :]
+    rows = (at + xp.astype(dy, xp.int64)[:, None]) % S
+    cols = (at + xp.astype(dx, xp.int64)[:, None]) % S
+    out = xp.take_along_axis(maps, xp.broadcast_to(rows[:, :, None], maps.shape), axis=1)
+    return xp.take_along_axis(out, xp.broadcast_to(cols[:, None, :], maps.shape), axis=2)
 
 
 def random_shifts(n_images: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -113,22 +132,24 @@ def random_shifts(n_images: int, size: int, seed: int) -> tuple[np.ndarray, np.n
     return rng.integers(0, size, n_images), rng.integers(0, size, n_images)
 
 
-def shifted_counts(maps: Any, n_classes: int, ignore: int | None, dy: Any, dx: Any, xp: Any = np) -> Any:
+def shifted_counts(maps: Any, n_classes: int, ignore: int | None, dy: Any, dx: Any, xp: Any = None) -> Any:
     """Position-by-class counts of ``maps`` (images, S, S) after shifting every map by its own
     cyclic offset (``random_shifts``): what the counts look like when position carries no
     information, for the bias-aware NMI."""
     return position_class_counts(roll_maps(maps, dy, dx, xp=xp), n_classes, ignore, xp=xp)
 
 
-def position_class_counts(maps: Any, n_classes: int, ignore: int | None = None, xp: Any = np) -> Any:
-    """(S, S, classes) counts n(p, c) of ``maps`` (images, S, S); ignore pixels dropped.
-    ``xp`` is NumPy or CuPy, whichever holds ``maps``."""
+def position_class_counts(maps: Any, n_classes: int, ignore: int | None = None, xp: Any = None) -> Any:
+    """(S, S, classes) counts n(p, c) of ``maps`` (images, S, S), on their device; ignore
+    pixels dropped (into one bin past the end)."""
+    xp = namespace(maps)
     n_img, S, _ = maps.shape
-    flat = maps.reshape(n_img, -1).astype(xp.int64)
-    idx = xp.arange(S * S)[None, :] * n_classes + flat
+    flat = xp.astype(xp.reshape(maps, (n_img, -1)), xp.int64)
+    idx = xp.arange(S * S, dtype=xp.int64, device=device(maps))[None, :] * n_classes + flat
+    end = S * S * n_classes
     if ignore is not None:
-        idx = idx[flat != ignore]
-    return xp.bincount(idx.ravel(), minlength=S * S * n_classes).reshape(S, S, n_classes)
+        idx = xp.where(flat != ignore, idx, xp.asarray(end, dtype=xp.int64, device=device(maps)))
+    return xp.reshape(bincount(xp.reshape(idx, (-1,)), end + 1)[:end], (S, S, n_classes))
 
 
 def aggregate_map(counts: np.ndarray, palette: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 from rep_pipeline.storage_schemas import results as layout
 
 from . import bootstrap, metrics
-from .backend import Backend
+from .backend import Backend, bincount, device, namespace, to_device
 from .store import MapStore
 
 
@@ -41,36 +41,46 @@ class ClusterMapScores:
     image_pooled_null: list[Any] = field(default_factory=list)  # the same of the shifted maps
 
     def __post_init__(self) -> None:
-        xp = self.be.xp
-        self.confusion = xp.zeros((self.k, self.n_classes), dtype=xp.int64)
-        self.counts = xp.zeros((self.size, self.size, self.k), dtype=xp.int64)
-        self.null_counts = xp.zeros_like(self.counts)
-        cell, self.n_cells = bootstrap.pooled_cells(self.size)
-        self._cell = self.be.asarray(cell)
+        # the sums live on the first maps' namespace and device (``add``)
+        self.n_cells = bootstrap.pooled_cells(self.size)[1]
+        self._cell = None
         self._small = bootstrap.small_count_dtype(self.size)
+        xp, dev = self.be.xp, self.be.device
+        zeros = (lambda shape: xp.zeros(shape, dtype=xp.int64)) if dev is None else \
+            (lambda shape: xp.zeros(shape, dtype=xp.int64, device=dev))
+        self.confusion = zeros((self.k, self.n_classes))
+        self.counts = zeros((self.size, self.size, self.k))
+        self.null_counts = zeros((self.size, self.size, self.k))
 
     def add(self, clusters: Any, labels: Any, shifts: tuple[Any, Any], ignore: int) -> None:
-        xp = self.be.xp
+        xp, dev = namespace(clusters, labels), device(clusters)
         k, c = self.k, self.n_classes
         n = clusters.shape[0]
-        flat = clusters.astype(xp.int64) * c + labels.astype(xp.int64) + (xp.arange(n) * (k * c)).reshape(n, 1, 1)
-        flat = xp.where(labels != ignore, flat, n * k * c)  # ignore pixels into one bin past the end, dropped
-        per_image = xp.bincount(flat.ravel(), minlength=n * k * c + 1)[:-1].reshape(n, k, c)
-        self.confusion += per_image.sum(0)
-        self.image_confusions.append(per_image.astype(xp.int32))
-        shifted = metrics.roll_maps(clusters, *shifts, xp=xp)
-        self.counts += metrics.position_class_counts(clusters, k, xp=xp)
-        self.null_counts += metrics.position_class_counts(shifted, k, xp=xp)
+        if self._cell is None:
+            self._cell = to_device(bootstrap.pooled_cells(self.size)[0], clusters)  # host table, explicitly
+        small = getattr(xp, np.dtype(self._small).name)
+        base = xp.reshape(xp.arange(n, dtype=xp.int64, device=dev) * (k * c), (n, 1, 1))
+        flat = xp.astype(clusters, xp.int64) * c + xp.astype(labels, xp.int64) + base
+        # ignore pixels into one bin past the end, dropped
+        flat = xp.where(labels != ignore, flat, xp.asarray(n * k * c, dtype=xp.int64, device=dev))
+        per_image = xp.reshape(bincount(xp.reshape(flat, (-1,)), n * k * c + 1)[:-1], (n, k, c))
+        self.confusion += xp.sum(per_image, axis=0)
+        self.image_confusions.append(xp.astype(per_image, xp.int32))
+        shifted = metrics.roll_maps(clusters, *shifts)
+        self.counts += metrics.position_class_counts(clusters, k)
+        self.null_counts += metrics.position_class_counts(shifted, k)
         for maps, out in ((clusters, self.image_pooled), (shifted, self.image_pooled_null)):
-            out.append(bootstrap.pooled_counts(maps, k, self._cell, self.n_cells, xp=xp).astype(self._small))
+            out.append(xp.astype(bootstrap.pooled_counts(maps, k, self._cell, self.n_cells), small))
 
     def per_image(self) -> tuple[Any, Any, Any]:
         """(confusions (images, k, classes), pooled counts, pooled shifted counts) of every image added."""
-        xp = self.be.xp
         if not self.image_confusions:
-            return (xp.zeros((0, self.k, self.n_classes), xp.int32),
-                    *(xp.zeros((0, self.n_cells, self.k), self._small) for _ in range(2)))
-        return tuple(xp.concatenate(parts) if len(parts) > 1 else parts[0]
+            xp = self.be.xp
+            return (xp.zeros((0, self.k, self.n_classes), dtype=xp.int32),
+                    *(xp.zeros((0, self.n_cells, self.k), dtype=getattr(xp, np.dtype(self._small).name))
+                      for _ in range(2)))
+        xp = namespace(self.image_confusions[0])
+        return tuple(xp.concat(parts) if len(parts) > 1 else parts[0]
                      for parts in (self.image_confusions, self.image_pooled, self.image_pooled_null))
 
 

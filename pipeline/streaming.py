@@ -62,7 +62,7 @@ class FeatureStream:
         as runs of whole chunks in store order."""
         if self._cache is not None:
             cached = self._cache[key]
-            return cached[self.be.asarray(index) if self.be.name == "cupy" else index]
+            return cached[self.be.asarray(index) if self.be.name != "numpy" else index]  # index to the cache's device
         order = np.argsort(index, kind="stable")
         data = np.concatenate([self._read(key, a, b + 1) for a, b in _runs(index[order])])
         return data if np.array_equal(order, np.arange(len(index))) else data[np.argsort(order)]

@@ -15,37 +15,50 @@ from typing import Any
 import numpy as np
 
 from .arrays import minmax
-from .backend import Backend
+from .backend import Backend, namespace, to_device
 from .errors import ConfigError
 
 
-def bilinear_taps(src: int, dst: int, xp: Any = np) -> tuple[Any, Any, Any]:
+def bilinear_taps(src: int, dst: int, xp: Any = np, like: Any = None) -> tuple[Any, Any, Any]:
     """Per output index of ``dst``: the two source indices (i0, i1) int64 and the float64
-    weight of i1, on ``xp`` (NumPy or CuPy)."""
-    pos = xp.maximum((xp.arange(dst, dtype=xp.float64) + 0.5) * (src / dst) - 0.5, 0.0)
-    i0 = xp.minimum(xp.floor(pos).astype(xp.int64), src - 1)
-    i1 = xp.minimum(i0 + 1, src - 1)
-    weight = xp.where(i1 > i0, pos - i0, 0.0)
-    return i0, i1, weight
+    weight of i1. Built on the host; placed explicitly on the namespace and device of ``like``
+    where given, else on ``xp``."""
+    pos = np.maximum((np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(pos).astype(np.int64), src - 1)
+    i1 = np.minimum(i0 + 1, src - 1)
+    weight = np.where(i1 > i0, pos - i0, 0.0)
+    return tuple(_place(t, xp, like) for t in (i0, i1, weight))  # type: ignore[return-value]
 
 
-def bilinear_matrix(src: int, dst: int, xp: Any = np, dtype: Any = np.float32) -> Any:
+def bilinear_matrix(src: int, dst: int, xp: Any = np, dtype: Any = np.float32, like: Any = None) -> Any:
     """(dst, src) weights of 1-D bilinear resampling (row u: 1 - w at i0, w at i1; one 1.0
-    on the clamped borders), computed in float64 and returned as ``dtype`` on ``xp``."""
-    i0, i1, w = bilinear_taps(src, dst, xp)
-    out = xp.zeros((dst, src), dtype=xp.float64)
-    rows = xp.arange(dst)
+    on the clamped borders), computed in float64 on the host and returned as ``dtype`` (a
+    NumPy dtype) on ``like``'s device where given, else on ``xp``."""
+    i0, i1, w = bilinear_taps(src, dst)
+    out = np.zeros((dst, src), dtype=np.float64)
+    rows = np.arange(dst)
     out[rows, i0] = 1.0 - w
     out[rows, i1] += w  # i1 == i0 only where w == 0
-    return out.astype(dtype, copy=False)
+    return _place(out.astype(dtype, copy=False), xp, like)
+
+
+def _place(host: np.ndarray, xp: Any, like: Any) -> Any:
+    """A small host table on ``like``'s namespace and device (an explicit crossing), or on ``xp``."""
+    if like is not None:
+        return to_device(host, like)
+    return host if xp is np else xp.asarray(host)
 
 
 def upsample(be: Backend, grid_values: Any, size: int) -> Any:
-    """(n, G, G, c) -> (n, S, S, c) on the backend, float32 weights: two small matrix products."""
-    xp = be.xp
-    u = be.asarray(bilinear_matrix(grid_values.shape[1], size))
-    rows = xp.einsum("yi,nijc->nyjc", u, grid_values)
-    return xp.einsum("xj,nyjc->nyxc", u, rows)
+    """(n, G, G, c) -> (n, S, S, c) in the namespace and on the device of ``grid_values``,
+    float32 weights: two small matrix products."""
+    xp = namespace(grid_values)
+    u = to_device(bilinear_matrix(grid_values.shape[1], size), grid_values)
+    if hasattr(xp, "einsum"):  # NumPy, CuPy, torch: one contraction each, no transposed copies
+        rows = xp.einsum("yi,nijc->nyjc", u, grid_values)
+        return xp.einsum("xj,nyjc->nyxc", u, rows)
+    rows = xp.moveaxis(xp.tensordot(u, grid_values, axes=([1], [1])), 0, 1)   # (n, S, G, c)
+    return xp.moveaxis(xp.tensordot(u, rows, axes=([1], [2])), 0, 2)          # (n, S, S, c)
 
 
 def upsample_maps(maps: np.ndarray, size: int) -> np.ndarray:

@@ -88,6 +88,36 @@ def backend(request):
     return get_backend(request.param)
 
 
+ARRAY_BACKENDS = ["numpy", pytest.param("strict", marks=pytest.mark.strict), "torch",
+                  pytest.param("cupy", marks=pytest.mark.gpu)]
+
+
+def make_array_backend(name):
+    """A ``Backend`` by name; ``strict``: array-api-strict on its extra device ``device1``, where
+    an implicit host crossing, a mixed-device operation or a non-standard call is an error."""
+    from rep_pipeline.pipeline.backend import Backend, get_backend, gpu_available
+
+    if name == "strict":
+        import array_api_strict
+
+        return Backend("strict", array_api_strict, None, array_api_strict.Device("device1"))
+    if name == "cupy" and not gpu_available():
+        pytest.skip("no CUDA GPU with CuPy here")
+    return get_backend(name)
+
+
+@pytest.fixture
+def strict_backend():
+    """array-api-strict on its extra device ``device1`` alone."""
+    return make_array_backend("strict")
+
+
+@pytest.fixture(params=ARRAY_BACKENDS)
+def array_backend(request):
+    """Array-API code on NumPy, array-api-strict (device1), torch, and CuPy where a GPU is present."""
+    return make_array_backend(request.param)
+
+
 @pytest.fixture
 def hand_made_store():
     """``make(path, classes=...)``: a small finished feature store with one codebook, written

@@ -98,7 +98,8 @@ def _reference(clusters, labels, dy, dx, k, n_classes, seed, ignore=255):
 
 
 @pytest.mark.parametrize("k,n_classes,size", [(4, 3, 40), (3, 3, 12)])  # K > C pooled; K = C, every pixel a cell
-def test_segmentation_intervals_equal_explicit_resampling(backend, k, n_classes, size):
+def test_segmentation_intervals_equal_explicit_resampling(array_backend, k, n_classes, size):
+    backend = array_backend
     rng = np.random.default_rng(k)
     n = 9
     labels = np.zeros((n, size, size), np.int64)

@@ -25,7 +25,8 @@ def run_query(results, sql):
     return Results(results).query(sql)
 
 
-def test_score_upsampling_equals_upsampling_features_first(backend):
+def test_score_upsampling_equals_upsampling_features_first(array_backend):
+    backend = array_backend
     rng = np.random.default_rng(0)
     feats = rng.standard_normal((2, 6, 6, 32)).astype(np.float32) + 0.5
     cents = rng.standard_normal((9, 32)).astype(np.float32)

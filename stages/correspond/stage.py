@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from rep_pipeline.pipeline import runner
-from rep_pipeline.pipeline.backend import get_backend
+from rep_pipeline.pipeline.backend import get_backend, namespace, to_device
 from rep_pipeline.pipeline.config import CORRESPONDENCE_EMBEDDINGS, CorrespondConfig, resolve_layers
 from rep_pipeline.pipeline.datasets.geometry import inside, to_grid, to_original
 from rep_pipeline.pipeline.errors import StoreError
@@ -133,16 +133,17 @@ def transfer_all(be: Any, features: np.ndarray, kp: Keypoints, examples: list[in
     for rows in np.split(order, bounds):
         t = int(kp.trg[rows[0]])
         by_source = _by_source(kp.src, rows)
-        queries = xp.concatenate([
-            transfer.sample(be.asarray(features[s]), be.asarray(kp.src_row[sel]), be.asarray(kp.src_col[sel]), size, xp)
-            for s, sel in by_source])
+        parts = [transfer.sample(be.asarray(features[s]), be.asarray(kp.src_row[sel]), be.asarray(kp.src_col[sel]),
+                                 size) for s, sel in by_source]
+        queries = namespace(*parts).concat(parts)
         rows = np.concatenate([sel for _, sel in by_source])
         target = transfer.TargetFeatures(be.asarray(features[t]), size, be.asarray(inside(geometry[t], size)), xp)
         idx, best = target.match(queries)
         pred[rows], score[rows] = be.to_numpy(idx), be.to_numpy(best)
         shown = [i for i, r in enumerate(rows) if int(r) in example_slot]
         if shown:
-            cos = be.to_numpy(target.cosine_maps(queries[xp.asarray(shown)]))
+            picked = namespace(queries).take(queries, to_device(np.asarray(shown), queries), axis=0)  # host rows
+            cos = be.to_numpy(target.cosine_maps(picked))
             for i, m in zip(shown, cos):
                 maps[example_slot[int(rows[i])]] = m
     return pred, score, maps

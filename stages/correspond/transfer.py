@@ -12,8 +12,10 @@ cos(f, F^_t[p]). F^_t (S x S x D) is never built:
   neighbour dot products (``neighbour_grams``), computed once per (image, layer, embedding),
   and the quadratic form over all pixels is again a few (S, G) matrix products.
 
-Everything is float64 on the backend module ``xp`` (NumPy or CuPy); inputs (float16 from
-the store) are widened. Ties: pixels whose cosine is within ``TIE_TOL`` of the maximum count
+Everything is float64, Array API standard code on the inputs' own namespace and device
+(NumPy, CuPy, torch; the ``xp`` arguments name the namespace where no input array does);
+inputs (float16 from the store) are widened. The small (S, G) interpolation tables are
+built on the host and cross to the features' device explicitly (``to_device``). Ties: pixels whose cosine is within ``TIE_TOL`` of the maximum count
 as tied and the first in row-major order wins. Pixels with exactly one feature (the clamped
 border bands of the upsampling, where whole rows or columns of pixels repeat the first or last
 patch, or a region of identical patches) have exactly equal cosines, but a float64 route
@@ -31,40 +33,47 @@ from typing import Any
 
 import numpy as np
 
+from rep_pipeline.pipeline.backend import device, is_numpy, namespace, to_device, to_host
 from rep_pipeline.pipeline.upsample import bilinear_matrix, bilinear_taps
 
 TIE_TOL = 1e-12  # cosines within this of the maximum are ties (first pixel in row-major order wins)
 MAP_BUDGET = 1 << 24  # score values (float64) held at once by ``TargetFeatures.match``: 128 MiB
 
 
-def _float64(a: Any, xp: Any) -> Any:
-    return xp.asarray(a).astype(xp.float64, copy=False)
+def _float64(a: Any, xp: Any = None) -> Any:
+    xp = namespace(a)
+    return xp.astype(a, xp.float64, copy=False)
 
 
-def sample(F: Any, rows: Any, cols: Any, size: int, xp: Any) -> Any:
+def sample(F: Any, rows: Any, cols: Any, size: int, xp: Any = None) -> Any:
     """(K, D): F^[rows, cols] for integer pixels of the S x S grid, exactly from each
-    pixel's <= 2 x 2 neighbouring patches (F is (G, G, D))."""
-    F = _float64(F, xp)
-    i0, i1, wy = (t[xp.asarray(rows)] for t in bilinear_taps(F.shape[0], size, xp))
-    j0, j1, wx = (t[xp.asarray(cols)] for t in bilinear_taps(F.shape[1], size, xp))
+    pixel's <= 2 x 2 neighbouring patches (F is (G, G, D); ``rows``, ``cols`` on its device)."""
+    F = _float64(F)
+    xp = namespace(F, rows, cols)
+    G, W, D = F.shape
+    i0, i1, wy = (xp.take(t, xp.astype(rows, xp.int64), axis=0) for t in bilinear_taps(G, size, like=F))
+    j0, j1, wx = (xp.take(t, xp.astype(cols, xp.int64), axis=0) for t in bilinear_taps(W, size, like=F))
     wy, wx = wy[:, None], wx[:, None]
-    top = (1.0 - wx) * F[i0, j0] + wx * F[i0, j1]
-    bottom = (1.0 - wx) * F[i1, j0] + wx * F[i1, j1]
+    flat = xp.reshape(F, (G * W, D))
+    at = lambda i, j: xp.take(flat, i * W + j, axis=0)  # noqa: E731
+    top = (1.0 - wx) * at(i0, j0) + wx * at(i0, j1)
+    bottom = (1.0 - wx) * at(i1, j0) + wx * at(i1, j1)
     return (1.0 - wy) * top + wy * bottom
 
 
-def neighbour_grams(F: Any, xp: Any) -> Any:
+def neighbour_grams(F: Any, xp: Any = None) -> Any:
     """(5, G, G) float64: the distinct Gram entries of every 2 x 2 block of patches, the
     compact form of the per-block 4 x 4 Gram matrix. With F padded by repeating its last row
     and column (entries that use the padding meet zero weights):
     [0] <F[a,b], F[a,b]>, [1] <F[a,b], F[a,b+1]>, [2] <F[a,b], F[a+1,b]>,
     [3] <F[a,b], F[a+1,b+1]>, [4] <F[a,b+1], F[a+1,b]>."""
-    F = _float64(F, xp)
-    P = xp.concatenate([F, F[-1:]], axis=0)
-    P = xp.concatenate([P, P[:, -1:]], axis=1)  # (G + 1, G + 1, D)
-    here, right, down, diag = P[:-1, :-1], P[:-1, 1:], P[1:, :-1], P[1:, 1:]
-    return xp.stack([(here * here).sum(-1), (here * right).sum(-1), (here * down).sum(-1),
-                     (here * diag).sum(-1), (right * down).sum(-1)])
+    F = _float64(F)
+    xp = namespace(F)
+    P = xp.concat([F, F[-1:, ...]], axis=0)
+    P = xp.concat([P, P[:, -1:, :]], axis=1)  # (G + 1, G + 1, D)
+    here, right, down, diag = P[:-1, :-1, :], P[:-1, 1:, :], P[1:, :-1, :], P[1:, 1:, :]
+    dot = lambda a, b: xp.sum(a * b, axis=-1)  # noqa: E731
+    return xp.stack([dot(here, here), dot(here, right), dot(here, down), dot(here, diag), dot(right, down)])
 
 
 def _pair_weights(A: Any, xp: Any) -> tuple[Any, Any]:
@@ -75,18 +84,19 @@ def _pair_weights(A: Any, xp: Any) -> tuple[Any, Any]:
     return A * A, pair
 
 
-def upsampled_norms(F: Any, size: int, xp: Any, grams: Any = None) -> Any:
+def upsampled_norms(F: Any, size: int, xp: Any = None, grams: Any = None) -> Any:
     """(S, S) float64: ||F^[p]|| for every pixel, from the neighbour Gram maps (no upsampled
     features): ||sum_ab Ay[u,a] Ax[v,b] F_ab||^2 expanded over the (a, b) pairs that are at
     most one patch apart, each offset class one product (S, G) @ (G, G) @ (G, S)."""
-    grams = neighbour_grams(F, xp) if grams is None else grams
+    grams = neighbour_grams(F) if grams is None else grams
+    xp = namespace(grams)
     grid = grams.shape[1]
-    square, pair = _pair_weights(bilinear_matrix(grid, size, xp, np.float64), xp)
-    sq = (square @ grams[0] @ square.T
-          + 2.0 * (square @ grams[1] @ pair.T)
-          + 2.0 * (pair @ grams[2] @ square.T)
-          + 2.0 * (pair @ (grams[3] + grams[4]) @ pair.T))
-    return xp.sqrt(xp.maximum(sq, 0.0))
+    square, pair = _pair_weights(bilinear_matrix(grid, size, dtype=np.float64, like=grams), xp)
+    sq = (square @ grams[0, ...] @ square.T
+          + 2.0 * (square @ grams[1, ...] @ pair.T)
+          + 2.0 * (pair @ grams[2, ...] @ square.T)
+          + 2.0 * (pair @ (grams[3, ...] + grams[4, ...]) @ pair.T))
+    return xp.sqrt(xp.clip(sq, min=0.0))
 
 
 def _inverse(x: Any, xp: Any) -> Any:
@@ -97,9 +107,13 @@ def _inverse(x: Any, xp: Any) -> Any:
 def _first_max(scores: Any, xp: Any) -> tuple[Any, Any]:
     """(K, S, S) scores (invalid pixels -inf) -> flat row-major index of the first pixel within
     TIE_TOL of each map's maximum, and that maximum."""
-    flat = scores.reshape(scores.shape[0], -1)
-    best = flat.max(axis=1)
-    index = (flat >= (best - TIE_TOL)[:, None]).argmax(axis=1).astype(xp.int64)
+    xp = namespace(scores)
+    flat = xp.reshape(scores, (scores.shape[0], -1))
+    best = xp.max(flat, axis=1)
+    tied = flat >= (best - TIE_TOL)[:, None]
+    if not is_numpy(xp):  # the standard's argmax takes numbers (NumPy's, bools: one pass less)
+        tied = xp.astype(tied, xp.int8)
+    index = xp.astype(xp.argmax(tied, axis=1), xp.int64)
     return index, best
 
 
@@ -108,43 +122,47 @@ class TargetFeatures:
     the interpolation matrix and the per-pixel norms are computed once."""
 
     def __init__(self, F: Any, size: int, valid: Any, xp: Any) -> None:
-        self.xp, self.size = xp, size
-        self.F = _float64(F, xp)
+        self.F = _float64(F)
+        self.xp, self.size = namespace(self.F, valid), size
+        xp = self.xp
         self.grid, _, self.dim = self.F.shape
-        self.valid = xp.asarray(valid, dtype=bool)
-        if self.valid.shape != (size, size) or not bool(self.valid.any()):
+        self.valid = xp.astype(valid, xp.bool)
+        if tuple(self.valid.shape) != (size, size) or not bool(xp.any(self.valid)):
             raise ValueError(f"valid must be a ({size}, {size}) mask with at least one true pixel, "
-                             f"got shape {self.valid.shape}")
-        self.A = bilinear_matrix(self.grid, size, xp, np.float64)
-        norms = upsampled_norms(self.F, size, xp)
+                             f"got shape {tuple(self.valid.shape)}")
+        self.A = bilinear_matrix(self.grid, size, dtype=np.float64, like=self.F)
+        norms = upsampled_norms(self.F, size)
         self.inv_norms = _inverse(norms, xp)  # 0 where F^_t[p] is zero: its cosine is 0
 
     def _numerators(self, f: Any) -> Any:
         """(K, S, S): f . F^_t[p] = Ay @ (f . F_t[a]) @ Ax^T, as two matrix products."""
         xp, G, S = self.xp, self.grid, self.size
-        f = _float64(f, xp)
-        m = self.F.reshape(G * G, self.dim) @ f.T                  # (G*G, K): [a, b, k]
-        rows = (self.A @ m.reshape(G, G * len(f))).reshape(S, G, len(f))
-        rows = xp.ascontiguousarray(rows.transpose(2, 0, 1)).reshape(len(f) * S, G)
-        return (rows @ self.A.T).reshape(len(f), S, S)
+        f = _float64(f)
+        K = f.shape[0]
+        m = xp.reshape(self.F, (G * G, self.dim)) @ f.T                  # (G*G, K): [a, b, k]
+        rows = xp.reshape(self.A @ xp.reshape(m, (G, G * K)), (S, G, K))
+        rows = xp.reshape(xp.permute_dims(rows, (2, 0, 1)), (K * S, G))
+        return xp.reshape(rows @ self.A.T, (K, S, S))
 
     def _scores(self, f: Any) -> Any:
         """(K, S, S) cosines, -inf outside the image (0 where f or F^_t[p] is zero)."""
         xp = self.xp
-        f = _float64(f, xp)
+        f = _float64(f)
         scores = self._numerators(f) * self.inv_norms
-        scores *= _inverse(xp.sqrt((f * f).sum(-1)), xp)[:, None, None]
+        scores *= _inverse(xp.sqrt(xp.sum(f * f, axis=-1)), xp)[:, None, None]
         return xp.where(self.valid, scores, -xp.inf)
 
     def match(self, f: Any) -> tuple[Any, Any]:
         """(K, D) queries -> (K,) int64 flat row-major indices of the best valid pixel
         (row = index // S, col = index % S) and (K,) their cosines. Queries go in blocks of at
         most ``MAP_BUDGET`` score values."""
-        if len(f) == 0:
-            return self.xp.zeros(0, self.xp.int64), self.xp.zeros(0, self.xp.float64)
+        xp, n = self.xp, f.shape[0]
+        if n == 0:
+            dev = device(self.F)
+            return xp.zeros(0, dtype=xp.int64, device=dev), xp.zeros(0, dtype=xp.float64, device=dev)
         step = max(1, MAP_BUDGET // self.size ** 2)
-        parts = [_first_max(self._scores(f[k:k + step]), self.xp) for k in range(0, len(f), step)]
-        return self.xp.concatenate([p[0] for p in parts]), self.xp.concatenate([p[1] for p in parts])
+        parts = [_first_max(self._scores(f[k:min(k + step, n), ...]), xp) for k in range(0, n, step)]
+        return xp.concat([p[0] for p in parts]), xp.concat([p[1] for p in parts])
 
     def cosine_maps(self, f: Any) -> Any:
         """(K, S, S) float64 cosine maps for figures; NaN outside the image (padding)."""
@@ -153,7 +171,7 @@ class TargetFeatures:
 
 
 def _host(a: Any) -> np.ndarray:
-    return a.get() if hasattr(a, "get") and not isinstance(a, np.ndarray) else np.asarray(a)
+    return to_host(a)
 
 
 def brute_force_match(F_t: Any, f: Any, size: int, valid: Any) -> tuple[np.ndarray, np.ndarray]:

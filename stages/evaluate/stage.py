@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from rep_pipeline.pipeline.backend import Backend, get_backend
+from rep_pipeline.pipeline.backend import Backend, get_backend, namespace
 from rep_pipeline.pipeline.config import EvaluateConfig
 from rep_pipeline.pipeline.errors import StoreError
 from rep_pipeline.pipeline.leases import Lease, leases_beside
@@ -43,10 +43,11 @@ TABLES = ("segmentation", "per_class_iou", "classwise_mi", "confusion", "matchin
 def segment(be: Backend, features: Any, centroids: Any, ks: tuple[int, ...], size: int) -> list[Any]:
     """Cluster maps (n, S, S) of raw patch ``features`` (n, G, G, d) for stacked unit
     ``centroids`` (sum K, d): one per codebook, by score upsampling."""
+    xp = namespace(features, centroids)
     scores = upsample(be, features @ centroids.T, size)
     out, start = [], 0
     for k in ks:
-        out.append(scores[..., start:start + k].argmax(-1).astype(be.xp.int16))
+        out.append(xp.astype(xp.argmax(scores[..., start:start + k], axis=-1), xp.int16))
         start += k
     return out
 
@@ -255,7 +256,6 @@ def _truth_intervals(cfg: EvaluateConfig, pooled: np.ndarray, pooled_null: np.nd
 
 def _evaluate_model(cfg: EvaluateConfig, be: Backend, maps: MapStore, data: DatasetSplit, t: _Target,
                     progress: bool) -> dict[str, list[dict]]:
-    xp = be.xp
     classes, palette, ignore, S = _classes(data)
     C = len(classes)
     group = t.group
@@ -268,7 +268,9 @@ def _evaluate_model(cfg: EvaluateConfig, be: Backend, maps: MapStore, data: Data
     work = [w for w in work if w[2]]
     with ImageProgress(f"evaluate {t.model}", len(work) * data.n_images, enabled=progress) as bar:
         for emb, layer, todo in work:
-            cents = xp.concatenate([be.asarray(b.centroids(emb, layer)) for _, b in todo])
+            parts = [be.asarray(b.centroids(emb, layer)) for _, b in todo]
+            xp = namespace(*parts)
+            cents = xp.concat(parts)
             ks = tuple(b.meta.k for _, b in todo)
             accs = [ClusterMapScores(k, C, S, be, seed=cfg.seed, draws=cfg.draws) for k in ks]
             stream = FeatureStream(group, [(emb, layer)], be, cache_bytes=0)
@@ -276,13 +278,13 @@ def _evaluate_model(cfg: EvaluateConfig, be: Backend, maps: MapStore, data: Data
                 start, stop = int(index[0]), int(index[-1]) + 1
                 raw = arrays[(emb, layer)]
                 check_finite(raw, index, f"{group.path}/{emb} layer {layer}")
-                x = be.float32(raw).reshape(stop - start, G, G, -1)
-                lab = be.asarray(data.read_labels(start, stop)).astype(xp.int64)
+                x = xp.reshape(be.float32(raw), (stop - start, G, G, -1))
+                lab = xp.astype(be.asarray(data.read_labels(start, stop)), xp.int64)
                 shifts = (be.asarray(dy[start:stop]), be.asarray(dx[start:stop]))
                 for i in range(0, stop - start, cfg.images_per_step):  # bounds the (n, S, S, sum K) scores
-                    part = slice(i, i + cfg.images_per_step)
-                    for acc, clusters in zip(accs, segment(be, x[part], cents, ks, S)):
-                        acc.add(clusters, lab[part], (shifts[0][part], shifts[1][part]), ignore)
+                    part = slice(i, min(i + cfg.images_per_step, stop - start))
+                    for acc, clusters in zip(accs, segment(be, x[part, ...], cents, ks, S)):
+                        acc.add(clusters, lab[part, ...], (shifts[0][part], shifts[1][part]), ignore)
                         if start + i < cfg.n_examples:
                             acc.examples.append(be.to_numpy(clusters)[: cfg.n_examples - start - i])
                 bar.advance(stop - start)

@@ -1,8 +1,9 @@
 """The decision rules of PROTOCOL.md section 9 on in-memory arrays: labels, metrics, templates.
 
 No I/O and no Ray: the probe stage reads the store, builds one ``ObjectSet`` per (split,
-category, embedding, layer) and calls the functions here. The cosine rule (9.4) is written
-once with ``xp.`` and runs on NumPy or CuPy; per shot count k every (concept, trial) is one
+category, embedding, layer) and calls the functions here. The cosine rule (9.4) is Array API
+standard code on the features' own namespace and device (NumPy, CuPy, torch; the host-drawn
+index lists cross with ``to_device``, counts come back with ``to_host``); per shot count k every (concept, trial) is one
 row of a matrix, so support means, cosines and F1-optimal thresholds of all of them come
 from a few matrix products and sorts. The hyperplane rule (9.3) trains with torch: autograd
 gives the logistic gradient, ``torch.optim.Adam`` is the optimiser A9 names, the same code
@@ -16,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from rep_pipeline.pipeline.backend import Backend
+from rep_pipeline.pipeline.backend import Backend, bincount, device, namespace, sparse_product, to_device, to_host
 from rep_pipeline.pipeline.errors import ConfigError
 
 MIN_TRAIN_POSITIVES = 10  # A8: a concept needs >= 10 positive train objects (and both classes in test)
@@ -171,36 +172,42 @@ def _labelled_pairs(s: ObjectSet, images: _Images, concept_of_seg: np.ndarray, s
 
 
 def _row_norms(xp: Any, x: Any) -> Any:
-    return xp.sqrt(xp.einsum("ij,ij->i", x, x))
+    xp = namespace(x)
+    return xp.sqrt(xp.linalg.vecdot(x, x))
 
 
 def _pair_cosines(be: Backend, x: Any, norms: Any, directions: Any, obj: np.ndarray, seg: np.ndarray,
                   block: int = 16384) -> Any:
     """cos(x[obj[j]], directions[seg[j]]) for every pair j: the objects that occur in any pair
-    against all directions, as one matrix product (blocked over rows to bound temporaries)."""
-    xp = be.xp
+    against all directions, as one matrix product (blocked over rows to bound temporaries).
+    The pairs are host index lists; they cross to the features' device explicitly."""
+    xp, dev = namespace(x, directions), device(x)
     used = np.zeros(x.shape[0], dtype=bool)
     used[obj] = True
     rows = np.flatnonzero(used)
     where = np.cumsum(used) - 1
-    unit = directions / xp.maximum(_row_norms(xp, directions), 1e-30)[:, None]
-    cos = xp.empty((rows.size, directions.shape[0]), dtype=xp.float32)
+    unit = directions / xp.clip(_row_norms(xp, directions), min=1e-30)[:, None]
+    n_dir = directions.shape[0]
+    cos = xp.empty((rows.size, n_dir), dtype=xp.float32, device=dev)
     for lo in range(0, rows.size, block):
-        r = be.asarray(rows[lo:lo + block])
-        cos[lo:lo + r.size] = (x[r] @ unit.T) / xp.maximum(norms[r], 1e-30)[:, None]
-    return cos[be.asarray(where[obj]), be.asarray(seg)]
+        r = to_device(rows[lo:lo + block], x)
+        hi = lo + r.shape[0]
+        cos[lo:hi, :] = (xp.take(x, r, axis=0) @ unit.T) / xp.clip(xp.take(norms, r), min=1e-30)[:, None]
+    pick = to_device(where[obj].astype(np.int64) * n_dir + np.asarray(seg, dtype=np.int64), x)
+    return xp.take(xp.reshape(cos, (-1,)), pick)
 
 
 def _stable_argsort(xp: Any, a: Any) -> Any:
-    """CuPy's argsort is always stable (and takes no ``kind``); NumPy's needs asking."""
-    return xp.argsort(a, kind="stable") if xp is np else xp.argsort(a)
+    """A stable argsort (the standard's ``stable=True``; NumPy's by ``kind="stable"``)."""
+    return namespace(a).argsort(a, stable=True)
 
 
 def _sort_within(xp: Any, seg: Any, key: Any) -> Any:
     """Order putting segments in ascending order and, inside each, ``key`` descending; equal
     keys keep their input order (two stable sorts, as ``lexsort`` does)."""
+    xp = namespace(seg, key)
     first = _stable_argsort(xp, -key)
-    return first[_stable_argsort(xp, seg[first])]
+    return xp.take(first, _stable_argsort(xp, xp.take(seg, first)))
 
 
 def _f1_thresholds(xp: Any, cos: Any, is_pos: Any, seg: Any, n_seg: int) -> tuple[Any, Any]:
@@ -212,20 +219,22 @@ def _f1_thresholds(xp: Any, cos: Any, is_pos: Any, seg: Any, n_seg: int) -> tupl
     as TP/(TP + FP + P), a correctly rounded quotient of integers, so equal F1s compare equal
     and the first maximiser in descending order (the largest t) wins.
     """
+    xp, dev = namespace(cos, is_pos, seg), device(cos)
     order = _sort_within(xp, seg, cos)
-    c, p, s = cos[order], is_pos[order].astype(xp.float64), seg[order]
-    sizes = xp.bincount(s, minlength=n_seg)
-    starts = xp.cumsum(sizes) - sizes
-    n_pos = xp.bincount(s, weights=p, minlength=n_seg)
-    run = xp.cumsum(p)
-    before = xp.concatenate([xp.zeros(1), run])[starts]
-    tp = run - before[s]
-    fp = (xp.arange(s.size) - starts[s] + 1) - tp
-    last = xp.ones(s.size, dtype=bool)
+    c, p, s = xp.take(cos, order), xp.astype(xp.take(is_pos, order), xp.float64), xp.take(seg, order)
+    n = s.shape[0]
+    sizes = bincount(s, n_seg)
+    starts = xp.cumulative_sum(sizes) - sizes
+    n_pos = bincount(s, n_seg, weights=p)
+    run = xp.cumulative_sum(p)
+    before = xp.take(xp.concat([xp.zeros(1, dtype=run.dtype, device=dev), run]), starts)
+    tp = run - xp.take(before, s)
+    fp = xp.astype(xp.arange(n, dtype=xp.int64, device=dev) - xp.take(starts, s) + 1, xp.float64) - tp
+    last = xp.ones(n, dtype=xp.bool, device=dev)
     last[:-1] = (s[1:] != s[:-1]) | (c[1:] != c[:-1])
-    score = xp.where(last, tp / (tp + fp + n_pos[s]), -1.0)
-    best = _sort_within(xp, s, score)[starts]
-    return c[best], 2 * score[best]
+    score = xp.where(last, tp / (tp + fp + xp.take(n_pos, s)), -1.0)
+    best = xp.take(_sort_within(xp, s, score), starts)
+    return xp.take(c, best), 2 * xp.take(score, best)
 
 
 def _draw(rng: np.random.Generator, pool: np.ndarray, n: int) -> np.ndarray:
@@ -275,7 +284,6 @@ def cosine_probe(be: Backend, train: ObjectSet, test: ObjectSet, concepts: Seque
     support (query) objects to all directions one product, thresholds from two segmented
     sorts, counts from ``bincount``.
     """
-    xp = be.xp
     rows: list[dict] = []
     skipped: list[dict] = []
     shared = test is train
@@ -283,6 +291,7 @@ def cosine_probe(be: Backend, train: ObjectSet, test: ObjectSet, concepts: Seque
     te_img = tr_img if shared else _Images.of(test)
     n_c = train.positive.shape[1]
     x_tr, x_te = train.features, test.features
+    xp = namespace(x_tr, x_te)
     norms_tr = _row_norms(xp, x_tr)
     norms_te = norms_tr if shared else _row_norms(xp, x_te)
 
@@ -291,10 +300,9 @@ def cosine_probe(be: Backend, train: ObjectSet, test: ObjectSet, concepts: Seque
     key = np.asarray(train.image, dtype=np.int64)[obj] * n_c + cc
     order = np.argsort(key, kind="stable")
     keys, sizes = np.unique(key[order], return_counts=True)
-    indptr = np.concatenate([[0], np.cumsum(sizes)])
-    gather = be.sparse.csr_matrix((be.asarray(np.ones(obj.size, np.float32)), be.asarray(obj[order]),
-                                   be.asarray(indptr)), shape=(keys.size, x_tr.shape[0]))
-    sums = xp.asarray(gather @ x_tr)
+    gather_rows = np.repeat(np.arange(keys.size), sizes)
+    sums = sparse_product(to_device(gather_rows, x_tr), to_device(obj[order], x_tr),
+                          to_device(np.ones(obj.size, np.float32), x_tr), (keys.size, x_tr.shape[0]), x_tr)
 
     reasons = {c: _eligibility(train, test, c) for c in concepts}
     for k in ks:
@@ -331,25 +339,25 @@ def cosine_probe(be: Backend, train: ObjectSet, test: ObjectSet, concepts: Seque
         sel_rows = np.searchsorted(keys, support * n_c + concept_of[:, None])     # (R, k) rows of ``sums``
         n_plus = tr_img.n_pos[support, concept_of[:, None]].sum(1)
         weights = np.repeat(1.0 / n_plus, k).astype(np.float32)
-        select = be.sparse.csr_matrix((be.asarray(weights), be.asarray(sel_rows.ravel()),
-                                       be.asarray(np.arange(0, n_seg * k + 1, k))), shape=(n_seg, keys.size))
-        directions = xp.asarray(select @ sums)
+        directions = sparse_product(to_device(np.repeat(np.arange(n_seg), k), sums),
+                                    to_device(sel_rows.ravel().astype(np.int64), sums), to_device(weights, sums),
+                                    (n_seg, keys.size), sums)
 
         # thresholds on the support objects (D+ and D-)
         seg_ids = np.arange(n_seg)
         s_obj, s_seg, s_pos = _labelled_pairs(train, tr_img, concept_of, np.repeat(seg_ids, k), support.ravel())
         s_cos = _pair_cosines(be, x_tr, norms_tr, directions, s_obj, s_seg)
-        thresholds, _ = _f1_thresholds(xp, s_cos, be.asarray(s_pos), be.asarray(s_seg), n_seg)
+        thresholds, _ = _f1_thresholds(xp, s_cos, to_device(s_pos, s_cos), to_device(s_seg, s_cos), n_seg)
 
         # counts on the query objects
         q = queries.shape[1]
         q_obj, q_seg, q_pos = _labelled_pairs(test, te_img, concept_of, np.repeat(seg_ids, q), queries.ravel())
         q_cos = _pair_cosines(be, x_te, norms_te, directions, q_obj, q_seg)
-        seg_d, pos_d = be.asarray(q_seg), be.asarray(q_pos)
-        said = q_cos >= thresholds[seg_d]
-        counts = [be.to_numpy(xp.bincount(seg_d, weights=m.astype(xp.float64), minlength=n_seg)).astype(np.int64)
+        seg_d, pos_d = to_device(q_seg, q_cos), to_device(q_pos, q_cos)
+        said = q_cos >= xp.take(thresholds, seg_d)
+        counts = [to_host(bincount(seg_d, n_seg, weights=xp.astype(m, xp.float64))).astype(np.int64)
                   for m in (said & pos_d, said & ~pos_d, ~said & ~pos_d, ~said & pos_d)]   # tp, fp, tn, fn
-        t_host = be.to_numpy(thresholds)
+        t_host = to_host(thresholds)
         for r, (c, t, *_) in enumerate(plan):
             rows.append(_row(c, int(k), t, [cn[r] for cn in counts], t_host[r], seed + t))
     rows.sort(key=lambda row: (row["concept"], row["k_shot"], row["trial"]))
