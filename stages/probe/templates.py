@@ -11,8 +11,9 @@ runs on the CPU or on CUDA, and CuPy features cross to torch without a copy via 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -506,6 +507,25 @@ def _adam_tables(steps: np.ndarray, done: np.ndarray, n_steps: int, cfg: "Hyperp
     return (cfg.lr / (1 - betas[0] ** t)).astype(np.float32), np.sqrt(1 - betas[1] ** t).astype(np.float32)
 
 
+GATHER_BYTES = 1 << 20  # a step gathers its batches in chunks of about this size (a core's L2 cache)
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block (None: unchanged). The steps'
+    operations are on cache-sized chunks, where waking a second thread costs more than it
+    saves, and on a busy machine far more (a step waits for the slowest thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _train(xs: list[Any], problems: list[_Problem], cfg: "HyperplaneSettings", device: str,
            trace: Callable[[int, RoundTrace], None] | None) -> tuple[np.ndarray, np.ndarray]:
     """Every problem's hyperplane as one batched problem: (W (P, D), b (P,)).
@@ -560,6 +580,12 @@ def _train(xs: list[Any], problems: list[_Problem], cfg: "HyperplaneSettings", d
         back[order] = np.arange(len(problems))
         return w.cpu().numpy()[back], bias.cpu().numpy()[back]
 
+    # a step's batches in chunks of problems small enough to stay in a core's cache between the
+    # gather and the two products (one problem at D = 768), into buffers allocated once
+    chunk = max(1, GATHER_BYTES // (b * width * 4))
+    zbuf = torch.empty((min(chunk, len(problems)) * b, width), device=device)
+    lbuf, gbuf = torch.empty((len(problems), b, 1), device=device), torch.empty((len(problems), 1, width), device=device)
+    ubuf, dbuf = torch.empty_like(theta), torch.empty_like(theta)
     for pr in ordered:
         n = pr.n_negatives(cfg)
         pr.negatives = np.sort(pr.rng.choice(pr.pool, n, replace=False)) if pr.pool.size > n else pr.pool
@@ -567,16 +593,21 @@ def _train(xs: list[Any], problems: list[_Problem], cfg: "HyperplaneSettings", d
         rows, labels, weights = (torch.from_numpy(a).to(device) for a in _round_schedule(ordered, offsets, cfg, n_steps))
         step_size, bias2 = (torch.from_numpy(a).to(device)[..., None]
                             for a in _adam_tables(steps, (rnd - 1) * steps, n_steps, cfg, betas))
-        with torch.no_grad():
+        with torch.no_grad(), _threads(1 if device == "cpu" else None):
             for s in range(n_steps):
                 a = live[s]
-                z = stacked.index_select(0, rows[s, :a].reshape(-1)).view(a, b, width)
-                th, m_a, v_a = theta[:a], m[:a], v[:a]
-                dl = torch.sigmoid(torch.bmm(z, th[:, :, None])[:, :, 0]).sub_(labels[s, :a]).mul_(weights[s, :a])
-                g = torch.bmm(dl[:, None, :], z)[:, 0]
+                for lo in range(0, a, chunk):  # gradients of the live problems' batch means
+                    hi = min(lo + chunk, a)
+                    z = torch.index_select(stacked, 0, rows[s, lo:hi].reshape(-1), out=zbuf[:(hi - lo) * b])
+                    z = z.view(hi - lo, b, width)
+                    dl = torch.bmm(z, theta[lo:hi, :, None], out=lbuf[lo:hi]).view(hi - lo, b)
+                    dl.sigmoid_().sub_(labels[s, lo:hi]).mul_(weights[s, lo:hi])
+                    torch.bmm(dl.view(hi - lo, 1, b), z, out=gbuf[lo:hi])
+                g, th, m_a, v_a = gbuf[:a, 0], theta[:a], m[:a], v[:a]   # Adam on the prefix
                 m_a.mul_(betas[0]).add_(g, alpha=1 - betas[0])
                 v_a.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
-                th.sub_(m_a.mul(step_size[s, :a]).div_(v_a.sqrt().div_(bias2[s, :a]).add_(eps)))
+                denom = torch.sqrt(v_a, out=dbuf[:a]).div_(bias2[s, :a]).add_(eps)
+                th.sub_(torch.mul(m_a, step_size[s, :a], out=ubuf[:a]).div_(denom))
             if rnd < cfg.rounds:  # per feature set, one product of its objects with its problems' templates
                 scores = [(stacked[lo:lo + n] @ theta[ks].T).cpu().numpy() if ks.size else None
                           for lo, n, ks in zip(offsets, sizes, members)]
