@@ -230,7 +230,8 @@ class ProbeWorker:
         return out
 
     def _read_and_train(self, group: list[tuple[str, int]], train: ModelSplit, test: ModelSplit,
-                        categories: list[Category], objects: dict, book: Any, be: Any, device: str) -> tuple[dict, dict]:
+                        categories: list[Category], objects: dict, book: Any, be: Any,
+                        device: str) -> tuple[dict, dict]:
         """The features of ``group``'s settings, {(embedding, layer, object): (features of both
         splits, {category: (train, test ObjectSet)})}, and the hyperplanes of its settings that
         have no stored templates, {(embedding, layer, object, category): (rows, templates,
@@ -240,7 +241,8 @@ class ProbeWorker:
         for emb, layer in group:
             for obj in cfg.objects:
                 feats = {s: (g.read_features(emb, layer, 0, g.n_images) if obj == "patch"
-                             else g.class_features(emb)[g.layer_slot(layer)]) for s, g in (("train", train), ("test", test))}
+                             else g.class_features(emb)[g.layer_slot(layer)])
+                         for s, g in (("train", train), ("test", test))}
                 sets[emb, layer, obj] = feats, {cat.name: tuple(objects[(obj, cat.name, split)].with_features(
                     feats[split], be) for split in ("train", "test")) for cat in categories}
         if "hyperplane" not in cfg.rules:

@@ -4,9 +4,11 @@ No I/O and no Ray: the probe stage reads the store, builds one ``ObjectSet`` per
 category, embedding, layer) and calls the functions here. The cosine rule (9.4) is written
 once with ``xp.`` and runs on NumPy or CuPy; per shot count k every (concept, trial) is one
 row of a matrix, so support means, cosines and F1-optimal thresholds of all of them come
-from a few matrix products and sorts. The hyperplane rule (9.3) trains with torch: autograd
-gives the logistic gradient, ``torch.optim.Adam`` is the optimiser A9 names, the same code
-runs on the CPU or on CUDA, and CuPy features cross to torch without a copy via DLPack.
+from a few matrix products and sorts. The hyperplane rule (9.3) trains with torch, every
+template of every feature set handed over (``hyperplane_probes``) as one batched problem:
+A9's schedule per template, Adam's update written out (torch's, per template), the logistic
+gradient written out; the same code runs on the CPU or on CUDA, and CuPy features cross to
+torch without a copy via DLPack.
 """
 from __future__ import annotations
 
@@ -526,6 +528,15 @@ def _threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def _lanes(n: int) -> Iterator[Any]:
+    """A pool of ``n - 1`` threads beside the caller's (torch's kernels release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, n - 1), thread_name_prefix="hyperplanes") as pool:
+        yield pool
+
+
 def _train(xs: list[Any], problems: list[_Problem], cfg: "HyperplaneSettings", device: str,
            trace: Callable[[int, RoundTrace], None] | None) -> tuple[np.ndarray, np.ndarray]:
     """Every problem's hyperplane as one batched problem: (W (P, D), b (P,)).
@@ -582,32 +593,47 @@ def _train(xs: list[Any], problems: list[_Problem], cfg: "HyperplaneSettings", d
 
     # a step's batches in chunks of problems small enough to stay in a core's cache between the
     # gather and the two products (one problem at D = 768), into buffers allocated once
+    # on the CPU split between threads, each its own gather buffer, one intra-op thread each
     chunk = max(1, GATHER_BYTES // (b * width * 4))
-    zbuf = torch.empty((min(chunk, len(problems)) * b, width), device=device)
-    lbuf, gbuf = torch.empty((len(problems), b, 1), device=device), torch.empty((len(problems), 1, width), device=device)
+    lanes = torch.get_num_threads() if device == "cpu" else 1
+    zbufs = [torch.empty((min(chunk, len(problems)) * b, width), device=device) for _ in range(lanes)]
+    lbuf = torch.empty((len(problems), b, 1), device=device)
+    gbuf = torch.empty((len(problems), 1, width), device=device)
+
+    def gradients(s: int, lo: int, hi: int, zbuf: Any) -> None:
+        """Problems lo..hi-1 at step s: their batches' mean logistic gradients into ``gbuf``."""
+        for c0 in range(lo, hi, chunk):
+            c1 = min(c0 + chunk, hi)
+            z = torch.index_select(stacked, 0, rows[s, c0:c1].reshape(-1), out=zbuf[:(c1 - c0) * b])
+            z = z.view(c1 - c0, b, width)
+            dl = torch.bmm(z, theta[c0:c1, :, None], out=lbuf[c0:c1]).view(c1 - c0, b)
+            dl.sigmoid_().sub_(labels[s, c0:c1]).mul_(weights[s, c0:c1])
+            torch.bmm(dl.view(c1 - c0, 1, b), z, out=gbuf[c0:c1])
+
     ubuf, dbuf = torch.empty_like(theta), torch.empty_like(theta)
     for pr in ordered:
         n = pr.n_negatives(cfg)
         pr.negatives = np.sort(pr.rng.choice(pr.pool, n, replace=False)) if pr.pool.size > n else pr.pool
     for rnd in range(1, cfg.rounds + 1):
-        rows, labels, weights = (torch.from_numpy(a).to(device) for a in _round_schedule(ordered, offsets, cfg, n_steps))
+        schedule = _round_schedule(ordered, offsets, cfg, n_steps)
+        rows, labels, weights = (torch.from_numpy(a).to(device) for a in schedule)
         step_size, bias2 = (torch.from_numpy(a).to(device)[..., None]
                             for a in _adam_tables(steps, (rnd - 1) * steps, n_steps, cfg, betas))
-        with torch.no_grad(), _threads(1 if device == "cpu" else None):
+        with torch.no_grad(), _threads(1 if device == "cpu" else None), _lanes(lanes) as pool:
             for s in range(n_steps):
                 a = live[s]
-                for lo in range(0, a, chunk):  # gradients of the live problems' batch means
-                    hi = min(lo + chunk, a)
-                    z = torch.index_select(stacked, 0, rows[s, lo:hi].reshape(-1), out=zbuf[:(hi - lo) * b])
-                    z = z.view(hi - lo, b, width)
-                    dl = torch.bmm(z, theta[lo:hi, :, None], out=lbuf[lo:hi]).view(hi - lo, b)
-                    dl.sigmoid_().sub_(labels[s, lo:hi]).mul_(weights[s, lo:hi])
-                    torch.bmm(dl.view(hi - lo, 1, b), z, out=gbuf[lo:hi])
+                cut = np.linspace(0, a, lanes + 1).astype(int) if a > chunk else np.array([0, a])
+                done = [pool.submit(gradients, s, int(lo), int(hi), zbuf)
+                        for lo, hi, zbuf in zip(cut[1:-1], cut[2:], zbufs[1:])]
+                gradients(s, int(cut[0]), int(cut[1]), zbufs[0])
+                for f in done:
+                    f.result()
                 g, th, m_a, v_a = gbuf[:a, 0], theta[:a], m[:a], v[:a]   # Adam on the prefix
                 m_a.mul_(betas[0]).add_(g, alpha=1 - betas[0])
                 v_a.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
                 denom = torch.sqrt(v_a, out=dbuf[:a]).div_(bias2[s, :a]).add_(eps)
                 th.sub_(torch.mul(m_a, step_size[s, :a], out=ubuf[:a]).div_(denom))
+        with torch.no_grad():
             if rnd < cfg.rounds:  # per feature set, one product of its objects with its problems' templates
                 scores = [(stacked[lo:lo + n] @ theta[ks].T).cpu().numpy() if ks.size else None
                           for lo, n, ks in zip(offsets, sizes, members)]
