@@ -5,7 +5,7 @@ import pytest
 from rep_pipeline.pipeline.errors import ConfigError
 from rep_pipeline.stages.probe.templates import (
     ObjectSet, RoundTrace, _f1_thresholds, balanced_metrics, cosine_probe, evaluate_hyperplane, hard_negatives,
-    hyperplane_probe, image_labels,
+    hyperplane_probe, hyperplane_probes, image_labels,
 )
 
 
@@ -265,6 +265,78 @@ def test_hyperplane_finds_a_planted_direction():
     acc = {r["concept"]: r["accuracy"] for r in rows}
     # raw features, A9's Adam at lr 1e-3 for 15 short epochs: the bias is still far from trained
     assert acc[0] > 0.8 and acc[0] > acc[1] + 0.15
+
+
+def _reference_hyperplanes(train, concepts, seed, rounds=5, epochs=3, lr=1e-3, batch=256, ratio=20):
+    """Section 9.3 and A9 as written, one concept at a time, one Python step per batch:
+    ``torch.optim.Adam`` on (w, b), autograd through the batch's mean logistic loss, the
+    features centred and the template mapped back (b = b' + w.mu). {c: (w, b, [N_1..N_R])}."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.from_numpy(train.features)
+    mu = x.mean(0)
+    x = x - mu
+    out = {}
+    for c in concepts:
+        rng = np.random.default_rng([seed, c])
+        pos, pool = np.flatnonzero(train.positive[:, c]), np.flatnonzero(train.negative[:, c])
+        if pool.size > ratio * pos.size:
+            pool = np.sort(rng.choice(pool, ratio * pos.size, replace=False))
+        m = 2 * pos.size
+        neg = np.sort(rng.choice(pool, m, replace=False)) if pool.size > m else pool
+        w = torch.zeros(x.shape[1], requires_grad=True)
+        b = torch.zeros((), requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=lr)
+        seen = []
+        for r in range(rounds):
+            seen.append(neg)
+            objs = np.concatenate([pos, neg])
+            ys = np.concatenate([np.ones(pos.size), np.zeros(neg.size)]).astype(np.float32)
+            for _ in range(epochs):
+                perm = rng.permutation(objs.size)
+                for lo in range(0, objs.size, batch):
+                    at = perm[lo:lo + batch]
+                    loss = F.binary_cross_entropy_with_logits(x[objs[at]] @ w - b, torch.from_numpy(ys[at]))
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            if r < rounds - 1 and pool.size > m:
+                with torch.no_grad():
+                    scores = (x[pool] @ w - b).numpy().astype(np.float64)
+                neg = pool[np.sort(np.argsort(-scores, kind="stable")[:m])]
+        with torch.no_grad():
+            out[c] = (w.numpy().copy(), float(b + w @ mu), seen)
+    return out
+
+
+def test_batched_hyperplanes_equal_the_sequential_algorithm():
+    """Several sets (two patch sets of different sizes, a class-token set) trained as one batched
+    problem give each concept the template, and every round the negatives, of A9 run alone."""
+    sets = [(_patches(n_images=40, per=10, n_concepts=4, seed=5, present=4), [0, 1, 2, 3], 11),
+            (_patches(n_images=25, per=12, n_concepts=3, dim=8, seed=8, present=2), [0, 1, 2], 12)]
+    present = np.random.default_rng(3).random((120, 3)) < [0.5, 0.3, 0.1]
+    sets.append((_tokens(present, seed=4), [0, 1, 2], 13))
+    small = dict(batch=64, pool_ratio=3)  # many steps, partial batches, capped pools, one pool <= 2 |D+|
+    seen = {}
+    out = hyperplane_probes([(s, s, cs, seed) for s, cs, seed in sets],
+                            trace=lambda i, r: seen.setdefault((i, r.concept), []).append(r), **small)
+    for i, (s, cs, seed) in enumerate(sets):
+        ref = _reference_hyperplanes(s, cs, seed, batch=64, ratio=3)
+        rows, fitted, skipped = out[i]
+        assert skipped == [] and sorted(fitted) == cs
+        for c in cs:
+            w, b, negatives = ref[c]
+            scale = np.abs(w).max()
+            np.testing.assert_allclose(fitted[c][0], w, rtol=0, atol=1e-5 * scale)
+            assert fitted[c][1] == pytest.approx(b, rel=1e-5, abs=1e-5 * scale)
+            assert len(seen[i, c]) == 5
+            for r, n in zip(seen[i, c], negatives):
+                np.testing.assert_array_equal(r.negatives, n)
+        alone = hyperplane_probe(s, s, cs, seed, **small)
+        assert alone[0] == rows
+        for c in cs:
+            np.testing.assert_array_equal(alone[1][c][0], fitted[c][0])
 
 
 def test_cosine_template_reproduces_a_trial_of_the_probe():

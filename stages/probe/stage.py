@@ -182,19 +182,23 @@ class ProbeWorker:
                    for obj in cfg.objects for cat in categories for split in ("train", "test")}
         # figure d4: the example image where each concept covers the largest area (-1: none)
         shown = {cat.name: _largest_area(cat.test[:examples], len(cat.classes)) for cat in categories}
+        # the settings in groups read together, each group's hyperplanes trained as one problem
+        groups = {g[0]: g for g in _setting_groups(self.settings, train.n_images * (grid * grid + 1)
+                                                              * train.meta.embed_dim * 4)}
         for emb, layer in self.settings:
+            if (emb, layer) in groups:
+                sets, trained = self._read_and_train(groups[emb, layer], train, test, categories, objects, book, be,
+                                                     device)
             weights = np.zeros((len(concepts), train.meta.embed_dim), np.float32)
             bias = np.full(len(concepts), np.nan, np.float32)
             reuse = book is not None and book.is_done(emb, layer)
             if reuse:
                 weights, bias = book.read(emb, layer)
-            seed = int(np.random.default_rng([cfg.seed, EMBEDDINGS.index(emb), layer]).integers(2**31))
+            seed = _seed(cfg, emb, layer)
             for obj in cfg.objects:
-                feats = {s: (g.read_features(emb, layer, 0, g.n_images) if obj == "patch"
-                             else g.read_class_features(emb, layer)) for s, g in (("train", train), ("test", test))}
+                feats, pairs = sets.pop((emb, layer, obj))
                 for cat in categories:
-                    tr = objects[(obj, cat.name, "train")].with_features(feats["train"], be)
-                    te = objects[(obj, cat.name, "test")].with_features(feats["test"], be)
+                    tr, te = pairs[cat.name]
                     ids = list(range(len(cat.classes)))
                     where = {"embedding": emb, "layer": layer, "object": obj, "category": cat.name}
                     if "hyperplane" in cfg.rules:
@@ -203,7 +207,7 @@ class ProbeWorker:
                             stored = {c: (weights[slot], float(bias[slot])) for c, slot in zip(ids, slots)}
                             rows, skipped = templates.evaluate_hyperplanes(tr, te, stored, ids, seed)
                         else:
-                            rows, fitted, skipped = templates.hyperplane_probe(tr, te, ids, seed, device)
+                            rows, fitted, skipped = trained.pop((emb, layer, obj, cat.name))
                             for c, (w, b) in fitted.items():
                                 weights[index[(obj, cat.name, c)]], bias[index[(obj, cat.name, c)]] = w, b
                         out["rows"] += [dict(r, rule="hyperplane", **where) for r in rows]
@@ -224,6 +228,30 @@ class ProbeWorker:
             self.done += 1
         return out
 
+    def _read_and_train(self, group: list[tuple[str, int]], train: ModelSplit, test: ModelSplit,
+                        categories: list[Category], objects: dict, book: Any, be: Any,
+                        device: str) -> tuple[dict, dict]:
+        """The features of ``group``'s settings, {(embedding, layer, object): (features of both
+        splits, {category: (train, test ObjectSet)})}, and the hyperplanes of its settings that
+        have no stored templates, {(embedding, layer, object, category): (rows, templates,
+        skipped)}, trained together (``templates.hyperplane_probes``)."""
+        cfg = self.cfg
+        sets = {}
+        for emb, layer in group:
+            for obj in cfg.objects:
+                feats = {s: (g.read_features(emb, layer, 0, g.n_images) if obj == "patch"
+                             else g.read_class_features(emb, layer))
+                         for s, g in (("train", train), ("test", test))}
+                sets[emb, layer, obj] = feats, {cat.name: tuple(objects[(obj, cat.name, split)].with_features(
+                    feats[split], be) for split in ("train", "test")) for cat in categories}
+        if "hyperplane" not in cfg.rules:
+            return sets, {}
+        keys = [(emb, layer, obj, cat) for emb, layer in group if not (book is not None and book.is_done(emb, layer))
+                for obj in cfg.objects for cat in categories]
+        fits = templates.hyperplane_probes([(*sets[emb, layer, obj][1][cat.name], list(range(len(cat.classes))),
+                                             _seed(cfg, emb, layer)) for emb, layer, obj, cat in keys], device)
+        return sets, {(emb, layer, obj, cat.name): fit for (emb, layer, obj, cat), fit in zip(keys, fits)}
+
     def _cosine_masks(self, shown: np.ndarray, tr: ObjectSet, test_feats: np.ndarray, grid: int,
                       where: dict) -> dict[str, Any]:
         """Figure d4's cosine column: per concept, the patch decisions of its cosine template
@@ -238,6 +266,23 @@ class ProbeWorker:
                 cos = z @ a / (np.linalg.norm(z, axis=1) * np.linalg.norm(a) + 1e-30)
                 decisions[int(c)] = (cos >= t).reshape(grid, grid)
         return {**where, "decisions": decisions}
+
+
+HYPERPLANE_BATCH_BYTES = 1 << 30  # train features of the settings whose hyperplanes train as one problem
+
+
+def _setting_groups(settings: list[tuple[str, int]], per_setting: int,
+                    budget: int = HYPERPLANE_BATCH_BYTES) -> list[list[tuple[str, int]]]:
+    """The worker's settings in consecutive groups of at most ``budget`` bytes of train
+    features (``per_setting`` each; at least one setting a group): a group's features are
+    read together and its hyperplanes trained as one batched problem."""
+    n = max(1, budget // max(per_setting, 1))
+    return [settings[i:i + n] for i in range(0, len(settings), n)]
+
+
+def _seed(cfg: ProbeConfig, emb: str, layer: int) -> int:
+    """The hyperplanes' seed of one (embedding, layer) (A9: per concept, embedding, layer)."""
+    return int(np.random.default_rng([cfg.seed, EMBEDDINGS.index(emb), layer]).integers(2**31))
 
 
 def _largest_area(labels: np.ndarray, n_classes: int) -> np.ndarray:

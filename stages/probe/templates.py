@@ -5,15 +5,18 @@ category, embedding, layer) and calls the functions here. The cosine rule (9.4) 
 standard code on the features' own namespace and device (NumPy, CuPy, torch; the host-drawn
 index lists cross with ``to_device``, counts come back with ``to_host``); per shot count k every (concept, trial) is one
 row of a matrix, so support means, cosines and F1-optimal thresholds of all of them come
-from a few matrix products and sorts. The hyperplane rule (9.3) trains with torch: autograd
-gives the logistic gradient, ``torch.optim.Adam`` is the optimiser A9 names, the same code
-runs on the CPU or on CUDA, and CuPy features cross to torch without a copy via DLPack.
+from a few matrix products and sorts. The hyperplane rule (9.3) trains with torch, every
+template of every feature set handed over (``hyperplane_probes``) as one batched problem:
+A9's schedule per template, Adam's update written out (torch's, per template), the logistic
+gradient written out; the same code runs on the CPU or on CUDA, and CuPy features cross to
+torch without a copy via DLPack.
 """
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -400,12 +403,19 @@ class RoundTrace:
 
 def hard_negatives(scores: Any, pool: np.ndarray, m: int) -> np.ndarray:
     """The ``m`` entries of ``pool`` with the highest ``scores`` (w . z - b of each pool entry),
-    ties to the earlier entry, in pool order; all of ``pool`` when it has at most ``m``."""
+    ties to the earlier entry, in pool order; all of ``pool`` when it has at most ``m``.
+
+    What a stable sort of the scores, descending, would take, found by one partition: every
+    entry above the m-th highest score, and the earliest of those equal to it."""
     if pool.size <= m:
         return pool
     s = np.asarray(scores, dtype=np.float64)
-    top = np.argsort(-s, kind="stable")[:m]
-    return pool[np.sort(top)]
+    if np.isnan(s).any():  # NaN sorts last; keep the sort's answer
+        return pool[np.sort(np.argsort(-s, kind="stable")[:m])]
+    cut = np.partition(s, s.size - m)[s.size - m]
+    take = s > cut
+    take[np.flatnonzero(s == cut)[:m - int(take.sum())]] = True
+    return pool[take]
 
 
 def _to_torch(a: Any, device: str) -> Any:
@@ -418,122 +428,200 @@ def _to_torch(a: Any, device: str) -> Any:
 
 
 @dataclass
-class _Concept:
-    """One concept's training state: its pools, its generator, its parameters."""
+class _Problem:
+    """One template to train: a concept of one feature set, its pools and its generator."""
 
     concept: int
+    source: int            # which training feature set (a row block of the stacked features)
     rng: np.random.Generator
     positives: np.ndarray
     pool: np.ndarray
     negatives: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # N_r of the current round
 
+    def n_negatives(self, cfg: "HyperplaneSettings") -> int:
+        """|N_r|: 2 |D+|, or all of D- if it is smaller (the same in every round)."""
+        return min(cfg.negatives_per_positive * self.positives.size, self.pool.size)
 
-def _round_schedule(states: list[_Concept], batch: int, epochs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For one round: (objects (C, steps, batch), labels, valid) with -1 / False padding. Each
-    concept runs ``epochs`` shuffles of D+ plus N_r in batches (the last of an epoch partial)."""
-    per: list[tuple[list[np.ndarray], list[np.ndarray]]] = []
-    for st in states:
-        objs = np.concatenate([st.positives, st.negatives])
-        ys = np.concatenate([np.ones(st.positives.size, np.float32), np.zeros(st.negatives.size, np.float32)])
-        bo, by = [], []
-        for _ in range(epochs):
-            perm = st.rng.permutation(objs.size)
-            bo += np.array_split(objs[perm], range(batch, objs.size, batch))
-            by += np.array_split(ys[perm], range(batch, objs.size, batch))
-        per.append((bo, by))
-    steps = max(len(bo) for bo, _ in per)
-    obj = np.full((len(states), steps, batch), -1, dtype=np.int64)
-    lab = np.zeros((len(states), steps, batch), dtype=np.float32)
-    for i, (bo, by) in enumerate(per):
-        for s, (o, y) in enumerate(zip(bo, by)):
-            obj[i, s, :o.size], lab[i, s, :o.size] = o, y
-    return obj, lab, obj >= 0
+    def steps(self, cfg: "HyperplaneSettings") -> int:
+        """Adam steps per round: ``epochs`` passes over D+ plus N_r in batches, the last partial."""
+        return cfg.epochs * -(-(self.positives.size + self.n_negatives(cfg)) // cfg.batch)
 
 
-class _RowAdam:
-    """Adam (torch's update, default betas and eps, no weight decay) over the rows of one
-    parameter matrix, each row with its own step count: a step updates only the rows given,
-    so every concept's template follows exactly the trajectory it would have alone, while
-    one vectorised step serves all concepts (``torch.optim.Adam`` over one tensor per concept
-    gave the same trajectories at several times the per-step cost)."""
+def _round_schedule(problems: list[_Problem], offsets: np.ndarray, cfg: "HyperplaneSettings",
+                    n_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One round of every problem as (rows, labels, weights), each (steps, problems, batch).
 
-    def __init__(self, param: Any, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
-        import torch
+    rows[s, k] is problem k's batch at its step s as rows of the stacked features: each
+    epoch a permutation of D+ then N_r (from the problem's generator, drawn in the order the
+    sequential algorithm draws them) cut into consecutive batches. Labels are 1 for D+;
+    weights 1 / the batch's size, so a product with them is the batch mean; padding (the
+    rest of a partial batch, the steps after a problem's last) has weight 0 and row 0."""
+    b = cfg.batch
+    rows = np.zeros((n_steps, len(problems), b), np.int64)
+    labels = np.zeros((n_steps, len(problems), b), np.float32)
+    weights = np.zeros((n_steps, len(problems), b), np.float32)
+    for k, pr in enumerate(problems):
+        objs = offsets[pr.source] + np.concatenate([pr.positives, pr.negatives])
+        n, n_pos = objs.size, pr.positives.size
+        per_epoch = -(-n // b)
+        j = np.arange(n)
+        step, slot = j // b, j % b
+        size = np.minimum(b, n - step * b)  # the size of the batch each position falls in
+        w = (1.0 / size).astype(np.float32)
+        for e in range(cfg.epochs):
+            perm = pr.rng.permutation(n)
+            at = e * per_epoch + step
+            rows[at, k, slot], labels[at, k, slot], weights[at, k, slot] = objs[perm], perm < n_pos, w
+    return rows, labels, weights
 
-        self.param, self.lr, (self.b1, self.b2), self.eps = param, lr, betas, eps
-        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
-        self.steps = torch.zeros(param.shape[0], dtype=torch.float64, device=param.device)
 
-    def step(self, rows: Any, grad: Any) -> None:
-        self.steps[rows] += 1
-        t = self.steps[rows].view(-1, *([1] * (grad.dim() - 1)))
-        m = self.m[rows].mul_(self.b1).add_(grad, alpha=1 - self.b1)
-        v = self.v[rows].mul_(self.b2).addcmul_(grad, grad, value=1 - self.b2)
-        self.m[rows], self.v[rows] = m, v
-        bias1, bias2 = (1 - self.b1 ** t).to(grad.dtype), (1 - self.b2 ** t).to(grad.dtype)
-        denom = (v.sqrt() / bias2.sqrt()).add_(self.eps)
-        self.param[rows] -= (self.lr / bias1) * m / denom
+def _adam_tables(steps: np.ndarray, done: np.ndarray, n_steps: int, cfg: "HyperplaneSettings",
+                 betas: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Adam's bias corrections for one round, (steps, problems) each: lr / (1 - b1^t) and
+    sqrt(1 - b2^t) at problem k's step count t = done[k] + s + 1 (1 where k has no step s)."""
+    t = done[None, :] + np.arange(1, n_steps + 1)[:, None]
+    t = np.where(np.arange(n_steps)[:, None] < steps[None, :], t, 1).astype(np.float64)
+    return (cfg.lr / (1 - betas[0] ** t)).astype(np.float32), np.sqrt(1 - betas[1] ** t).astype(np.float32)
 
 
-def _train(x: Any, states: list[_Concept], cfg: HyperplaneSettings, device: str,
-           trace: Callable[[RoundTrace], None] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Every concept's hyperplane, trained side by side: (W (C, D), b (C,)).
+GATHER_BYTES = 1 << 20  # a step gathers its batches in chunks of about this size (a core's L2 cache)
 
-    Each concept has its own row of W and b and its own Adam state (``_RowAdam``); a step
-    gathers the current batch of every concept that still has one this round and updates
-    those rows only, so each concept is trained exactly as alone, on its own data, while one
-    step serves all of them. The logistic loss's gradient is written out (sigmoid(s) - y per
-    object, averaged over the concept's batch): no autograd graph per step. Mining scores
-    every pool object of every concept in one product.
 
-    The optimiser sees the features centred (the split's mean object subtracted) and the
-    templates are mapped back to raw coordinates, b = b' + w.mu, as section 9.1 allows: on
-    uncentred features Adam at lr 1e-3 moves b about lr per step, and a template whose
-    direction ranks the positives perfectly still misplaces its threshold. (Scaling the
-    channels too would slow the separating directions, whose spread is the largest.)
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block (None: unchanged). The steps'
+    operations are on cache-sized chunks, where waking a second thread costs more than it
+    saves, and on a busy machine far more (a step waits for the slowest thread)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def _lanes(n: int) -> Iterator[Any]:
+    """A pool of ``n - 1`` threads beside the caller's (torch's kernels release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, n - 1), thread_name_prefix="hyperplanes") as pool:
+        yield pool
+
+
+def _train(xs: list[Any], problems: list[_Problem], cfg: "HyperplaneSettings", device: str,
+           trace: Callable[[int, RoundTrace], None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Every problem's hyperplane as one batched problem: (W (P, D), b (P,)).
+
+    ``xs`` are the training feature sets (N_j, D) as torch tensors; problem k trains on the
+    rows of ``xs[problems[k].source]``. Each problem is trained exactly as alone (its own
+    parameters, Adam state and step count, its own schedule), but the problems are stacked:
+    the feature sets centred (each its own mean object subtracted), a column of -1 appended
+    (so (w, b) is one row theta of a (P, D + 1) matrix and z.w - b one dot product), one
+    (N, D + 1) matrix; the problems sorted by their steps per round, longest first, so those
+    with a step s left are a prefix and their parameters and Adam moments contiguous views.
+    A round's sample schedule is drawn before its steps (``_round_schedule``), and a step is
+    one gather of every live problem's batch, two batched products (the logits and the
+    logistic gradient, sigmoid(s) - y averaged over the batch, written out: no autograd) and
+    Adam (torch's update, default betas and eps) on the prefix. Mining scores every object
+    of a feature set under all its problems' templates in one product per set.
+
+    The optimiser sees the features centred and the templates are mapped back to raw
+    coordinates, b = b' + w.mu, as section 9.1 allows: on uncentred features Adam at lr 1e-3
+    moves b about lr per step, and a template whose direction ranks the positives perfectly
+    still misplaces its threshold. (Scaling the channels too would slow the separating
+    directions, whose spread is the largest.)
     """
     import torch
 
-    mu = x.mean(0)
-    x = x - mu
+    d = xs[0].shape[1]
+    width = -(-(d + 1) // 16) * 16  # D + 1 columns padded to 64 bytes (zero columns stay zero)
+    sizes = np.array([x.shape[0] for x in xs])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    stacked = torch.zeros((int(sizes.sum()), width), device=device)
+    mus = torch.stack([x.mean(0) for x in xs])
+    for x, mu, lo in zip(xs, mus, offsets):
+        stacked[lo:lo + x.shape[0], :d] = x - mu
+        stacked[lo:lo + x.shape[0], d] = -1.0
+    steps = np.array([pr.steps(cfg) for pr in problems])
+    order = np.argsort(-steps, kind="stable")          # position -> problem, longest first
+    ordered = [problems[k] for k in order]
+    steps = steps[order]
+    n_steps = int(steps[0])
+    live = [int(a) for a in (steps[None, :] > np.arange(n_steps)[:, None]).sum(1)]   # prefix length per step
+    sources = np.array([pr.source for pr in ordered])
+    members = [np.flatnonzero(sources == j) for j in range(len(xs))]
+    betas, eps = (0.9, 0.999), 1e-8
+    theta = torch.zeros((len(problems), width), device=device)
+    m, v = torch.zeros_like(theta), torch.zeros_like(theta)
+    b = cfg.batch
 
-    def raw(W: Any, B: Any) -> tuple[np.ndarray, np.ndarray]:
-        return W.cpu().numpy(), (B + W @ mu).cpu().numpy()
+    def raw() -> tuple[np.ndarray, np.ndarray]:
+        w = theta[:, :d]
+        bias = theta[:, d] + torch.einsum("pd,pd->p", w, mus[torch.from_numpy(sources).to(device)])
+        back = np.empty(len(problems), np.int64)
+        back[order] = np.arange(len(problems))
+        return w.cpu().numpy()[back], bias.cpu().numpy()[back]
 
-    d = x.shape[1]
-    W = torch.zeros((len(states), d), device=device)
-    B = torch.zeros(len(states), device=device)
-    adam_w, adam_b = _RowAdam(W, cfg.lr), _RowAdam(B, cfg.lr)
-    for st in states:
-        m = cfg.negatives_per_positive * st.positives.size
-        st.negatives = np.sort(st.rng.choice(st.pool, m, replace=False)) if st.pool.size > m else st.pool
+    # a step's batches in chunks of problems small enough to stay in a core's cache between the
+    # gather and the two products (one problem at D = 768), into buffers allocated once
+    # on the CPU split between threads, each its own gather buffer, one intra-op thread each
+    chunk = max(1, GATHER_BYTES // (b * width * 4))
+    lanes = torch.get_num_threads() if device == "cpu" else 1
+    zbufs = [torch.empty((min(chunk, len(problems)) * b, width), device=device) for _ in range(lanes)]
+    lbuf = torch.empty((len(problems), b, 1), device=device)
+    gbuf = torch.empty((len(problems), 1, width), device=device)
+
+    def gradients(s: int, lo: int, hi: int, zbuf: Any) -> None:
+        """Problems lo..hi-1 at step s: their batches' mean logistic gradients into ``gbuf``."""
+        for c0 in range(lo, hi, chunk):
+            c1 = min(c0 + chunk, hi)
+            z = torch.index_select(stacked, 0, rows[s, c0:c1].reshape(-1), out=zbuf[:(c1 - c0) * b])
+            z = z.view(c1 - c0, b, width)
+            dl = torch.bmm(z, theta[c0:c1, :, None], out=lbuf[c0:c1]).view(c1 - c0, b)
+            dl.sigmoid_().sub_(labels[s, c0:c1]).mul_(weights[s, c0:c1])
+            torch.bmm(dl.view(c1 - c0, 1, b), z, out=gbuf[c0:c1])
+
+    ubuf, dbuf = torch.empty_like(theta), torch.empty_like(theta)
+    for pr in ordered:
+        n = pr.n_negatives(cfg)
+        pr.negatives = np.sort(pr.rng.choice(pr.pool, n, replace=False)) if pr.pool.size > n else pr.pool
     for rnd in range(1, cfg.rounds + 1):
-        obj, lab, valid = _round_schedule(states, cfg.batch, cfg.epochs)
-        obj_t = torch.from_numpy(np.maximum(obj, 0)).to(device)
-        lab_t, valid_t = torch.from_numpy(lab).to(device), torch.from_numpy(valid).to(device)
-        live = valid.any(2)                                                  # (C, steps)
+        schedule = _round_schedule(ordered, offsets, cfg, n_steps)
+        rows, labels, weights = (torch.from_numpy(a).to(device) for a in schedule)
+        step_size, bias2 = (torch.from_numpy(a).to(device)[..., None]
+                            for a in _adam_tables(steps, (rnd - 1) * steps, n_steps, cfg, betas))
+        with torch.no_grad(), _threads(1 if device == "cpu" else None), _lanes(lanes) as pool:
+            for s in range(n_steps):
+                a = live[s]
+                cut = np.linspace(0, a, lanes + 1).astype(int) if a > chunk else np.array([0, a])
+                done = [pool.submit(gradients, s, int(lo), int(hi), zbuf)
+                        for lo, hi, zbuf in zip(cut[1:-1], cut[2:], zbufs[1:])]
+                gradients(s, int(cut[0]), int(cut[1]), zbufs[0])
+                for f in done:
+                    f.result()
+                g, th, m_a, v_a = gbuf[:a, 0], theta[:a], m[:a], v[:a]   # Adam on the prefix
+                m_a.mul_(betas[0]).add_(g, alpha=1 - betas[0])
+                v_a.mul_(betas[1]).addcmul_(g, g, value=1 - betas[1])
+                denom = torch.sqrt(v_a, out=dbuf[:a]).div_(bias2[s, :a]).add_(eps)
+                th.sub_(torch.mul(m_a, step_size[s, :a], out=ubuf[:a]).div_(denom))
         with torch.no_grad():
-            for s in range(obj.shape[1]):
-                a = torch.from_numpy(np.flatnonzero(live[:, s])).to(device)
-                z = x[obj_t[a, s]]                                           # (A, batch, D)
-                logits = torch.einsum("abd,ad->ab", z, W[a]) - B[a, None]
-                v = valid_t[a, s].to(z.dtype)
-                dl = (torch.sigmoid(logits) - lab_t[a, s]) * v / v.sum(1, keepdim=True)
-                adam_w.step(a, torch.einsum("ab,abd->ad", dl, z))
-                adam_b.step(a, -dl.sum(1))
-            if rnd < cfg.rounds:  # one product of every pool object with every template (row blocks)
-                scored = np.unique(np.concatenate([st.pool for st in states]))
-                where = np.full(x.shape[0], -1, dtype=np.int64)
-                where[scored] = np.arange(scored.size)
-                scores = np.concatenate([(x[torch.from_numpy(part).to(device)] @ W.T - B).cpu().numpy()
-                                         for part in np.array_split(scored, range(65536, scored.size, 65536))])
-            w_host, b_host = raw(W, B)
-        for i, st in enumerate(states):
+            if rnd < cfg.rounds:  # per feature set, one product of its objects with its problems' templates
+                scores = [(stacked[lo:lo + n] @ theta[ks].T).cpu().numpy() if ks.size else None
+                          for lo, n, ks in zip(offsets, sizes, members)]
+            w_host, b_host = raw()
+        for k in range(len(problems)):
+            pr = problems[k]
             if trace is not None:
-                trace(RoundTrace(st.concept, rnd, st.pool, st.negatives, w_host[i].copy(), float(b_host[i])))
-            if rnd < cfg.rounds:
-                m = cfg.negatives_per_positive * st.positives.size
-                st.negatives = hard_negatives(scores[where[st.pool], i], st.pool, m)
+                trace(k, RoundTrace(pr.concept, rnd, pr.pool, pr.negatives, w_host[k].copy(), float(b_host[k])))
+        if rnd < cfg.rounds:
+            for j, ks in enumerate(members):
+                for col, i in enumerate(ks):
+                    pr = ordered[i]
+                    pr.negatives = hard_negatives(scores[j][pr.pool, col], pr.pool, pr.n_negatives(cfg))
     return w_host, b_host
 
 
@@ -589,26 +677,60 @@ def hyperplane_probe(train: ObjectSet, test: ObjectSet, concepts: Sequence[int],
     ``np.random.default_rng([seed, c])``: the stage passes the seed of its (embedding, layer),
     so the seed is per (concept, embedding, layer) as A9 asks; rows report ``seed``.
     Concepts failing A8 go to ``skipped``. ``hyper`` overrides ``HyperplaneSettings`` fields;
-    ``trace`` sees every (concept, round). Cost: one Python step per batch of the largest
-    concept (5 x 3 x 3 |D+|max / 256 steps), each a batched product over all concepts.
+    ``trace`` sees every (concept, round). ``hyperplane_probes`` trains several such sets at
+    once.
+    """
+    tracer = None if trace is None else (lambda _, r: trace(r))
+    return hyperplane_probes([(train, test, concepts, seed)], device, trace=tracer, **hyper)[0]
+
+
+def hyperplane_probes(sets: Sequence[tuple[ObjectSet, ObjectSet, Sequence[int], int]], device: str = "cpu", *,
+                      trace: Callable[[int, RoundTrace], None] | None = None,
+                      **hyper: Any) -> list[tuple[list[dict], dict[int, tuple[np.ndarray, float]], list[dict]]]:
+    """``hyperplane_probe`` of every (train, test, concepts, seed) of ``sets``, trained together.
+
+    The result of each set is the one ``hyperplane_probe`` gives it alone (each template
+    follows its own schedule and generator); the templates of all sets and concepts are one
+    batched problem (``_train``), so the Python steps are those of the longest template, not
+    their sum. Sets whose train objects are the same ``ObjectSet`` share its stacked rows.
+    ``trace(i, r)`` sees every (concept, round) of set i. Cost: per step, one gather of every
+    live template's batch and two batched products; steps 5 x 3 x 3 |D+|max / 256.
     """
     cfg = HyperplaneSettings.with_overrides(**hyper)
-    skipped: list[dict] = []
-    states: list[_Concept] = []
-    for c in concepts:
-        why = _eligibility(train, test, c)
-        if why is not None:
-            skipped.append({"concept": int(c), "k_shot": None, "reason": why})
+    skipped: list[list[dict]] = [[] for _ in sets]
+    problems: dict[int, list[tuple[int, _Problem]]] = {}   # by feature width: (set, problem)
+    sources: dict[int, int] = {}                           # id of a train ObjectSet -> its source
+    xs: dict[int, list[Any]] = {}
+    for i, (train, test, concepts, seed) in enumerate(sets):
+        for c in concepts:
+            why = _eligibility(train, test, c)
+            if why is not None:
+                skipped[i].append({"concept": int(c), "k_shot": None, "reason": why})
+                continue
+            rng = np.random.default_rng([seed, int(c)])
+            pos, pool = np.flatnonzero(train.positive[:, c]), np.flatnonzero(train.negative[:, c])
+            if pool.size > cfg.pool_ratio * pos.size:
+                pool = np.sort(rng.choice(pool, cfg.pool_ratio * pos.size, replace=False))
+            d = int(train.features.shape[1])
+            if id(train) not in sources:
+                xs.setdefault(d, []).append(_to_torch(train.features, device))
+                sources[id(train)] = len(xs[d]) - 1
+            problems.setdefault(d, []).append((i, _Problem(int(c), sources[id(train)], rng, pos, pool)))
+    fitted: list[dict[int, tuple[np.ndarray, float]]] = [{} for _ in sets]
+    for d, group in problems.items():
+        tracer = None if trace is None else (lambda k, r, group=group: trace(group[k][0], r))
+        w, b = _train(xs[d], [pr for _, pr in group], cfg, device, tracer)
+        for k, (i, pr) in enumerate(group):
+            fitted[i][pr.concept] = (w[k], float(b[k]))
+    out = []
+    for i, (train, test, concepts, seed) in enumerate(sets):
+        ids = list(fitted[i])
+        if not ids:
+            out.append(([], {}, skipped[i]))
             continue
-        rng = np.random.default_rng([seed, int(c)])
-        pos, pool = np.flatnonzero(train.positive[:, c]), np.flatnonzero(train.negative[:, c])
-        if pool.size > cfg.pool_ratio * pos.size:
-            pool = np.sort(rng.choice(pool, cfg.pool_ratio * pos.size, replace=False))
-        states.append(_Concept(int(c), rng, pos, pool))
-    if not states:
-        return [], {}, skipped
-    w, b = _train(_to_torch(train.features, device), states, cfg, device, trace)
-    ids = [st.concept for st in states]
-    counts = _hyperplane_counts(test.features, w, b, test.positive[:, ids], test.negative[:, ids])
-    rows = [_row(c, None, 0, counts[i], b[i], seed) for i, c in enumerate(ids)]
-    return rows, {c: (w[i], float(b[i])) for i, c in enumerate(ids)}, skipped
+        w = np.stack([fitted[i][c][0] for c in ids])
+        b = np.array([fitted[i][c][1] for c in ids], np.float32)
+        counts = _hyperplane_counts(test.features, w, b, test.positive[:, ids], test.negative[:, ids])
+        rows = [_row(c, None, 0, counts[k], b[k], seed) for k, c in enumerate(ids)]
+        out.append((rows, fitted[i], skipped[i]))
+    return out
