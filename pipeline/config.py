@@ -24,7 +24,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, ClassVar, Literal, Mapping, Sequence, get_args
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, create_model,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, create_model,
                       field_validator, model_validator)
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
@@ -136,8 +136,13 @@ Csv = Annotated[tuple[str, ...], BeforeValidator(parse_csv)]
 Location = Annotated[Path | ObjectPath, PlainValidator(parse_location)]
 Embeddings = Annotated[tuple[Embedding, ...], BeforeValidator(parse_csv)]
 Layers = Annotated[tuple[int, ...] | None, BeforeValidator(parse_layers)]
-Ks = Annotated[tuple[Annotated[int, Field(ge=2)], ...] | None, BeforeValidator(parse_csv)]
-Methods = Annotated[tuple[KMeansMethod, ...], BeforeValidator(parse_csv)]
+def _once_each(values: Any) -> Any:
+    """A list option's values in order, each once (``--k 5,5`` trains one codebook, not two)."""
+    return tuple(dict.fromkeys(values)) if isinstance(values, tuple) else values
+
+
+Ks = Annotated[tuple[Annotated[int, Field(ge=2)], ...] | None, BeforeValidator(parse_csv), AfterValidator(_once_each)]
+Methods = Annotated[tuple[KMeansMethod, ...], BeforeValidator(parse_csv), AfterValidator(_once_each)]
 KeyValues = Annotated[dict[str, Any], BeforeValidator(parse_key_values)]
 
 

@@ -282,3 +282,8 @@ def test_a_run_config_names_where_its_workers_run():
     raw = yaml.safe_load(DEMO.read_text())
     raw.pop("address")
     assert RunConfig.from_dict(raw, base=DEMO.parent).address is None  # default: a local Ray instance
+
+
+def test_a_value_given_twice_in_a_list_option_counts_once():
+    cfg = ClusterConfig(store="x.zarr", model="tiny-vit", train_split="train", k="5,5,7,5", methods="online,online")
+    assert cfg.k == (5, 7) and cfg.methods == ("online",)  # one codebook per (method, K), not two

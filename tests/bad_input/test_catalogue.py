@@ -74,6 +74,7 @@ CASES = [
     ("input", "a path holding rich markup and emoji codes, printed verbatim",
      "bad_input/test_markup.py::test_a_path_with_markup_and_emoji_codes_is_printed_verbatim"),
     ("input", "an image named like rich markup, named in full", "bad_input/test_markup.py::test_an_image_named_like_markup_is_named_in_full"),
+    ("input", "a K or method given twice (--k 5,5): one codebook", "test_config.py::test_a_value_given_twice_in_a_list_option_counts_once"),
     # cases that passed before the hardening
     ("input", "corrupt, unlabelled-size and out-of-range images and labels", "test_datasets.py::test_bad_inputs_name_the_file"),
     ("input", "an empty split, a wrong root, unknown names", "test_datasets.py::test_empty_split_wrong_root_and_unknown_names"),
