@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="the first N images of each split (default all)")
     parser.add_argument("--shots", default=None, help="k values, comma-separated (default the probe's)")
     parser.add_argument("--trials", type=int, default=None, help="cosine trials per (concept, k) (default the probe's)")
+    parser.add_argument("--address", default=None, help="as the CLI's --address (default a local Ray instance; "
+                                                        "inline: the workers in this process)")
     args = parser.parse_args()
 
     from rep_pipeline.pipeline.config import PROBE_TOKEN_TYPES, ExtractConfig, ProbeConfig
@@ -61,19 +63,20 @@ def main() -> None:
         last = build_model(args.model, "random").depth - 1
         run_extract(ExtractConfig(model=args.model, weights="random", store=store, dataset="cocostuff27",
                                   data_root=args.data_root, splits=splits, layers=(last,),
-                                  embeddings=PROBE_TOKEN_TYPES, limit=args.limit), progress=False)
+                                  embeddings=PROBE_TOKEN_TYPES, limit=args.limit), address=args.address, progress=False)
         sizes = {k: v for k, v in (("shots", args.shots), ("trials", args.trials)) if v is not None}
         cfg = ProbeConfig(store=store, model=args.model, train_split=splits[0], split=splits[1], workers=1,
                           results=Path(tmp) / "results", **sizes)
-        run_probe(cfg, progress=False)  # warm-up: imports, the Ray instance, templates
+        run_probe(cfg, address=args.address, progress=False)  # warm-up: imports, the Ray instance, templates
         times: dict[str, list[float]] = {"read": [], "probe": [], "cosine": []}
         for _ in range(args.rounds):
             times["read"].append(read_pass(store, args.model, splits, PROBE_TOKEN_TYPES))
             t0 = time.perf_counter()
-            result = run_probe(cfg.replace(force=True), progress=False)
+            result = run_probe(cfg.replace(force=True), address=args.address, progress=False)
             times["probe"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            run_probe(cfg.replace(rules=("cosine",), results=Path(tmp) / "cosine"), progress=False)
+            run_probe(cfg.replace(rules=("cosine",), results=Path(tmp) / "cosine"), address=args.address,
+                      progress=False)
             times["cosine"].append(time.perf_counter() - t0)
     read, probe = statistics.median(times["read"]), statistics.median(times["probe"])
     cosine = statistics.median(times["cosine"])
