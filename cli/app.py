@@ -41,6 +41,7 @@ class _Commands(TyperGroup):
         if "--debug" in args[1:]:  # after the command's name as well as before it
             args.remove("--debug")
             args.insert(0, "--debug")
+        args = _sql_as_values(args)
         try:
             rc = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except _UsageError as exc:
@@ -56,6 +57,22 @@ class _Commands(TyperGroup):
         if standalone_mode:
             sys.exit(rc if isinstance(rc, int) else 0)
         return rc
+
+
+def _sql_as_values(args: list[str]) -> list[str]:
+    """``query``'s SQL may begin with a ``-- comment`` line, which the parser would take for an
+    option: an argument of ``query`` that starts with ``-`` and holds whitespace before any
+    ``=`` (an option never does) is passed on behind a newline, a no-op in SQL."""
+    if "query" not in args:
+        return args
+    at = args.index("query")
+    out = args[: at + 1]
+    for arg in args[at + 1:]:
+        head = arg.split(None, 1)[0] if arg.strip() else arg
+        if arg.startswith("-") and any(c.isspace() for c in arg) and "=" not in head:
+            arg = "\n" + arg
+        out.append(arg)
+    return out
 
 
 app = typer.Typer(cls=_Commands, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -283,7 +300,7 @@ def query(
     columns, rows = Results(_located(results, storage_option)).fetch_rows(sql, limit)
     table = Table(*columns)
     for row in rows:
-        table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        table.add_row(*(f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
     console.print(table)
 
 

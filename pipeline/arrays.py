@@ -5,13 +5,25 @@
 """
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+from .backend import is_numpy, namespace
 
-def minmax(a: np.ndarray, axis: int | tuple[int, ...] | None = None) -> np.ndarray:
+
+def minmax(a: Any, axis: int | tuple[int, ...] | None = None) -> Any:
     """(a - min)/(max - min) over ``axis`` (the whole array for None; one map per remaining
     index otherwise, e.g. ``axis=-1`` for maps as rows, ``axis=(-2, -1)`` for stacks of 2-D
-    maps); 0 where constant. Floating input keeps its dtype, anything else becomes float32."""
+    maps); 0 where constant. Floating input keeps its dtype, anything else becomes float32.
+    An array of another Array API namespace stays in it, on its device."""
+    if not isinstance(a, np.ndarray) and not is_numpy(namespace(a)):
+        xp = namespace(a)
+        if not xp.isdtype(a.dtype, "real floating"):
+            a = xp.astype(a, xp.float32)
+        lo = xp.min(a, axis=axis, keepdims=True)
+        span = xp.max(a, axis=axis, keepdims=True) - lo
+        return (a - lo) / xp.where(span > 0, span, 1.0)
     a = np.asarray(a)
     if not np.issubdtype(a.dtype, np.floating):
         a = a.astype(np.float32)

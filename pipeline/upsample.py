@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import minmax
-from .backend import Backend, namespace, to_device
+from .backend import Backend, is_numpy, namespace, to_device
 from .errors import ConfigError
 
 
@@ -70,8 +70,14 @@ def upsample_maps(maps: np.ndarray, size: int) -> np.ndarray:
     return u @ maps @ u.T
 
 
-def scaled_upsampled(maps: np.ndarray, grid: int, size: int) -> np.ndarray:
+def scaled_upsampled(maps: Any, grid: int, size: int) -> Any:
     """M(S~) of section 10.2: (n, G * G) patch maps (row-major) -> (n, S, S) float32,
-    upsampled and then min-max scaled per map (the map a ULTra mask thresholds, 10.5)."""
+    upsampled and then min-max scaled per map (the map a ULTra mask thresholds, 10.5). An
+    array of another Array API namespace stays in it, on its device."""
+    if not isinstance(maps, np.ndarray) and not is_numpy(namespace(maps)):
+        xp = namespace(maps)
+        maps = xp.reshape(xp.astype(maps, xp.float32), (-1, grid, grid))
+        u = bilinear_matrix(grid, size, like=maps)
+        return minmax(u @ maps @ u.T, axis=(-2, -1))
     maps = np.asarray(maps, dtype=np.float32)
     return minmax(upsample_maps(maps.reshape(-1, grid, grid), size), axis=(-2, -1))
