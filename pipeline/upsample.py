@@ -54,9 +54,7 @@ def upsample(be: Backend, grid_values: Any, size: int) -> Any:
     float32 weights: two small matrix products."""
     xp = namespace(grid_values)
     u = to_device(bilinear_matrix(grid_values.shape[1], size), grid_values)
-    if hasattr(xp, "einsum"):  # NumPy, CuPy, torch: one contraction each, no transposed copies
-        rows = xp.einsum("yi,nijc->nyjc", u, grid_values)
-        return xp.einsum("xj,nyjc->nyxc", u, rows)
+    # tensordot, not einsum: BLAS products (NumPy's einsum of this shape runs 5 to 10x slower)
     rows = xp.moveaxis(xp.tensordot(u, grid_values, axes=([1], [1])), 0, 1)   # (n, S, G, c)
     return xp.moveaxis(xp.tensordot(u, rows, axes=([1], [2])), 0, 2)          # (n, S, S, c)
 
