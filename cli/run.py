@@ -408,11 +408,14 @@ def run_all(cfg: RunConfig, *, address: str | None = None, progress: bool = True
         stage = stage_cfg if name == "sensitivity" else STAGES[name]
         if name == "report" and cfg.text:
             results = as_location(cfg.evaluate.results, cfg.report.storage_options)
-            if results.exists():
-                (results / RUN_CONFIG).write_bytes(cfg.text.encode())
+            kept = results / RUN_CONFIG
+            if results.exists() and not (kept.is_file() and kept.read_bytes() == cfg.text.encode()):
+                kept.write_bytes(cfg.text.encode())  # unchanged: left as it is (the report's fingerprint reads it)
         started = time.perf_counter()
         if stage.is_done(stage_cfg):
             result.stages.append((name, label, "skipped"))
+            if name == "report":  # the page drawn from these very results is there
+                result.report = stage_cfg.out / "index.html"
         else:
             out = stage.run(stage_cfg, address=address, progress=progress)
             result.stages.append((name, label, "done"))

@@ -41,7 +41,17 @@ def test_run_performs_every_stage_then_skips_them(demo_run, tmp_path):
     assert first.report.is_file()
     again = run_all(cfg, progress=False, say=lambda _: None)
     assert [(s[0], s[2]) for s in again.stages] == [("extract", "skipped")] * 4 + [("cluster", "skipped")] * 2 + [
-        ("evaluate", "skipped")] + [("probe", "skipped")] * 2 + [("correspond", "skipped")] * 2 + [("report", "done")]
+        ("evaluate", "skipped")] + [("probe", "skipped")] * 2 + [("correspond", "skipped")] * 2 + [("report", "skipped")]
+    assert again.report == first.report  # the page drawn from these very results is reused
+    # results that change (here: a table part rewritten) redraw the page, and an earlier page's
+    # figure files that this one does not write are removed
+    part = next((cfg.report.results / "segmentation").rglob("*.parquet"))
+    part.write_bytes(part.read_bytes())
+    stale = first.report.parent / "gone" / "old.png"
+    stale.parent.mkdir()
+    stale.write_bytes(b"x")
+    third = run_all(cfg, progress=False, say=lambda _: None)
+    assert third.stages[-1][::2] == ("report", "done") and not stale.parent.exists()
 
 
 def test_every_shipped_config_parses(tmp_path):

@@ -26,9 +26,11 @@ keypoint datasets only where they match no segmentation or direction probes.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import itertools
+import json
 import math
 import re
 import tempfile
@@ -1094,9 +1096,38 @@ def correlation_setting(data: ReportData) -> dict[str, Any]:
     return {"k": k, "method": method, "k_reason": k_reason, "method_reason": method_reason}
 
 
+FINGERPRINT_FILE = "report_fingerprint.json"  # beside index.html: what the page was drawn from
+
+
+def results_fingerprint(cfg: ReportConfig) -> str | None:
+    """A hash of what a page of ``cfg`` is drawn from: the options, the package version, and
+    every file of the results folder (path, size, modification time). None where the results
+    or the page are in object storage (those pages are always redrawn)."""
+    if not (is_local(cfg.results) and is_local(cfg.out)) or not Path(cfg.results).is_dir():
+        return None
+    from rep_pipeline import __version__
+
+    root = Path(cfg.results)
+    files = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = path.stat()
+        files.append((path.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns))
+    text = json.dumps({"options": cfg.model_dump(mode="json"), "version": __version__, "files": files},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def is_done(cfg: ReportConfig) -> bool:
-    """A report is always redrawn: it is cheap and reads whatever the results hold now."""
-    return False
+    """The page is there and was drawn from exactly these results and options (its
+    fingerprint, ``report_fingerprint.json``); otherwise it is redrawn."""
+    found = results_fingerprint(cfg)
+    mark = Path(cfg.out) / FINGERPRINT_FILE if is_local(cfg.out) else None
+    if found is None or mark is None or not (Path(cfg.out) / "index.html").is_file() or not mark.is_file():
+        return False
+    try:
+        return json.loads(mark.read_text()).get("results_sha256") == found
+    except (OSError, ValueError):
+        return False
 
 
 def run_report(cfg: ReportConfig, *, address: str | None = None, progress: bool = True) -> ReportResult:
@@ -1107,13 +1138,29 @@ def run_report(cfg: ReportConfig, *, address: str | None = None, progress: bool 
     if data.segmented:  # results of direction probes alone have no comparisons to draw
         chosen = [(comp, select_rows(data, comp)) for comp in cfg.comparisons]  # all checked before a figure is drawn
         seg = correlation_setting(data)
+    found = results_fingerprint(cfg)
     with tempfile.TemporaryDirectory(prefix="rep-pipeline-report-") as scratch:
         # on object storage the page is drawn into a local folder and put there once whole
         out = cfg.out if is_local(cfg.out) else Path(scratch)
         index, written = _draw(cfg, data, chosen, seg, out)
         if not is_local(cfg.out):
             index, written = _upload(out, cfg.out, written)
+        else:
+            _remove_stale(Path(out), {Path(p) for p in written} | {Path(index)})
+            if found is not None:
+                (Path(out) / FINGERPRINT_FILE).write_text(json.dumps({"results_sha256": found}))
     return ReportResult(index, written)
+
+
+def _remove_stale(out: Path, kept: set[Path]) -> None:
+    """Figure files of an earlier page that this one did not write (a section gone, a model
+    left out): removed, so the folder holds this page alone."""
+    for path in out.rglob("*"):
+        if path.is_file() and path.suffix in (".png", ".svg") and path not in kept:
+            path.unlink()
+    for folder in sorted((p for p in out.rglob("*") if p.is_dir()), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _draw(cfg: ReportConfig, data: ReportData, chosen: list, seg: dict[str, Any] | None,
