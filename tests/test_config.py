@@ -96,7 +96,7 @@ def test_the_demo_config_validates_into_stage_configs(tmp_path):
     assert [e.dataset for e in cfg.extracts + cfg.keypoint_extracts] == ["synthetic"] * 2 + ["synthetic-pairs"] * 2
     assert cfg.keypoint_extracts[0].splits == ("test",) and cfg.corresponds[1].examples == 2
     assert cfg.probes[0].shots == (1, 5) and cfg.probes[1].model == "tiny-dinov3"
-    assert cfg.clusters[0].steps == 150 and cfg.clusters[0].k == (6,)
+    assert cfg.clusters[0].steps == 100 and cfg.clusters[0].k == (6,)
     assert cfg.extracts[0].splits == ("train", "val") and cfg.evaluate.split == "val"
     assert cfg.report.comparisons[1].models == ("tiny-dinov3",)
     assert isinstance(cfg.evaluate, EvaluateConfig)
