@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .backend import is_numpy, namespace
+from .backend import is_foreign_array, namespace
 
 
 def minmax(a: Any, axis: int | tuple[int, ...] | None = None) -> Any:
@@ -17,7 +17,7 @@ def minmax(a: Any, axis: int | tuple[int, ...] | None = None) -> Any:
     index otherwise, e.g. ``axis=-1`` for maps as rows, ``axis=(-2, -1)`` for stacks of 2-D
     maps); 0 where constant. Floating input keeps its dtype, anything else becomes float32.
     An array of another Array API namespace stays in it, on its device."""
-    if not isinstance(a, np.ndarray) and not is_numpy(namespace(a)):
+    if is_foreign_array(a):
         xp = namespace(a)
         if not xp.isdtype(a.dtype, "real floating"):
             a = xp.astype(a, xp.float32)

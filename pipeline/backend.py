@@ -112,6 +112,13 @@ def is_numpy(xp: Any) -> bool:
     return array_api_compat.is_numpy_namespace(xp)
 
 
+def is_foreign_array(a: Any) -> bool:
+    """True for an array of another Array API namespace than NumPy (CuPy, torch, strict);
+    False for NumPy arrays and for lists, scalars and other array-likes NumPy reads."""
+    return (array_api_compat.is_array_api_obj(a) and not isinstance(a, np.ndarray)
+            and not is_numpy(array_api_compat.array_namespace(a)))
+
+
 def bincount(x: Any, minlength: int, weights: Any = None) -> Any:
     """Counts of the non-negative integers ``x`` (1-d), ``minlength`` of them, on ``x``'s
     device: int64, or float64 sums of ``weights`` (one per element of ``x``)."""

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import minmax
-from .backend import Backend, is_numpy, namespace, to_device
+from .backend import Backend, is_foreign_array, namespace, to_device
 from .errors import ConfigError
 
 
@@ -72,7 +72,7 @@ def scaled_upsampled(maps: Any, grid: int, size: int) -> Any:
     """M(S~) of section 10.2: (n, G * G) patch maps (row-major) -> (n, S, S) float32,
     upsampled and then min-max scaled per map (the map a ULTra mask thresholds, 10.5). An
     array of another Array API namespace stays in it, on its device."""
-    if not isinstance(maps, np.ndarray) and not is_numpy(namespace(maps)):
+    if is_foreign_array(maps):
         xp = namespace(maps)
         maps = xp.reshape(xp.astype(maps, xp.float32), (-1, grid, grid))
         u = bilinear_matrix(grid, size, like=maps)

@@ -15,3 +15,8 @@ def test_minmax_per_map_and_constant_maps_are_zero():
     np.testing.assert_allclose(minmax(a), [[0.0, 0.5, 0.25], [1.0, 1.0, 1.0]])  # no axis: the whole array
     assert minmax(np.full((3, 3), 2.0)).max() == 0                              # a constant map scales to 0
     assert minmax(np.zeros(2, np.float16)).dtype == np.float16                    # floating input keeps its dtype
+
+
+def test_minmax_reads_lists_as_numpy_does():
+    np.testing.assert_array_equal(minmax([1.0, 2.0, 3.0]), [0.0, 0.5, 1.0])
+    np.testing.assert_array_equal(minmax([[4, 4], [1, 3]], axis=-1), [[0.0, 0.0], [0.0, 1.0]])
